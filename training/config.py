@@ -1,0 +1,267 @@
+"""Configuration of the BSSAN model and its training: plain dataclasses, named presets, strict overrides.
+
+    from training.config import preset, replace_strict, ModelConfig, TrainConfig
+    cfg = replace_strict(preset("flickr8k"), variant="w2r")     # unknown keys / wrong types -> InputError
+    cfg = with_input_sizes(cfg, input_sizes_of_split(store.split("train"), "glove50"), explicit=set())
+    json.dumps(cfg.to_dict())                                   # enums become their string values
+
+Every size of the model is a field here; no module hard-codes one. Where the paper is silent
+the default says why beside it (see ../shared/docs/BSSAN-spec.md, "Where the paper is silent").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any, Iterable, TypeVar, get_type_hints
+
+from engine.errors import InputError
+
+
+class Variant(str, enum.Enum):
+    """Which branches are trained and scored (the paper's ablations)."""
+
+    FULL = "full"      # W2R + O2W, MS = Y + lambda Y', with L_reg
+    W2R = "w2r"        # spatial branch only (O2W not built)
+    O2W = "o2w"        # semantic branch only (W2R not built)
+    NO_REG = "no_reg"  # both branches, delta forced to 0
+
+
+class NegativeAttention(str, enum.Enum):
+    """Attention used for NEGATIVE pairs during training (eq. 8). Test pairs always use softmax."""
+
+    UNIFORM = "uniform"  # the paper's rule: a = 1/D (W2R), b = 1/len (O2W)
+    SOFTMAX = "softmax"  # same attention as positives and as test time
+
+
+class Reduction(str, enum.Enum):
+    """How hinge terms over a batch are reduced."""
+
+    SUM = "sum"    # eq. 7 / 17 as written: a sum over the positives of the batch
+    MEAN = "mean"  # batch-size independent; makes lr not depend on batch_size
+
+
+@dataclass
+class ModelConfig:
+    # --- input sizes (a feature store fixes these; see with_input_sizes) ---
+    region_count: int = 196    # D: 14x14 grid of VGG-19 conv5_4
+    region_dim: int = 512      # M
+    object_count: int = 10     # P: top-10 detector proposals
+    object_dim: int = 4096     # Q: fc7 of the detector's box head
+    word_dim: int = 300        # E: GloVe 300d
+    max_words: int = 30        # L: captions longer than 30 tokens are truncated (paper)
+    # --- W2R (spatial) ---
+    w2r_hidden: int = 1024                     # LSTM hidden size H (paper)
+    w2r_mlp: tuple[int, ...] = (1024, 512, 128, 1)  # Table I, each number one Linear's output width
+    # --- O2W (semantic) ---
+    o2w_hidden: int = 512                      # Bi-LSTM hidden per direction; directions averaged
+    o2w_mlp: tuple[int, ...] = (512, 256, 64, 1)    # Table I, on [o_j; v_j] of width Q + o2w_hidden
+    o2w_weight: float = 0.6    # lambda of eq. 18 and 19 (paper)
+    # --- variants and the training-only attention rule ---
+    variant: Variant = Variant.FULL
+    negative_attention: NegativeAttention = NegativeAttention.UNIFORM  # paper's eq. 8
+    reg_weight: float = 0.01   # delta of eq. 18 (paper); forced to 0 by variant no_reg
+
+    def __post_init__(self) -> None:
+        for name in ("region_count", "region_dim", "object_count", "object_dim", "word_dim",
+                     "max_words", "w2r_hidden", "o2w_hidden"):
+            if getattr(self, name) < 1:
+                raise InputError(f"ModelConfig.{name}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("w2r_mlp", "o2w_mlp"):
+            widths = getattr(self, name)
+            if not widths or widths[-1] != 1 or min(widths) < 1:
+                raise InputError(f"ModelConfig.{name}: expected positive layer widths ending in 1, got {list(widths)}")
+        if self.o2w_weight < 0 or self.reg_weight < 0:
+            raise InputError(f"ModelConfig: expected o2w_weight >= 0 and reg_weight >= 0, "
+                             f"got {self.o2w_weight} and {self.reg_weight}")
+
+    @property
+    def uses_w2r(self) -> bool:
+        return self.variant is not Variant.O2W
+
+    @property
+    def uses_o2w(self) -> bool:
+        return self.variant is not Variant.W2R
+
+    @property
+    def branch_weights(self) -> tuple[float, float]:
+        """(weight of Y / L1, weight of Y' / L2). Full: (1, lambda) per eq. 18-19. A single-branch
+        variant weighs its branch 1 (our reading: the ablation trains that branch's loss alone)."""
+        if self.variant is Variant.W2R:
+            return 1.0, 0.0
+        if self.variant is Variant.O2W:
+            return 0.0, 1.0
+        return 1.0, self.o2w_weight
+
+    @property
+    def effective_reg_weight(self) -> float:
+        return 0.0 if self.variant is Variant.NO_REG else self.reg_weight
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass
+class TrainConfig:
+    margin: float = 0.2        # M of eq. 7/17: paper silent; 0.2 is the usual value for hinge ranking
+                               # on cosine-free scores (VSE++); choose on the dev split and record it
+    lr: float = 0.01           # paper
+    momentum: float = 0.9      # paper
+    batch_size: int = 128      # paper silent; 128 positives keep 2-core steps under a second at flickr8k sizes
+    epochs: int = 15           # paper silent
+    seed: int = 0
+    negative_images: bool = False    # also hinge against one sampled unmatched image per caption (beyond the paper)
+    hardest_negatives: bool = False  # use the hardest in-batch negatives instead of sampled ones (beyond the paper)
+    word_set: str = "glove50"        # which words_<set>.npy of the feature store to read
+    reduction: Reduction = Reduction.SUM  # paper sums eq. 7 over the batch
+    grad_clip: float = 2.0     # max global grad norm; 0 disables. With summed hinge terms, momentum 0.9 and an
+                               # LSTM, one bad batch can blow up the recurrence; clipping at 2 (as VSE++) bounds it
+
+    def __post_init__(self) -> None:
+        if self.margin < 0 or self.lr <= 0 or not 0 <= self.momentum < 1 or self.grad_clip < 0:
+            raise InputError(f"TrainConfig: expected margin >= 0, lr > 0, 0 <= momentum < 1, grad_clip >= 0; "
+                             f"got {self.margin}, {self.lr}, {self.momentum}, {self.grad_clip}")
+        if self.batch_size < 2 or self.epochs < 1:
+            raise InputError(f"TrainConfig: expected batch_size >= 2 and epochs >= 1, got {self.batch_size} and {self.epochs}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+
+def _paper() -> ModelConfig:
+    return ModelConfig()  # the dataclass defaults ARE the paper's sizes
+
+
+def _flickr8k() -> ModelConfig:
+    return ModelConfig(
+        region_count=49, region_dim=1280,   # EfficientNet-Lite0 last map at 224 px: 7x7 x 1280
+        object_count=10, object_dim=1280,   # 10 detector boxes, RoIAlign on that same map, pooled
+        word_dim=50, max_words=30,          # GloVe 6B 50d
+        # Hidden sizes for 2-core CPU training on ~30,000 positive pairs per epoch:
+        # the recurrence costs 4*L*H^2 per pair: 7.9 MFLOP at H=256 vs 126 MFLOP at 1024 (16x),
+        # and the LSTM's 4H(M+E+H) weights are 1.6 M at 256 vs 9.6 M at 1024: far fewer than
+        # 30k pairs can pin down. The MLPs shrink in the same ratio, keeping Table I's depth.
+        w2r_hidden=256, w2r_mlp=(256, 128, 1),
+        o2w_hidden=128, o2w_mlp=(128, 64, 1),
+    )
+
+
+def _demo() -> ModelConfig:
+    # Tiny, for tests and smoke runs; matches tests/conftest.py build_store's default sizes.
+    return ModelConfig(region_count=9, region_dim=16, object_count=4, object_dim=16, word_dim=12, max_words=8,
+                       w2r_hidden=8, w2r_mlp=(8, 1), o2w_hidden=6, o2w_mlp=(6, 1))
+
+
+PRESETS = {"paper": _paper, "flickr8k": _flickr8k, "demo": _demo}
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh ModelConfig of a named preset: paper, flickr8k or demo."""
+    if name not in PRESETS:
+        raise InputError(f"model preset {name!r}: expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict overrides and JSON
+
+C = TypeVar("C")
+INPUT_SIZE_FIELDS = ("region_count", "region_dim", "object_count", "object_dim", "word_dim", "max_words")
+
+
+def _coerce(cls: type, name: str, hint: Any, value: Any) -> Any:
+    """Check one value against a field's type; accept the JSON forms (enum strings, lists for tuples)."""
+    where = f"{cls.__name__}.{name}"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise InputError(f"{where}: expected one of {[m.value for m in hint]}, got {value!r}") from None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: expected a bool, got {type(value).__name__} {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where}: expected an int, got {type(value).__name__} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{where}: expected a float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise InputError(f"{where}: expected a str, got {type(value).__name__} {value!r}")
+        return value
+    if getattr(hint, "__origin__", None) is tuple:  # tuple[int, ...]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise InputError(f"{where}: expected a list of ints, got {value!r}")
+        return tuple(value)
+    raise AssertionError(f"{where}: unhandled field type {hint}")  # internal: a new field type needs a rule
+
+
+def _from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise InputError(f"{cls.__name__}: unknown key(s) {unknown}; expected some of {names}")
+    return cls(**{k: _coerce(cls, k, hints[k], v) for k, v in data.items()})
+
+
+def _to_dict(config: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = value.value if isinstance(value, enum.Enum) else list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def replace_strict(config: C, **overrides: Any) -> C:
+    """A copy of a ModelConfig/TrainConfig with `overrides` applied, type-checked like from_dict."""
+    merged = _to_dict(config)
+    merged.update(overrides)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(config)})
+    if unknown:
+        raise InputError(f"{type(config).__name__}: unknown key(s) {unknown}; expected some of {sorted(merged)}")
+    return _from_dict(type(config), merged)
+
+
+def input_sizes_of_split(split: Any, word_set: str) -> dict[str, int]:
+    """Input sizes {region_count, region_dim, object_count, object_dim, word_dim, max_words} of a
+    feature-store split (engine.store.SplitFeatures), read from array shapes (no data is read)."""
+    regions, objects, words = split.regions.shape, split.objects.shape, split.words(word_set).shape
+    return {"region_count": int(regions[1]), "region_dim": int(regions[2]),
+            "object_count": int(objects[1]), "object_dim": int(objects[2]),
+            "word_dim": int(words[2]), "max_words": int(words[1])}
+
+
+def with_input_sizes(config: ModelConfig, sizes: dict[str, int], explicit: Iterable[str] = (),
+                     source: str = "feature store") -> ModelConfig:
+    """Take the input sizes from a feature store.
+
+    `sizes` maps INPUT_SIZE_FIELDS to the store's values. A field the user set explicitly
+    (named in `explicit`, e.g. the keys of their --set overrides) must agree with the store,
+    else InputError; every other size is silently taken from the store, because a preset's
+    sizes are only a default for the features it was designed for.
+    """
+    unknown = sorted(set(sizes) - set(INPUT_SIZE_FIELDS))
+    if unknown:
+        raise InputError(f"with_input_sizes: unknown size(s) {unknown}; expected some of {list(INPUT_SIZE_FIELDS)}")
+    for name in sorted(set(explicit) & set(sizes)):
+        if getattr(config, name) != sizes[name]:
+            raise InputError(f"ModelConfig.{name}: set to {getattr(config, name)}, but the {source} has {sizes[name]}")
+    return replace_strict(config, **sizes)

@@ -1,0 +1,453 @@
+"""The BSSAN model (W2R spatial + O2W semantic attention), factored into per-image, per-caption
+and per-pair parts so that a gallery is encoded once and only the pair step runs per pair.
+
+    from training.config import preset
+    from training.model import BSSAN
+    model = BSSAN(preset("demo")).eval()
+    y, y_prime = model(regions, objects, words, lengths)        # aligned pairs, [N] each
+    scores = model.score_matrix(regions, objects, words, lengths)  # [N_img, N_cap], MS = Y + lambda Y'
+
+Layout: helpers, then MLP, W2R, O2W, then BSSAN, then `reference_scores` (the paper as written,
+un-factored; the ground truth of the tests and the baseline of the benchmarks).
+
+Factoring (see ../shared/docs/ARCHITECTURE.md, "The graphs"):
+- W2R: t_k^T W r_j is computed as t_k . (R W^T)_j: the image side caches K = R W^T [D, E]
+  (E < M in every preset, so this is cheaper per pair than caching T W [L, M] per caption).
+  The LSTM's input projection W_ih [4H, M+E] is split into W_ih_u (acts on u_k) and W_ih_t
+  (acts on t_k): the caption side caches X_t = T W_ih_t^T + b_ih + b_hh [L, 4H]; the image side
+  caches G = R W_ih_u^T [D, 4H], so the pair gate input is a.G + X_t. The recurrence
+  h W_hh^T is then run explicitly with nn.LSTM's own weights (gate order i, f, g, o), for
+  max(lengths) steps, and h is read at each caption's last real word.
+- O2W: the caption side caches S = BiLSTM(T) (directions averaged, packed by length); the image
+  side caches O W' [P, H2] and the object part of the MLP's first Linear, O W1_o^T + b1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from engine.errors import InputError
+from training.config import ModelConfig, NegativeAttention
+
+Cache = dict[str, Tensor]
+Negative = "bool | Tensor"  # True/False for every pair, or a bool tensor shaped like the pairs ([N] or [B_img, B_txt])
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def length_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """[B, L] bool, True at real words."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # [B, L]
+
+
+def check_lengths(lengths: Tensor, max_len: int) -> None:
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > max_len):
+        raise InputError(f"lengths: expected caption lengths in [1, {max_len}], got [{int(lengths.min())}, {int(lengths.max())}]")
+
+
+def attend(logits: Tensor, negative: Negative, uniform_negatives: bool, mask: Tensor | None = None) -> Tensor:
+    """Softmax over the last axis (masked: real positions only); where `negative` holds and the
+    uniform rule is on, the uniform distribution over the (real) positions instead (eq. 8).
+    `negative` is a bool or a bool tensor of logits.shape[:-2]."""
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(logits, dim=-1)
+    if not uniform_negatives or negative is False:
+        return weights
+    if mask is None:
+        uniform = torch.full_like(weights, 1.0 / logits.shape[-1])
+    else:
+        uniform = (mask / mask.sum(dim=-1, keepdim=True)).to(weights.dtype).expand_as(weights)
+    if negative is True:
+        return uniform
+    return torch.where(negative[..., None, None], uniform, weights)
+
+
+def lstm_recurrence(gate_inputs: Tensor, lengths: Tensor, weight_hh: Tensor) -> Tensor:
+    """nn.LSTM's recurrence on precomputed gate inputs x_t W_ih^T + b_ih + b_hh.
+
+    gate_inputs [N, L, 4H], lengths [N] -> hidden state at each sequence's last real step [N, H].
+    Only max(lengths) steps run; steps after a sequence's end never reach its output.
+    """
+    n, _, four_h = gate_inputs.shape
+    hidden = four_h // 4
+    h = gate_inputs.new_zeros(n, hidden)
+    c = gate_inputs.new_zeros(n, hidden)
+    out = gate_inputs.new_zeros(n, hidden)
+    last = lengths - 1
+    for t in range(int(lengths.max())):
+        gates = gate_inputs[:, t] + h @ weight_hh.t()  # [N, 4H]
+        i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTM's gate order
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        out = torch.where((last == t)[:, None], h, out)
+    return out
+
+
+class MLP(nn.Module):
+    """Linear -> (BatchNorm1d -> tanh -> Linear)*: hidden layers Linear-BN-tanh, the last Linear
+    gives the score. `first` is exposed so its input can be split between image and caption parts."""
+
+    def __init__(self, in_dim: int, widths: tuple[int, ...]):
+        super().__init__()
+        self.first = nn.Linear(in_dim, widths[0])
+        layers: list[nn.Module] = []
+        for prev, width in zip(widths[:-1], widths[1:]):
+            layers += [nn.BatchNorm1d(prev), nn.Tanh(), nn.Linear(prev, width)]
+        self.rest = nn.Sequential(*layers)
+
+    def continue_from_first(self, z: Tensor) -> Tensor:
+        """Given the first Linear's output [..., widths[0]], the score [...]."""
+        lead = z.shape[:-1]
+        return self.rest(z.reshape(-1, z.shape[-1]))[:, 0].reshape(lead)  # BN sees every leading row
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.continue_from_first(self.first(x))
+
+
+def _bilinear(rows: int, cols: int) -> nn.Parameter:
+    # std 1/sqrt(rows*cols): x^T W y has unit variance for unit-variance x and y
+    return nn.Parameter(torch.randn(rows, cols) / math.sqrt(rows * cols))
+
+
+# ---------------------------------------------------------------------------------------------
+# W2R: word-to-regions attention (spatial)
+
+
+class W2R(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.region_dim = config.region_dim
+        self.uniform_negatives = config.negative_attention is NegativeAttention.UNIFORM
+        self.attn_weight = _bilinear(config.word_dim, config.region_dim)  # W: E x M
+        self.attn_bias = nn.Parameter(torch.zeros(()))                    # b: scalar
+        self.lstm = nn.LSTM(config.region_dim + config.word_dim, config.w2r_hidden, batch_first=True)  # input [u; t]
+        self.mlp = MLP(config.w2r_hidden, config.w2r_mlp)
+
+    @property
+    def pair_gathers_gates(self) -> bool:
+        """score_pairs gathers G [D, 4H] per pair when that is no bigger than R [D, M]; else it
+        gathers R and projects u with W_ih_u after the attention (ARCHITECTURE: memory of gathers)."""
+        return 4 * self.lstm.hidden_size <= self.region_dim
+
+    def _split_input_weight(self) -> tuple[Tensor, Tensor]:
+        weight = self.lstm.weight_ih_l0  # [4H, M + E]
+        return weight[:, : self.region_dim], weight[:, self.region_dim:]
+
+    def encode_image(self, regions: Tensor, gates: bool = True) -> Cache:
+        """regions [B_img, D, M] -> regions, regions_attn = R W^T [B_img, D, E],
+        and (if gates) gates_regions = R W_ih_u^T [B_img, D, 4H]."""
+        cache = {"regions": regions, "regions_attn": regions @ self.attn_weight.t()}
+        if gates:
+            cache["gates_regions"] = regions @ self._split_input_weight()[0].t()
+        return cache
+
+    def encode_text(self, words: Tensor, lengths: Tensor) -> Cache:
+        """words [B_txt, L, E], lengths [B_txt] -> words, gates_words = T W_ih_t^T + b [B_txt, L, 4H], lengths."""
+        bias = self.lstm.bias_ih_l0 + self.lstm.bias_hh_l0
+        return {"words": words, "gates_words": words @ self._split_input_weight()[1].t() + bias, "lengths": lengths}
+
+    def _finish(self, gates: Tensor, lengths: Tensor) -> Tensor:
+        return self.mlp(lstm_recurrence(gates, lengths, self.lstm.weight_hh_l0))
+
+    def attention(self, image_cache: Cache, text_cache: Cache, image_index: Tensor, text_index: Tensor,
+                  negative: Negative = False) -> Tensor:
+        """Word-to-region weights a [N, L, D] of the listed pairs (eq. 1-2)."""
+        keys = image_cache["regions_attn"][image_index]  # [N, D, E]
+        words = text_cache["words"][text_index]  # [N, L, E]
+        logits = torch.tanh(words @ keys.transpose(1, 2) + self.attn_bias)  # [N, L, D]
+        return attend(logits, negative, self.uniform_negatives)
+
+    def score_pairs(self, image_cache: Cache, text_cache: Cache, image_index: Tensor, text_index: Tensor,
+                    negative: Negative = False) -> Tensor:
+        """Y [N] of the pairs (image_index[n], text_index[n])."""
+        attn = self.attention(image_cache, text_cache, image_index, text_index, negative)  # [N, L, D]
+        if self.pair_gathers_gates and "gates_regions" in image_cache:
+            gate_u = attn @ image_cache["gates_regions"][image_index]  # [N, L, 4H]
+        else:
+            attended = attn @ image_cache["regions"][image_index]  # u_k: [N, L, M]
+            gate_u = attended @ self._split_input_weight()[0].t()  # [N, L, 4H]
+        gates = gate_u + text_cache["gates_words"][text_index]  # [N, L, 4H]
+        return self._finish(gates, text_cache["lengths"][text_index])
+
+    def score_grid(self, image_cache: Cache, text_cache: Cache, negative: Negative = False) -> Tensor:
+        """Y [B_img, B_txt] of every image x caption of the caches; G is shared per image (no gather)."""
+        words, lengths = text_cache["words"], text_cache["lengths"]
+        logits = torch.tanh(torch.einsum("ide,tle->itld", image_cache["regions_attn"], words) + self.attn_bias)
+        attn = attend(logits, negative, self.uniform_negatives)  # [B_img, B_txt, L, D]
+        b_img, b_txt, max_len, regions = attn.shape
+        flat = attn.reshape(b_img, b_txt * max_len, regions)  # [B_img, B_txt*L, D]
+        if "gates_regions" in image_cache:
+            gate_u = torch.bmm(flat, image_cache["gates_regions"])  # [B_img, B_txt*L, 4H]
+        else:
+            gate_u = torch.bmm(flat, image_cache["regions"]) @ self._split_input_weight()[0].t()
+        gates = gate_u.reshape(b_img, b_txt, max_len, -1) + text_cache["gates_words"][None]  # [B_img, B_txt, L, 4H]
+        y = self._finish(gates.reshape(b_img * b_txt, max_len, -1), lengths.repeat(b_img))  # [B_img*B_txt]
+        return y.reshape(b_img, b_txt)
+
+
+# ---------------------------------------------------------------------------------------------
+# O2W: object-to-words attention (semantic)
+
+
+class O2W(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.object_dim = config.object_dim
+        self.uniform_negatives = config.negative_attention is NegativeAttention.UNIFORM
+        self.bilstm = nn.LSTM(config.word_dim, config.o2w_hidden, batch_first=True, bidirectional=True)
+        self.attn_weight = _bilinear(config.object_dim, config.o2w_hidden)  # W': Q x H2
+        self.attn_bias = nn.Parameter(torch.zeros(()))                       # b': scalar
+        self.mlp = MLP(config.object_dim + config.o2w_hidden, config.o2w_mlp)  # on [o_j; v_j]
+
+    def encode_image(self, objects: Tensor) -> Cache:
+        """objects [B_img, P, Q] -> objects_attn = O W' [B_img, P, H2], objects_mlp = O W1_o^T + b1 [B_img, P, h1]."""
+        first = self.mlp.first
+        return {"objects_attn": objects @ self.attn_weight,
+                "objects_mlp": objects @ first.weight[:, : self.object_dim].t() + first.bias}
+
+    def encode_text(self, words: Tensor, lengths: Tensor) -> Cache:
+        """words [B_txt, L, E], lengths [B_txt] -> states S [B_txt, L, H2] (zero past the length), lengths."""
+        packed = pack_padded_sequence(words, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.bilstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=words.shape[1])  # [B_txt, L, 2*H2]
+        hidden = self.bilstm.hidden_size
+        return {"states": (out[..., :hidden] + out[..., hidden:]) / 2, "lengths": lengths}  # [B_txt, L, H2]
+
+    def attention(self, image_cache: Cache, text_cache: Cache, image_index: Tensor, text_index: Tensor,
+                  negative: Negative = False) -> Tensor:
+        """Object-to-word weights b [N, P, L] of the listed pairs (eq. 9), zero at padding."""
+        keys = image_cache["objects_attn"][image_index]  # [N, P, H2]
+        states = text_cache["states"][text_index]  # [N, L, H2]
+        mask = length_mask(text_cache["lengths"][text_index], states.shape[1])[:, None, :]  # [N, 1, L]
+        logits = torch.tanh(keys @ states.transpose(1, 2) + self.attn_bias)  # [N, P, L]
+        return attend(logits, negative, self.uniform_negatives, mask)
+
+    def score_pairs(self, image_cache: Cache, text_cache: Cache, image_index: Tensor, text_index: Tensor,
+                    negative: Negative = False) -> Tensor:
+        """Y' [N] of the pairs (image_index[n], text_index[n])."""
+        attn = self.attention(image_cache, text_cache, image_index, text_index, negative)  # [N, P, L]
+        attended = attn @ text_cache["states"][text_index]  # v_j: [N, P, H2]
+        first = self.mlp.first
+        z = image_cache["objects_mlp"][image_index] + attended @ first.weight[:, self.object_dim:].t()  # [N, P, h1]
+        return self.mlp.continue_from_first(z).mean(dim=1)  # mean over objects (eq. 14)
+
+    def score_grid(self, image_cache: Cache, text_cache: Cache, negative: Negative = False) -> Tensor:
+        """Y' [B_img, B_txt]. O2W is ~1% of the work, so the grid simply lists every pair."""
+        b_img, b_txt = image_cache["objects_attn"].shape[0], text_cache["states"].shape[0]
+        device = text_cache["states"].device
+        image_index = torch.arange(b_img, device=device).repeat_interleave(b_txt)  # [B_img*B_txt]
+        text_index = torch.arange(b_txt, device=device).repeat(b_img)
+        if isinstance(negative, Tensor):
+            negative = negative.reshape(-1)
+        return self.score_pairs(image_cache, text_cache, image_index, text_index, negative).reshape(b_img, b_txt)
+
+
+# ---------------------------------------------------------------------------------------------
+# BSSAN: both branches, MS = Y + lambda Y'
+
+
+class BSSAN(nn.Module):
+    """The two branches of the config's variant (an unused branch is not built: None) and the
+    combined score. Branches are injectable (`w2r=`, `o2w=`) with the config's as default.
+
+    Caches are dicts {"w2r": W2R cache, "o2w": O2W cache} holding only the built branches.
+    Scoring helpers accept torch tensors or numpy arrays (memory maps: only blocks are read) and
+    follow the model's dtype and device. They do not switch train/eval mode: call .eval() first.
+    """
+
+    def __init__(self, config: ModelConfig, w2r: W2R | None = None, o2w: O2W | None = None):
+        super().__init__()
+        self.config = config
+        self.w2r = (w2r or W2R(config)) if config.uses_w2r else None
+        self.o2w = (o2w or O2W(config)) if config.uses_o2w else None
+
+    # -- inputs
+    def _tensor(self, array, dtype: torch.dtype | None = None) -> Tensor:
+        param = next(self.parameters())
+        return torch.as_tensor(np.asarray(array) if not isinstance(array, Tensor) else array,
+                               dtype=dtype or param.dtype, device=param.device)
+
+    def _check(self, name: str, tensor: Tensor, tail: tuple[int, ...]) -> None:
+        if tensor.dim() != len(tail) + 1 or tuple(tensor.shape[1:]) != tail:
+            raise InputError(f"{name}: expected shape [N, {', '.join(map(str, tail))}], got {list(tensor.shape)}")
+
+    # -- factored parts
+    def encode_images(self, regions, objects, gates: bool = True) -> dict[str, Cache]:
+        """regions [B_img, D, M], objects [B_img, P, Q] -> per-image caches (see W2R/O2W.encode_image)."""
+        c = self.config
+        cache = {}
+        if self.w2r is not None:
+            regions = self._tensor(regions)
+            self._check("regions", regions, (c.region_count, c.region_dim))
+            cache["w2r"] = self.w2r.encode_image(regions, gates)
+        if self.o2w is not None:
+            objects = self._tensor(objects)
+            self._check("objects", objects, (c.object_count, c.object_dim))
+            cache["o2w"] = self.o2w.encode_image(objects)
+        return cache
+
+    def encode_texts(self, words, lengths) -> dict[str, Cache]:
+        """words [B_txt, L <= max_words, E], lengths [B_txt] -> per-caption caches."""
+        words, lengths = self._tensor(words), self._tensor(lengths, torch.long)
+        if words.dim() != 3 or words.shape[2] != self.config.word_dim or words.shape[1] > self.config.max_words:
+            raise InputError(f"words: expected shape [N, L <= {self.config.max_words}, {self.config.word_dim}], got {list(words.shape)}")
+        if lengths.shape != words.shape[:1]:
+            raise InputError(f"lengths: expected shape [{words.shape[0]}] (one per caption), got {list(lengths.shape)}")
+        check_lengths(lengths, words.shape[1])
+        cache = {}
+        if self.w2r is not None:
+            cache["w2r"] = self.w2r.encode_text(words, lengths)
+        if self.o2w is not None:
+            cache["o2w"] = self.o2w.encode_text(words, lengths)
+        return cache
+
+    def score_cached(self, image_cache: dict[str, Cache], text_cache: dict[str, Cache], image_index: Tensor,
+                     text_index: Tensor, negative: Negative = False) -> tuple[Tensor, Tensor]:
+        """(Y [N], Y' [N]) of the pairs (image_index[n], text_index[n]); an unbuilt branch gives zeros."""
+        zeros = torch.zeros(image_index.shape[0], dtype=next(self.parameters()).dtype, device=image_index.device)
+        y = self.w2r.score_pairs(image_cache["w2r"], text_cache["w2r"], image_index, text_index, negative) if self.w2r else zeros
+        yp = self.o2w.score_pairs(image_cache["o2w"], text_cache["o2w"], image_index, text_index, negative) if self.o2w else zeros
+        return y, yp
+
+    def score_grid_cached(self, image_cache: dict[str, Cache], text_cache: dict[str, Cache],
+                          negative: Negative = False) -> tuple[Tensor, Tensor]:
+        """(Y, Y') [B_img, B_txt] of every image x caption of the caches."""
+        y = self.w2r.score_grid(image_cache["w2r"], text_cache["w2r"], negative) if self.w2r else None
+        yp = self.o2w.score_grid(image_cache["o2w"], text_cache["o2w"], negative) if self.o2w else None
+        return (y if y is not None else torch.zeros_like(yp)), (yp if yp is not None else torch.zeros_like(y))
+
+    def combine(self, y: Tensor, y_prime: Tensor) -> Tensor:
+        """MS = Y + lambda Y' (eq. 19); a single-branch variant returns its branch's score."""
+        w_y, w_yp = self.config.branch_weights
+        return w_y * y + w_yp * y_prime
+
+    # -- training
+    def forward(self, regions, objects, words, lengths, negative: Negative = False) -> tuple[Tensor, Tensor]:
+        """Aligned pairs (row n of the images with caption n) -> (Y [N], Y' [N]). No G is built:
+        with one caption per image, gathering R and projecting u is the cheaper route."""
+        image_cache = self.encode_images(regions, objects, gates=False)
+        text_cache = self.encode_texts(words, lengths)
+        index = torch.arange(text_cache[next(iter(text_cache))]["lengths"].shape[0], device=next(self.parameters()).device)
+        return self.score_cached(image_cache, text_cache, index, index, negative)
+
+    def forward_grid(self, regions, objects, words, lengths, image_ids=None) -> tuple[Tensor, Tensor]:
+        """Every image x every caption of a batch -> (Y, Y') [B, B], for hardest-in-batch negatives.
+        Pairs whose image_ids differ (default: off-diagonal) are negatives for the attention rule.
+        Costs B^2 pair steps instead of 2B."""
+        image_cache = self.encode_images(regions, objects, gates=True)
+        text_cache = self.encode_texts(words, lengths)
+        n = next(iter(text_cache.values()))["lengths"].shape[0]
+        ids = self._tensor(image_ids, torch.long) if image_ids is not None else torch.arange(n, device=next(self.parameters()).device)
+        return self.score_grid_cached(image_cache, text_cache, negative=ids[:, None] != ids[None, :])
+
+    # -- evaluation
+    @torch.no_grad()
+    def score_matrix(self, regions, objects, words, lengths, image_block: int = 16, caption_block: int = 256,
+                     progress: bool = False) -> Tensor:
+        """MS [N_img, N_cap] of every image x caption (test attention: softmax), in blocks.
+
+        Memory is bounded by the blocks: per block the W2R gate inputs are
+        image_block * caption_block * L * 4H floats. Captions are processed sorted by length so a
+        block runs only as many LSTM steps as its longest caption needs.
+        """
+        n_img, n_cap = len(regions if self.w2r else objects), len(lengths)
+        lengths_np = np.asarray(lengths.cpu() if isinstance(lengths, Tensor) else lengths)
+        order = np.argsort(lengths_np, kind="stable")
+        out = torch.empty(n_img, n_cap, dtype=next(self.parameters()).dtype)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=n_img * n_cap, unit="pair", unit_scale=True, desc="scoring")
+        for i in range(0, n_img, image_block):
+            rows = slice(i, min(i + image_block, n_img))
+            image_cache = self.encode_images(regions[rows] if self.w2r else None, objects[rows] if self.o2w else None)
+            for j in range(0, n_cap, caption_block):
+                cols = np.sort(order[j:j + caption_block])  # sorted: memory maps read forward
+                max_len = int(lengths_np[cols].max())
+                text_cache = self.encode_texts(np.asarray(words[cols])[:, :max_len] if not isinstance(words, Tensor)
+                                               else words[torch.as_tensor(cols)][:, :max_len], lengths_np[cols])
+                out[rows, torch.as_tensor(cols)] = self.combine(*self.score_grid_cached(image_cache, text_cache)).cpu()
+                if bar is not None:
+                    bar.update((rows.stop - rows.start) * len(cols))
+        if bar is not None:
+            bar.close()
+        return out
+
+    def _pair_caches(self, regions, objects, words, lengths, image_index, text_index):
+        """Encode only the referenced images and captions; return caches and remapped indices."""
+        image_index, text_index = np.asarray(image_index), np.asarray(text_index)
+        images, image_pos = np.unique(image_index, return_inverse=True)
+        texts, text_pos = np.unique(text_index, return_inverse=True)
+        image_cache = self.encode_images(regions[images] if self.w2r else None, objects[images] if self.o2w else None,
+                                         gates=self.w2r is not None and self.w2r.pair_gathers_gates)
+        lengths_np = np.asarray(lengths.cpu() if isinstance(lengths, Tensor) else lengths)
+        text_cache = self.encode_texts(words[torch.as_tensor(texts)] if isinstance(words, Tensor) else np.asarray(words[texts]),
+                                       lengths_np[texts])
+        device = next(self.parameters()).device
+        return image_cache, text_cache, torch.as_tensor(image_pos, device=device), torch.as_tensor(text_pos, device=device)
+
+    @torch.no_grad()
+    def score_pairs(self, regions, objects, words, lengths, image_index, text_index, pair_block: int = 1024) -> Tensor:
+        """MS [N] of an explicit list of (image_index[n], text_index[n]) pairs (test attention),
+        `pair_block` pairs at a time."""
+        image_cache, text_cache, image_pos, text_pos = self._pair_caches(regions, objects, words, lengths, image_index, text_index)
+        scores = [self.combine(*self.score_cached(image_cache, text_cache, image_pos[s:s + pair_block], text_pos[s:s + pair_block]))
+                  for s in range(0, len(image_pos), pair_block)]
+        return torch.cat(scores) if scores else torch.empty(0)
+
+    @torch.no_grad()
+    def attention_weights(self, regions, objects, words, lengths, image_index, text_index) -> dict[str, Tensor]:
+        """Test-time attention of the listed pairs: "word_to_region" [N, L, D] (W2R; rows of padding
+        words are zero) and "object_to_word" [N, P, L] (O2W; zero at padding), for built branches."""
+        image_cache, text_cache, image_pos, text_pos = self._pair_caches(regions, objects, words, lengths, image_index, text_index)
+        out = {}
+        if self.w2r is not None:
+            attn = self.w2r.attention(image_cache["w2r"], text_cache["w2r"], image_pos, text_pos)  # [N, L, D]
+            real = length_mask(text_cache["w2r"]["lengths"][text_pos], attn.shape[1])  # [N, L]
+            out["word_to_region"] = attn * real[..., None]
+        if self.o2w is not None:
+            out["object_to_word"] = self.o2w.attention(image_cache["o2w"], text_cache["o2w"], image_pos, text_pos)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper as written (un-factored): ground truth for tests, baseline for benchmarks
+
+
+def reference_scores(model: BSSAN, regions: Tensor, objects: Tensor, words: Tensor, lengths: Tensor,
+                     negative: Negative = False) -> tuple[Tensor, Tensor]:
+    """(Y [N], Y' [N]) of aligned pairs computed as the paper writes it, with the model's weights:
+    per pair, words padded to max_words, c_k = [u_k; t_k] through nn.LSTM for all max_words steps
+    (read at the last real word), and the Bi-LSTM run on each caption's real words only (captions
+    of one length batched together). No caches, no split weights, no packing."""
+    n = words.shape[0]
+    lengths = lengths.long()
+    words = F.pad(words, (0, 0, 0, model.config.max_words - words.shape[1]))  # [N, max_words, E]
+    y = yp = torch.zeros(n, dtype=words.dtype)
+    if model.w2r is not None:
+        w2r = model.w2r
+        logits = torch.tanh(torch.einsum("nle,em,ndm->nld", words, w2r.attn_weight, regions) + w2r.attn_bias)
+        attn = attend(logits, negative, w2r.uniform_negatives)  # [N, L, D]
+        out, _ = w2r.lstm(torch.cat([attn @ regions, words], dim=-1))  # [N, L, H]
+        y = w2r.mlp(out[torch.arange(n), lengths - 1])
+    if model.o2w is not None:
+        o2w = model.o2w
+        yp = torch.zeros(n, dtype=words.dtype)
+        hidden = o2w.bilstm.hidden_size
+        for length in torch.unique(lengths).tolist():
+            idx = (lengths == length).nonzero()[:, 0]
+            out, _ = o2w.bilstm(words[idx, :length])  # [n, length, 2*H2]
+            states = (out[..., :hidden] + out[..., hidden:]) / 2
+            logits = torch.tanh(torch.einsum("npq,qh,nlh->npl", objects[idx], o2w.attn_weight, states) + o2w.attn_bias)
+            neg = negative[idx] if isinstance(negative, Tensor) else negative
+            attn = attend(logits, neg, o2w.uniform_negatives)  # [n, P, length]
+            yp[idx] = o2w.mlp(torch.cat([objects[idx], attn @ states], dim=-1)).mean(dim=1)
+    return y, yp
