@@ -71,3 +71,23 @@ def flickr8k() -> Path:
     if not (FLICKR8K / "captions.txt").is_file():
         pytest.skip(f"Flickr8K not found at {FLICKR8K}; these tests read the real data from ../shared/data/flickr8k")
     return FLICKR8K
+
+
+@pytest.fixture(scope="session")
+def minilm_assets(tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 exported to ONNX once per test session (~15 s on 2 cores): the assets dir."""
+    pytest.importorskip("torch", reason="exporting MiniLM needs torch (the export extra)")
+    pytest.importorskip("transformers", reason="exporting MiniLM needs transformers (the export extra)")
+    from export.text import export_minilm
+
+    out = tmp_path_factory.mktemp("assets")
+    export_minilm(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def glove50(tmp_path_factory):
+    """GloVe 6B 50d from its package, vocabulary cached in a session temp dir (not ~/.cache)."""
+    from engine.text import GloveVectors
+
+    return GloveVectors.from_package(cache_dir=tmp_path_factory.mktemp("bssan-cache"))
