@@ -239,7 +239,7 @@ class GloveVectors:
         return {"name": self.name, "dim": self.dim, "vocab_size": len(self.vocab), "lowercase_lookup": True, **self.info}
 
 
-def _write_entry(entry: Path, words: list[str], meta: dict, table: np.ndarray | None = None) -> None:
+def _write_entry(entry: Path, words: list[str], meta: dict) -> None:
     tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -274,10 +274,8 @@ def _is_float(text: str) -> bool:
 
 
 def _convert_text_file(path: Path, sha: str, entry: Path) -> None:
-    """One pass to count lines, one to parse into a preallocated .npy memory map."""
-    from numpy.lib.format import open_memmap
-    from tqdm import tqdm
-
+    """One pass to count lines, one to parse into a preallocated .npy memory map (rows past
+    the last kept word stay zero and are never indexed), then an atomic rename into the cache."""
     with open(path, "rb") as handle:
         lines = sum(1 for _ in handle)
         handle.seek(0)
@@ -289,6 +287,18 @@ def _convert_text_file(path: Path, sha: str, entry: Path) -> None:
     tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _parse_text_file(path, sha, tmp, lines, header, dim)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted conversion leaves nothing behind
+        raise
+    _publish_dir(tmp, entry)
+
+
+def _parse_text_file(path: Path, sha: str, tmp: Path, lines: int, header: bool, dim: int) -> None:
+    from numpy.lib.format import open_memmap
+    from tqdm import tqdm
+
     table = open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(lines - header, dim))  # [V, E]
     words: list[str] = []
     seen: set[str] = set()
@@ -328,7 +338,6 @@ def _convert_text_file(path: Path, sha: str, entry: Path) -> None:
             "format": "word2vec" if header else "glove", "skipped": skipped}
     (tmp / "vocab.json").write_text(json.dumps(words, ensure_ascii=False), encoding="utf-8")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _publish_dir(tmp, entry)
 
 
 # ---------------------------------------------------------------- contextual word features

