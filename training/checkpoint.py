@@ -1,0 +1,322 @@
+"""Model checkpoints as directories: save, load, and the trainer's resume state.
+
+    from training.checkpoint import save_checkpoint, load_checkpoint
+    save_checkpoint(run / "best", model, train_config, store=FeatureStore(path), metrics={...})
+    ckpt = load_checkpoint(run / "best")         # ckpt.model is in eval mode, fp32
+    ckpt.kind, ckpt.model_config, ckpt.word_features["name"], ckpt.metrics["best_epoch"]
+
+A checkpoint directory holds:
+
+    weights.pt           state_dict (torch.load(weights_only=True)); fp32, or fp16 with fp16=True
+                         (loaded back as fp32), so a reference model fits in the repo
+    config.json          {"format", "version", "kind": "bssan" | "dual_encoder",
+                          "model": the model's config dict, "train": TrainConfig.to_dict()}
+    word_features.json   {"name": word set, "description": the store extractor's entry for it}:
+                         which word vectors the model expects
+    store.json           the store manifest's extractor section (backbones, preprocessing, grid)
+                         and the splits it had
+    metrics.json         dev metrics per epoch, best epoch, test metrics when evaluated
+    provenance.json      git commit, dirty flag, command line, date, library versions
+    train_state.pt       only in a trainer's resume checkpoint: optimizer, RNG states, position
+
+Writes are atomic: everything goes to a sibling temp directory that is then renamed into
+place; replacing an existing checkpoint renames it to `.<name>.old` first and deletes it after,
+and a crash between the two renames is undone on the next save or load. An existing directory
+is replaced only if it is a checkpoint of the same kind and configs (the trainer updating
+RUN_DIR/best) or `overwrite=True`; anything else is an ArtifactError.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.errors import ArtifactError, InputError
+from training.config import ModelConfig, TrainConfig
+
+CHECKPOINT_FORMAT = "bssan-checkpoint"
+CHECKPOINT_VERSION = 1
+WEIGHTS, CONFIG, WORD_FEATURES, STORE, METRICS, PROVENANCE, TRAIN_STATE = (
+    "weights.pt", "config.json", "word_features.json", "store.json", "metrics.json", "provenance.json", "train_state.pt")
+REQUIRED = (WEIGHTS, CONFIG, WORD_FEATURES, STORE, METRICS, PROVENANCE)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LIBRARIES = ("torch", "numpy", "onnxruntime", "bssan-engine")
+
+
+class ModelKind(str, enum.Enum):
+    BSSAN = "bssan"
+    DUAL_ENCODER = "dual_encoder"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: nn.Module  # eval mode, fp32, CPU
+    kind: ModelKind
+    model_config: Any  # ModelConfig (bssan) or DualEncoderConfig (dual_encoder)
+    train_config: TrainConfig
+    word_features: dict
+    store_info: dict
+    metrics: dict
+    provenance: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def kind_of(model: nn.Module) -> ModelKind:
+    from training.model import BSSAN
+
+    if isinstance(model, BSSAN):
+        return ModelKind.BSSAN
+    from training.baseline import DualEncoder
+
+    if isinstance(model, DualEncoder):
+        return ModelKind.DUAL_ENCODER
+    raise InputError(f"model: expected a BSSAN or DualEncoder, got {type(model).__name__}")
+
+
+def build_model(kind: ModelKind | str, model_config: dict) -> tuple[nn.Module, Any]:
+    """A fresh model of `kind` from its config dict (strictly parsed)."""
+    kind = ModelKind(kind)
+    if kind is ModelKind.BSSAN:
+        from training.model import BSSAN
+
+        config = ModelConfig.from_dict(model_config)
+        return BSSAN(config), config
+    from training.baseline import DualEncoder, DualEncoderConfig
+
+    config = DualEncoderConfig.from_dict(model_config)
+    return DualEncoder(config), config
+
+
+def _find_entry(tree: Any, name: str) -> Any:
+    """The first value under key `name` (or dict whose "name" is `name`) in a nested manifest."""
+    if isinstance(tree, dict):
+        if name in tree:
+            return tree[name]
+        if tree.get("name") == name:
+            return tree
+        for value in tree.values():
+            found = _find_entry(value, name)
+            if found is not None:
+                return found
+    elif isinstance(tree, list):
+        for value in tree:
+            found = _find_entry(value, name)
+            if found is not None:
+                return found
+    return None
+
+
+def store_description(store: Any, word_set: str) -> tuple[dict, dict]:
+    """(store.json, word_features.json) payloads from an engine.store.FeatureStore (or None)."""
+    if store is None:
+        return {"extractor": None, "root": None, "splits": {}}, {"name": word_set, "description": None}
+    manifest = store.manifest
+    extractor = manifest.get("extractor")
+    splits = {name: {k: v for k, v in spec.items() if k != "shapes"} | {"shapes": spec.get("shapes", {})}
+              for name, spec in manifest.get("splits", {}).items()}
+    return ({"extractor": extractor, "root": str(Path(store.root).resolve()), "splits": splits},
+            {"name": word_set, "description": _find_entry(extractor, word_set)})
+
+
+def provenance(command: list[str] | None = None) -> dict:
+    """Git commit and dirty flag of the repo, the command line, date and library versions."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "command": list(sys.argv if command is None else command),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "libraries": versions,
+    }
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; expected a checkpoint file (written by training.train)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: corrupt JSON ({exc})") from exc
+
+
+def _backup_of(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def _settle(directory: Path) -> None:
+    """Undo a replace interrupted between its two renames: the old checkpoint comes back."""
+    backup = _backup_of(directory)
+    if backup.is_dir():
+        if directory.exists():
+            shutil.rmtree(backup)
+        else:
+            os.replace(backup, directory)
+
+
+def _same_checkpoint(directory: Path, config: dict) -> bool:
+    try:
+        existing = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return all(existing.get(k) == config[k] for k in ("kind", "model", "train"))
+
+
+def _fp32(state: dict) -> dict:
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(directory: str | os.PathLike, model: nn.Module, train_config: TrainConfig, *,
+                    store: Any = None, metrics: dict | None = None, fp16: bool = False,
+                    train_state: dict | None = None, command: list[str] | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write `model` as a checkpoint directory (atomically) and return its path.
+
+    store: the engine.store.FeatureStore it was trained on (extractor and word-set records);
+    metrics: the metrics.json payload; fp16: store weights as float16 (loaded back as fp32);
+    train_state: the trainer's resume state (tensors, numbers, strings only), as train_state.pt;
+    command: the command line for provenance.json (default sys.argv).
+    """
+    directory = Path(directory)
+    kind = kind_of(model)
+    config = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind.value,
+              "model": model.config.to_dict(), "train": train_config.to_dict()}
+    _settle(directory)
+    if directory.exists() and not overwrite:
+        if not directory.is_dir() or not _same_checkpoint(directory, config):
+            raise ArtifactError(f"{directory}: exists and is not a checkpoint of the same kind and config; "
+                                f"expected a new directory (or overwrite=True)")
+    store_json, word_json = store_description(store, train_config.word_set)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if fp16:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, tmp / WEIGHTS)
+    _write_json(tmp / CONFIG, config)
+    _write_json(tmp / WORD_FEATURES, word_json)
+    _write_json(tmp / STORE, store_json)
+    _write_json(tmp / METRICS, metrics or {})
+    _write_json(tmp / PROVENANCE, provenance(command) | {"weights_dtype": "float16" if fp16 else "float32"})
+    if train_state is not None:
+        torch.save(train_state, tmp / TRAIN_STATE)
+    for path in tmp.iterdir():  # the data reaches the disk before the rename publishes it
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    if directory.exists():
+        os.replace(directory, _backup_of(directory))
+    os.replace(tmp, directory)
+    _settle(directory)
+    return directory
+
+
+def update_metrics(directory: str | os.PathLike, metrics: dict) -> None:
+    """Merge `metrics` into a checkpoint's metrics.json (e.g. test metrics), atomically."""
+    path = Path(directory) / METRICS
+    merged = _read_json(path) | metrics
+    tmp = path.with_name(path.name + ".tmp")
+    _write_json(tmp, merged)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Load weights.pt into `model`; every missing, unexpected or mis-shaped key is an error."""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; expected the checkpoint's weights")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises assorted types (RuntimeError, UnpicklingError, EOFError) for a bad file
+        raise ArtifactError(f"{path}: corrupt weights file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{path}: expected a state_dict, got {type(state).__name__}")
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(f"{path}: state_dict keys do not match the config's model; missing {missing}, unexpected {unexpected}")
+    wrong = [f"{k} {list(state[k].shape)} != {list(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ArtifactError(f"{path}: state_dict shapes do not match the config's model: {', '.join(wrong)}")
+    model.load_state_dict(_fp32(state), strict=True)
+
+
+def load_train_state(directory: str | os.PathLike) -> dict | None:
+    """The trainer's resume state of a checkpoint, or None if it has none."""
+    path = Path(directory) / TRAIN_STATE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # see load_weights
+        raise ArtifactError(f"{path}: corrupt resume state ({type(exc).__name__})") from exc
+
+
+def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint directory; one-line ArtifactError naming the file if anything is off."""
+    directory = Path(directory)
+    _settle(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: no such checkpoint directory; expected one written by training.train")
+    config = _read_json(directory / CONFIG)
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
+        raise ArtifactError(f"{directory / CONFIG}: expected format {CHECKPOINT_FORMAT!r}, got {config.get('format') if isinstance(config, dict) else config!r}")
+    if not isinstance(config.get("version"), int) or config["version"] > CHECKPOINT_VERSION:
+        raise ArtifactError(f"{directory / CONFIG}: checkpoint version {config.get('version')!r} is newer than this code reads ({CHECKPOINT_VERSION})")
+    try:
+        kind = ModelKind(config.get("kind"))
+    except ValueError:
+        raise ArtifactError(f"{directory / CONFIG}: kind {config.get('kind')!r}; expected one of {[k.value for k in ModelKind]}") from None
+    try:
+        model, model_config = build_model(kind, config.get("model", {}))
+        train_config = TrainConfig.from_dict(config.get("train", {}))
+    except InputError as exc:
+        raise ArtifactError(f"{directory / CONFIG}: {exc}") from exc
+    load_weights(directory / WEIGHTS, model)
+    return Checkpoint(path=directory, model=model.eval(), kind=kind, model_config=model_config, train_config=train_config,
+                      word_features=_read_json(directory / WORD_FEATURES), store_info=_read_json(directory / STORE),
+                      metrics=_read_json(directory / METRICS), provenance=_read_json(directory / PROVENANCE))
