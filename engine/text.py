@@ -18,13 +18,10 @@ numpy + tokenizers + onnxruntime only; never torch.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import re
-import shutil
 import sys
 import unicodedata
 from dataclasses import dataclass
@@ -33,7 +30,9 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.errors import AssetError, BssanError, DataError, InputError
+from engine.data import file_sha256
+from engine.errors import AssetError, BssanError, InputError
+from engine.wordcache import cache_dir_default, convert_text_file, read_entry, write_entry
 
 MAX_WORDS = 30  # the paper truncates captions to 30 words (spec, "Inputs of one pair")
 DEFAULT_ASSETS_DIR = Path(__file__).resolve().parents[1] / "build" / "assets"
@@ -107,18 +106,6 @@ def tokenize_all(captions: list[str], max_words: int) -> list[list[str]]:
     return words
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def cache_dir_default() -> Path:
-    return Path(os.environ.get("BSSAN_CACHE") or Path.home() / ".cache" / "bssan")
-
-
 def package_dir(package: tuple[str, str]) -> Path:
     """Folder of an installed package, found without importing it; AssetError with the pip command if absent."""
     spec = importlib.util.find_spec(package[1])
@@ -132,16 +119,6 @@ def package_version(package: tuple[str, str]) -> str:
         return importlib.metadata.version(package[0])
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Rename a fully written temporary folder into place; if another process won, keep theirs."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not final.is_dir():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class GloveVectors:
@@ -174,7 +151,8 @@ class GloveVectors:
             if not path.is_file():
                 raise AssetError(f"{path}: missing from package {GLOVE_PACKAGE[0]!r}; expected its GloVe table and index (reinstall it)")
         index_sha = file_sha256(index_path)
-        entry = Path(cache_dir or cache_dir_default()) / "glove" / f"kumo-6b-50d-{index_sha[:16]}"
+        key = f"kumo-6b-50d-{table_path.stat().st_size}-{index_sha[:16]}"  # a new package version gets a new entry
+        entry = Path(cache_dir or cache_dir_default()) / "glove" / key
         if not (entry / "meta.json").is_file():
             try:
                 import pyarrow.parquet as parquet
@@ -182,8 +160,8 @@ class GloveVectors:
                 raise AssetError(f"{index_path}: reading the GloVe vocabulary once needs pyarrow (pip install '.[features]')") from None
             words = parquet.read_table(index_path).column(0).to_pylist()
             meta = {"file": str(table_path), "sha256": file_sha256(table_path), "index_sha256": index_sha, "words": len(words)}
-            _write_entry(entry, words, meta)
-        vocab, meta = _read_entry(entry)
+            write_entry(entry, words, meta)
+        vocab, meta = read_entry(entry)
         table = np.load(table_path, mmap_mode="r")
         if table.shape[0] != len(vocab) or table.dtype != np.float32:
             raise AssetError(f"{table_path}: {table.dtype} table of shape {table.shape}; expected float32 [{len(vocab)}, E] matching its index")
@@ -200,8 +178,8 @@ class GloveVectors:
         sha = file_sha256(path)
         entry = Path(cache_dir or cache_dir_default()) / "glove" / f"{path.stem}-{path.stat().st_size}-{sha[:16]}"
         if not (entry / "meta.json").is_file():
-            _convert_text_file(path, sha, entry)
-        vocab, meta = _read_entry(entry)
+            convert_text_file(path, sha, entry)
+        vocab, meta = read_entry(entry)
         table = np.load(entry / "vectors.npy", mmap_mode="r")
         info = {"kind": meta["format"], "source": "user file", **meta, "cache": str(entry)}
         return cls(table, vocab, name or f"{meta['format']}{table.shape[1]}", info)
@@ -237,107 +215,6 @@ class GloveVectors:
 
     def describe(self) -> dict:
         return {"name": self.name, "dim": self.dim, "vocab_size": len(self.vocab), "lowercase_lookup": True, **self.info}
-
-
-def _write_entry(entry: Path, words: list[str], meta: dict) -> None:
-    tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "vocab.json").write_text(json.dumps(words, ensure_ascii=False), encoding="utf-8")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _publish_dir(tmp, entry)
-
-
-def _read_entry(entry: Path) -> tuple[list[str], dict]:
-    try:
-        vocab = json.loads((entry / "vocab.json").read_text(encoding="utf-8"))
-        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AssetError(f"{entry}: unreadable word-vector cache ({exc}); delete the folder to rebuild it") from None
-    return vocab, meta
-
-
-def _parse_floats(parts: list[str], where: str) -> np.ndarray:
-    try:
-        return np.array(parts, dtype=np.float32)
-    except ValueError:
-        bad = next(p for p in parts if not _is_float(p))
-        raise DataError(f"{where}: value {bad[:20]!r} is not a number") from None
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _convert_text_file(path: Path, sha: str, entry: Path) -> None:
-    """One pass to count lines, one to parse into a preallocated .npy memory map (rows past
-    the last kept word stay zero and are never indexed), then an atomic rename into the cache."""
-    with open(path, "rb") as handle:
-        lines = sum(1 for _ in handle)
-        handle.seek(0)
-        first = handle.readline().decode("utf-8", errors="replace").split()
-    header = len(first) == 2 and all(p.isdigit() for p in first)
-    dim = int(first[1]) if header else len(first) - 1
-    if dim < 1:
-        raise DataError(f"{path.name} line 1: expected 'word v1 v2 ...' or a word2vec header 'count dim', got {' '.join(first)[:60]!r}")
-    tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _parse_text_file(path, sha, tmp, lines, header, dim)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted conversion leaves nothing behind
-        raise
-    _publish_dir(tmp, entry)
-
-
-def _parse_text_file(path: Path, sha: str, tmp: Path, lines: int, header: bool, dim: int) -> None:
-    from numpy.lib.format import open_memmap
-    from tqdm import tqdm
-
-    table = open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(lines - header, dim))  # [V, E]
-    words: list[str] = []
-    seen: set[str] = set()
-    skipped = {"duplicate": 0, "multi_token": 0, "undecodable": 0}
-    with open(path, "rb") as handle, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}") as bar:
-        for number, raw in enumerate(handle, start=1):
-            bar.update(len(raw))
-            if header and number == 1:
-                continue
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n").rstrip(" ")
-            except UnicodeDecodeError:
-                skipped["undecodable"] += 1
-                continue
-            parts = line.split(" ")
-            where = f"{path.name} line {number}"
-            if len(parts) - 1 < dim:
-                raise DataError(f"{where}: expected a word and {dim} values, got {len(parts) - 1} values")
-            if len(parts) - 1 > dim:
-                if all(_is_float(p) for p in parts[1 : len(parts) - dim]):
-                    raise DataError(f"{where}: expected a word and {dim} values, got {len(parts) - 1} values")
-                skipped["multi_token"] += 1  # GloVe 840B has entries like ". . ."; our tokenizer never makes them
-                continue
-            word = parts[0]
-            values = _parse_floats(parts[1:], where)
-            if word in seen:
-                skipped["duplicate"] += 1
-                continue
-            seen.add(word)
-            table[len(words)] = values
-            words.append(word)
-    if not words:
-        raise DataError(f"{path}: no word vectors found; expected 'word v1 v2 ...' lines")
-    table.flush()
-    del table
-    meta = {"file": str(path.resolve()), "sha256": sha, "size": path.stat().st_size, "words": len(words),
-            "format": "word2vec" if header else "glove", "skipped": skipped}
-    (tmp / "vocab.json").write_text(json.dumps(words, ensure_ascii=False), encoding="utf-8")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------- contextual word features
@@ -380,6 +257,7 @@ class MiniLMWords:
         if set(names) != set(MINILM_INPUTS):
             raise AssetError(f"{self.onnx_path}: graph inputs {names}; expected {MINILM_INPUTS} (rebuild with python -m export.text)")
         self.readme = model_dir / "README.md"
+        self.onnx_sha256 = file_sha256(self.onnx_path)  # hashed now: the manifest must name the graph that ran
 
     def encode(self, captions: list[str], max_words: int = MAX_WORDS) -> WordBatch:
         words = tokenize_all(captions, max_words)
@@ -418,7 +296,7 @@ class MiniLMWords:
         return {
             "name": self.name, "dim": self.dim, "kind": "contextual",
             "source": MINILM_PACKAGE[0], "version": package_version(MINILM_PACKAGE),
-            "onnx": str(self.onnx_path), "sha256": file_sha256(self.onnx_path),
+            "onnx": str(self.onnx_path), "sha256": self.onnx_sha256,
             "tokenizer_sha256": file_sha256(self.tokenizer_json),
             "export": json.loads(exported.read_text(encoding="utf-8")) if exported.is_file() else None,
             "word_pooling": "mean of the word's pieces; [CLS]/[SEP] not used",
