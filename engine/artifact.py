@@ -1,0 +1,216 @@
+"""A BSSAN model artifact directory: its manifest, file hashes and graph paths (numpy only).
+
+Written by `python -m export MODEL_DIR --out ARTIFACT_DIR`; read by the engine runtime:
+
+    from engine.artifact import load_artifact
+    artifact = load_artifact("artifacts/flickr8k")          # verifies every file's sha256
+    path = artifact.graph_path("w2r_pair", "int8")          # Path of graphs/w2r_pair.int8.onnx
+    spec = artifact.spec("w2r_pair"); dims = artifact.dims  # I/O declaration (engine/graphs.py)
+
+Layout:
+
+    ARTIFACT/manifest.json                 the fields below
+    ARTIFACT/graphs/<graph>.<precision>.onnx   graphs of engine/graphs.py; precision fp32 | fp16 | int8
+                                           (int8 exists only for the pair graphs: the image and text
+                                           graphs run once per item and stay fp32)
+    ARTIFACT/assets/<name>.onnx + .json    copies of the feature backbones (export.backbones,
+                                           export.text) when they were found at export time
+    ARTIFACT/tensorrt/                     TensorRT engine cache (never listed in "files": engines are
+                                           rebuilt per GPU; see export/tensorrt.py)
+    ARTIFACT/validation.json               parity and precision figures of the export
+
+manifest.json fields:
+
+    format "bssan-artifact", version (int; a newer version than ARTIFACT_VERSION is refused)
+    created_utc
+    model        {"kind": "bssan", "config": ModelConfig dict, "score_weights": {"w2r": w, "o2w": w'},
+                  "source": checkpoint dir, "metrics": {...}, "provenance": {...}}
+    dims         {static dim name: size} for every name in engine.graphs.STATIC_DIMS the graphs use
+    w2r_values   "gates" (regions_values = G, V = 4H) or "regions" (regions_values = R, V = M)
+    precisions   precisions present, e.g. ["fp32", "fp16", "int8"]
+    graphs       {graph: {precision: {"file": "graphs/...onnx", "parity_max_abs_diff": {output: float}, ...}}}
+    files        {relative path: {"sha256": hex, "bytes": int}} for EVERY file of the artifact
+                 except manifest.json and tensorrt/; loading refuses a mismatch
+    preprocessing, word_features   from the checkpoint's store.json / word_features.json
+    assets       {name: {"graph": "assets/<name>.onnx", "manifest": "assets/<name>.json"}}
+    exporter     {"opset", "exporter", "versions": {torch, onnx, onnxruntime, numpy, python}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import ArtifactError
+from engine.graphs import GRAPHS, PRECISIONS, GraphSpec
+
+ARTIFACT_FORMAT = "bssan-artifact"
+ARTIFACT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TENSORRT_DIR = "tensorrt"
+REQUIRED_FIELDS = ("format", "version", "model", "dims", "precisions", "graphs", "files")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path) -> dict:
+    """{"sha256", "bytes"} of a file, as manifest["files"] holds it."""
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def _varint(data: bytes, pos: int, path: Path) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(data):
+            raise ArtifactError(f"{path}: truncated ONNX file (ends inside a field header at byte {pos}); re-export it")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+        if shift > 63:
+            raise ArtifactError(f"{path}: not an ONNX file (bad varint at byte {pos}); re-export it")
+
+
+def check_onnx_structure(path: str | os.PathLike) -> None:
+    """Walk the top-level protobuf fields of an ONNX ModelProto without onnx: raise a one-line
+    ArtifactError if the file is missing, empty, truncated or not a model (no ir_version or graph)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: ONNX file not found; re-export the artifact")
+    data = path.read_bytes()
+    if not data:
+        raise ArtifactError(f"{path}: empty ONNX file; re-export it")
+    pos, fields = 0, set()
+    while pos < len(data):
+        key, pos = _varint(data, pos, path)
+        number, wire = key >> 3, key & 7
+        if number == 0 or wire not in (0, 1, 2, 5):
+            raise ArtifactError(f"{path}: not an ONNX file (bad field key {key} at byte {pos}); re-export it")
+        if wire == 0:
+            _, pos = _varint(data, pos, path)
+        else:
+            size = 8 if wire == 1 else 4 if wire == 5 else None
+            if size is None:
+                size, pos = _varint(data, pos, path)
+            if pos + size > len(data):
+                raise ArtifactError(f"{path}: truncated ONNX file (field {number} needs {size} bytes at byte {pos}, "
+                                    f"file has {len(data)}); re-export it")
+            pos += size
+        fields.add(number)
+    if not {1, 7} <= fields:  # ModelProto.ir_version = 1, ModelProto.graph = 7
+        raise ArtifactError(f"{path}: not an ONNX model (no ir_version or graph field); re-export it")
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    """manifest.json of an artifact directory, with its format and version checked."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{path}: manifest not found; expected an artifact directory written by python -m export")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}); the file is corrupt or truncated") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"{path}: expected format {ARTIFACT_FORMAT!r}, got {got!r}")
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ArtifactError(f"{path}: version {version!r}: expected a positive integer")
+    if version > ARTIFACT_VERSION:
+        raise ArtifactError(f"{path}: artifact format version {version} is newer than this engine reads "
+                            f"({ARTIFACT_VERSION}); upgrade bssan-engine")
+    missing = [f for f in REQUIRED_FIELDS if f not in manifest]
+    if missing:
+        raise ArtifactError(f"{path}: missing field(s) {missing}; expected {list(REQUIRED_FIELDS)}")
+    return manifest
+
+
+def verify_files(root: Path, manifest: dict) -> None:
+    """Every file listed in manifest["files"] exists with its size and sha256; every graph file is listed."""
+    files = manifest["files"]
+    for rel, entry in sorted(files.items()):
+        path = root / rel
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in {MANIFEST_NAME} but missing; the artifact is incomplete")
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            raise ArtifactError(f"{path}: {size} bytes, expected {entry.get('bytes')} from {MANIFEST_NAME}; the file is truncated or changed")
+        if file_sha256(path) != entry.get("sha256"):
+            raise ArtifactError(f"{path}: sha256 differs from {MANIFEST_NAME}; the file was changed after export")
+    for name, variants in manifest["graphs"].items():
+        if name not in GRAPHS:
+            raise ArtifactError(f"{root / MANIFEST_NAME}: unknown graph {name!r}; expected some of {list(GRAPHS)}")
+        for precision, entry in variants.items():
+            if precision not in PRECISIONS:
+                raise ArtifactError(f"{root / MANIFEST_NAME}: graph {name} precision {precision!r}; expected one of {list(PRECISIONS)}")
+            if entry.get("file") not in files:
+                raise ArtifactError(f"{root / MANIFEST_NAME}: graph {name}.{precision} file {entry.get('file')!r} has no hash in \"files\"")
+
+
+@dataclass
+class Artifact:
+    root: Path
+    manifest: dict
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return self.manifest["dims"]
+
+    @property
+    def precisions(self) -> list[str]:
+        return list(self.manifest["precisions"])
+
+    @property
+    def graph_names(self) -> list[str]:
+        return list(self.manifest["graphs"])
+
+    @property
+    def score_weights(self) -> dict[str, float]:
+        """{"w2r": weight of Y, "o2w": weight of Y'} for MS = w * Y + w' * Y'."""
+        return self.manifest["model"]["score_weights"]
+
+    def spec(self, name: str) -> GraphSpec:
+        if name not in GRAPHS:
+            raise ArtifactError(f"graph {name!r}: expected one of {list(GRAPHS)}")
+        return GRAPHS[name]
+
+    def has_graph(self, name: str, precision: str = "fp32") -> bool:
+        return precision in self.manifest["graphs"].get(name, {})
+
+    def graph_path(self, name: str, precision: str = "fp32") -> Path:
+        if not self.has_graph(name, precision):
+            have = {g: sorted(v) for g, v in self.manifest["graphs"].items()}
+            raise ArtifactError(f"{self.root}: no graph {name!r} at precision {precision!r}; the artifact has {have}")
+        return self.root / self.manifest["graphs"][name][precision]["file"]
+
+    def asset(self, name: str) -> tuple[Path, Path]:
+        """(graph, json manifest) paths of a feature backbone copied into the artifact."""
+        assets = self.manifest.get("assets", {})
+        if name not in assets:
+            raise ArtifactError(f"{self.root}: no asset {name!r}; the artifact has {sorted(assets)}")
+        return self.root / assets[name]["graph"], self.root / assets[name]["manifest"]
+
+
+def load_artifact(root: str | os.PathLike, verify: bool = True) -> Artifact:
+    """Read and (by default) verify an artifact directory: manifest format and version, every
+    file's size and sha256, and the ONNX structure of every graph. Raises one-line ArtifactError."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: artifact directory not found")
+    manifest = read_manifest(root)
+    if verify:
+        verify_files(root, manifest)
+        for variants in manifest["graphs"].values():
+            for entry in variants.values():
+                check_onnx_structure(root / entry["file"])
+    return Artifact(root, manifest)
