@@ -228,13 +228,19 @@ def minilm_training_note(readme: Path) -> str:
 
 
 class MiniLMWords:
-    """all-MiniLM-L6-v2 token vectors (ONNX, onnxruntime), averaged over each word's pieces."""
+    """all-MiniLM-L6-v2 token vectors (ONNX, onnxruntime), averaged over each word's pieces.
+
+    The model reads the caption as `tokenize` gives it (punctuation dropped, truncated to
+    max_words), fed word by word, so a word's vector never depends on text that the
+    attention model cannot see, and each word gets exactly one vector. A word whose pieces
+    are all [UNK] keeps its contextual vector but is counted as OOV.
+    """
 
     name = "minilm"
     dim = MINILM_DIM
 
     def __init__(self, onnx_path: str | Path, tokenizer_json: str | Path | None = None,
-                 batch_size: int = MINILM_BATCH, providers: list[str] | None = None) -> None:
+                 batch_size: int = MINILM_BATCH, providers: list[str] | None = None, threads: int = 0) -> None:
         self.onnx_path = Path(onnx_path)
         if not self.onnx_path.is_file():
             raise AssetError(f"{self.onnx_path}: MiniLM ONNX graph not found; build it with: python -m export.text --out {self.onnx_path.parent}")
@@ -252,7 +258,9 @@ class MiniLMWords:
         self.tokenizer.no_truncation()
         self.unknown_id = self.tokenizer.token_to_id("[UNK]")
         self.batch_size = batch_size
-        self.session = onnxruntime.InferenceSession(str(self.onnx_path), providers=providers or ["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads  # 0 = onnxruntime's choice (one per physical core)
+        self.session = onnxruntime.InferenceSession(str(self.onnx_path), options, providers=providers or ["CPUExecutionProvider"])
         names = tuple(i.name for i in self.session.get_inputs())
         if set(names) != set(MINILM_INPUTS):
             raise AssetError(f"{self.onnx_path}: graph inputs {names}; expected {MINILM_INPUTS} (rebuild with python -m export.text)")
@@ -279,16 +287,15 @@ class MiniLMWords:
                 encoding = encodings[i]
                 ids[row, : len(encoding.ids)] = encoding.ids
                 mask[row, : len(encoding.ids)] = 1
-                word_of = np.array([-1 if w is None else w for w in encoding.word_ids])  # [S_i]
+                word_of = np.array([-1 if w is None else w for w in encoding.word_ids])  # [S_i], -1 = [CLS]/[SEP]
                 piece = np.flatnonzero(word_of >= 0)
                 pool[row, word_of[piece], piece] = 1.0
-                pieces_ids = np.array(encoding.ids)
-                for word in range(lengths[i]):
-                    mine = pieces_ids[word_of == word]
-                    oov += int(mine.size == 0 or bool(np.all(mine == self.unknown_id)))
+                # A word is OOV when none of its pieces is known (all [UNK], or no piece at all).
+                known = np.bincount(word_of[piece], weights=ids[row, piece] != self.unknown_id, minlength=lengths[i])
+                oov += int((known[: lengths[i]] == 0).sum())
             pool /= np.maximum(pool.sum(axis=2, keepdims=True), 1.0)
-            hidden = self.session.run([MINILM_OUTPUT], {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]  # [B, S, H]
-            vectors[chunk] = np.einsum("bls,bse->ble", pool, hidden)  # [B, L, E]
+            hidden = self.session.run([MINILM_OUTPUT], {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]  # [B, S, E]
+            vectors[chunk] = pool @ hidden  # [B, L, S] x [B, S, E] -> [B, L, E]
         return WordBatch(vectors, lengths, oov=oov, total=int(lengths.sum()))
 
     def describe(self) -> dict:

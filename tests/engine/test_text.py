@@ -134,6 +134,8 @@ def test_minilm_one_vector_per_word(minilm):
     for vectors, length in zip(batch.vectors, batch.lengths):
         assert np.all(np.abs(vectors[:length]).sum(axis=1) > 0) and not vectors[length:].any()
     assert batch.oov == 0 and batch.total == int(batch.lengths.sum())
+    unknown = minilm.encode(["a ᚠᚢᚦ dog"])  # runes: letters, but only [UNK] to MiniLM
+    assert (unknown.oov, unknown.total) == (1, 3)
 
 
 def test_minilm_batching_and_padding_do_not_change_vectors(minilm):
