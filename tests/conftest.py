@@ -91,3 +91,15 @@ def glove50(tmp_path_factory):
     from engine.text import GloveVectors
 
     return GloveVectors.from_package(cache_dir=tmp_path_factory.mktemp("bssan-cache"))
+
+
+@pytest.fixture(scope="session")
+def backbone_assets(tmp_path_factory) -> Path:
+    """EfficientNet-Lite0 (7x7, real ImageNet weights) and RoIAlign graphs, exported once per session."""
+    pytest.importorskip("torch", reason="exporting the backbone graphs needs torch (pip install 'bssan-engine[export]')")
+    pytest.importorskip("efficientnet_lite_pytorch", reason="needs efficientnet-lite-pytorch (the export extra)")
+    from export.backbones import export_all
+
+    out = tmp_path_factory.mktemp("assets")
+    export_all(out)
+    return out
