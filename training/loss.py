@@ -42,7 +42,8 @@ class LossTerms:
     reg: Tensor  # L_reg (before delta)
 
     def as_floats(self) -> dict[str, float]:
-        return {"loss": float(self.total), "l1": float(self.w2r), "l2": float(self.o2w), "reg": float(self.reg)}
+        return {"loss": self.total.detach().item(), "l1": self.w2r.detach().item(),
+                "l2": self.o2w.detach().item(), "reg": self.reg.detach().item()}
 
 
 def hinge(positive: Tensor, negative: Tensor, margin: float, reduction: Reduction = Reduction.SUM) -> Tensor:

@@ -338,6 +338,25 @@ class BSSAN(nn.Module):
         index = torch.arange(text_cache[next(iter(text_cache))]["lengths"].shape[0], device=next(self.parameters()).device)
         return self.score_cached(image_cache, text_cache, index, index, negative)
 
+    def forward_pairs(self, regions, objects, words, lengths, image_index, text_index,
+                      negative: Negative = False) -> tuple[Tensor, Tensor]:
+        """Training on listed pairs of a batch -> (Y [N], Y' [N]), in ONE pass: each image is encoded
+        once, and positives and negatives share one BatchNorm batch (two separate forward calls
+        would normalise them with different batch statistics). E.g. image_index = [0..B, 0..B],
+        text_index = [0..B, B..2B] (words = positives then sampled negative captions),
+        negative = [False]*B + [True]*B. G is built only when that is cheaper than projecting
+        u per pair (pairs x L > images x D) and a G gather is no bigger than an R gather."""
+        device = next(self.parameters()).device
+        image_index, text_index = self._tensor(image_index, torch.long), self._tensor(text_index, torch.long)
+        n_images, max_len = len(regions if self.w2r else objects), words.shape[1]
+        gates = (self.w2r is not None and self.w2r.pair_gathers_gates
+                 and len(image_index) * max_len > n_images * self.config.region_count)
+        image_cache = self.encode_images(regions, objects, gates=gates)
+        text_cache = self.encode_texts(words, lengths)
+        if isinstance(negative, Tensor):
+            negative = negative.to(device)
+        return self.score_cached(image_cache, text_cache, image_index, text_index, negative)
+
     def forward_grid(self, regions, objects, words, lengths, image_ids=None) -> tuple[Tensor, Tensor]:
         """Every image x every caption of a batch -> (Y, Y') [B, B], for hardest-in-batch negatives.
         Pairs whose image_ids differ (default: off-diagonal) are negatives for the attention rule.

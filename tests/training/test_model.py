@@ -195,6 +195,21 @@ def test_softmax_rule_ignores_negative_flag():
                                    model(regions, objects, words, lengths, negative=False))
 
 
+def test_forward_pairs_scores_positives_and_negatives_in_one_pass():
+    model = make_model(w2r_hidden=3)  # G path allowed (4H <= M): 14 pairs x 8 words > 7 images x 9 regions
+    regions, objects, words, lengths = make_inputs(model)
+    neg = torch.tensor([3, 0, 1, 6, 2, 4, 5])
+    index = torch.arange(7)
+    flags = torch.tensor([False] * 7 + [True] * 7)
+    with torch.no_grad():
+        y, yp = model.forward_pairs(regions, objects, torch.cat([words, words[neg]]), torch.cat([lengths, lengths[neg]]),
+                                    torch.cat([index, index]), torch.arange(14), flags)
+        pos = model(regions, objects, words, lengths)
+        negs = model(regions, objects, words[neg], lengths[neg], negative=True)
+    torch.testing.assert_close(y, torch.cat([pos[0], negs[0]]), rtol=0, atol=1e-10)
+    torch.testing.assert_close(yp, torch.cat([pos[1], negs[1]]), rtol=0, atol=1e-10)
+
+
 def test_forward_grid_marks_off_diagonal_as_negative():
     model = make_model()
     regions, objects, words, lengths = make_inputs(model)
