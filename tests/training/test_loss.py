@@ -41,12 +41,12 @@ def _matrices_by_name(model):
 def test_weight_penalty_counts_weight_matrices_only():
     model = BSSAN(preset("demo")).double()
     expected = sum(w.detach().pow(2).sum().item() for w in _matrices_by_name(model))
-    assert float(weight_penalty(model)) == pytest.approx(expected)
+    assert weight_penalty(model).detach().item() == pytest.approx(expected)
     with torch.no_grad():
         model.w2r.lstm.bias_ih_l0.add_(5.0)  # biases and BatchNorm are not penalised
         model.o2w.mlp.rest[0].weight.add_(5.0)
         model.w2r.attn_bias.add_(5.0)
-    assert float(weight_penalty(model)) == pytest.approx(expected)
+    assert weight_penalty(model).detach().item() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("variant, weights", [("full", (1.0, 0.6, 0.01)), ("no_reg", (1.0, 0.6, 0.0)),
@@ -59,7 +59,7 @@ def test_total_loss_by_hand(variant, weights):
     terms = bssan_loss(model, positive, [negative_captions, negative_images], margin=0.2)
     # L1: captions 0 + 0.6, images 0.7 + 0 = 1.3;  L2: captions 0.4 + 0, images 0 + 0 = 0.4
     l1, l2 = 1.3, 0.4
-    reg = float(weight_penalty(model))
+    reg = weight_penalty(model).detach().item()
     w_y, w_yp, delta = weights
     assert terms.as_floats() == pytest.approx({"loss": w_y * l1 + w_yp * l2 + delta * reg, "l1": l1, "l2": l2, "reg": reg})
     with pytest.raises(InputError, match="at least one kind of negative"):
