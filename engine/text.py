@@ -210,7 +210,7 @@ class GloveVectors:
         table = np.asarray(self.table[: len(self.vocab)])  # [V, E]
         norms = np.linalg.norm(table, axis=1) * (np.linalg.norm(query) + 1e-12) + 1e-12
         cosine = table @ query / norms  # [V]
-        best = np.argsort(-cosine)[: k + 1]
+        best = np.argsort(-cosine)[: k + 8]  # room for the word itself and its cased variants
         return [self.vocab[i] for i in best if self.vocab[i].lower() != word.lower()][:k]
 
     def describe(self) -> dict:

@@ -54,10 +54,14 @@ def read_entry(entry: Path) -> tuple[list[str], dict]:
 
 def _parse_floats(parts: list[str], where: str) -> np.ndarray:
     try:
-        return np.array(parts, dtype=np.float32)
+        values = np.array(parts, dtype=np.float32)
     except ValueError:
         bad = next(p for p in parts if not _is_float(p))
         raise DataError(f"{where}: value {bad[:20]!r} is not a number") from None
+    if not np.isfinite(values).all():
+        bad = parts[int(np.flatnonzero(~np.isfinite(values))[0])]
+        raise DataError(f"{where}: value {bad[:20]!r} is not finite; expected finite word vectors")
+    return values
 
 
 def _is_float(text: str) -> bool:

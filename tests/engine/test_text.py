@@ -98,12 +98,20 @@ def test_word2vec_header(tmp_path):
     assert vectors.name == "word2vec3" and vectors.neighbours("cat", 1) == ["dog"]
 
 
+def test_text_file_with_undecodable_word_is_skipped(tmp_path):
+    source = tmp_path / "latin1.txt"
+    source.write_bytes(b"cat 1 0\ncaf\xe9 0 1\ndog 1 1\n")
+    vectors = GloveVectors.from_file(source, cache_dir=tmp_path)
+    assert vectors.vocab == ["cat", "dog"] and vectors.describe()["skipped"]["undecodable"] == 1
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
         ("a 1 2 3\nb 1 2 3\nc 1 2\n", r"bad.txt line 3: expected a word and 3 values, got 2 values"),
         ("a 1 2 3\nb 1 2 3 4\n", r"bad.txt line 2: expected a word and 3 values, got 4 values"),
         ("a 1 2 3\nb 1 x 3\n", r"bad.txt line 2: value 'x' is not a number"),
+        ("a 1 2 3\nb 1 nan 3\n", r"bad.txt line 2: value 'nan' is not finite; expected finite word vectors"),
         ("a\n", r"bad.txt line 1: expected 'word v1 v2 \.\.\.' or a word2vec header"),
     ],
 )
