@@ -1,0 +1,351 @@
+"""The extraction command: images and captions -> a feature store (engine/store.py), per split.
+
+    python -m engine.features --images DIR --captions FILE [--format flickr8k|karpathy]
+        [--splits train dev test] --out STORE [--assets build/assets] [--word-features glove50 minilm]
+        [--batch-size N] [--threads N]
+
+Per image: load + preprocess (engine/vision), detect boxes (engine/detect; top P, padded), the
+backbone graph gives the feature map -> regions [R, C], the RoIAlign graph gives objects [P, C].
+Per caption: THE tokenizer (engine/text) -> lengths, and one words_<set> array per word-feature set.
+
+- Batched, with a tqdm bar (images/s, ETA).
+- Resumable: arrays are memory maps filled batch by batch; after each batch they are flushed and
+  the batch index is appended to STORE/<split>/progress.json. After kill -9, the same command
+  continues from the first unfinished batch. A word set is computed into `words_<set>.partial`
+  and renamed when complete, so a half-written set is never visible.
+- Deterministic: same inputs and assets give the same bytes (ONNX Runtime CPU and OpenCV DNN give
+  bit-equal outputs run to run, for any thread count or batch split; checked here).
+- Content-hashed: each split records the sha256 of its image files and of its captions; a rerun
+  with unchanged inputs recomputes nothing and says so. Adding a word-feature set later computes
+  only that set. Changed images or captions recompute only what depends on them.
+- A bad image never stops the run: it is reported (file and reason), its regions and objects are
+  zeros, its boxes are the padding boxes with objects_real 0, and it is listed in the manifest
+  under splits.<split>.bad_images (consumers drop or keep it knowingly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import hashlib
+import importlib.metadata
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from engine.data import Dataset, read_flickr8k, read_karpathy
+from engine.detect import DEFAULT_MIN_SCORE, OnnxDetector, SsdMobileNetV2, padding_boxes, select_boxes
+from engine.errors import BssanError, DataError, StoreError
+from engine.store import MANIFEST_NAME, StoreWriter, check_finite, write_json_atomic
+from engine.text import DEFAULT_ASSETS_DIR, MAX_WORDS, load_word_features, tokenize_all
+from engine.vision import (
+    MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ObjectFeatures, RegionBackbone, file_sha256, load_batch, regions_from_feature_map,
+)
+
+DEFAULT_BACKBONE = "efficientnet-lite0-7x7"  # the asset stem written by python -m export.backbones
+DEFAULT_BOXES = 10  # the paper's P: top-10 detector boxes per image
+DEFAULT_BATCH = 16  # images per graph call: larger gains nothing on 2 cores, costs resume granularity
+WORD_CHUNK = 1024  # captions per word-feature call (MiniLM batches inside)
+PROGRESS_NAME = "progress.json"
+# describe() keys that are local paths, not content (the content is identified by sha256 fields)
+WORD_SET_LOCAL_KEYS = ("cache", "onnx")
+ObserveBatch = Callable[[str, int], None]
+
+
+class CaptionFormat(str, enum.Enum):
+    FLICKR8K = "flickr8k"  # captions.txt `<image>#<n>\t<caption>` + split_<split>.txt beside it
+    KARPATHY = "karpathy"  # dataset_*.json of the Karpathy splits
+
+
+@dataclass
+class ExtractConfig:
+    images: Path
+    captions: Path
+    out: Path
+    format: CaptionFormat = CaptionFormat.FLICKR8K
+    splits: tuple[str, ...] = ("train", "dev", "test")
+    assets: Path = DEFAULT_ASSETS_DIR
+    backbone: str = DEFAULT_BACKBONE
+    detector_onnx: Path | None = None  # a Faster R-CNN ONNX file instead of SSD (see engine/detect.py)
+    boxes_per_image: int = DEFAULT_BOXES
+    min_score: float = DEFAULT_MIN_SCORE
+    word_features: tuple[str, ...] = ("glove50",)
+    max_words: int = MAX_WORDS
+    batch_size: int = DEFAULT_BATCH
+    threads: int = 2  # this machine's core count; ONNX Runtime and OpenCV both use it
+    cache_dir: Path | None = None  # word-vector cache (engine/text); None = its default
+
+
+@dataclass
+class SplitReport:
+    images: int
+    computed: int = 0  # images run through the graphs in this call (0 when up to date)
+    bad_images: list[dict] = field(default_factory=list)
+    mean_real_boxes: float = 0.0
+    oov: dict[str, float] = field(default_factory=dict)
+    up_to_date: bool = False
+
+
+def read_dataset(config: ExtractConfig) -> Dataset:
+    if config.format == CaptionFormat.FLICKR8K:
+        return read_flickr8k(config.captions.parent, config.images, splits=tuple(config.splits), captions_file=config.captions.name)
+    dataset = read_karpathy(config.captions, config.images)
+    absent = [s for s in config.splits if s not in dataset.splits]
+    if absent:
+        raise DataError(f"{config.captions}: no split {absent}; the file has {sorted(dataset.splits)}")
+    return dataset
+
+
+def images_sha256(dataset: Dataset, names: list[str]) -> str:
+    """One digest over every image's name and bytes, in order: any change to any file changes it."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = dataset.images_dir / name
+        digest.update(name.encode() + b"\0" + (file_sha256(path).encode() if path.is_file() else b"missing") + b"\n")
+    return digest.hexdigest()
+
+
+def captions_sha256(captions: list[str], caption_image: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for caption, image in zip(captions, caption_image.tolist()):
+        digest.update(f"{image}\t{caption}\n".encode())
+    return digest.hexdigest()
+
+
+class Extractor:
+    """The loaded graphs, detector and word-feature sets; `describe()` is the store's extractor entry."""
+
+    def __init__(self, config: ExtractConfig):
+        self.config = config
+        self.backbone = RegionBackbone.from_manifest(config.assets / f"{config.backbone}.json", config.threads)
+        self.objects = ObjectFeatures.from_manifest(config.assets / "roi_align.json", config.threads)
+        self.detector = (
+            OnnxDetector(config.detector_onnx, config.min_score, config.threads) if config.detector_onnx
+            else SsdMobileNetV2(config.min_score, config.threads)
+        )
+        self.word_sets = {}
+        for name in config.word_features:
+            word_set = load_word_features(name, config.assets, config.cache_dir)
+            self.word_sets[word_set.name] = word_set
+
+    def describe(self) -> dict:
+        return {
+            "name": "engine.features",
+            "backbone": self.backbone.describe(),
+            "objects": self.objects.describe(),
+            "detector": self.detector.describe(),
+            "boxes_per_image": self.config.boxes_per_image,
+            "max_words": self.config.max_words,
+            "image_loading": {
+                "min_side": MIN_IMAGE_SIDE, "max_pixels": MAX_IMAGE_PIXELS, "exif_orientation": "ignored",
+                "transparency": "composited on white",
+                "bad_image": "zero regions and objects, padding boxes, objects_real 0, listed in splits.<split>.bad_images",
+            },
+            "runtime": {"onnxruntime": importlib.metadata.version("onnxruntime"), "numpy": np.__version__},
+        }
+
+    def images(self, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+        """A batch of image files -> regions [B, R, C], objects [B, P, C], boxes [B, P, 4], real [B], bad {i: reason}."""
+        count = self.config.boxes_per_image
+        batch, decoded, bad = load_batch(paths, self.backbone.preprocessing)
+        good = [i for i, image in enumerate(decoded) if image is not None]
+        boxes = np.tile(padding_boxes(count), (len(paths), 1, 1))  # [B, P, 4]
+        real = np.zeros(len(paths), dtype=np.int16)
+        for i, found in zip(good, self.detector.detect([np.asarray(decoded[i]) for i in good])):
+            boxes[i], real[i] = select_boxes(found, count)
+        feature_map = self.backbone.run(batch)  # [B, C, h, w]
+        objects = self.objects.run(feature_map, boxes)  # [B, P, C]
+        regions = regions_from_feature_map(feature_map)  # [B, R, C]
+        for i in bad:
+            regions[i], objects[i] = 0.0, 0.0
+        return regions, objects, boxes, real, bad
+
+
+def image_array_shapes(n_img: int, extractor: Extractor) -> dict[str, tuple[int, ...]]:
+    grid, channels, count = extractor.backbone.grid, extractor.backbone.channels, extractor.config.boxes_per_image
+    return {"regions": (n_img, grid * grid, channels), "objects": (n_img, count, channels), "boxes": (n_img, count, 4), "objects_real": (n_img,)}
+
+
+def has_arrays(split_dir: Path, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Every named .npy exists with its shape (a manifest entry alone does not prove the files are there)."""
+    for name, shape in shapes.items():
+        try:
+            if np.load(split_dir / f"{name}.npy", mmap_mode="r").shape != shape:
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def extract_images(writer: StoreWriter, split: str, paths: list[Path], digest: str, extractor: Extractor,
+                   observe: ObserveBatch | None) -> tuple[list[dict], int]:
+    """Fill the image arrays of a split, resuming from its progress file; returns (bad images, images computed)."""
+    progress_path = writer.root / split / PROGRESS_NAME
+    progress = json.loads(progress_path.read_text(encoding="utf-8")) if progress_path.is_file() else {}
+    if progress.get("images_sha256") != digest:
+        progress = {"images_sha256": digest, "batch_size": extractor.config.batch_size, "done": [], "bad": {}}
+    batch_size = progress["batch_size"]  # a resumed run keeps the batch layout it started with
+    if batch_size != extractor.config.batch_size:
+        print(f"{split}: resuming with batch size {batch_size} from {progress_path}", file=sys.stderr)
+    arrays = {name: writer.open_array(split, name, shape) for name, shape in image_array_shapes(len(paths), extractor).items()}
+    done = set(progress["done"])
+    todo = [b for b in range((len(paths) + batch_size - 1) // batch_size) if b not in done]
+    already = len(paths) - sum(min(batch_size, len(paths) - b * batch_size) for b in todo)
+    computed = 0
+    with tqdm(total=len(paths), initial=already, desc=f"{split} images", unit="img", mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr) as bar:
+        for b in todo:
+            rows = slice(b * batch_size, min((b + 1) * batch_size, len(paths)))
+            regions, objects, boxes, real, bad = extractor.images(paths[rows])
+            check_finite(regions, f"{split} regions of batch {b}")
+            check_finite(objects, f"{split} objects of batch {b}")
+            arrays["regions"][rows], arrays["objects"][rows] = regions, objects
+            arrays["boxes"][rows], arrays["objects_real"][rows] = boxes, real
+            for array in arrays.values():
+                array.flush()
+            for i, reason in bad.items():
+                name = paths[rows.start + i].name
+                progress["bad"][name] = reason.replace(str(paths[rows.start + i].parent) + os.sep, "")
+                tqdm.write(f"bad image: {reason}", file=sys.stderr)
+            progress["done"].append(b)
+            write_json_atomic(progress_path, progress)  # after the flush: a listed batch is on disk
+            computed += rows.stop - rows.start
+            bar.update(rows.stop - rows.start)
+            bar.set_postfix(bad=len(progress["bad"]))
+            if observe is not None:
+                observe(split, b)
+    bad_images = [{"name": name, "reason": progress["bad"][name]} for name in sorted(progress["bad"])]
+    return bad_images, computed
+
+
+def _identity(description: dict) -> dict:
+    return {k: v for k, v in description.items() if k not in WORD_SET_LOCAL_KEYS}
+
+
+def extract_words(writer: StoreWriter, split: str, captions: list[str], lengths: np.ndarray, word_set, max_words: int) -> dict:
+    """Compute words_<set> for a split into a .partial file, then rename; returns its manifest entry."""
+    path = writer.root / split / f"words_{word_set.name}.npy"
+    partial = path.with_name(f"words_{word_set.name}.partial")  # not *.npy: never listed as a set
+    vectors = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(captions), max_words, word_set.dim))
+    oov = total = 0
+    for start in tqdm(range(0, len(captions), WORD_CHUNK), desc=f"{split} words {word_set.name}", unit="chunk", file=sys.stderr,
+                      mininterval=1.0 if sys.stderr.isatty() else 30.0):
+        chunk = word_set.encode(captions[start:start + WORD_CHUNK], max_words)
+        if not np.array_equal(chunk.lengths, lengths[start:start + WORD_CHUNK]):
+            raise StoreError(f"{word_set.name}: word counts differ from engine.text.tokenize for captions {start}..; expected one tokenizer")
+        check_finite(chunk.vectors, f"{split} words_{word_set.name} of captions {start}..")
+        vectors[start:start + len(chunk.lengths)] = chunk.vectors
+        oov, total = oov + chunk.oov, total + chunk.total
+    vectors.flush()
+    del vectors
+    os.replace(partial, path)
+    return {"features": _identity(word_set.describe()), "oov_words": oov, "words": total, "oov_rate": oov / max(total, 1)}
+
+
+def extract_split(writer: StoreWriter, split: str, dataset: Dataset, extractor: Extractor, observe: ObserveBatch | None) -> SplitReport:
+    config = extractor.config
+    entries = dataset.splits[split]
+    names = [entry.name for entry in entries]
+    captions = [caption for entry in entries for caption in entry.captions]
+    caption_image = np.repeat(np.arange(len(entries), dtype=np.int32), [len(e.captions) for e in entries])  # [N_cap]
+    lengths = np.array([len(words) for words in tokenize_all(captions, config.max_words)], dtype=np.int32)  # [N_cap]
+    inputs = {"images_sha256": images_sha256(dataset, names), "captions_sha256": captions_sha256(captions, caption_image),
+              "captions_file": config.captions.name}
+    previous = writer.manifest["splits"].get(split, {})
+    old_inputs = previous.get("inputs", {})
+    split_dir = writer.root / split
+    images_done = old_inputs.get("images_sha256") == inputs["images_sha256"] and has_arrays(split_dir, image_array_shapes(len(names), extractor))
+    captions_done = old_inputs.get("captions_sha256") == inputs["captions_sha256"] and has_arrays(
+        split_dir, {"caption_image": caption_image.shape, "lengths": lengths.shape})
+    old_sets = previous.get("word_sets", {}) if captions_done else {}
+    sets_todo = [name for name, word_set in extractor.word_sets.items()
+                 if old_sets.get(name, {}).get("features") != _identity(word_set.describe())
+                 or not has_arrays(split_dir, {f"words_{name}": (len(captions), config.max_words, word_set.dim)})]
+    if images_done and captions_done and not sets_todo:
+        return SplitReport(len(names), bad_images=previous["bad_images"], mean_real_boxes=previous["mean_real_boxes"],
+                           oov={n: s["oov_rate"] for n, s in old_sets.items()}, up_to_date=True)
+    if previous:  # the split is being rewritten in place: unlist it first, so no reader trusts half of it
+        del writer.manifest["splits"][split]
+        write_json_atomic(writer.root / MANIFEST_NAME, writer.manifest)
+    if not captions_done:
+        for stale in split_dir.glob("words_*.npy"):
+            stale.unlink()  # word sets of other captions
+        old_sets = {}
+    writer.write_lines(split, "image_names", names)
+    writer.write_lines(split, "captions", captions)
+    writer.open_array(split, "caption_image", caption_image.shape)[:] = caption_image
+    writer.open_array(split, "lengths", lengths.shape)[:] = lengths
+    if images_done:
+        bad_images, computed = previous["bad_images"], 0
+    else:
+        bad_images, computed = extract_images(writer, split, [dataset.images_dir / n for n in names], inputs["images_sha256"], extractor, observe)
+    word_sets = {name: entry for name, entry in old_sets.items() if name not in sets_todo}
+    for name in sets_todo:
+        word_sets[name] = extract_words(writer, split, captions, lengths, extractor.word_sets[name], config.max_words)
+    bad_names = {bad["name"] for bad in bad_images}
+    real = np.asarray(writer.open_array(split, "objects_real", (len(names),)))[[n not in bad_names for n in names]]
+    mean_real = float(real.mean()) if real.size else 0.0  # over the images that could be read
+    writer.finish_split(split, {"images": len(names), "captions": len(captions), "inputs": inputs, "bad_images": bad_images,
+                                "mean_real_boxes": mean_real, "word_sets": dict(sorted(word_sets.items()))})
+    (split_dir / PROGRESS_NAME).unlink(missing_ok=True)
+    return SplitReport(len(names), computed, bad_images, mean_real, {n: s["oov_rate"] for n, s in word_sets.items()})
+
+
+def extract(config: ExtractConfig, observe: ObserveBatch | None = None) -> dict[str, SplitReport]:
+    """Run the extraction (or the part of it not done yet); `observe(split, batch)` is called after each stored batch."""
+    dataset = read_dataset(config)
+    for warning in dataset.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    extractor = Extractor(config)
+    writer = StoreWriter(config.out, extractor.describe())
+    return {split: extract_split(writer, split, dataset, extractor, observe) for split in config.splits}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.features", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, required=True, help="folder of the image files")
+    parser.add_argument("--captions", type=Path, required=True, help="captions.txt (flickr8k, split_*.txt beside it) or a Karpathy JSON")
+    parser.add_argument("--format", choices=[f.value for f in CaptionFormat], default=CaptionFormat.FLICKR8K.value)
+    parser.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
+    parser.add_argument("--out", type=Path, required=True, help="store directory (created, or resumed)")
+    parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS_DIR, help="graphs from python -m export.backbones / export.text")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="asset stem: efficientnet-lite0-7x7, efficientnet-lite0-14x14, vgg19-14x14")
+    parser.add_argument("--detector-onnx", type=Path, help="a Faster R-CNN ONNX file instead of SSD-MobileNet-v2 (I/O: engine/detect.py)")
+    parser.add_argument("--boxes", type=int, default=DEFAULT_BOXES, help="P, boxes per image")
+    parser.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE, help="detector score for a box to count as real")
+    parser.add_argument("--word-features", nargs="+", default=["glove50"], help="glove50, minilm, or a GloVe/word2vec text file")
+    parser.add_argument("--max-words", type=int, default=MAX_WORDS)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    config = ExtractConfig(
+        images=args.images, captions=args.captions, out=args.out, format=CaptionFormat(args.format), splits=tuple(args.splits), assets=args.assets,
+        backbone=args.backbone, detector_onnx=args.detector_onnx, boxes_per_image=args.boxes, min_score=args.min_score,
+        word_features=tuple(args.word_features), max_words=args.max_words, batch_size=args.batch_size, threads=args.threads,
+    )
+    start = time.perf_counter()
+    try:
+        reports = extract(config)
+    except BssanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    seconds = time.perf_counter() - start
+    for split, report in reports.items():
+        oov = ", ".join(f"{name} OOV {rate:.2%}" for name, rate in report.oov.items())
+        state = "up to date, nothing recomputed" if report.up_to_date else f"{report.computed} images computed"
+        print(f"{split}: {report.images} images ({state}), {len(report.bad_images)} bad, "
+              f"mean real boxes {report.mean_real_boxes:.2f} of {config.boxes_per_image}, {oov}")
+    computed = sum(r.computed for r in reports.values())
+    rate = f", {computed / seconds:.1f} images/s" if computed else ""
+    print(f"{config.out}: done in {seconds:.0f} s{rate}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
