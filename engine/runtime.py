@@ -1,0 +1,452 @@
+"""The scorer library: encode a gallery once, then score matrices, pair lists and top-k rankings.
+
+    from engine.runtime import Scorer
+    with Scorer.load("artifacts/flickr8k", backend="auto", precision="fp32", threads=2) as scorer:
+        images = scorer.encode_images(["a.jpg", "b.jpg"])            # or (regions, objects) arrays, or a store split
+        captions = scorer.encode_captions(["a dog runs on the grass", "two people ride bikes"])
+        scores = scorer.score_matrix(images, captions)              # [N_img, N_cap] float32, MS = Y + lambda Y'
+        ranking = scorer.top_k(images, captions, k=5, direction="i2t", shortlist_k=100, attention=True)
+        for query, hits, values in zip(ranking.queries, ranking.indices, ranking.scores): ...
+
+Scoring runs the artifact's pair graphs on blocks of B_img image-cache rows x B_txt caption-cache
+rows (every pair of the block in one call). Captions are bucketed by length (sorted, then cut
+into blocks, each padded only to its own longest caption: the W2R recurrence runs that many
+steps); `buckets=False` keeps the given order and pads every block to the longest caption of
+the whole set (same scores, more work: a test checks both agree).
+
+Memory: `memory_budget_mb` bounds the whole scoring call: the caches, the output and the
+working set of one pair call (engine.graphs.pair_bytes x PAIR_OVERHEAD, plus the block's rows).
+Blocks shrink until it fits; if the caches alone do not fit, InputError says how much is needed.
+
+Shortlist (`shortlist_k`): the artifact's shortlist graphs (a dual encoder) give unit vectors;
+the first stage ranks by dot product, then BSSAN re-scores only the top shortlist_k per query.
+Attention (`attention=True`): the graphs output scores only, so the attention weights of each
+hit are recomputed in numpy from the caches, exactly as the pair graphs compute them
+(engine/attention.py): W2R word-to-region [words, D] and O2W object-to-word [P, words].
+
+Thread safety: a Scorer may be used from several threads at once. It holds no mutable state
+after loading (each call allocates its own buffers), and its runner is re-entrant
+(engine/backends.py; the TensorRT runner serialises with a lock). Results do not depend on
+threading: tests/engine/test_runtime.py scores from several threads and compares bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from engine.artifact import Artifact, load_artifact
+from engine.attention import attention_of_pairs
+from engine.backends import Runner, open_runner
+from engine.cache import WORD_ARRAYS, CaptionCache, ImageCache, artifact_fingerprint
+from engine.errors import AssetError, InputError
+from engine.graphs import FLOAT_DTYPE, GRAPHS, pair_bytes
+from engine.store import SplitFeatures
+
+DEFAULT_MEMORY_BUDGET_MB = 2048
+DEFAULT_PAIRS_PER_CALL = 512  # pairs per pair-graph call; see the CPU measurements in engine/score.py
+SINGLE_ROW_PAIRS = 16  # score_pairs: an image with this many pairs gets calls of its own (no regions_values gather)
+ENCODE_BATCH = 64  # images or captions per image/text graph call
+PAIR_OVERHEAD = 1.5  # allocator slack over the listed intermediates of a pair call; see engine/score.py for the measured peak
+DIRECTIONS = ("i2t", "t2i")
+IMAGE_INPUTS = {"w2r": ("regions",), "o2w": ("objects",), "shortlist": ("regions", "objects")}
+
+
+@dataclass
+class Ranking:
+    """Top-k of each query. i2t: queries are image rows, indices caption rows; t2i the reverse."""
+
+    direction: str
+    queries: np.ndarray  # [Q] rows of the query side
+    indices: np.ndarray  # [Q, k] rows of the ranked side, best first (ties: lower row first)
+    scores: np.ndarray  # [Q, k] float32 BSSAN scores
+    candidates: np.ndarray | None = None  # [Q, shortlist_k] shortlist rows (dot-product order), shortlist mode only
+    attention: list[list[dict]] | None = None  # per query, per hit: engine.attention.attention_of_pairs entries
+
+
+def rank_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, scores) of the k best entries of each row, best first; ties keep the lower index first."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # [Q, k]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+def image_pipeline(artifact: Artifact, threads: int | None = None):
+    """engine.features.Extractor set up as the model's training features were made (the feature
+    store's extractor record in manifest["preprocessing"]): same backbone graph (checked by sha256),
+    RoIAlign graph, detector, boxes per image. The graphs come from ARTIFACT/assets when the export
+    copied them, else from build/assets (python -m export.backbones --out build/assets)."""
+    from engine.detect import DEFAULT_MIN_SCORE
+    from engine.features import DEFAULT_BOXES, ExtractConfig, Extractor
+    from engine.text import DEFAULT_ASSETS_DIR
+    from engine.vision import file_sha256
+
+    info = artifact.manifest.get("preprocessing") or {}
+    extractor = info.get("extractor", info) or {}
+    backbone, detector = extractor.get("backbone") or {}, extractor.get("detector") or {}
+    if extractor.get("name") != "engine.features" or "graph" not in backbone:
+        raise AssetError(f"{artifact.root}: the model's features came from {extractor.get('name')!r}, which has no image "
+                         f"pipeline to rerun; expected features made by python -m engine.features (score a feature store instead)")
+    if detector.get("name") != "ssd-mobilenet-v2-coco":
+        raise AssetError(f"{artifact.root}: the model's boxes came from detector {detector.get('name')!r}; from image files "
+                         f"this engine reruns only ssd-mobilenet-v2-coco (score a feature store instead)")
+    stem = Path(backbone["graph"]).stem
+    candidates = [artifact.root / "assets", DEFAULT_ASSETS_DIR]
+    folder = next((d for d in candidates if (d / f"{stem}.json").is_file() and (d / "roi_align.json").is_file()), None)
+    if folder is None:
+        raise AssetError(f"backbone {stem}: {stem}.json and roi_align.json not found in {' or '.join(map(str, candidates))}; "
+                         f"build them with: python -m export.backbones --out {DEFAULT_ASSETS_DIR}")
+    if file_sha256(folder / backbone["graph"]) != backbone.get("graph_sha256"):
+        raise AssetError(f"{folder / backbone['graph']}: sha256 differs from the backbone the model was trained with "
+                         f"({str(backbone.get('graph_sha256'))[:12]}); expected the same graph (re-export the backbones)")
+    config = ExtractConfig(images=Path(), captions=Path(), out=Path(), assets=folder, backbone=stem, word_features=(),
+                           boxes_per_image=int(extractor.get("boxes_per_image", DEFAULT_BOXES)),
+                           min_score=float(detector.get("min_score", DEFAULT_MIN_SCORE)), threads=threads or 2)
+    return Extractor(config)
+
+
+class Scorer:
+    """An artifact, a runner, and the scoring plan (pairs per call, buckets, memory budget)."""
+
+    def __init__(self, artifact: Artifact, runner: Runner, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+                 pairs_per_call: int = DEFAULT_PAIRS_PER_CALL, buckets: bool = True):
+        if pairs_per_call < 1:
+            raise InputError(f"pairs per call (batch size) {pairs_per_call}: expected at least 1")
+        if memory_budget_mb <= 0:
+            raise InputError(f"memory budget {memory_budget_mb} MB: expected a positive number")
+        self.artifact, self.runner = artifact, runner
+        self.memory_budget_mb, self.pairs_per_call, self.buckets = memory_budget_mb, pairs_per_call, buckets
+        self.fingerprint = artifact_fingerprint(artifact)
+        self.dims = artifact.dims
+        # The encoders' float dtype: image/text graphs run at fp32 in an int8 run (engine/backends.py).
+        self.cache_precision = "fp16" if runner.precision == "fp16" else "fp32"
+        weights = artifact.score_weights
+        self.branches = [(b, float(weights.get(b, 0.0))) for b in ("w2r", "o2w") if runner.has_graph(f"{b}_pair")]
+        if not self.branches:
+            raise InputError(f"{artifact.root}: no pair graph (w2r_pair / o2w_pair); expected a BSSAN artifact")
+        self._extractor = None
+
+    @classmethod
+    def load(cls, artifact_dir: str | os.PathLike, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
+             memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, batch_size: int = DEFAULT_PAIRS_PER_CALL,
+             buckets: bool = True, **runner_options) -> "Scorer":
+        """Load and verify an artifact directory and open its graphs on `backend` (see engine/backends.py)."""
+        artifact = load_artifact(artifact_dir)
+        return cls(artifact, open_runner(artifact, backend, precision, threads, **runner_options), memory_budget_mb, batch_size, buckets)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self) -> None:
+        self.runner.close()
+
+    @property
+    def has_shortlist(self) -> bool:
+        return self.runner.has_graph("shortlist_image") and self.runner.has_graph("shortlist_text")
+
+    # ----------------------------------------------------------------------------- encoding
+    def _graphs(self, stage: str) -> list[str]:
+        return [n for n, g in GRAPHS.items() if g.stage == stage and self.runner.has_graph(n)]
+
+    def encode_image_features(self, regions: np.ndarray, objects: np.ndarray, ids: list[str] | None = None,
+                              progress: bool = False) -> ImageCache:
+        """regions [N, D, M] and objects [N, P, Q] (any float dtype; memory maps are read in batches) -> ImageCache."""
+        n = len(regions)
+        if len(objects) != n:
+            raise InputError(f"objects: {len(objects)} rows, expected {n} (one per image, as regions)")
+        ids = [str(i) for i in range(n)] if ids is None else list(ids)
+        if len(ids) != n:
+            raise InputError(f"image ids: {len(ids)}, expected {n} (one per image)")
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in tqdm(range(0, n, ENCODE_BATCH), desc="images", unit="batch", disable=not progress):
+            block = {"regions": regions[start:start + ENCODE_BATCH], "objects": objects[start:start + ENCODE_BATCH]}
+            for name in self._graphs("image"):
+                dtype = self.runner.float_dtype(name)
+                feeds = {k: np.ascontiguousarray(block[k], dtype=dtype) for k in IMAGE_INPUTS[GRAPHS[name].branch]}
+                for output, array in self.runner.infer(name, feeds).items():
+                    parts.setdefault(output, []).append(array)
+        arrays = {k: np.concatenate(v) for k, v in parts.items()}
+        return ImageCache(ids, arrays, self.fingerprint, self.cache_precision)
+
+    def encode_images(self, images, ids: list[str] | None = None, progress: bool = False) -> ImageCache:
+        """Paths of image files (through the backbone, detector and RoIAlign graphs the model was
+        trained with), a feature-store split (SplitFeatures), or a (regions, objects) pair of arrays."""
+        if isinstance(images, SplitFeatures):
+            return self.encode_image_features(images.regions, images.objects, ids or images.image_names, progress)
+        if isinstance(images, tuple) and len(images) == 2 and all(isinstance(a, np.ndarray) for a in images):
+            return self.encode_image_features(images[0], images[1], ids, progress)
+        paths = [Path(p) for p in images]
+        regions, objects = self.image_features(paths, progress)
+        return self.encode_image_features(regions, objects, ids or [p.name for p in paths], progress=False)
+
+    def image_features(self, paths: list[Path], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Image files -> (regions [N, D, M], objects [N, P, Q]) with the model's feature pipeline
+        (engine.features.Extractor), rounded through float16 as the feature store holds them, so a
+        gallery of files scores exactly like the same images read from a store. A file that cannot
+        be decoded is an ImageError naming it."""
+        if self._extractor is None:
+            self._extractor = image_pipeline(self.artifact, self.runner.threads)
+        regions, objects = [], []
+        batch = self._extractor.config.batch_size
+        for start in tqdm(range(0, len(paths), batch), desc="image files", unit="batch", disable=not progress):
+            r, o, _, _, bad = self._extractor.images(paths[start:start + batch])
+            if bad:
+                raise InputError(next(iter(bad.values())))
+            regions.append(r.astype(np.float16))
+            objects.append(o.astype(np.float16))
+        if not regions:
+            raise InputError("images: no image given; expected at least one")
+        return np.concatenate(regions), np.concatenate(objects)
+
+    def encode_word_features(self, words: np.ndarray, lengths: np.ndarray, ids: list[str] | None = None,
+                             texts: list[str] | None = None, image_ids: list[str] | None = None,
+                             progress: bool = False) -> CaptionCache:
+        """words [N, L, E] (zero past each length) and lengths [N] -> CaptionCache (ragged word arrays)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        n = len(lengths)
+        if len(words) != n:
+            raise InputError(f"words: {len(words)} rows, expected {n} (one per caption, as lengths)")
+        if n and (lengths.min() < 1 or lengths.max() > min(words.shape[1], self.dims["max_words"])):
+            raise InputError(f"lengths: expected caption lengths in [1, {min(words.shape[1], self.dims['max_words'])}], "
+                             f"got [{lengths.min()}, {lengths.max()}]")
+        ids = [str(i) for i in range(n)] if ids is None else list(ids)
+        texts = [""] * n if texts is None else list(texts)
+        image_ids = [""] * n if image_ids is None else list(image_ids)
+        order = np.argsort(lengths, kind="stable")  # encode by length: little padding per batch
+        parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for start in tqdm(range(0, n, ENCODE_BATCH), desc="captions", unit="batch", disable=not progress):
+            rows = np.sort(order[start:start + ENCODE_BATCH])  # sorted: memory maps read forward
+            block_lengths = lengths[rows]
+            width = int(block_lengths.max())
+            real = np.arange(width)[None, :] < block_lengths[:, None]  # [B_txt, L]
+            block_words = np.asarray(words[rows][:, :width], dtype=np.float32)
+            outputs = {"words": block_words}
+            for name in self._graphs("text"):
+                feeds = {"words": block_words.astype(self.runner.float_dtype(name)), "lengths": block_lengths}
+                outputs.update(self.runner.infer(name, {k: feeds[k] for k in GRAPHS[name].input_names}))
+            outputs["words"] = block_words.astype(FLOAT_DTYPE[self.cache_precision])
+            for output, array in outputs.items():
+                parts.setdefault(output, []).append((rows, array[real] if output in WORD_ARRAYS else array))
+        arrays = {}
+        for output, chunks in parts.items():  # back to caption order
+            values = np.concatenate([v for _, v in chunks])
+            if output in WORD_ARRAYS:
+                owner = np.concatenate([np.repeat(rows, lengths[rows]) for rows, _ in chunks])  # caption of each word row
+            else:
+                owner = np.concatenate([rows for rows, _ in chunks])
+            arrays[output] = values[np.argsort(owner, kind="stable")]
+        return CaptionCache(ids, texts, image_ids, lengths, arrays, self.fingerprint, self.cache_precision)
+
+    def encode_captions(self, captions, ids: list[str] | None = None, image_ids: list[str] | None = None,
+                        progress: bool = False) -> CaptionCache:
+        """Caption strings (THE tokenizer + the model's word features), a feature-store split
+        (SplitFeatures: its word set, ids `image#k`), or a (words, lengths) pair of arrays."""
+        word_set = self.artifact.manifest.get("word_features", {}).get("name", "glove50")
+        if isinstance(captions, SplitFeatures):
+            names, owner = captions.image_names, np.asarray(captions.caption_image)
+            seen: dict[int, int] = {}
+            split_ids = []
+            for image in owner.tolist():
+                split_ids.append(f"{names[image]}#{seen.get(image, 0)}")
+                seen[image] = seen.get(image, 0) + 1
+            return self.encode_word_features(captions.words(word_set), captions.lengths, ids or split_ids, captions.captions,
+                                             image_ids or [names[i] for i in owner.tolist()], progress)
+        if isinstance(captions, tuple) and len(captions) == 2 and all(isinstance(a, np.ndarray) for a in captions):
+            return self.encode_word_features(captions[0], captions[1], ids, image_ids=image_ids, progress=progress)
+        from engine.text import load_word_features
+
+        texts = list(captions)
+        batch = load_word_features(word_set, self.artifact.root / "assets").encode(texts, self.dims["max_words"])
+        words = batch.vectors.astype(np.float16).astype(np.float32)  # as the feature store holds them
+        return self.encode_word_features(words, batch.lengths, ids, texts, image_ids, progress)
+
+    # ----------------------------------------------------------------------------- scoring
+    def working_bytes(self, image_rows: int, pairs: int, words: int) -> int:
+        """Bytes held during one pair call: the image rows, the padded caption block (at most one per
+        pair) and the graphs' intermediates (export/graphs.py: with one image row nothing per pair is
+        gathered; with several, each pair gathers its image's regions_values: engine.graphs.pair_bytes)."""
+        d = self.dims
+        get = lambda k: d.get(k, 0)  # noqa: E731  (single-branch artifacts lack the other branch's dims)
+        item = np.dtype(FLOAT_DTYPE[self.cache_precision]).itemsize
+        image_row = get("region_count") * (get("word_dim") + get("w2r_values")) + get("object_count") * (get("o2w_hidden") + get("o2w_first"))
+        caption_row = words * (get("word_dim") + get("w2r_gates") + get("o2w_hidden"))
+        w2r = (get("region_count") * get("word_dim") + words * get("word_dim") + 2 * words * get("region_count")
+               + words * get("w2r_values") + 2 * words * get("w2r_gates")) if "w2r_gates" in d else 0
+        gathered = pair_bytes(d, pairs, 0, self.cache_precision) if "w2r_gates" in d and image_rows > 1 else 0
+        o2w = (2 * get("object_count") * get("o2w_hidden") + words * get("o2w_hidden") + 2 * get("object_count") * words
+               + 3 * get("object_count") * get("o2w_first")) if "o2w_hidden" in d else 0
+        graph = PAIR_OVERHEAD * (pairs * (w2r + o2w) * item + gathered)
+        return int((image_rows * image_row + pairs * caption_row) * item + graph)
+
+    def _fit(self, pairs: int, image_rows: int, words: int, resident: int) -> int:
+        """The largest number of pairs per call <= `pairs` whose working set fits the memory budget."""
+        budget = self.memory_budget_mb * 2**20 - resident
+        while pairs > 1 and self.working_bytes(min(image_rows, pairs), pairs, words) > budget:
+            pairs //= 2
+        if self.working_bytes(1, 1, words) > budget:
+            need = (resident + self.working_bytes(1, 1, words)) / 2**20
+            raise InputError(f"memory budget {self.memory_budget_mb:g} MB: the caches and output take "
+                             f"{resident / 2**20:.0f} MB; expected a budget of at least {need:.0f} MB")
+        return pairs
+
+    def _pair_scores(self, image_feeds: dict, caption_feeds: dict, pairs: np.ndarray) -> np.ndarray:
+        """MS [N] = sum over branches of weight x branch score, for pairs (image row, caption row) of the feeds."""
+        total = None
+        available = {**image_feeds, **caption_feeds, "pairs": pairs}
+        for branch, weight in self.branches:
+            spec = GRAPHS[f"{branch}_pair"]
+            y = self.runner.infer(spec.name, {n: available[n] for n in spec.input_names})["scores"]
+            total = weight * y if total is None else total + weight * y
+        return total.astype(np.float32, copy=False)
+
+    def _caption_groups(self, captions: CaptionCache, rows: np.ndarray, size: int) -> list[tuple[np.ndarray, int]]:
+        """(caption rows, padded words) of each block: length-sorted buckets, or the given order padded to the longest."""
+        if self.buckets:
+            rows = rows[np.argsort(captions.lengths[rows], kind="stable")]
+            return [(rows[s:s + size], int(captions.lengths[rows[s:s + size]].max())) for s in range(0, len(rows), size)]
+        width = int(captions.lengths[rows].max())
+        return [(rows[s:s + size], width) for s in range(0, len(rows), size)]
+
+    def score_grid(self, images: ImageCache, captions: CaptionCache, image_rows: np.ndarray | None = None,
+                   caption_rows: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
+        """MS [len(image_rows), len(caption_rows)] float32 of every listed image x listed caption.
+        One image row per call (its regions_values shared by every pair: no gather) x a bucket of
+        up to pairs_per_call captions."""
+        self._check_caches(images, captions)
+        image_rows = np.arange(len(images)) if image_rows is None else np.asarray(image_rows, dtype=np.int64)
+        caption_rows = np.arange(len(captions)) if caption_rows is None else np.asarray(caption_rows, dtype=np.int64)
+        out = np.empty((len(image_rows), len(caption_rows)), dtype=np.float32)
+        if not out.size:
+            return out
+        resident = images.nbytes + captions.nbytes + out.nbytes
+        block = self._fit(min(len(caption_rows), self.pairs_per_call), 1, captions.max_length, resident)
+        column = np.empty(len(captions), dtype=np.int64)
+        column[caption_rows] = np.arange(len(caption_rows))  # caption row -> output column
+        groups = self._caption_groups(captions, caption_rows, block)
+        with tqdm(total=out.size, desc="scoring", unit="pair", unit_scale=True, disable=not progress) as bar:
+            for rows, width in groups:
+                caption_feeds = captions.block(rows, width)
+                pairs = np.stack([np.zeros(len(rows), np.int64), np.arange(len(rows))], axis=1)  # [B_txt, 2]
+                for i, image in enumerate(image_rows):
+                    out[i, column[rows]] = self._pair_scores(images.rows(image[None]), caption_feeds, pairs)
+                    bar.update(len(rows))
+        return out
+
+    def score_matrix(self, images: ImageCache, captions: CaptionCache, progress: bool = False) -> np.ndarray:
+        """MS [N_img, N_cap] float32 of every image x every caption."""
+        return self.score_grid(images, captions, progress=progress)
+
+    def score_pairs(self, images: ImageCache, captions: CaptionCache, pairs: np.ndarray, progress: bool = False) -> np.ndarray:
+        """MS [N] of pairs [N, 2] = (image row, caption row). Pairs are grouped by image: an image with
+        at least SINGLE_ROW_PAIRS pairs is scored one image row per call (no gather); the rest are
+        pooled, sorted by caption length (buckets), several image rows per call."""
+        self._check_caches(images, captions)
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        for column, n, what in ((0, len(images), "image"), (1, len(captions), "caption")):
+            if pairs.size and (pairs[:, column].min() < 0 or pairs[:, column].max() >= n):
+                raise InputError(f"pairs[:, {column}]: expected {what} rows in [0, {n}), got [{pairs[:, column].min()}, {pairs[:, column].max()}]")
+        out = np.empty(len(pairs), dtype=np.float32)
+        if not len(pairs):
+            return out
+        resident = images.nbytes + captions.nbytes + out.nbytes + pairs.nbytes
+        width = None if self.buckets else captions.max_length
+        calls = self._pair_calls(images, captions, pairs, resident)
+        with tqdm(total=len(pairs), desc="scoring", unit="pair", unit_scale=True, disable=not progress) as bar:
+            for chosen in calls:
+                image_rows, image_pos = np.unique(pairs[chosen, 0], return_inverse=True)
+                caption_rows, caption_pos = np.unique(pairs[chosen, 1], return_inverse=True)
+                local = np.stack([image_pos.reshape(-1), caption_pos.reshape(-1)], axis=1)  # [n, 2]
+                out[chosen] = self._pair_scores(images.rows(image_rows), captions.block(caption_rows, width), local)
+                bar.update(len(chosen))
+        return out
+
+    def _pair_calls(self, images: ImageCache, captions: CaptionCache, pairs: np.ndarray, resident: int) -> list[np.ndarray]:
+        """Indices into `pairs` of each call (see score_pairs)."""
+        lengths = captions.lengths[pairs[:, 1]] if self.buckets else np.zeros(len(pairs), np.int64)
+        order = np.lexsort((lengths, pairs[:, 0]))  # by image, then caption length
+        starts = np.flatnonzero(np.diff(pairs[order, 0], prepend=-1))
+        single = self._fit(self.pairs_per_call, 1, captions.max_length, resident)
+        calls, pooled = [], []
+        for group in np.split(order, starts[1:]):
+            if len(group) >= SINGLE_ROW_PAIRS:
+                calls += [group[s:s + single] for s in range(0, len(group), single)]
+            else:
+                pooled.append(group)
+        if pooled:
+            rest = np.concatenate(pooled)
+            rest = rest[np.argsort(lengths[rest], kind="stable")]
+            several = self._fit(self.pairs_per_call, self.pairs_per_call, captions.max_length, resident)
+            calls += [rest[s:s + several] for s in range(0, len(rest), several)]
+        return calls
+
+    def _check_caches(self, images: ImageCache, captions: CaptionCache) -> None:
+        for cache in (images, captions):
+            if cache.fingerprint != self.fingerprint or cache.precision != self.cache_precision:
+                raise InputError(f"{type(cache).__name__}: encoded by artifact {cache.fingerprint[:12]} at {cache.precision}, "
+                                 f"expected {self.fingerprint[:12]} at {self.cache_precision}; re-encode it with this scorer")
+
+    # ----------------------------------------------------------------------------- ranking
+    def shortlist(self, images: ImageCache, captions: CaptionCache, k: int, direction: str = "i2t",
+                  queries: np.ndarray | None = None) -> np.ndarray:
+        """[Q, k] rows of the other side with the highest dot product of the shortlist vectors, best first."""
+        if not self.has_shortlist:
+            raise InputError(f"{self.artifact.root}: no shortlist graphs (shortlist_image / shortlist_text); "
+                             f"export the artifact with a dual-encoder checkpoint to use a shortlist")
+        query_vectors, other = ((images.arrays["image_vectors"], captions.arrays["text_vectors"]) if direction == "i2t"
+                                else (captions.arrays["text_vectors"], images.arrays["image_vectors"]))
+        queries = np.arange(len(query_vectors)) if queries is None else np.asarray(queries)
+        out = np.empty((len(queries), k), dtype=np.int64)
+        step = max(1, int(2**26 // max(1, len(other))))  # <= 256 MB of similarities at a time
+        for start in range(0, len(queries), step):
+            sims = np.asarray(query_vectors[queries[start:start + step]], np.float32) @ np.asarray(other, np.float32).T  # [q, N]
+            out[start:start + step] = rank_rows(sims, k)[0]
+        return out
+
+    def top_k(self, images: ImageCache, captions: CaptionCache, k: int, direction: str = "i2t",
+              queries: np.ndarray | None = None, shortlist_k: int | None = None, attention: bool = False,
+              progress: bool = False) -> Ranking:
+        """The k best of the other side for each query (image rows for i2t, caption rows for t2i).
+        Exhaustive by default; with shortlist_k, BSSAN re-scores the dot-product top shortlist_k only."""
+        if direction not in DIRECTIONS:
+            raise InputError(f"direction {direction!r}: expected one of {list(DIRECTIONS)}")
+        n_query, n_other = (len(images), len(captions)) if direction == "i2t" else (len(captions), len(images))
+        queries = np.arange(n_query) if queries is None else np.asarray(queries, dtype=np.int64)
+        if not 1 <= k <= n_other:
+            raise InputError(f"k={k}: expected 1..{n_other} (the {'captions' if direction == 'i2t' else 'images'} to rank)")
+        if shortlist_k is not None and not k <= shortlist_k <= n_other:
+            raise InputError(f"shortlist_k={shortlist_k}: expected {k}..{n_other} (at least k, at most the items to rank)")
+        if shortlist_k is None:
+            if direction == "i2t":
+                scores = self.score_grid(images, captions, image_rows=queries, progress=progress)  # [Q, N_cap]
+            else:
+                scores = self.score_grid(images, captions, caption_rows=queries, progress=progress).T  # [Q, N_img]
+            indices, values = rank_rows(scores, k)
+            candidates = None
+        else:
+            candidates = self.shortlist(images, captions, shortlist_k, direction, queries)  # [Q, S]
+            query_column = np.repeat(queries, shortlist_k)
+            pairs = np.stack([query_column, candidates.reshape(-1)] if direction == "i2t"
+                             else [candidates.reshape(-1), query_column], axis=1)  # [Q * S, 2]
+            rescored = self.score_pairs(images, captions, pairs, progress=progress).reshape(len(queries), shortlist_k)
+            # ties in BSSAN score keep the lower row first, as in the exhaustive ranking
+            order = np.lexsort((candidates, -rescored), axis=1)[:, :k]
+            indices, values = np.take_along_axis(candidates, order, 1), np.take_along_axis(rescored, order, 1)
+        ranking = Ranking(direction, queries, indices, values, candidates)
+        if attention:
+            ranking.attention = self.attention(images, captions, ranking)
+        return ranking
+
+    def attention(self, images: ImageCache, captions: CaptionCache, ranking: Ranking) -> list[list[dict]]:
+        """Attention weights of every hit of a ranking (engine/attention.py), per query."""
+        query_column = np.repeat(ranking.queries, ranking.indices.shape[1])
+        hits = ranking.indices.reshape(-1)
+        pairs = np.stack([query_column, hits] if ranking.direction == "i2t" else [hits, query_column], axis=1)
+        flat = attention_of_pairs(self.artifact, images, captions, pairs)
+        k = ranking.indices.shape[1]
+        return [flat[q * k:(q + 1) * k] for q in range(len(ranking.queries))]
