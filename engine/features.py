@@ -189,12 +189,13 @@ def extract_images(writer: StoreWriter, split: str, paths: list[Path], digest: s
     """Fill the image arrays of a split, resuming from its progress file; returns (bad images, images computed)."""
     progress_path = writer.root / split / PROGRESS_NAME
     progress = json.loads(progress_path.read_text(encoding="utf-8")) if progress_path.is_file() else {}
-    if progress.get("images_sha256") != digest:
+    shapes = image_array_shapes(len(paths), extractor)
+    if progress.get("images_sha256") != digest or not has_arrays(writer.root / split, shapes):  # arrays gone: their batches too
         progress = {"images_sha256": digest, "batch_size": extractor.config.batch_size, "done": [], "bad": {}}
     batch_size = progress["batch_size"]  # a resumed run keeps the batch layout it started with
     if batch_size != extractor.config.batch_size:
         print(f"{split}: resuming with batch size {batch_size} from {progress_path}", file=sys.stderr)
-    arrays = {name: writer.open_array(split, name, shape) for name, shape in image_array_shapes(len(paths), extractor).items()}
+    arrays = {name: writer.open_array(split, name, shape) for name, shape in shapes.items()}
     done = set(progress["done"])
     todo = [b for b in range((len(paths) + batch_size - 1) // batch_size) if b not in done]
     already = len(paths) - sum(min(batch_size, len(paths) - b * batch_size) for b in todo)
@@ -217,7 +218,7 @@ def extract_images(writer: StoreWriter, split: str, paths: list[Path], digest: s
             write_json_atomic(progress_path, progress)  # after the flush: a listed batch is on disk
             computed += rows.stop - rows.start
             bar.update(rows.stop - rows.start)
-            bar.set_postfix(bad=len(progress["bad"]))
+            bar.set_postfix(bad=len(progress["bad"]), refresh=False)
             if observe is not None:
                 observe(split, b)
     bad_images = [{"name": name, "reason": progress["bad"][name]} for name in sorted(progress["bad"])]

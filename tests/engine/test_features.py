@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.errors import StoreError
-from engine.features import PROGRESS_NAME, ExtractConfig, extract, main
+from engine.errors import DataError, StoreError
+from engine.features import PROGRESS_NAME, CaptionFormat, ExtractConfig, extract, main
 from engine.store import FeatureStore
 from engine.text import tokenize
 from engine.vision import RegionBackbone, load_image, regions_from_feature_map
@@ -220,3 +220,20 @@ def test_missing_assets_are_one_line_errors(config_for, cli_cache, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "efficientnet-lite0-7x7.json: asset manifest not found" in err
     assert not (tmp_path / "store").exists()
+
+
+def test_karpathy_json_input(mini_flickr, config_for, tmp_path):
+    images, _ = mini_flickr
+    names = sorted(p.name for p in images.iterdir() if p.name != CORRUPT)[:3]
+    payload = {"images": [
+        {"filename": name, "split": split, "sentences": [{"raw": f"A photo number {i} ."}, {"raw": "Something happens here ."}]}
+        for i, (name, split) in enumerate(zip(names, ["val", "test", "test"]))
+    ]}
+    captions = tmp_path / "dataset_flickr8k.json"
+    captions.write_text(json.dumps(payload), encoding="utf-8")
+    extract(config_for(tmp_path / "store", captions=captions, format=CaptionFormat.KARPATHY, splits=("dev", "test")))
+    store = FeatureStore(tmp_path / "store")
+    assert store.splits == ["dev", "test"] and store.split("test").image_names == names[1:]
+    assert store.split("test").captions_per_image() == 2
+    with pytest.raises(DataError, match=r"dataset_flickr8k\.json: no split \['train'\]; the file has \['dev', 'test'\]"):
+        extract(config_for(tmp_path / "other", captions=captions, format=CaptionFormat.KARPATHY, splits=("train",)))
