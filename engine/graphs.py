@@ -48,10 +48,14 @@ caption among the rows passed; the W2R recurrence runs max(lengths of the pairs)
 captions by length and pass each bucket sliced to its own longest caption, so short captions
 do not pay for padding. Every caption length must be in [1, words].
 
-Memory of gathers (ARCHITECTURE.md): w2r_pair gathers regions_values per pair,
-4 * D * V bytes (fp32): 200 kB at the flickr8k preset (D=49, V=4H=1024), 400 kB at the paper
-preset (D=196, V=M=512, so the paper preset gathers R rather than G, whose 3.2 MB per pair
-would need 13 GB for 4,096 pairs). `pair_bytes(dims, n_pairs, words)` gives the caller's bound.
+Memory of gathers (ARCHITECTURE.md): with ONE image row (a grid block of 1 image x many
+captions, or an image-to-text re-rank) every pair shares that image's regions_values and the
+attention-weighted sum is one GEMM [N*L, D] x [D, V]: nothing per pair is gathered. With
+several image rows each pair gathers its image's regions_values, 4 * D * V bytes (fp32):
+200 kB at the flickr8k preset (D=49, V=4H=1024), 400 kB at the paper preset (D=196, V=M=512:
+the paper preset gathers R rather than G, whose 3.2 MB per pair would need 13 GB for 4,096
+pairs). So score exhaustive grids one image row per call; use several image rows for a
+text-to-image re-rank (1 caption x k images). `pair_bytes(dims, n_pairs, words)` bounds a call.
 
 Attention is the test-time rule (softmax) in every graph; the training-only uniform rule
 for negatives is not exported. The final score MS = w2r_weight * Y + o2w_weight * Y' is

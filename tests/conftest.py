@@ -103,3 +103,45 @@ def backbone_assets(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("assets")
     export_all(out)
     return out
+
+
+def randomize_batchnorm(model, seed: int = 0) -> None:
+    """Give every BatchNorm1d non-trivial running statistics and affine weights (fresh ones are the
+    identity, which would hide a wrong BatchNorm fold in export parity tests)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            with torch.no_grad():
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.5)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.randn(module.num_features, generator=generator))
+                module.bias.copy_(torch.randn(module.num_features, generator=generator) * 0.5)
+
+
+@pytest.fixture(scope="session")
+def demo_artifact(tmp_path_factory, tiny_store) -> Path:
+    """A random-weight demo-preset BSSAN (max_words 30, BatchNorm statistics randomised) and dual
+    encoder, saved as checkpoints (ARTIFACT/../bssan, ARTIFACT/../shortlist) and exported once per
+    session with fp32, fp16 and int8 graphs and the shortlist graphs (~15 s on 2 cores)."""
+    torch = pytest.importorskip("torch", reason="exporting needs torch (pip install 'bssan-engine[export]')")
+    pytest.importorskip("onnx", reason="exporting needs onnx (the export extra)")
+    from engine.store import FeatureStore
+    from export.pipeline import ExportOptions, export_artifact
+    from training.baseline import DualEncoder, dual_encoder_preset
+    from training.checkpoint import save_checkpoint
+    from training.config import TrainConfig, preset, replace_strict
+    from training.model import BSSAN
+
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = BSSAN(replace_strict(preset("demo"), max_words=30)).eval()
+    randomize_batchnorm(model)
+    shortlist = DualEncoder(replace_strict(dual_encoder_preset("demo"), max_words=30)).eval()
+    store = FeatureStore(tiny_store)
+    save_checkpoint(root / "bssan", model, TrainConfig(), store=store, metrics={"note": "random weights"})
+    save_checkpoint(root / "shortlist", shortlist, TrainConfig(), store=store)
+    export_artifact(ExportOptions(model_dir=root / "bssan", out=root / "artifact", precisions=("fp32", "fp16", "int8"),
+                                  shortlist_dir=root / "shortlist", tensorrt="auto", assets_dir=None, progress=False))
+    return root / "artifact"

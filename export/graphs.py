@@ -1,0 +1,306 @@
+"""torch modules, one per ONNX graph of engine/graphs.py, built from a trained model's factored parts.
+
+    from export.graphs import build_graph_modules
+    modules = build_graph_modules(model)                   # {"w2r_image": nn.Module, ...} fp32
+    modules = build_graph_modules(model, torch.float16, recurrence_fp32=True)   # an fp16 variant
+    modules["w2r_pair"](regions_attn, regions_values, words, gates_words, lengths, pairs)  # -> scores [N]
+
+Each module's forward takes exactly the inputs of its GraphSpec, in order, and returns its
+outputs in order. The weights are copied out of the model at construction (eval-mode
+BatchNorm folded into the Linear before it), so a module is a frozen function of its inputs:
+the exporter traces it and the validator compares it against the model it came from.
+
+Precision: `dtype` is the dtype of every FLOAT tensor (engine/graphs.py); `recurrence_fp32`
+keeps the recurrent part (W2R's LSTM recurrence, O2W's Bi-LSTM) in float32 inside an fp16
+graph, with casts at its edges. `scores` and the shortlist vectors are float32 in every variant.
+
+The W2R recurrence is a TorchScript function: the legacy exporter turns its loop into one
+ONNX Loop node whose trip count is max(lengths of the pairs), so the words axis stays
+dynamic and a bucket of short captions runs only as many steps as its longest caption.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from training.model import BSSAN, MLP
+
+
+def _script(function):
+    """torch.jit.script without its deprecation warning: the legacy ONNX exporter needs TorchScript
+    to turn a data-dependent loop into an ONNX Loop (tracing would unroll it to a fixed length)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(function)
+
+
+@_script
+def lstm_recurrence(gates: Tensor, lengths: Tensor, weight_hh_t: Tensor) -> Tensor:
+    """training.model.lstm_recurrence, scripted: gates [N, L, 4H], lengths [N], W_hh^T [H, 4H]
+    -> h at each sequence's last real step [N, H]; max(lengths) steps."""
+    n = gates.shape[0]
+    hidden = weight_hh_t.shape[0]
+    steps = gates.transpose(0, 1).contiguous()  # [L, N, 4H]: each step reads one contiguous block
+    h = torch.zeros([n, hidden], dtype=gates.dtype, device=gates.device)
+    c = torch.zeros([n, hidden], dtype=gates.dtype, device=gates.device)
+    out = torch.zeros([n, hidden], dtype=gates.dtype, device=gates.device)
+    last = lengths - 1
+    for t in range(int(lengths.max())):
+        step = steps[t] + h @ weight_hh_t  # [N, 4H]
+        i, f, g, o = step.chunk(4, dim=1)  # nn.LSTM's gate order
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        out = torch.where((last == t).unsqueeze(1), h, out)
+    return out
+
+
+@_script
+def attend_values(attn: Tensor, values: Tensor, image: Tensor) -> Tensor:
+    """attn [N, L, D] of pairs whose image rows are `image` [N], values [B_img, D, V] -> [N, L, V].
+    With one image row (a grid block or an image-to-text re-rank) every pair shares it: one GEMM
+    [N*L, D] x [D, V], nothing gathered. Otherwise each pair gathers its image's values (D x V)
+    and runs a batched product (a text-to-image re-rank: 1 caption x k images)."""
+    if values.shape[0] == 1:
+        n, length, regions = attn.shape[0], attn.shape[1], attn.shape[2]
+        return (attn.reshape(n * length, regions) @ values[0]).reshape(n, length, values.shape[2])  # [N, L, V]
+    return attn @ values[image]  # [N, L, D] x [N, D, V]
+
+
+@_script
+def attend_projected(attn: Tensor, regions: Tensor, image: Tensor, projection: Tensor) -> Tensor:
+    """attend_values when the image cache holds R, not G (W2R's regions mode): -> [N, L, 4H].
+    One image row: G = R W_ih_u^T is made once per call (D*M*4H, shared by every pair), then one
+    GEMM. Several rows: u = a R per pair (gathering R, 8x smaller than G at the paper's sizes),
+    then u W_ih_u^T."""
+    if regions.shape[0] == 1:
+        n, length, count = attn.shape[0], attn.shape[1], attn.shape[2]
+        gates = regions[0] @ projection  # [D, 4H]
+        return (attn.reshape(n * length, count) @ gates).reshape(n, length, gates.shape[1])  # [N, L, 4H]
+    return (attn @ regions[image]) @ projection  # [N, L, M] x [M, 4H]
+
+
+def _buffer(module: nn.Module, name: str, value: Tensor, dtype: torch.dtype) -> None:
+    module.register_buffer(name, value.detach().clone().to(dtype))
+
+
+def fold_mlp(mlp: MLP) -> list[tuple[Tensor, Tensor]]:
+    """(weight, bias) of each Linear of an eval-mode MLP with the BatchNorm after it folded in:
+    BN(W x + b) = s (W x + b - mean) + beta, s = gamma / sqrt(var + eps)."""
+    linears = [mlp.first] + [m for m in mlp.rest if isinstance(m, nn.Linear)]
+    norms = [m for m in mlp.rest if isinstance(m, nn.BatchNorm1d)]
+    assert len(norms) == len(linears) - 1, "MLP layout: first Linear, then (BatchNorm1d, Tanh, Linear)*"
+    folded = []
+    for k, linear in enumerate(linears):
+        weight, bias = linear.weight.detach().double(), linear.bias.detach().double()
+        if k < len(norms):
+            bn = norms[k]
+            scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            weight, bias = scale[:, None] * weight, scale * (bias - bn.running_mean.double()) + bn.bias.detach().double()
+        folded.append((weight.float(), bias.float()))
+    return folded
+
+
+class FoldedMLP(nn.Module):
+    """Linear -> (tanh -> Linear)*, BatchNorm folded; `continue_from_first` takes the first layer's output."""
+
+    def __init__(self, layers: list[tuple[Tensor, Tensor]], dtype: torch.dtype):
+        super().__init__()
+        self.depth = len(layers)
+        for k, (weight, bias) in enumerate(layers):
+            _buffer(self, f"weight{k}", weight, dtype)
+            _buffer(self, f"bias{k}", bias, dtype)
+
+    def layer(self, k: int) -> tuple[Tensor, Tensor]:
+        return getattr(self, f"weight{k}"), getattr(self, f"bias{k}")
+
+    def continue_from_first(self, z: Tensor) -> Tensor:
+        for k in range(1, self.depth):
+            weight, bias = self.layer(k)
+            z = torch.tanh(z) @ weight.t() + bias
+        return z[..., 0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.layer(0)
+        return self.continue_from_first(x @ weight.t() + bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# W2R
+
+
+class W2RImage(nn.Module):
+    """regions -> regions_attn = R W^T, regions_values = G = R W_ih_u^T (gathers_gates) or R."""
+
+    def __init__(self, model: BSSAN, dtype: torch.dtype):
+        super().__init__()
+        w2r = model.w2r
+        self.gathers_gates = w2r.pair_gathers_gates
+        _buffer(self, "attn_weight_t", w2r.attn_weight.t(), dtype)  # [M, E]
+        _buffer(self, "input_weight_u_t", w2r._split_input_weight()[0].t(), dtype)  # [M, 4H]
+
+    def forward(self, regions: Tensor) -> tuple[Tensor, Tensor]:
+        values = regions @ self.input_weight_u_t if self.gathers_gates else regions * 1  # * 1: an output is never an input
+        return regions @ self.attn_weight_t, values
+
+
+class W2RText(nn.Module):
+    """words -> gates_words = T W_ih_t^T + b_ih + b_hh."""
+
+    def __init__(self, model: BSSAN, dtype: torch.dtype):
+        super().__init__()
+        w2r = model.w2r
+        _buffer(self, "input_weight_t_t", w2r._split_input_weight()[1].t(), dtype)  # [E, 4H]
+        _buffer(self, "bias", w2r.lstm.bias_ih_l0 + w2r.lstm.bias_hh_l0, dtype)
+
+    def forward(self, words: Tensor) -> Tensor:
+        return words @ self.input_weight_t_t + self.bias
+
+
+class W2RPair(nn.Module):
+    """Image-cache rows, caption-cache rows, pairs [N, 2] -> Y [N]."""
+
+    def __init__(self, model: BSSAN, dtype: torch.dtype, recurrence_fp32: bool):
+        super().__init__()
+        w2r = model.w2r
+        self.gathers_gates = w2r.pair_gathers_gates
+        self.recurrence_dtype = torch.float32 if recurrence_fp32 else dtype
+        _buffer(self, "attn_bias", w2r.attn_bias, dtype)
+        _buffer(self, "input_weight_u_t", w2r._split_input_weight()[0].t(), dtype)  # [M, 4H]
+        _buffer(self, "weight_hh_t", w2r.lstm.weight_hh_l0.t(), self.recurrence_dtype)  # [H, 4H]
+        self.mlp = FoldedMLP(fold_mlp(w2r.mlp), dtype)
+
+    def forward(self, regions_attn: Tensor, regions_values: Tensor, words: Tensor, gates_words: Tensor,
+                lengths: Tensor, pairs: Tensor) -> Tensor:
+        image, text = pairs[:, 0], pairs[:, 1]  # [N] each; [:, k] not split/squeeze (ONNX If nodes)
+        keys = regions_attn[image]  # [N, D, E]
+        logits = torch.tanh(words[text] @ keys.transpose(1, 2) + self.attn_bias)  # [N, L, D]
+        attn = torch.softmax(logits, dim=-1)
+        if self.gathers_gates:
+            gate_u = attend_values(attn, regions_values, image)  # [N, L, 4H]
+        else:
+            gate_u = attend_projected(attn, regions_values, image, self.input_weight_u_t)  # [N, L, 4H]
+        gates = (gate_u + gates_words[text]).to(self.recurrence_dtype)  # [N, L, 4H]
+        h = lstm_recurrence(gates, lengths[text], self.weight_hh_t)  # [N, H]
+        return self.mlp(h.to(self.attn_bias.dtype)).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# O2W
+
+
+class O2WImage(nn.Module):
+    """objects -> objects_attn = O W', objects_mlp = O W1_o^T + b1 (BatchNorm folded)."""
+
+    def __init__(self, model: BSSAN, dtype: torch.dtype):
+        super().__init__()
+        o2w = model.o2w
+        weight, bias = fold_mlp(o2w.mlp)[0]
+        _buffer(self, "attn_weight", o2w.attn_weight, dtype)  # [Q, H2]
+        _buffer(self, "first_object_t", weight[:, : o2w.object_dim].t(), dtype)  # [Q, h1]
+        _buffer(self, "first_bias", bias, dtype)
+
+    def forward(self, objects: Tensor) -> tuple[Tensor, Tensor]:
+        return objects @ self.attn_weight, objects @ self.first_object_t + self.first_bias
+
+
+class O2WText(nn.Module):
+    """words, lengths -> states = BiLSTM(T) (packed by length, directions averaged)."""
+
+    def __init__(self, model: BSSAN, dtype: torch.dtype, recurrence_fp32: bool):
+        super().__init__()
+        self.dtype = dtype
+        self.recurrence_dtype = torch.float32 if recurrence_fp32 else dtype
+        self.bilstm = copy.deepcopy(model.o2w.bilstm).to(self.recurrence_dtype).eval()
+
+    def forward(self, words: Tensor, lengths: Tensor) -> Tensor:
+        packed = pack_padded_sequence(words.to(self.recurrence_dtype), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.bilstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=words.shape[1])  # [B_txt, L, 2*H2]
+        hidden = self.bilstm.hidden_size
+        return ((out[..., :hidden] + out[..., hidden:]) / 2).to(self.dtype)  # [B_txt, L, H2]
+
+
+class O2WPair(nn.Module):
+    """Image-cache rows, caption-cache rows, pairs [N, 2] -> Y' [N]."""
+
+    def __init__(self, model: BSSAN, dtype: torch.dtype):
+        super().__init__()
+        o2w = model.o2w
+        layers = fold_mlp(o2w.mlp)
+        _buffer(self, "attn_bias", o2w.attn_bias, dtype)
+        _buffer(self, "first_states_t", layers[0][0][:, o2w.object_dim:].t(), dtype)  # [H2, h1]
+        self.mlp = FoldedMLP(layers, dtype)
+
+    def forward(self, objects_attn: Tensor, objects_mlp: Tensor, states: Tensor, lengths: Tensor, pairs: Tensor) -> Tensor:
+        image, text = pairs[:, 0], pairs[:, 1]
+        pair_states = states[text]  # [N, L, H2]
+        real = torch.arange(states.shape[1], device=states.device)[None, :] < lengths[text][:, None]  # [N, L]
+        logits = torch.tanh(objects_attn[image] @ pair_states.transpose(1, 2) + self.attn_bias)  # [N, P, L]
+        attn = torch.softmax(logits.masked_fill(~real[:, None, :], float("-inf")), dim=-1)  # [N, P, L]
+        z = objects_mlp[image] + (attn @ pair_states) @ self.first_states_t  # [N, P, h1]
+        return self.mlp.continue_from_first(z).mean(dim=1).float()  # mean over the P objects (eq. 14)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shortlist (the dual-encoder baseline: training/baseline.py)
+
+
+class ShortlistImage(nn.Module):
+    def __init__(self, baseline: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.encoder = copy.deepcopy(baseline).to(dtype).eval()
+
+    def forward(self, regions: Tensor, objects: Tensor) -> Tensor:
+        return self.encoder.encode_images(regions, objects).float()
+
+
+class ShortlistText(nn.Module):
+    def __init__(self, baseline: nn.Module, dtype: torch.dtype, recurrence_fp32: bool):
+        super().__init__()
+        self.dtype = dtype
+        self.recurrence_dtype = torch.float32 if recurrence_fp32 else dtype
+        self.encoder = copy.deepcopy(baseline).to(self.recurrence_dtype).eval()
+
+    def forward(self, words: Tensor, lengths: Tensor) -> Tensor:
+        return self.encoder.encode_texts(words.to(self.recurrence_dtype), lengths).float()
+
+
+def build_graph_modules(model: BSSAN, dtype: torch.dtype = torch.float32, recurrence_fp32: bool = True,
+                        shortlist: nn.Module | None = None) -> dict[str, nn.Module]:
+    """{graph name: eval-mode module} for the model's branches (and the shortlist encoders of a
+    DualEncoder `shortlist`), ready to trace. `recurrence_fp32` only matters when dtype is float16."""
+    modules: dict[str, nn.Module] = {}
+    with torch.no_grad():
+        if model.w2r is not None:
+            modules["w2r_image"] = W2RImage(model, dtype)
+            modules["w2r_text"] = W2RText(model, dtype)
+            modules["w2r_pair"] = W2RPair(model, dtype, recurrence_fp32)
+        if model.o2w is not None:
+            modules["o2w_image"] = O2WImage(model, dtype)
+            modules["o2w_text"] = O2WText(model, dtype, recurrence_fp32)
+            modules["o2w_pair"] = O2WPair(model, dtype)
+        if shortlist is not None:
+            modules["shortlist_image"] = ShortlistImage(shortlist, dtype)
+            modules["shortlist_text"] = ShortlistText(shortlist, dtype, recurrence_fp32)
+    return {name: module.eval() for name, module in modules.items()}
+
+
+def graph_dims(model: BSSAN, shortlist: nn.Module | None = None) -> dict[str, int]:
+    """manifest["dims"]: the static sizes of engine.graphs.STATIC_DIMS for this model."""
+    c = model.config
+    dims = {"region_count": c.region_count, "region_dim": c.region_dim, "object_count": c.object_count,
+            "object_dim": c.object_dim, "word_dim": c.word_dim, "max_words": c.max_words}
+    if model.w2r is not None:
+        dims["w2r_gates"] = 4 * c.w2r_hidden
+        dims["w2r_values"] = 4 * c.w2r_hidden if model.w2r.pair_gathers_gates else c.region_dim
+    if model.o2w is not None:
+        dims["o2w_hidden"] = c.o2w_hidden
+        dims["o2w_first"] = c.o2w_mlp[0]
+    if shortlist is not None:
+        dims["shortlist_dim"] = shortlist.config.embed_dim
+    return dims

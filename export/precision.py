@@ -1,0 +1,208 @@
+"""fp16 and int8 variants of the exported graphs, and the measurements that choose them.
+
+    from export.precision import quantize_pair_graph, compare_scores, pair_throughput
+    quantize_pair_graph(Path("w2r_pair.fp32.onnx"), Path("w2r_pair.int8.onnx"), scope="recurrence")
+    python -m export.precision --preset flickr8k --preset paper --out build/precision.json   # CPU figures
+
+fp16: every graph is traced again from its torch module in float16 (export/graphs.py), with
+the recurrence (W2R's LSTM recurrence, O2W's Bi-LSTM, the shortlist GRUs) either in float16
+too or kept in float32 with casts at its edges. `choose_fp16` exports both, measures the
+pipeline's max |score diff| against the fp32 model and keeps the recurrence in fp16 only
+when that costs at most FP16_RECURRENCE_SLACK over the fp32-recurrence variant. TensorRT 11
+has no FP16 builder flag (networks are strongly typed), so these graphs are what it builds from.
+ONNX Runtime CPU runs fp16 graphs by inserting casts to fp32 around each node, so CPU figures
+measure fp16 storage between nodes, not fp16 arithmetic; the GPU figures need a GPU.
+
+int8: ONNX Runtime dynamic quantization (QInt8 weights, activations quantized per call) of the
+pair scorers for the CPU. ARCHITECTURE.md measured that quantizing only the recurrence MatMul
+keeps Kendall tau ~0.998 while quantizing every MatMul (the MLPs) drops it to ~0.95; `scope`
+selects which weight MatMuls are quantized: "recurrence" (h W_hh^T inside the Loop),
+"projection" (that plus W2R's W_ih_u^T projection in the paper preset's regions mode) or "all".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import BssanError, InputError
+from engine.graphs import GRAPHS
+
+INT8_SCOPES = ("recurrence", "projection", "all")
+DEFAULT_INT8_SCOPE = "recurrence"  # see the module docstring; re-measured by `python -m export.precision`
+# fp16 with the recurrence in fp16 is kept when its max |score diff| vs fp32 is at most this many
+# times the fp32-recurrence variant's (the recurrence's 30 steps compound rounding; the GEMMs do not).
+FP16_RECURRENCE_SLACK = 2.0
+BENCH_CAPTIONS = 256  # captions per image in a pair call: ARCHITECTURE.md's speed protocol
+BENCH_THREADS = 2
+BENCH_REPEATS = 5
+TOP_K = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# int8
+
+
+def _weight_matmuls(graph, initializers: set[str], inside_loop: bool) -> list[tuple[str, str, bool]]:
+    """(node name, weight name, inside a Loop body) of every MatMul whose B input is an initializer,
+    subgraphs included (Loop bodies: the recurrence; If branches: W2R's one-image/many-image paths)."""
+    found = []
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in initializers:
+            found.append((node.name, node.input[1], inside_loop))
+        for attribute in node.attribute:
+            if attribute.type == attribute.GRAPH:
+                found += _weight_matmuls(attribute.g, initializers | {i.name for i in attribute.g.initializer},
+                                         inside_loop or node.op_type == "Loop")
+    return found
+
+
+def int8_nodes(model, scope: str) -> list[str]:
+    """Names of the MatMul nodes that `scope` quantizes."""
+    if scope not in INT8_SCOPES:
+        raise InputError(f"int8 scope {scope!r}: expected one of {list(INT8_SCOPES)}")
+    matmuls = _weight_matmuls(model.graph, {i.name for i in model.graph.initializer}, False)
+    if scope == "all":
+        return [name for name, _, _ in matmuls]
+    chosen = [name for name, _, in_loop in matmuls if in_loop]
+    if scope == "projection":
+        chosen += [name for name, weight, _ in matmuls if weight == "input_weight_u_t"]
+    return chosen
+
+
+def quantize_pair_graph(source: Path, target: Path, scope: str = DEFAULT_INT8_SCOPE, per_channel: bool = False) -> list[str]:
+    """Write the dynamic-int8 (QInt8) variant of a pair graph; returns the quantized node names
+    (empty: nothing in scope, and no file is written)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = int8_nodes(onnx.load(str(source)), scope)
+    if not nodes:
+        return []
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint at WARNING
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
+                     nodes_to_quantize=nodes, extra_options={"EnableSubgraph": True})
+    tmp.replace(target)
+    return nodes
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-a of two score vectors (ties count 0): 1 when the orders agree."""
+    da, db = np.sign(a[:, None] - a[None, :]), np.sign(b[:, None] - b[None, :])  # [n, n]
+    n = len(a)
+    return float((da * db).sum() / (n * (n - 1))) if n > 1 else 1.0
+
+
+def compare_scores(reference: np.ndarray, other: np.ndarray, k: int = TOP_K) -> dict[str, float]:
+    """Score error of `other` vs `reference`, rows = queries: max |diff|, mean Kendall tau, mean top-k overlap."""
+    reference, other = np.atleast_2d(reference), np.atleast_2d(other)
+    k = min(k, reference.shape[1])
+    taus = [kendall_tau(r, o) for r, o in zip(reference, other)]
+    overlap = [len(set(np.argsort(-r)[:k]) & set(np.argsort(-o)[:k])) / k for r, o in zip(reference, other)]
+    return {"max_abs_diff": float(np.abs(reference.astype(np.float64) - other).max()),
+            "kendall_tau": float(np.mean(taus)), f"top{k}_overlap": float(np.mean(overlap))}
+
+
+def pair_feeds(name: str, sessions: dict, dims: dict[str, int], captions: int, length: int, seed: int = 0,
+               dtype=np.float32) -> dict[str, np.ndarray]:
+    """Inputs of one image x `captions` captions of `length` words for a pair graph, its caches made
+    by the branch's image and text graphs from random features."""
+    rng = np.random.default_rng(seed)
+    branch = GRAPHS[name].branch
+    words = rng.standard_normal((captions, length, dims["word_dim"])).astype(dtype)
+    lengths = np.full(captions, length, dtype=np.int64)
+    if branch == "w2r":
+        image = {"regions": rng.standard_normal((1, dims["region_count"], dims["region_dim"])).astype(dtype)}
+    else:
+        image = {"objects": rng.standard_normal((1, dims["object_count"], dims["object_dim"])).astype(dtype)}
+    cache = dict(zip(GRAPHS[f"{branch}_image"].output_names, sessions[f"{branch}_image"].run(None, image)))
+    text_spec = GRAPHS[f"{branch}_text"]
+    text_feeds = {k: v for k, v in {"words": words, "lengths": lengths}.items() if k in text_spec.input_names}
+    cache.update(zip(text_spec.output_names, sessions[f"{branch}_text"].run(None, text_feeds)))
+    pairs = np.stack([np.zeros(captions, np.int64), np.arange(captions, dtype=np.int64)], axis=1)  # [captions, 2]
+    available = {**cache, "words": words, "lengths": lengths, "pairs": pairs}
+    return {n: available[n] for n in GRAPHS[name].input_names}
+
+
+def pair_throughput(session, feeds: dict, repeats: int = BENCH_REPEATS) -> float:
+    """Median pairs/s of `session` on `feeds` after one warm-up call."""
+    session.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return len(feeds["pairs"]) / float(np.median(times))
+
+
+def measure_int8(preset_name: str, lengths: tuple[int, ...], work: Path, scopes: tuple[str, ...] = INT8_SCOPES,
+                 threads: int = BENCH_THREADS, captions: int = BENCH_CAPTIONS, seed: int = 0) -> dict:
+    """fp32 vs int8 pairs/s and score error of a random-weight model of `preset_name`, 1 image x
+    `captions` captions per call, every pair graph, every scope."""
+    import torch
+
+    from export.graphs import build_graph_modules, graph_dims
+    from export.onnx_export import export_graph
+    from export.validate import open_session
+    from training.config import preset
+    from training.model import BSSAN
+
+    torch.manual_seed(seed)
+    model = BSSAN(preset(preset_name)).eval()
+    dims = graph_dims(model)
+    paths = {n: export_graph(m, n, dims, work / f"{preset_name}/{n}.fp32.onnx", "fp32")
+             for n, m in build_graph_modules(model).items()}
+    sessions = {n: open_session(p, threads) for n, p in paths.items()}
+    report = {"preset": preset_name, "threads": threads, "captions_per_call": captions, "dims": dims, "graphs": {}}
+    for name in (n for n in paths if GRAPHS[n].stage == "pair"):
+        report["graphs"][name] = {}
+        for length in lengths:
+            feeds = pair_feeds(name, sessions, dims, captions, length, seed=length)
+            reference = sessions[name].run(None, feeds)[0]
+            row = {"fp32_pairs_per_s": pair_throughput(sessions[name], feeds)}
+            for scope in scopes:
+                target = work / f"{preset_name}/{name}.int8-{scope}.onnx"
+                nodes = quantize_pair_graph(paths[name], target, scope)
+                if not nodes:
+                    row[scope] = None
+                    continue
+                session = open_session(target, threads)
+                row[scope] = {"quantized": len(nodes), "pairs_per_s": pair_throughput(session, feeds),
+                              **compare_scores(reference[None], session.run(None, feeds)[0][None])}
+            report["graphs"][name][f"L{length}"] = row
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.precision", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", action="append", choices=("demo", "flickr8k", "paper"), required=True)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[12, 30])
+    parser.add_argument("--threads", type=int, default=BENCH_THREADS)
+    parser.add_argument("--work", type=Path, required=True, help="directory for the measured graphs")
+    parser.add_argument("--out", type=Path, required=True, help="JSON report")
+    args = parser.parse_args(argv)
+    try:
+        report = {name: measure_int8(name, tuple(args.lengths), args.work, threads=args.threads) for name in args.preset}
+    except BssanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
