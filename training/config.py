@@ -121,11 +121,17 @@ class TrainConfig:
     reduction: Reduction = Reduction.SUM  # paper sums eq. 7 over the batch
     grad_clip: float = 2.0     # max global grad norm; 0 disables. With summed hinge terms, momentum 0.9 and an
                                # LSTM, one bad batch can blow up the recurrence; clipping at 2 (as VSE++) bounds it
+    lr_decay_every: int = 0    # step decay: lr *= lr_decay every this many epochs; 0 keeps lr constant (paper silent)
+    lr_decay: float = 0.1
+    dev_images: int = 0        # per-epoch model selection on the first N dev images and their captions; 0 = all
 
     def __post_init__(self) -> None:
         if self.margin < 0 or self.lr <= 0 or not 0 <= self.momentum < 1 or self.grad_clip < 0:
             raise InputError(f"TrainConfig: expected margin >= 0, lr > 0, 0 <= momentum < 1, grad_clip >= 0; "
                              f"got {self.margin}, {self.lr}, {self.momentum}, {self.grad_clip}")
+        if self.lr_decay_every < 0 or not 0 < self.lr_decay <= 1 or self.dev_images < 0:
+            raise InputError(f"TrainConfig: expected lr_decay_every >= 0, 0 < lr_decay <= 1, dev_images >= 0; "
+                             f"got {self.lr_decay_every}, {self.lr_decay}, {self.dev_images}")
         if self.batch_size < 2 or self.epochs < 1:
             raise InputError(f"TrainConfig: expected batch_size >= 2 and epochs >= 1, got {self.batch_size} and {self.epochs}")
 

@@ -1,0 +1,101 @@
+"""python -m training.evaluate: on saved score matrices and on checkpoints (both kinds), outputs and errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import StoreError
+from engine.metrics import retrieval_metrics
+from engine.store import FeatureStore
+from training.baseline import DualEncoder, dual_encoder_preset
+from training.checkpoint import save_checkpoint
+from training.config import TrainConfig, preset
+from training.evaluate import main, score_split
+from training.model import BSSAN
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_store):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("ckpts")
+    store = FeatureStore(tiny_store)
+    save_checkpoint(root / "bssan", BSSAN(preset("demo")).eval(), TrainConfig(), store=store)
+    save_checkpoint(root / "dual", DualEncoder(dual_encoder_preset("demo")).eval(), TrainConfig(), store=store)
+    return root
+
+
+def test_scores_file_equals_engine_metrics(tmp_path, capsys):
+    scores = np.random.default_rng(0).normal(size=(10, 30)).astype(np.float32)
+    scores[np.arange(10), np.arange(0, 30, 3)] += 2.0  # a signal, so the metrics are not all chance
+    np.save(tmp_path / "s.npy", scores)
+    for folds in (1, 5):
+        out = tmp_path / f"m{folds}.json"
+        assert main(["--scores", str(tmp_path / "s.npy"), "--captions-per-image", "3", "--folds", str(folds), "--json", str(out)]) == 0
+        assert json.loads(out.read_text()) == retrieval_metrics(scores, captions_per_image=3, folds=folds)
+    assert "rsum" in capsys.readouterr().out
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    np.save(tmp_path / "s.npy", np.kron(np.eye(4), np.ones((1, 2))))  # image i scores its own 2 captions 1, others 0
+    out = tmp_path / "m.json"
+    out.write_text("a result someone quotes\n")
+    assert main(["--scores", str(tmp_path / "s.npy"), "--captions-per-image", "2", "--json", str(out)]) == 2
+    assert "m.json: exists; expected a new file (pass --force to replace it)" in capsys.readouterr().err
+    assert out.read_text() == "a result someone quotes\n"
+    assert main(["--scores", str(tmp_path / "s.npy"), "--captions-per-image", "2", "--json", str(out), "--force"]) == 0
+    assert json.loads(out.read_text())["i2t"]["r1"] == 100.0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_bad_scores_input_is_one_line(tmp_path, capsys):
+    np.save(tmp_path / "s.npy", np.zeros((4, 7)))
+    assert main(["--scores", str(tmp_path / "s.npy"), "--captions-per-image", "2"]) == 2
+    assert "expected 4 x 8 (2 captions per image), got 4 x 7" in capsys.readouterr().err
+    (tmp_path / "t.npy").write_bytes(b"not numpy")
+    assert main(["--scores", str(tmp_path / "t.npy"), "--captions-per-image", "2"]) == 2
+    assert "t.npy: not a readable .npy array" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--scores", str(tmp_path / "s.npy")])  # argparse: --captions-per-image is required with --scores
+
+
+@pytest.mark.parametrize("kind", ["bssan", "dual"])
+def test_checkpoint_on_a_split_exhaustive_and_blocked(tmp_path, tiny_store, checkpoints, kind, capsys):
+    out, scores_path = tmp_path / "m.json", tmp_path / "s.npy"
+    assert main(["--checkpoint", str(checkpoints / kind), "--store", str(tiny_store), "--split", "test", "--json", str(out),
+                 "--save-scores", str(scores_path), "--batch-images", "3", "--batch-captions", "7", "--no-progress"]) == 0
+    scores = np.load(scores_path)
+    assert scores.shape == (10, 50)
+    split = FeatureStore(tiny_store).split("test")
+    from training.checkpoint import load_checkpoint
+    model = load_checkpoint(checkpoints / kind).model
+    np.testing.assert_allclose(scores, score_split(model, split, "glove50"), rtol=0, atol=1e-5)
+    metrics = json.loads(out.read_text())
+    assert {k: metrics[k] for k in ("i2t", "t2i", "rsum")} == retrieval_metrics(scores, captions_per_image=5)
+    assert metrics["split"] == "test" and metrics["captions_per_image"] == 5 and metrics["images"] == 10
+    assert f"rsum {metrics['rsum']:.1f}" in capsys.readouterr().out
+
+
+def test_checkpoint_refuses_ungrouped_captions(tmp_path, tiny_store, checkpoints, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    path = store / "test" / "caption_image.npy"
+    caption_image = np.load(path)
+    np.save(path, caption_image[np.random.default_rng(0).permutation(len(caption_image))])
+    assert main(["--checkpoint", str(checkpoints / "bssan"), "--store", str(store), "--split", "test", "--no-progress"]) == 2
+    assert "caption_image.npy: captions are not grouped image by image" in capsys.readouterr().err
+    with pytest.raises(StoreError, match="not grouped image by image"):
+        score_split(BSSAN(preset("demo")).eval(), FeatureStore(store).split("test"), "glove50")
+
+
+def test_checkpoint_errors_are_one_line(tmp_path, tiny_store, checkpoints, capsys):
+    assert main(["--checkpoint", str(tmp_path / "none"), "--store", str(tiny_store), "--no-progress"]) == 2
+    assert "none: no such checkpoint directory" in capsys.readouterr().err
+    assert main(["--checkpoint", str(checkpoints / "bssan"), "--store", str(tiny_store), "--split", "val", "--no-progress"]) == 2
+    assert "no split 'val'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(checkpoints / "bssan")])  # argparse: --store is required with --checkpoint

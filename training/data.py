@@ -1,0 +1,118 @@
+"""Training batches from a feature-store split: positive pairs, sampled negatives, float32 tensors.
+
+    from training.data import PairBatches, read_images, read_captions
+    batches = PairBatches(store.split("train"), "glove50", batch_size=128, seed=0, negative_images=True)
+    for index in range(batches.num_batches):
+        batch = batches.batch(epoch, index)    # Batch: regions, objects, words, lengths, negatives ...
+
+An epoch visits every caption of the split once as the positive (image, caption) pair, in an
+order shuffled by a generator seeded with (seed, epoch). Each batch draws one negative caption
+per positive (never a caption of the same image, training.loss.sample_negative_captions; off
+for in-batch losses) and, if asked, one negative image per positive, from a generator seeded with (seed, epoch, batch).
+So batch (epoch, index) is a pure function of the seed: a resumed run needs only its position.
+
+Arrays are float16 memory maps; only the rows of a batch are read (sorted, each once), turned
+into float32 tensors and checked for NaN/inf, naming the array file and the store row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engine.errors import StoreError
+from engine.store import SplitFeatures, check_finite
+from training.loss import sample_negative_captions, sample_negative_images
+
+
+@dataclass
+class Batch:
+    image_ids: Tensor     # [B] split index of each positive pair's image
+    caption_ids: Tensor   # [B] split index of each positive pair's caption
+    regions: Tensor       # [B, D, M] images of the positive pairs
+    objects: Tensor       # [B, P, Q]
+    words: Tensor         # [B, L_b, E] positive captions, L_b = longest in the batch
+    lengths: Tensor       # [B]
+    negative_words: Tensor | None = None    # [B, L_n, E] one caption of another image per pair
+    negative_lengths: Tensor | None = None  # [B]
+    negative_regions: Tensor | None = None  # [B, D, M] one other image per pair (negative_images)
+    negative_objects: Tensor | None = None  # [B, P, Q]
+
+    def __len__(self) -> int:
+        return int(self.caption_ids.shape[0])
+
+
+def _read_rows(split: SplitFeatures, name: str, array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float32 copy of array[rows] reading each distinct row once in file order; NaN/inf is a
+    StoreError naming the file and the store row."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    block = np.asarray(array[unique], dtype=np.float32)  # [U, ...]
+    if not np.isfinite(block).all():
+        first = int(np.argwhere(~np.isfinite(block))[0][0])
+        check_finite(block[first], f"{split.root / split.name / (name + '.npy')} row {int(unique[first])}")
+    return block[inverse]
+
+
+def read_images(split: SplitFeatures, rows: np.ndarray) -> tuple[Tensor, Tensor]:
+    """(regions [N, D, M], objects [N, P, Q]) float32 of the split's images `rows`."""
+    return (torch.from_numpy(_read_rows(split, "regions", split.regions, rows)),
+            torch.from_numpy(_read_rows(split, "objects", split.objects, rows)))
+
+
+def read_captions(split: SplitFeatures, word_set: str, rows: np.ndarray, lengths: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
+    """(words [N, L_b, E] float32 trimmed to the longest of them, lengths [N] int64) of captions `rows`."""
+    lengths = np.asarray(split.lengths if lengths is None else lengths)[rows].astype(np.int64)
+    words = _read_rows(split, f"words_{word_set}", split.words(word_set), rows)
+    return torch.from_numpy(words[:, : int(lengths.max())]), torch.from_numpy(lengths)
+
+
+class PairBatches:
+    """Deterministic shuffled batches of positive pairs with sampled negatives (see module docstring)."""
+
+    def __init__(self, split: SplitFeatures, word_set: str, batch_size: int, seed: int,
+                 negative_captions: bool = True, negative_images: bool = False):
+        self.split, self.word_set, self.batch_size, self.seed = split, word_set, batch_size, seed
+        self.negative_captions, self.negative_images = negative_captions, negative_images
+        self.caption_image = np.asarray(split.caption_image, dtype=np.int64)  # [N_cap], small: read once
+        self.lengths = np.asarray(split.lengths, dtype=np.int64)
+        self.num_images = split.num_images
+        split.words(word_set)  # fail now, naming the file, if the word set is absent
+        if len(self.caption_image) < 2 or np.unique(self.caption_image).size < 2:
+            raise StoreError(f"{split.root / split.name}: expected captions of at least 2 images to train on, "
+                             f"got {len(self.caption_image)} captions of {np.unique(self.caption_image).size} image(s)")
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.caption_image)
+
+    @property
+    def num_batches(self) -> int:
+        # a final batch of a single pair is dropped: BatchNorm cannot train on one row
+        full, rest = divmod(self.num_pairs, self.batch_size)
+        return full + (rest >= 2)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's permutation of caption indices."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
+
+    def batch(self, epoch: int, index: int, order: np.ndarray | None = None) -> Batch:
+        """Batch `index` of `epoch` (pass the epoch's `order` to avoid recomputing it)."""
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"batch {index} of an epoch of {self.num_batches}")
+        order = self.order(epoch) if order is None else order
+        captions = order[index * self.batch_size:(index + 1) * self.batch_size]
+        images = self.caption_image[captions]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        regions, objects = read_images(self.split, images)
+        words, lengths = read_captions(self.split, self.word_set, captions, self.lengths)
+        batch = Batch(torch.from_numpy(images), torch.from_numpy(captions), regions, objects, words, lengths)
+        if self.negative_captions:
+            negatives = sample_negative_captions(self.caption_image, rng, anchors=captions)
+            batch.negative_words, batch.negative_lengths = read_captions(self.split, self.word_set, negatives, self.lengths)
+        if self.negative_images:
+            other = sample_negative_images(self.caption_image, self.num_images, rng, anchors=captions)
+            batch.negative_regions, batch.negative_objects = read_images(self.split, other)
+        return batch

@@ -1,0 +1,192 @@
+"""Retrieval evaluation: of a saved score matrix, or of a checkpoint on a feature-store split.
+
+    python -m training.evaluate --scores S.npy --captions-per-image 5 [--folds 5] --json OUT.json
+    python -m training.evaluate --checkpoint RUN/best --store STORE --split test [--json OUT.json]
+        [--save-scores S.npy] [--batch-images N --batch-captions N] [--threads N] [--force]
+
+A score matrix is [N_images, N_captions]: row i is image i and its captions are
+cpi*i .. cpi*i+cpi-1 (cpi = captions per image). For a checkpoint the matrix is computed
+exhaustively (every image x every caption) in blocks of images x captions, so memory is
+bounded by the blocks, with a progress bar; captions per image come from the store, and a
+split whose captions are not grouped image by image is refused. Both model kinds (bssan,
+dual_encoder) work. The metrics (engine.metrics.retrieval_metrics) are printed on one line
+and, with --json, written as {"i2t": {r1, r5, r10, medr, meanr}, "t2i": {...}, "rsum"}
+(the checkpoint form adds "split", "checkpoint", "store", "images", "captions", "seconds").
+
+Outputs are written atomically (temp file + rename). An existing --json or --save-scores file
+is never replaced unless --force: a finished evaluation is a result someone may be quoting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.errors import BssanError, InputError, StoreError
+from engine.metrics import format_metrics, retrieval_metrics
+from engine.store import FeatureStore, SplitFeatures
+
+
+def captions_per_image_of(split: SplitFeatures) -> int:
+    """The split's captions per image; StoreError if captions are not grouped image by image."""
+    per = split.captions_per_image()
+    if per is None:
+        raise StoreError(f"{split.root / split.name / 'caption_image.npy'}: captions are not grouped image by image "
+                         f"(caption j must belong to image j // captions_per_image); expected a grouped split to evaluate")
+    return per
+
+
+def score_split(model: nn.Module, split: SplitFeatures, word_set: str, images: int = 0, image_block: int | None = None,
+                caption_block: int | None = None, progress: bool = False) -> np.ndarray:
+    """Scores [N_img, N_img * cpi] of a model (BSSAN or DualEncoder, in eval mode) on a split:
+    every image x every caption; `images` > 0 keeps the first `images` images and their captions."""
+    per = captions_per_image_of(split)
+    n_img = split.num_images if images <= 0 else min(images, split.num_images)
+    n_cap = n_img * per
+    blocks = {k: v for k, v in (("image_block", image_block), ("caption_block", caption_block)) if v}
+    scores = model.score_matrix(split.regions[:n_img], split.objects[:n_img], split.words(word_set)[:n_cap],
+                                np.asarray(split.lengths[:n_cap]), progress=progress, **blocks)
+    scores = scores.numpy()
+    if not np.isfinite(scores).all():
+        row, col = np.argwhere(~np.isfinite(scores))[0].tolist()
+        raise StoreError(f"{split.root / split.name}: non-finite score for image {row} x caption {col}; "
+                         f"expected finite features (check regions/objects/words_{word_set} rows)")
+    return scores
+
+
+def write_atomic(path: Path, write, force: bool) -> None:
+    """Call write(tmp_path) then rename onto `path`; refuse to replace an existing file unless force."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise InputError(f"{path}: exists; expected a new file (pass --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, payload: dict, force: bool) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8"), force)
+
+
+def save_scores(path: Path, scores: np.ndarray, force: bool) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a file handle: np.save would append .npy to the temp name
+            np.save(handle, scores)
+    write_atomic(path, write, force)
+
+
+def load_scores(path: Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: missing; expected a .npy score matrix [N_images, N_captions]")
+    try:
+        scores = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable .npy array ({exc})") from exc
+    if scores.ndim != 2 or not np.issubdtype(scores.dtype, np.floating):
+        raise InputError(f"{path}: expected a 2-D float matrix [N_images, N_captions], got {scores.dtype} of shape {list(scores.shape)}")
+    return scores
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, store: str | os.PathLike, split: str = "test",
+                        image_block: int | None = None, caption_block: int | None = None,
+                        progress: bool = True) -> tuple[dict, np.ndarray]:
+    """(metrics with run details, scores [N_img, N_cap]) of a checkpoint on a store split."""
+    from training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    features = FeatureStore(store).split(split)
+    word_set = ckpt.train_config.word_set
+    per = captions_per_image_of(features)
+    start = time.perf_counter()
+    scores = score_split(ckpt.model, features, word_set, image_block=image_block, caption_block=caption_block, progress=progress)
+    seconds = time.perf_counter() - start
+    metrics = retrieval_metrics(scores, captions_per_image=per)
+    metrics.update(split=split, checkpoint=str(Path(checkpoint).resolve()), store=str(Path(store).resolve()),
+                   kind=ckpt.kind.value, word_set=word_set, images=int(scores.shape[0]), captions=int(scores.shape[1]),
+                   captions_per_image=per, seconds=round(seconds, 3))
+    return metrics, scores
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scores", type=Path, help="a saved score matrix .npy [N_images, N_captions]")
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint directory (training.train's RUN/best)")
+    parser.add_argument("--captions-per-image", type=_positive, help="with --scores: captions per image (required)")
+    parser.add_argument("--folds", type=_positive, default=1, help="average over this many equal folds of images (COCO 5-fold 1K: 5)")
+    parser.add_argument("--store", type=Path, help="with --checkpoint: the feature store")
+    parser.add_argument("--split", default="test", help="with --checkpoint: the store split (default test)")
+    parser.add_argument("--json", type=Path, help="write the metrics here (atomically)")
+    parser.add_argument("--save-scores", type=Path, help="with --checkpoint: also save the score matrix .npy here")
+    parser.add_argument("--batch-images", type=_positive, help="images per scoring block (default: the model's)")
+    parser.add_argument("--batch-captions", type=_positive, help="captions per scoring block (default: the model's)")
+    parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--force", action="store_true", help="replace existing --json / --save-scores files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.scores is not None:
+        if args.captions_per_image is None:
+            parser.error("--scores needs --captions-per-image")
+        for name in ("store", "save_scores", "batch_images", "batch_captions"):
+            if getattr(args, name) is not None:
+                parser.error(f"--{name.replace('_', '-')} goes with --checkpoint, not --scores")
+    else:
+        if args.store is None:
+            parser.error("--checkpoint needs --store")
+        if args.captions_per_image is not None:
+            parser.error("--captions-per-image comes from the store with --checkpoint; drop it")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        for path in (args.json, args.save_scores):  # refuse before minutes of scoring, not after
+            if path is not None and path.exists() and not args.force:
+                raise InputError(f"{path}: exists; expected a new file (pass --force to replace it)")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.scores is not None:
+            scores = load_scores(args.scores)
+            metrics = retrieval_metrics(scores, captions_per_image=args.captions_per_image, folds=args.folds)
+        else:
+            metrics, scores = evaluate_checkpoint(args.checkpoint, args.store, args.split, args.batch_images,
+                                                  args.batch_captions, progress=not args.no_progress)
+            if args.folds > 1:
+                metrics.update(retrieval_metrics(scores, captions_per_image=metrics["captions_per_image"], folds=args.folds),
+                               folds=args.folds)
+            if args.save_scores is not None:
+                save_scores(args.save_scores, scores, args.force)
+        print(format_metrics(metrics))
+        if args.json is not None:
+            write_json(args.json, metrics, args.force)
+    except BssanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

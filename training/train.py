@@ -1,0 +1,352 @@
+"""Train BSSAN (or the dual-encoder baseline) on a feature store; resumable; keeps the best by dev rsum.
+
+    python -m training.train --store STORE --out RUN_DIR [--preset flickr8k] [--model-kind bssan|dual_encoder]
+        [--word-set glove50] [--set key=value ...] [--epochs N] [--seed S] [--threads N]
+
+`--set` takes any ModelConfig / DualEncoderConfig field (variant=w2r, w2r_hidden=128) or
+TrainConfig field (margin=0.1, negative_images=true, lr_decay_every=5); values are JSON
+(true, 0.1, [256,1]) or plain strings; unknown keys and wrong types are errors. Input sizes
+come from the store (a --set size that disagrees with it is an error).
+
+RUN_DIR holds run.json (the run's configs), best/ (checkpoint with the best dev rsum so far),
+last/ (checkpoint + train_state.pt: optimizer, torch RNG, epoch, batch position, history) and
+curves.png (loss and dev rsum per epoch, drawn when the run ends). last/ is saved atomically every --save-every seconds
+(and every --save-every-batches batches if given) and after each epoch. Rerunning the same command
+after a crash or kill -9 continues from last/; since each batch and its negatives are a pure
+function of (seed, epoch, batch), the result equals an uninterrupted run bit for bit (same
+--threads). A RUN_DIR holding a run of a different config is refused; only --epochs may change.
+
+Each epoch ends with dev R@K (engine.metrics) from the model's exhaustive score matrix over
+the first `dev_images` dev images (0: all) and their captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from engine.errors import BssanError, InputError
+from engine.metrics import format_metrics, retrieval_metrics
+from engine.store import FeatureStore, write_json_atomic
+from training.baseline import DUAL_ENCODER_PRESETS, DualEncoder, dual_encoder_loss, dual_encoder_preset
+from training.checkpoint import (WEIGHTS, ModelKind, build_model, load_train_state, load_weights, save_checkpoint)
+from training.config import PRESETS, TrainConfig, input_sizes_of_split, preset, replace_strict, with_input_sizes
+from training.data import Batch, PairBatches
+from training.evaluate import captions_per_image_of, score_split
+from training.loss import bssan_loss, hardest_in_batch
+from training.model import BSSAN
+
+RUN_CONFIG = "run.json"
+RESUMABLE_CHANGES = ("epochs",)  # train fields a rerun may change: they do not alter the epochs already run
+
+
+class SimulatedKill(Exception):
+    """--stop-after-batches: stop like kill -9 (nothing saved since the last periodic save)."""
+
+
+@dataclass
+class Position:
+    """Where a run is and what it has seen: the non-tensor part of train_state.pt."""
+
+    epoch: int = 0
+    batch: int = 0              # next batch of `epoch` to run
+    loss_sum: float = 0.0       # sum of batch losses so far in `epoch`
+    pairs_seen: int = 0         # positive pairs so far in `epoch`
+    best_rsum: float = -math.inf
+    best_epoch: int = -1
+    history: list = field(default_factory=list)  # one dict per finished epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# One step of each model kind
+
+
+def bssan_step(model: BSSAN, batch: Batch, config: TrainConfig) -> torch.Tensor:
+    """Paper loss (eq. 18) of one batch. Sampled negatives go through the model in ONE call with
+    the positives, so BatchNorm's batch statistics cover positive and negative pairs alike
+    (separate calls would normalise each set to the same mean score and erase the margin)."""
+    if config.hardest_negatives:
+        grid = model.forward_grid(batch.regions, batch.objects, batch.words, batch.lengths, batch.image_ids)
+        same_image = batch.image_ids[:, None] == batch.image_ids[None, :]  # [B, B]
+        positive, negatives = hardest_in_batch(grid, same_image, config.negative_images)
+        return bssan_loss(model, positive, negatives, config.margin, config.reduction).total
+    n = len(batch)
+    regions, objects = [batch.regions, batch.regions], [batch.objects, batch.objects]
+    captions = [(batch.words, batch.lengths), (batch.negative_words, batch.negative_lengths)]
+    if config.negative_images:
+        regions.append(batch.negative_regions)
+        objects.append(batch.negative_objects)
+        captions.append((batch.words, batch.lengths))
+    max_len = max(words.shape[1] for words, _ in captions)
+    words = torch.cat([nn.functional.pad(w, (0, 0, 0, max_len - w.shape[1])) for w, _ in captions])  # [K*B, L, E]
+    lengths = torch.cat([length for _, length in captions])
+    negative = torch.arange(len(captions) * n) >= n  # [K*B]: the first B pairs are the positives
+    y, y_prime = model(torch.cat(regions), torch.cat(objects), words, lengths, negative=negative)
+    groups = [(y[k * n:(k + 1) * n], y_prime[k * n:(k + 1) * n]) for k in range(len(captions))]
+    return bssan_loss(model, groups[0], groups[1:], config.margin, config.reduction).total
+
+
+def dual_encoder_step(model: DualEncoder, batch: Batch, config: TrainConfig) -> torch.Tensor:
+    """VSE hinge on the in-batch grid (training.baseline.dual_encoder_loss)."""
+    grid = model(batch.regions, batch.objects, batch.words, batch.lengths)  # [B, B]
+    same_image = batch.image_ids[:, None] == batch.image_ids[None, :]
+    return dual_encoder_loss(grid, same_image, config.margin, config.hardest_negatives, config.negative_images, config.reduction)
+
+
+STEPS = {ModelKind.BSSAN: bssan_step, ModelKind.DUAL_ENCODER: dual_encoder_step}
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory
+
+
+def check_run_dir(out: Path, run_config: dict) -> None:
+    """Write RUN_DIR/run.json, or check that an existing one describes the same run."""
+    path = out / RUN_CONFIG
+    if not path.is_file():
+        if out.exists() and any(out.iterdir()):
+            raise InputError(f"{out}: exists, is not empty and has no {RUN_CONFIG}; expected a new or a training.train run directory")
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, run_config)
+        return
+    try:
+        existing = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: corrupt JSON ({exc}); expected a training.train run config") from exc
+    diffs = []
+    for section in ("kind", "store", "model", "train"):
+        old, new = existing.get(section), run_config[section]
+        if isinstance(new, dict) and isinstance(old, dict):
+            diffs += [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                      if old.get(k) != new.get(k) and not (section == "train" and k in RESUMABLE_CHANGES)]
+        elif old != new:
+            diffs.append(f"{section}: {old!r} -> {new!r}")
+    if diffs:
+        raise InputError(f"{path}: this run directory holds a run with a different config ({'; '.join(diffs)}); "
+                         f"expected the same command, or a new --out")
+    if existing["train"].get("epochs") != run_config["train"]["epochs"]:
+        write_json_atomic(path, run_config)
+
+
+def plot_curves(out: Path, history: list[dict]) -> None:
+    """RUN_DIR/curves.png: mean training loss and dev rsum per epoch (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(epochs, [h["loss"] for h in history], marker="o")
+    left.set(xlabel="epoch", ylabel="mean batch loss", title="training loss")
+    right.plot(epochs, [h["dev"]["rsum"] for h in history], marker="o", color="tab:green")
+    right.set(xlabel="epoch", ylabel="rsum", title=f"dev rsum ({history[-1]['dev_images']} images)")
+    fig.tight_layout()
+    tmp = out / ".curves.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out / "curves.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    steps = epoch // config.lr_decay_every if config.lr_decay_every else 0
+    return config.lr * config.lr_decay ** steps
+
+
+def train(store_path: str | os.PathLike, out: str | os.PathLike, kind: ModelKind, model_config: Any,
+          train_config: TrainConfig, save_every: float = 60.0, save_every_batches: int = 0,
+          stop_after_batches: int = 0, progress: bool = True, plot: bool = True, command: list[str] | None = None) -> dict:
+    """Train (or resume) a run; returns the last metrics.json payload. See the module docstring."""
+    from tqdm import tqdm
+
+    out, kind = Path(out), ModelKind(kind)
+    store = FeatureStore(store_path)
+    train_split, dev_split = store.split("train"), store.split("dev")
+    captions_per_image_of(dev_split)  # refuse an ungrouped dev split before training, not after an epoch
+    run_config = {"kind": kind.value, "store": str(Path(store_path).resolve()), "model": model_config.to_dict(),
+                  "train": train_config.to_dict()}
+    check_run_dir(out, run_config)
+
+    torch.manual_seed(train_config.seed)
+    model, _ = build_model(kind, model_config.to_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=train_config.lr, momentum=train_config.momentum)
+    pos = Position()
+    state = load_train_state(out / "last") if (out / "last").is_dir() else None
+    if state is not None:
+        load_weights(out / "last" / WEIGHTS, model)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        pos = Position(**state["position"])
+        print(f"resuming {out}: {pos.epoch} epoch(s) done, next batch {pos.batch} of epoch {pos.epoch + 1}", file=sys.stderr)
+
+    batches = PairBatches(train_split, train_config.word_set, train_config.batch_size, train_config.seed,
+                          negative_captions=kind is ModelKind.BSSAN and not train_config.hardest_negatives,
+                          negative_images=kind is ModelKind.BSSAN and train_config.negative_images
+                          and not train_config.hardest_negatives)
+    step = STEPS[kind]
+    dev_images = train_config.dev_images or dev_split.num_images
+    metrics = {"dev": pos.history, "best_epoch": pos.best_epoch, "dev_images": min(dev_images, dev_split.num_images)}
+
+    def save_last() -> None:
+        metrics.update(dev=pos.history, best_epoch=pos.best_epoch)
+        train_state = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                       "position": dict(vars(pos))}
+        save_checkpoint(out / "last", model, train_config, store=store, metrics=metrics, train_state=train_state,
+                        command=command, overwrite=True)
+
+    ran, last_save = 0, time.monotonic()
+    for epoch in range(pos.epoch, train_config.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(train_config, epoch)
+        order = batches.order(epoch)
+        model.train()
+        epoch_start, pairs_before = time.perf_counter(), pos.pairs_seen
+        bar = tqdm(total=batches.num_pairs, initial=min(pos.batch * train_config.batch_size, batches.num_pairs),
+                   unit="pair", unit_scale=True, desc=f"epoch {epoch + 1}/{train_config.epochs}", disable=not progress)
+        for index in range(pos.batch, batches.num_batches):
+            batch = batches.batch(epoch, index, order)
+            loss = step(model, batch, train_config)
+            if not torch.isfinite(loss):
+                raise InputError(f"training diverged at epoch {epoch + 1} batch {index}: loss {loss.item()}; "
+                                 f"expected a finite loss (lower lr={train_config.lr} or grad_clip={train_config.grad_clip})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train_config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+            optimizer.step()
+            pos.batch, pos.loss_sum, pos.pairs_seen = index + 1, pos.loss_sum + loss.item(), pos.pairs_seen + len(batch)
+            bar.update(len(batch))
+            bar.set_postfix(loss=f"{pos.loss_sum / pos.batch:.4f}", lr=f"{optimizer.param_groups[0]['lr']:g}")
+            ran += 1
+            if stop_after_batches and ran >= stop_after_batches:
+                bar.close()
+                raise SimulatedKill(f"stopped after {ran} batches (--stop-after-batches), as if killed")
+            if (save_every_batches and ran % save_every_batches == 0) or time.monotonic() - last_save >= save_every:
+                save_last()
+                last_save = time.monotonic()
+        bar.close()
+        pairs_per_second = (pos.pairs_seen - pairs_before) / max(time.perf_counter() - epoch_start, 1e-9)
+
+        model.eval()
+        start = time.perf_counter()
+        dev_scores = score_split(model, dev_split, train_config.word_set, images=dev_images, progress=progress)
+        dev = retrieval_metrics(dev_scores, captions_per_image=dev_split.captions_per_image())
+        record = {"epoch": epoch + 1, "loss": pos.loss_sum / max(pos.batch, 1), "pairs": pos.pairs_seen,
+                  "lr": optimizer.param_groups[0]["lr"], "train_pairs_per_second": round(pairs_per_second, 1), "dev": dev, "dev_images": int(dev_scores.shape[0]),
+                  "dev_seconds": round(time.perf_counter() - start, 3)}
+        pos.history = pos.history + [record]
+        print(f"epoch {epoch + 1}: loss {record['loss']:.4f} | dev {format_metrics(dev)}", file=sys.stderr)
+        if dev["rsum"] > pos.best_rsum:
+            pos.best_rsum, pos.best_epoch = dev["rsum"], epoch + 1
+            metrics.update(dev=pos.history, best_epoch=pos.best_epoch, best_dev=dev)
+            save_checkpoint(out / "best", model, train_config, store=store, metrics=metrics, command=command, overwrite=True)
+        pos.epoch, pos.batch, pos.loss_sum, pos.pairs_seen = epoch + 1, 0, 0.0, 0
+        save_last()
+        last_save = time.monotonic()
+    metrics.update(dev=pos.history, best_epoch=pos.best_epoch)
+    if plot and pos.history:
+        plot_curves(out, pos.history)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """["key=value", ...] -> {key: JSON value or the raw string}."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {item!r}: expected key=value")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[Any, TrainConfig]:
+    """(model config, TrainConfig) from --preset, --set, --epochs, --seed, --word-set and the store's input sizes."""
+    kind = ModelKind(args.model_kind)
+    model_config = preset(args.preset) if kind is ModelKind.BSSAN else dual_encoder_preset(args.preset)
+    overrides = parse_set(args.set)
+    model_fields, train_fields = set(model_config.to_dict()), set(TrainConfig().to_dict())
+    unknown = sorted(set(overrides) - model_fields - train_fields)
+    if unknown:
+        raise InputError(f"--set: unknown key(s) {unknown}; expected fields of {type(model_config).__name__} "
+                         f"{sorted(model_fields)} or TrainConfig {sorted(train_fields)}")
+    train_overrides = {k: v for k, v in overrides.items() if k in train_fields}
+    for name in ("epochs", "seed", "word_set"):
+        if getattr(args, name) is not None:
+            train_overrides[name] = getattr(args, name)
+    train_config = replace_strict(TrainConfig(), **train_overrides)
+    model_overrides = {k: v for k, v in overrides.items() if k in model_fields}
+    model_config = replace_strict(model_config, **model_overrides)
+    split = FeatureStore(args.store).split("train")
+    if train_config.word_set not in split.word_sets:
+        raise InputError(f"--word-set {train_config.word_set!r}: the store's train split has {split.word_sets}")
+    sizes = input_sizes_of_split(split, train_config.word_set)
+    return with_input_sizes(model_config, sizes, explicit=model_overrides, source=f"feature store {args.store}"), train_config
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", type=Path, required=True, help="feature store directory (python -m engine.features)")
+    parser.add_argument("--out", type=Path, required=True, help="run directory: best/, last/, run.json, curves.png")
+    parser.add_argument("--model-kind", choices=[k.value for k in ModelKind], default=ModelKind.BSSAN.value)
+    parser.add_argument("--preset", choices=sorted(set(PRESETS) & set(DUAL_ENCODER_PRESETS)), default="flickr8k",
+                        help="named model sizes (input sizes are then taken from the store)")
+    parser.add_argument("--word-set", help="words_<set>.npy of the store to read (default: TrainConfig's glove50)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model or train config field")
+    parser.add_argument("--epochs", type=int, help="number of epochs (may change between resumes)")
+    parser.add_argument("--seed", type=int, help="seed of initialisation, shuffling and negatives")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (resume with the same number for bit-equal results)")
+    parser.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS", help="save last/ at least this often")
+    parser.add_argument("--save-every-batches", type=int, default=0, metavar="N", help="also save last/ every N batches")
+    parser.add_argument("--stop-after-batches", type=int, default=0, metavar="N",
+                        help="debug: stop after N batches as if killed (exit code 3), to test resuming")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = [sys.executable, "-m", "training.train", *(sys.argv[1:] if argv is None else argv)]
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model_config, train_config = configs_from_args(args)
+        metrics = train(args.store, args.out, ModelKind(args.model_kind), model_config, train_config,
+                        save_every=args.save_every, save_every_batches=args.save_every_batches,
+                        stop_after_batches=args.stop_after_batches, progress=not args.no_progress, command=command)
+    except SimulatedKill as exc:
+        print(str(exc), file=sys.stderr)
+        return 3
+    except BssanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    best = metrics["dev"][metrics["best_epoch"] - 1]["dev"] if metrics["best_epoch"] > 0 else None
+    if best is not None:
+        print(f"best epoch {metrics['best_epoch']}: dev {format_metrics(best)} -> {args.out / 'best'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
