@@ -22,8 +22,8 @@ Backends (imported lazily: `import engine.backends` needs numpy only):
   graph modules the exporter traced (export/graphs.py, built from training.model); needs torch.
 - `auto`: TensorRT if usable, else ONNX Runtime CUDA, else ONNX Runtime CPU; `runner.reason` says why.
 
-Precision: fp32 and fp16 run every graph at that precision; int8 runs the pair graphs (the only
-int8 graphs an artifact has) at int8 and the image/text/shortlist graphs at fp32.
+Precision: fp32 and fp16 run every graph at that precision; int8 runs the graphs the exporter
+quantized (pair graphs) at int8 and the others at fp32 (`runner.precisions` lists each graph's).
 
 Thread safety: one runner may be called from several threads at once. ONNX Runtime's
 `InferenceSession.run` and torch inference under no_grad are re-entrant; a TensorRT execution
@@ -74,13 +74,14 @@ def parse_backend(name: str | Backend) -> Backend:
 
 
 def graph_precision(artifact: Artifact, name: str, precision: str) -> str:
-    """The precision a graph runs at: `precision` if the artifact has it, fp32 for the non-pair graphs
-    of an int8 run; anything else is an ArtifactError naming what the artifact has."""
+    """The precision a graph runs at: `precision` if the artifact has it; in an int8 run, fp32 for the
+    graphs the exporter did not quantize (image/text graphs, and a pair graph with no weight MatMul in
+    the int8 scope, e.g. o2w_pair); anything else is an ArtifactError naming what the artifact has."""
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r}: expected one of {list(PRECISIONS)}")
     if artifact.has_graph(name, precision):
         return precision
-    if precision == "int8" and GRAPHS[name].stage != "pair" and artifact.has_graph(name, "fp32"):
+    if precision == "int8" and "int8" in artifact.precisions and artifact.has_graph(name, "fp32"):
         return "fp32"
     artifact.graph_path(name, precision)  # raises, listing the artifact's graphs
     raise AssertionError("unreachable")
@@ -332,7 +333,7 @@ class TensorRTRunner(Runner):
                                           f"(int8 graphs are ONNX Runtime dynamic quantization: use onnxruntime-cpu)")
         super().__init__(artifact, precision, threads)
         if importlib.util.find_spec("tensorrt") is None:
-            raise BackendUnavailableError(f"tensorrt is not installed; {INSTALL[Backend.TENSORRT]}")
+            raise BackendUnavailableError(f"tensorrt backend: tensorrt is not installed; {INSTALL[Backend.TENSORRT]}")
         import tensorrt as trt
 
         self.trt, self.cudart = trt, _cuda_runtime()
@@ -447,13 +448,14 @@ def open_runner(artifact: Artifact, backend: str | Backend = Backend.AUTO, preci
         try:
             runner = RUNNERS[candidate](artifact, precision, threads)
         except (BackendUnavailableError, ArtifactError) as exc:
-            skipped.append(f"{candidate.value}: {exc}")
+            reason = str(exc).split(";")[0]
+            skipped.append(reason if reason.startswith(candidate.value) else f"{candidate.value}: {reason}")
             continue
         runner.reason = f"auto chose {candidate.value}" + (f" ({'; '.join(skipped)})" if skipped else "")
         log.info(runner.reason)
         return runner
     runner = OnnxRuntimeCpuRunner(artifact, precision, threads)
-    runner.reason = f"auto chose {Backend.ORT_CPU.value} ({'; '.join(s.split(';')[0] for s in skipped)})"
+    runner.reason = f"auto chose {Backend.ORT_CPU.value} ({'; '.join(skipped)})"
     log.info(runner.reason)
     return runner
 

@@ -32,6 +32,7 @@ threading: tests/engine/test_runtime.py scores from several threads and compares
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,13 @@ class Ranking:
     scores: np.ndarray  # [Q, k] float32 BSSAN scores
     candidates: np.ndarray | None = None  # [Q, shortlist_k] shortlist rows (dot-product order), shortlist mode only
     attention: list[list[dict]] | None = None  # per query, per hit: engine.attention.attention_of_pairs entries
+
+
+def progress_bar(progress: "bool | tqdm", total: int):
+    """`progress` itself when it is a bar (the caller's, left open), else a new bar shown if progress is True."""
+    if isinstance(progress, tqdm):
+        return contextlib.nullcontext(progress)
+    return tqdm(total=total, desc="scoring", unit="pair", unit_scale=True, disable=not progress)
 
 
 def rank_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -329,7 +337,7 @@ class Scorer:
         column = np.empty(len(captions), dtype=np.int64)
         column[caption_rows] = np.arange(len(caption_rows))  # caption row -> output column
         groups = self._caption_groups(captions, caption_rows, block)
-        with tqdm(total=out.size, desc="scoring", unit="pair", unit_scale=True, disable=not progress) as bar:
+        with progress_bar(progress, out.size) as bar:
             for rows, width in groups:
                 caption_feeds = captions.block(rows, width)
                 pairs = np.stack([np.zeros(len(rows), np.int64), np.arange(len(rows))], axis=1)  # [B_txt, 2]
@@ -357,7 +365,7 @@ class Scorer:
         resident = images.nbytes + captions.nbytes + out.nbytes + pairs.nbytes
         width = None if self.buckets else captions.max_length
         calls = self._pair_calls(images, captions, pairs, resident)
-        with tqdm(total=len(pairs), desc="scoring", unit="pair", unit_scale=True, disable=not progress) as bar:
+        with progress_bar(progress, len(pairs)) as bar:
             for chosen in calls:
                 image_rows, image_pos = np.unique(pairs[chosen, 0], return_inverse=True)
                 caption_rows, caption_pos = np.unique(pairs[chosen, 1], return_inverse=True)

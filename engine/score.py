@@ -1,0 +1,471 @@
+"""The ranking command: a gallery of images x captions through an artifact, top-k per query.
+
+    python -m engine.score --model ARTIFACT --images DIR|LIST|STORE [--split test]
+        (--captions FILE | --query TEXT [--query TEXT ...]) [--direction i2t|t2i|both] [--top-k 10]
+        [--shortlist-k K] [--backend auto|onnxruntime-cpu|onnxruntime-cuda|tensorrt|torch]
+        [--precision fp32|fp16|int8] [--batch-size PAIRS] [--threads N] [--memory-budget-mb MB]
+        [--out results.jsonl|results.tsv] [--evaluate]
+    python -m engine.score --demo            # six photos shipped by scikit-image, captions from engine/demo.py
+
+Inputs. --images: a folder (its image files, sorted by name; ids = file names), a text file
+(one image path a line, relative to the file's folder; ids = the lines), or a feature store
+(its --split: ids = image names; its captions are used when no --captions/--query is given).
+--captions: one caption a line (ids FILE:LINE), or Flickr8K's token format `image#n<TAB>caption`
+(ids image#n; captions of images outside the gallery are dropped, with a note). --query: t2i.
+
+Output (--out): one line per query, i2t queries (images) first, then t2i queries (captions):
+    .jsonl  {"direction", "query", "text" (t2i), "ranked": [ids], "scores": [float32 as text], "texts" (i2t)}
+    .tsv    direction <TAB> query <TAB> id_1 <TAB> score_1 <TAB> id_2 <TAB> score_2 ...
+Without --out the rankings are printed for people; with --evaluate (captions carrying image
+ids, the same number per image) the metrics JSON (engine.metrics, plus the shortlist's recall
+in shortlist mode) goes to stdout.
+
+Resumable: with --out, work is journaled in `.<out name>.partial/` beside it: the encoded caches,
+then the scores in fixed units (UNIT_IMAGES image rows of the matrix, or UNIT_QUERIES re-ranked
+queries), each flushed to disk before progress.json lists it. After kill -9 the same command
+continues from the first unfinished unit and, the units being fixed, writes byte-identical
+output. A journal of a different run (other inputs, artifact, backend, precision, batch size,
+threads, budget) is discarded with a note. The result is written to a temp file, fsynced and
+renamed over --out: a previous result is replaced whole or not at all.
+
+Bad input (missing or corrupt image, empty or word-less caption line, non-UTF-8 text, bad
+--top-k, unknown backend, an artifact of another format version, ...) prints one line naming
+the file, line or value, what was expected and what was got, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from engine.backends import Backend
+from engine.cache import CaptionCache, ImageCache
+from engine.data import FLICKR_LINE, _read_text
+from engine.errors import BssanError, DataError, ImageError, InputError
+from engine.graphs import PRECISIONS
+from engine.metrics import format_metrics, retrieval_metrics
+from engine.runtime import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PAIRS_PER_CALL, Scorer, rank_rows
+from engine.store import MANIFEST_NAME, STORE_FORMAT, FeatureStore, write_json_atomic
+from engine.text import tokenize
+
+DEFAULT_TOP_K = 10
+UNIT_IMAGES = 8  # exhaustive: image rows of the score matrix per journaled unit
+UNIT_QUERIES = 256  # shortlist: re-ranked queries per journaled unit
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+STOP_AFTER_ENV = "BSSAN_SCORE_STOP_AFTER"  # tests: SIGKILL this process after N journaled units (a simulated kill -9)
+JOURNAL_VERSION = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, like every other user error
+        raise InputError(f"{self.prog}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def read_images(arg: Path, split: str) -> tuple[object, list[str], str]:
+    """(image paths or a store split, ids, content digest) of --images DIR|LIST|STORE."""
+    if (arg / MANIFEST_NAME).is_file() and STORE_FORMAT in (arg / MANIFEST_NAME).read_text(encoding="utf-8", errors="replace"):
+        store = FeatureStore(arg)
+        features = store.split(split)
+        digest = json.dumps({"store": str(arg.resolve()), "split": store.manifest["splits"][split]}, sort_keys=True)
+        return features, features.image_names, hashlib.sha256(digest.encode()).hexdigest()
+    if arg.is_dir():
+        paths = sorted(p for p in arg.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise ImageError(f"{arg}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); expected a folder of images")
+        ids = [p.name for p in paths]
+    elif arg.is_file():
+        lines = _read_text(arg, "image list")
+        while lines and not lines[-1].strip():
+            lines.pop()
+        paths, ids = [], []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                raise DataError(f"{arg.name} line {number}: empty line; expected one image path per line")
+            path = arg.parent / line.strip()
+            if not path.is_file():
+                raise ImageError(f"{arg.name} line {number}: image {str(path)!r} not found; expected an existing image file")
+            paths.append(path)
+            ids.append(line.strip())
+        if not paths:
+            raise DataError(f"{arg}: no image paths; expected one image path per line")
+    else:
+        raise ImageError(f"--images {arg}: not found; expected an image folder, a list file or a feature store")
+    digest = hashlib.sha256()
+    for image_id, path in zip(ids, paths):
+        digest.update(f"{image_id}\t{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return paths, ids, digest.hexdigest()
+
+
+def read_captions(path: Path, gallery: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+    """(texts, ids, image ids) of a captions file, one per line or Flickr8K token format."""
+    lines = _read_text(path, "captions file")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise DataError(f"{path}: no captions; expected one caption per line")
+    token_format = FLICKR_LINE.match(lines[0]) is not None
+    texts, ids, image_ids = [], [], []
+    for number, line in enumerate(lines, start=1):
+        where = f"{path.name} line {number}"
+        if token_format:
+            match = FLICKR_LINE.match(line)
+            if match is None:
+                raise DataError(f"{where}: {line[:60]!r}; expected `image#n<TAB>caption` like line 1")
+            text, caption_id, image_id = match["caption"].strip(), f"{match['image']}#{match['n']}", match["image"]
+        else:
+            text, caption_id, image_id = line.strip(), f"{path.name}:{number}", ""
+        if not text:
+            raise DataError(f"{where}: empty caption; expected at least one word")
+        if not tokenize(text):
+            raise DataError(f"{where}: no word in {text[:60]!r}; expected at least one word")
+        texts.append(text)
+        ids.append(caption_id)
+        image_ids.append(image_id)
+    if token_format and gallery is not None:
+        keep = set(gallery)
+        chosen = [i for i, image in enumerate(image_ids) if image in keep]
+        if not chosen:
+            raise DataError(f"{path}: no caption names an image of the gallery; expected captions of the --images")
+        if len(chosen) < len(texts):
+            print(f"note: {path.name}: kept {len(chosen)} of {len(texts)} captions, those of the {len(gallery)} gallery images", file=sys.stderr)
+        texts, ids, image_ids = ([values[i] for i in chosen] for values in (texts, ids, image_ids))
+    return texts, ids, image_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Journal
+
+
+class Journal:
+    """`.<out>.partial/`: run.json (the run's key), caches, score arrays, progress.json (done units)."""
+
+    def __init__(self, out: Path | None, key: dict):
+        self.dir = None if out is None else out.with_name(f".{out.name}.partial")
+        self.key, self.done, self.stop_after, self.units_this_run = key, set(), int(os.environ.get(STOP_AFTER_ENV, 0)), 0
+        if self.dir is None:
+            return
+        run = self.dir / "run.json"
+        if self.dir.is_dir():
+            try:
+                previous = json.loads(run.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                previous = None
+            if previous != key:
+                print(f"note: {self.dir} is from a different run (or incomplete); starting over", file=sys.stderr)
+                shutil.rmtree(self.dir)
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True)
+            write_json_atomic(run, key)
+        progress = self.dir / "progress.json"
+        if progress.is_file():
+            self.done = set(json.loads(progress.read_text(encoding="utf-8"))["done"])
+
+    def cache(self, name: str, cls, encode, expect: str):
+        """A cache saved in the journal (loaded), or `encode()` saved there."""
+        if self.dir is not None and (self.dir / name / "cache.json").is_file():
+            return cls.load(self.dir / name, expect=expect)
+        cache = encode()
+        if self.dir is not None:
+            cache.save(self.dir / name)
+        return cache
+
+    def array(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        if self.dir is None:
+            return np.zeros(shape, dtype=dtype)
+        path = self.dir / f"{name}.npy"
+        if path.is_file():
+            return np.load(path, mmap_mode="r+")
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+    def finish_unit(self, unit: str, *arrays: np.ndarray) -> None:
+        """Flush the unit's arrays, then list it (atomically): a listed unit is on disk."""
+        self.done.add(unit)
+        if self.dir is not None:
+            for array in arrays:
+                if isinstance(array, np.memmap):
+                    array.flush()
+            write_json_atomic(self.dir / "progress.json", {"done": sorted(self.done)})
+        self.units_this_run += 1
+        if self.stop_after and self.units_this_run >= self.stop_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def remove(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring in units
+
+
+def score_exhaustive(scorer: Scorer, images: ImageCache, captions: CaptionCache, journal: Journal) -> np.ndarray:
+    matrix = journal.array("scores", (len(images), len(captions)), np.float32)
+    units = [(f"rows{start}", np.arange(start, min(start + UNIT_IMAGES, len(images)))) for start in range(0, len(images), UNIT_IMAGES)]
+    done_pairs = sum(len(rows) for unit, rows in units if unit in journal.done) * len(captions)
+    with tqdm(total=len(images) * len(captions), initial=done_pairs, desc="scoring", unit="pair", unit_scale=True,
+              file=sys.stderr, mininterval=1.0) as bar:
+        for unit, rows in units:
+            if unit in journal.done:
+                continue
+            matrix[rows] = scorer.score_grid(images, captions, image_rows=rows, progress=bar)
+            journal.finish_unit(unit, matrix)
+    return np.asarray(matrix)
+
+
+def score_shortlist(scorer: Scorer, images: ImageCache, captions: CaptionCache, direction: str, shortlist_k: int,
+                    journal: Journal) -> tuple[np.ndarray, np.ndarray]:
+    """(ranked [Q, S], scores [Q, S]): every query's shortlist re-ranked by BSSAN."""
+    n_query = len(images) if direction == "i2t" else len(captions)
+    ranked = journal.array(f"{direction}_ranked", (n_query, shortlist_k), np.int64)
+    scores = journal.array(f"{direction}_scores", (n_query, shortlist_k), np.float32)
+    units = [(f"{direction}{start}", np.arange(start, min(start + UNIT_QUERIES, n_query))) for start in range(0, n_query, UNIT_QUERIES)]
+    done_pairs = sum(len(rows) for unit, rows in units if unit in journal.done) * shortlist_k
+    with tqdm(total=n_query * shortlist_k, initial=done_pairs, desc=f"re-ranking {direction}", unit="pair", unit_scale=True,
+              file=sys.stderr, mininterval=1.0) as bar:
+        for unit, rows in units:
+            if unit in journal.done:
+                continue
+            result = scorer.top_k(images, captions, shortlist_k, direction, queries=rows, shortlist_k=shortlist_k, progress=bar)
+            ranked[rows], scores[rows] = result.indices, result.scores
+            journal.finish_unit(unit, ranked, scores)
+    return np.asarray(ranked), np.asarray(scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and output
+
+
+def evaluation_order(image_ids: list[str], caption_image_ids: list[str], caption_ids: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(caption permutation grouping captions image by image, owner image of each caption, captions per image)."""
+    index = {image: i for i, image in enumerate(image_ids)}
+    for caption, image in zip(caption_ids, caption_image_ids):
+        if image not in index:
+            raise DataError(f"--evaluate: caption {caption} names image {image!r}, which is not in the gallery; "
+                            f"expected captions that carry gallery image ids (Flickr8K token format or a store)")
+    owner = np.array([index[image] for image in caption_image_ids], dtype=np.int64)
+    counts = np.bincount(owner, minlength=len(image_ids))
+    if counts.min() != counts.max():
+        raise DataError(f"--evaluate: image {image_ids[int(np.argmin(counts))]} has {counts.min()} captions, "
+                        f"image {image_ids[int(np.argmax(counts))]} has {counts.max()}; expected the same number per image")
+    return np.argsort(owner, kind="stable"), owner, int(counts[0])
+
+
+def shortlist_metrics(sims: np.ndarray, ranked: dict, scores: dict, order: np.ndarray, owner: np.ndarray, per: int) -> dict:
+    """Metrics of the two-stage ranking (the shortlist re-ranked by BSSAN first, then the rest by dot
+    product), and the shortlist's recall: percent of queries whose ground truth made the shortlist."""
+    out, recall = {}, {}
+    for direction in ranked:
+        composite = sims.copy() if direction == "i2t" else sims.T.copy()  # [Q, N]
+        offset = composite.max(axis=1) - scores[direction].min(axis=1) + 1  # shortlisted above every other item
+        np.put_along_axis(composite, ranked[direction], scores[direction] + offset[:, None], axis=1)
+        if direction == "i2t":
+            hit = (owner[ranked[direction]] == np.arange(len(sims))[:, None]).any(axis=1)
+            out["i2t"] = retrieval_metrics(composite[:, order], per)["i2t"]
+        else:
+            hit = (ranked[direction] == owner[:, None]).any(axis=1)
+            out["t2i"] = retrieval_metrics(composite.T[:, order], per)["t2i"]
+        recall[f"{direction}_recall"] = float(100.0 * hit.mean())
+    if len(out) == 2:
+        out["rsum"] = float(sum(out[d][f"r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
+    return {**out, "shortlist": recall}
+
+
+def _number(value: float) -> str:
+    return str(np.float32(value))  # shortest text that reads back as the same float32
+
+
+def format_results(fmt: str, results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        if fmt == ".tsv":
+            clean = [str(x).replace("\t", " ").replace("\n", " ") for x in (r["direction"], r["query"])]
+            pairs = [f"{str(i).replace(chr(9), ' ')}\t{_number(s)}" for i, s in zip(r["ranked"], r["scores"])]
+            lines.append("\t".join(clean + pairs))
+        else:
+            record = {k: v for k, v in r.items() if k != "scores"}
+            text = json.dumps(record, ensure_ascii=False)
+            lines.append(text[:-1] + ', "scores": [' + ", ".join(_number(s) for s in r["scores"]) + "]}")
+    return "".join(line + "\n" for line in lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_k(name: str, value: int | None, sizes: list[int]) -> None:
+    if value is not None and not 1 <= value <= max(sizes):
+        raise InputError(f"{name} {value}: expected 1..{max(sizes)} (the most items any query ranks here)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m engine.score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="artifact directory (python -m export)")
+    parser.add_argument("--images", type=Path, help="image folder, image list file, or feature store")
+    parser.add_argument("--split", default="test", help="split of a feature store given as --images")
+    parser.add_argument("--captions", type=Path, help="one caption a line, or Flickr8K token format")
+    parser.add_argument("--query", action="append", help="a caption to search images with (repeatable)")
+    parser.add_argument("--direction", choices=("i2t", "t2i", "both"), help="default: t2i with --query, else i2t")
+    parser.add_argument("--top-k", type=int, help=f"results per query (default {DEFAULT_TOP_K}, capped at the items ranked)")
+    parser.add_argument("--shortlist-k", type=int, help="re-rank only the dot-product top K per query (needs shortlist graphs)")
+    parser.add_argument("--backend", choices=[b.value for b in Backend], default=Backend.AUTO.value)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_PAIRS_PER_CALL, help="pairs per pair-graph call")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: the backend's)")
+    parser.add_argument("--memory-budget-mb", type=float, default=DEFAULT_MEMORY_BUDGET_MB)
+    parser.add_argument("--out", type=Path, help="results .jsonl or .tsv (written atomically; resumable)")
+    parser.add_argument("--evaluate", action="store_true", help="print retrieval metrics (captions must carry image ids)")
+    parser.add_argument("--demo", action="store_true", help="the embedded gallery (engine/demo.py) and reference model")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    images_arg, captions_arg = args.images, args.captions
+    demo_captions = None
+    if args.demo:
+        from engine.demo import demo_artifact, demo_gallery
+
+        args.model = demo_artifact(args.model)
+        paths, texts, owners = demo_gallery()
+        demo_captions = (texts, [f"{image}#{owners[:k].count(image)}" for k, image in enumerate(owners)], owners)
+        args.direction = args.direction or "both"
+    if args.model is None:
+        raise InputError("--model: missing; expected an artifact directory (or --demo)")
+    if not args.demo and images_arg is None:
+        raise InputError("--images: missing; expected an image folder, an image list file or a feature store")
+    if args.captions is not None and args.query:
+        raise InputError("--captions and --query: got both; expected one source of captions")
+    if args.batch_size < 1 or (args.threads is not None and args.threads < 1) or args.memory_budget_mb <= 0:
+        raise InputError(f"--batch-size {args.batch_size} / --threads {args.threads} / --memory-budget-mb {args.memory_budget_mb}: "
+                         f"expected positive values")
+    if args.out is not None and args.out.suffix not in (".jsonl", ".tsv"):
+        raise InputError(f"--out {args.out}: expected a file name ending in .jsonl or .tsv")
+    if args.out is not None and args.out.is_dir():
+        raise InputError(f"--out {args.out}: is a directory; expected a file path")
+    if args.demo:
+        images, image_ids, image_digest = paths, [p.name for p in paths], "demo:" + ",".join(p.name for p in paths)
+    else:
+        images, image_ids, image_digest = read_images(images_arg, args.split)
+    if demo_captions is not None and captions_arg is None and not args.query:
+        texts, caption_ids, caption_images = demo_captions
+    elif args.query:
+        texts, caption_ids, caption_images = list(args.query), [f"query:{i + 1}" for i in range(len(args.query))], [""] * len(args.query)
+        for caption_id, text in zip(caption_ids, texts):
+            if not tokenize(text):
+                raise InputError(f"--query {text!r}: no word; expected at least one word")
+    elif captions_arg is not None:
+        texts, caption_ids, caption_images = read_captions(captions_arg, image_ids)
+    elif not isinstance(images, list):
+        texts, caption_ids, caption_images = None, None, None  # the store's own captions
+    else:
+        raise InputError("--captions FILE or --query TEXT: missing; expected captions to rank (or a feature store as --images)")
+    direction = args.direction or ("t2i" if args.query else "i2t")
+    directions = ["i2t", "t2i"] if direction == "both" else [direction]
+    n_captions = len(texts) if texts is not None else images.num_captions
+    check_k("--top-k", args.top_k, [len(image_ids), n_captions])
+    check_k("--shortlist-k", args.shortlist_k, [len(image_ids), n_captions])
+
+    with Scorer.load(args.model, args.backend, args.precision, args.threads, args.memory_budget_mb, args.batch_size) as scorer:
+        print(f"backend: {scorer.runner.backend.value} ({scorer.runner.reason}), precision {args.precision}", file=sys.stderr)
+        caption_digest = hashlib.sha256(json.dumps([texts, caption_ids, caption_images] if texts is not None
+                                                   else image_digest).encode()).hexdigest()
+        key = {"version": JOURNAL_VERSION, "artifact": scorer.fingerprint, "backend": scorer.runner.backend.value,
+               "precision": args.precision, "threads": args.threads, "batch_size": args.batch_size,
+               "memory_budget_mb": args.memory_budget_mb, "shortlist_k": args.shortlist_k, "directions": directions,
+               "units": [UNIT_IMAGES, UNIT_QUERIES], "images": image_digest, "captions": caption_digest}
+        journal = Journal(args.out, key)
+        image_cache = journal.cache("images", ImageCache, lambda: scorer.encode_images(images, image_ids, progress=True), scorer.fingerprint)
+        caption_source = images if texts is None else texts
+        caption_cache = journal.cache("captions", CaptionCache, lambda: scorer.encode_captions(
+            caption_source, caption_ids, caption_images if texts is not None else None, progress=True), scorer.fingerprint)
+        sizes = {"i2t": len(caption_cache), "t2i": len(image_cache)}
+        results, ranked, scores = [], {}, {}
+        if args.shortlist_k is None:
+            matrix = score_exhaustive(scorer, image_cache, caption_cache, journal)
+            for d in directions:
+                k = min(args.top_k or DEFAULT_TOP_K, sizes[d])
+                ranked[d], scores[d] = rank_rows(matrix if d == "i2t" else matrix.T, k)
+        else:
+            for d in directions:
+                if args.shortlist_k < min(args.top_k or DEFAULT_TOP_K, sizes[d]):
+                    raise InputError(f"--shortlist-k {args.shortlist_k}: expected at least --top-k {args.top_k or DEFAULT_TOP_K}")
+                ranked[d], scores[d] = score_shortlist(scorer, image_cache, caption_cache, d, min(args.shortlist_k, sizes[d]), journal)
+        for d in directions:
+            k = min(args.top_k or DEFAULT_TOP_K, sizes[d])
+            query_ids, other_ids = (image_cache.ids, caption_cache.ids) if d == "i2t" else (caption_cache.ids, image_cache.ids)
+            for q in range(len(query_ids)):
+                record = {"direction": d, "query": query_ids[q]}
+                if d == "t2i":
+                    record["text"] = caption_cache.texts[q]
+                record["ranked"] = [other_ids[i] for i in ranked[d][q, :k]]
+                if d == "i2t":
+                    record["texts"] = [caption_cache.texts[i] for i in ranked[d][q, :k]]
+                record["scores"] = scores[d][q, :k].tolist()
+                results.append(record)
+        metrics = None
+        if args.evaluate:
+            order, owner, per = evaluation_order(image_cache.ids, caption_cache.image_ids, caption_cache.ids)
+            if args.shortlist_k is None:
+                metrics = retrieval_metrics(matrix[:, order], per)
+            else:
+                sims = np.asarray(image_cache.arrays["image_vectors"], np.float32) @ np.asarray(caption_cache.arrays["text_vectors"], np.float32).T
+                metrics = shortlist_metrics(sims, ranked, scores, order, owner, per)
+                metrics["shortlist"]["k"] = args.shortlist_k
+        if args.out is not None:
+            write_atomic(args.out, format_results(args.out.suffix, results))
+            journal.remove()
+            print(f"{args.out}: {len(results)} queries", file=sys.stderr)
+        elif not args.evaluate:
+            for r in results:
+                print(f"{r['direction']} {r['query']}" + (f"  {r['text']!r}" if "text" in r else ""))
+                shown = r.get("texts", r["ranked"])
+                for rank, (item, value) in enumerate(zip(shown, r["scores"]), start=1):
+                    print(f"  {rank:2d}. {value:8.4f}  {item}")
+        if metrics is not None:
+            seconds = time.perf_counter() - start
+            print(format_metrics(metrics) if "rsum" in metrics else json.dumps(metrics), file=sys.stderr)
+            print(json.dumps({**metrics, "mode": "exhaustive" if args.shortlist_k is None else "shortlist",
+                              "images": len(image_cache), "captions": len(caption_cache), "captions_per_image": per,
+                              "backend": scorer.runner.backend.value, "precision": args.precision, "seconds": round(seconds, 1)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(build_parser().parse_args(argv))
+    except BssanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

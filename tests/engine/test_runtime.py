@@ -1,0 +1,187 @@
+"""The Scorer library: batched == unbatched, buckets change nothing, shortlist k = all == exhaustive,
+pairs and top-k agree with the matrix, attention equals the training model's, the memory budget,
+precisions, image files and caption strings, and thread safety."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from engine.errors import AssetError, InputError
+from engine.runtime import Scorer, rank_rows
+from engine.store import FeatureStore
+from tests.engine.conftest import assert_close
+
+
+@pytest.fixture(scope="module")
+def split(tiny_store):
+    return FeatureStore(tiny_store).split("test")
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_artifact):
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1) as scorer:
+        yield scorer
+
+
+@pytest.fixture(scope="module")
+def caches(scorer, split):
+    return scorer.encode_images(split), scorer.encode_captions(split)
+
+
+@pytest.fixture(scope="module")
+def matrix(scorer, caches):
+    return scorer.score_matrix(*caches)
+
+
+def test_batched_equals_unbatched_and_buckets_change_nothing(tiny_artifact, caches, matrix):
+    for batch_size, buckets in ((1, True), (3, True), (1, False), (512, False)):
+        with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, batch_size=batch_size, buckets=buckets) as other:
+            assert_close(other.score_matrix(*caches), matrix, 1e-6, f"batch {batch_size}, buckets {buckets}")
+            pairs = np.array([[0, 49], [9, 0], [3, 17], [3, 18], [0, 49]])
+            assert_close(other.score_pairs(*caches, pairs), matrix[pairs[:, 0], pairs[:, 1]], 1e-6, "score_pairs")
+
+
+def test_score_pairs_and_top_k_agree_with_the_matrix(scorer, caches, matrix):
+    images, captions = caches
+    rng = np.random.default_rng(0)
+    pairs = np.stack([rng.integers(len(images), size=300), rng.integers(len(captions), size=300)], axis=1)
+    assert_close(scorer.score_pairs(images, captions, pairs), matrix[pairs[:, 0], pairs[:, 1]], 1e-6, "random pairs")
+    i2t = scorer.top_k(images, captions, 5, "i2t")
+    assert np.array_equal(i2t.indices, rank_rows(matrix, 5)[0]) and np.array_equal(i2t.queries, np.arange(len(images)))
+    t2i = scorer.top_k(images, captions, 3, "t2i", queries=np.array([4, 0, 49]))
+    assert np.array_equal(t2i.indices, rank_rows(matrix.T[[4, 0, 49]], 3)[0])
+    assert_close(t2i.scores, np.take_along_axis(matrix.T[[4, 0, 49]], t2i.indices, 1), 1e-6, "t2i scores")
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_shortlist_of_everything_equals_exhaustive(scorer, caches, direction):
+    images, captions = caches
+    n = len(captions) if direction == "i2t" else len(images)
+    exhaustive = scorer.top_k(images, captions, n, direction)
+    shortlisted = scorer.top_k(images, captions, n, direction, shortlist_k=n)
+    assert np.array_equal(shortlisted.indices, exhaustive.indices)
+    assert_close(shortlisted.scores, exhaustive.scores, 1e-6, f"{direction} shortlist k=all")
+
+
+def test_shortlist_reranks_the_dot_product_candidates(scorer, caches, matrix):
+    images, captions = caches
+    candidates = scorer.shortlist(images, captions, 7, "i2t")
+    dots = np.asarray(images.arrays["image_vectors"]) @ np.asarray(captions.arrays["text_vectors"]).T
+    assert np.array_equal(candidates, rank_rows(dots, 7)[0])
+    ranking = scorer.top_k(images, captions, 3, "i2t", shortlist_k=7)
+    for q in range(len(images)):
+        assert set(ranking.indices[q]) <= set(candidates[q])
+        assert np.array_equal(ranking.indices[q], candidates[q][rank_rows(matrix[q, candidates[q]][None], 3)[0][0]])
+    with pytest.raises(InputError, match=r"shortlist_k=2: expected 3\.\.50"):
+        scorer.top_k(images, captions, 3, "i2t", shortlist_k=2)
+    with pytest.raises(InputError, match=r"k=0: expected 1\.\.10 \(the images to rank\)"):
+        scorer.top_k(images, captions, 0, "t2i")
+
+
+def test_attention_equals_the_training_model(scorer, caches, split, tiny_checkpoints):
+    from training.checkpoint import load_checkpoint
+
+    images, captions = caches
+    ranking = scorer.top_k(images, captions, 4, "i2t", queries=np.array([1, 6]), attention=True)
+    model = load_checkpoint(tiny_checkpoints["bssan"]).model
+    image_index = np.repeat(ranking.queries, 4)
+    text_index = ranking.indices.reshape(-1)
+    want = model.attention_weights(np.asarray(split.regions), np.asarray(split.objects), np.asarray(split.words("glove50")),
+                                   np.asarray(split.lengths), image_index, text_index)
+    lengths = np.asarray(split.lengths)[text_index]
+    for n, hit in enumerate(h for per_query in ranking.attention for h in per_query):
+        assert (hit["image"], hit["caption"]) == (image_index[n], text_index[n])
+        assert hit["word_to_region"].shape == (lengths[n], images.arrays["regions_attn"].shape[1])
+        assert_close(hit["word_to_region"], want["word_to_region"][n, :lengths[n]].numpy(), 1e-5, "word_to_region")
+        assert_close(hit["object_to_word"], want["object_to_word"][n, :, :lengths[n]].numpy(), 1e-5, "object_to_word")
+        assert_close(hit["word_to_region"].sum(axis=1), np.ones(lengths[n]), 1e-5, "softmax rows")
+
+
+def test_memory_budget_bounds_blocks_and_refuses_what_cannot_fit(tiny_artifact, caches, matrix):
+    images, captions = caches
+    resident = images.nbytes + captions.nbytes + matrix.nbytes
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1) as scorer:
+        tight_mb = (resident + scorer.working_bytes(1, 4, captions.max_length)) / 2**20
+        assert scorer._fit(512, 1, captions.max_length, resident) == 512  # the default budget holds a full call
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, memory_budget_mb=tight_mb) as tight:
+        assert tight._fit(512, 1, captions.max_length, resident) == 4  # blocks shrank to fit
+        assert_close(tight.score_matrix(images, captions), matrix, 1e-6, "tight budget")
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, memory_budget_mb=resident / 2**20 / 2) as starved:
+        with pytest.raises(InputError, match=r"memory budget .* MB: the caches and output take .* MB; expected a budget of at least"):
+            starved.score_matrix(images, captions)
+
+
+@pytest.mark.parametrize("precision,tolerance", [("fp16", 0.05), ("int8", 0.1)])
+def test_other_precisions_stay_close_to_fp32(tiny_artifact, split, matrix, precision, tolerance):
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", precision=precision, threads=1) as scorer:
+        images = scorer.encode_images(split)
+        assert images.precision == ("fp16" if precision == "fp16" else "fp32")
+        assert images.arrays["regions_attn"].dtype == (np.float16 if precision == "fp16" else np.float32)
+        assert_close(scorer.score_matrix(images, scorer.encode_captions(split)), matrix, tolerance, precision)
+
+
+def test_one_scorer_from_several_threads_gives_the_serial_results(scorer, caches, matrix):
+    images, captions = caches
+    serial_top = scorer.top_k(images, captions, 5, "t2i", shortlist_k=8)
+    results, errors = [None] * 6, []
+
+    def work(slot: int) -> None:
+        try:
+            if slot % 2:
+                results[slot] = scorer.score_matrix(images, captions)
+            else:
+                results[slot] = scorer.top_k(images, captions, 5, "t2i", shortlist_k=8)
+        except Exception as exc:  # reported below: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(slot,)) for slot in range(len(results))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for slot, result in enumerate(results):
+        if slot % 2:
+            assert np.array_equal(result, matrix)  # bit for bit
+        else:
+            assert np.array_equal(result.indices, serial_top.indices) and np.array_equal(result.scores, serial_top.scores)
+
+
+def test_caches_of_another_artifact_are_refused(tiny_artifact, caches, scorer):
+    images, captions = caches
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", precision="fp16", threads=1) as fp16:
+        with pytest.raises(InputError, match=r"ImageCache: encoded by artifact \w+ at fp32, expected \w+ at fp16"):
+            fp16.score_matrix(images, captions)
+
+
+def test_image_files_and_caption_strings(image_artifact, demo_photos):
+    """Files go through the model's backbone, detector and RoIAlign graphs; strings through THE tokenizer
+    and GloVe: the same as running engine.features and reading the store's float16 features."""
+    from engine.runtime import image_pipeline
+    from engine.text import load_word_features
+
+    with Scorer.load(image_artifact, backend="onnxruntime-cpu", threads=2) as scorer:
+        images = scorer.encode_images(demo_photos)
+        assert images.ids == [p.name for p in demo_photos]
+        regions, objects, _, _, bad = image_pipeline(scorer.artifact, 2).images(demo_photos)
+        assert not bad
+        direct = scorer.encode_images((regions.astype(np.float16), objects.astype(np.float16)))
+        assert all(np.array_equal(images.arrays[k], direct.arrays[k]) for k in images.arrays)
+        texts = ["A cat looks at the camera .", "a red motorcycle in a garage"]
+        captions = scorer.encode_captions(texts)
+        assert captions.texts == texts and captions.lengths.tolist() == [6, 6]
+        batch = load_word_features("glove50").encode(texts, scorer.dims["max_words"])
+        words = scorer.encode_captions((batch.vectors.astype(np.float16).astype(np.float32), batch.lengths))
+        assert np.array_equal(captions.arrays["gates_words"], words.arrays["gates_words"])
+        assert scorer.score_matrix(images, captions).shape == (3, 2)
+        with pytest.raises(InputError, match=r"cannot decode image"):
+            bad_file = demo_photos[0].parent.parent / "__init__.py"  # a file that is not an image
+            scorer.encode_images([bad_file])
+
+
+def test_image_files_need_an_image_pipeline(scorer, demo_photos):
+    with pytest.raises(AssetError, match=r"features came from 'synthetic', which has no image pipeline to rerun"):
+        scorer.encode_images(demo_photos)
