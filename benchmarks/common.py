@@ -1,0 +1,145 @@
+"""What every benchmark shares: the machine record, a timer with medians and p90, thread pinning, JSON out.
+
+    from benchmarks.common import machine_info, time_calls, set_threads, write_json_atomic
+    set_threads(2)                                   # torch intra-op threads; ORT sessions take `threads` too
+    timing = time_calls(lambda: session.run(None, feeds), repeats=5, warmup=1)
+    timing["median_s"], timing["p90_s"]              # per call
+    write_json_atomic(Path("out.json"), {"machine": machine_info(), ...})
+
+Benchmarks are scripts, not timed tests: fixed seeds, a warm-up call, the clock read after the
+call returns (CPU: synchronous; the GPU script synchronizes itself), medians over repeats.
+The machine record says what else was running (load average) because the CPUs are shared.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "matplotlib", "bssan-engine")
+CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+DEFAULT_THREADS = 2  # this workplace's core count; 2 intra-op threads measured best (ARCHITECTURE.md)
+
+
+def cpu_model() -> str:
+    """`model name` of /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FLAGS_OF_INTEREST if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def git_commit() -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def machine_info(threads: int = DEFAULT_THREADS) -> dict:
+    """CPU model, cores, ISA flags that matter for GEMMs, library versions, git commit, date, load."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "threads_used": threads,
+        "platform": platform.platform(),
+        "versions": library_versions(),
+        "git": git_commit(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def set_threads(threads: int) -> None:
+    """Pin torch (if imported by the caller) to `threads` intra-op threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def time_calls(call: Callable[[], object], repeats: int, warmup: int = 1, min_seconds: float = 0.0,
+               max_seconds: float = float("inf"), min_calls: int = 3) -> dict:
+    """Run `call` warmup times untimed, then `repeats` timed times (more while the total is under
+    `min_seconds`), stopping early once `min_calls` calls took `max_seconds` together (slow
+    variants); {"median_s", "p90_s", "min_s", "calls", "times_s"} per call."""
+    for _ in range(warmup):
+        call()
+    times: list[float] = []
+    while len(times) < repeats or sum(times) < min_seconds:
+        if len(times) >= min_calls and sum(times) >= max_seconds:
+            break
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    array = np.asarray(times)
+    return {"median_s": float(np.median(array)), "p90_s": float(np.percentile(array, 90)), "min_s": float(array.min()),
+            "calls": len(times), "times_s": [round(t, 6) for t in times]}
+
+
+def load_note() -> str:
+    """One line on the machine's load right now (other engineers share the cores)."""
+    if not hasattr(os, "getloadavg"):
+        return "load average unavailable"
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON through a temp file + rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,228 @@
+"""End to end on Flickr8K test: the 1K x 5K protocol exhaustive and with a shortlist, R@K of each,
+and feature extraction images/s — through the engine runtime (engine.runtime.Scorer).
+
+    python -m benchmarks.end_to_end [--artifact build/artifacts/reference] [--store stores/flickr8k]
+        [--images 1000] [--shortlist 10 50 100] [--precision int8] --json OUT.json
+    from benchmarks.end_to_end import flickr8k_test_lengths, retrieval_timing, extraction_rate
+
+Needs a BSSAN artifact (python -m export models/reference --out build/artifacts/reference, or the
+CMake build) and the Flickr8K feature store (python -m engine.features ... --out stores/flickr8k).
+Each part that lacks its input is skipped with the reason in the JSON and on stdout.
+
+- Retrieval: encode the test images and captions once (timed), then every image x caption
+  (exhaustive score_matrix, timed, engine.metrics.retrieval_metrics), then for each shortlist k
+  both directions' top-10 with BSSAN re-scoring only the dot-product top k (timed), R@1/5/10 of
+  those rankings. The shortlist needs shortlist graphs in the artifact (a dual encoder exported
+  with --shortlist); without them that part is skipped.
+- Extraction: engine.features.Extractor.images (decode, detector, backbone, RoIAlign) on the
+  first `images` test images after a warm-up batch; images/s.
+
+`flickr8k_test_lengths` gives the caption lengths the speed benchmarks use: the store's test
+lengths.npy, else the raw captions through the project tokenizer, else the histogram below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import DEFAULT_THREADS, REPO_ROOT, machine_info, write_json_atomic
+
+DEFAULT_MODEL = REPO_ROOT / "models" / "reference"
+DEFAULT_ARTIFACT = REPO_ROOT / "build" / "artifacts" / "reference"
+DEFAULT_STORE = REPO_ROOT / "stores" / "flickr8k"
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "flickr8k"
+SHORTLIST_KS = (10, 50, 100)
+RANK_K = 10  # rankings are top-10: R@1/5/10
+# Flickr8K test (1,000 images x 5 captions), words per caption from engine.text.tokenize, capped
+# at 30; measured on /work/shared/data/flickr8k on 2026-11-29 (mean 10.84, median 10).
+FLICKR8K_TEST_LENGTH_HISTOGRAM = {
+    2: 3, 3: 25, 4: 55, 5: 129, 6: 336, 7: 407, 8: 456, 9: 545, 10: 578, 11: 536, 12: 457, 13: 367, 14: 316,
+    15: 216, 16: 213, 17: 115, 18: 93, 19: 53, 20: 34, 21: 24, 22: 13, 23: 12, 24: 3, 25: 2, 26: 4, 28: 3, 29: 3, 30: 2}
+
+
+def _all_test_lengths(store: Path, data: Path) -> tuple[np.ndarray, str]:
+    if (store / "test" / "lengths.npy").is_file():
+        return np.load(store / "test" / "lengths.npy").astype(np.int64), f"{store}/test/lengths.npy"
+    if (data / "captions.txt").is_file() and (data / "split_test.txt").is_file():
+        from engine.data import read_flickr8k
+        from engine.text import tokenize
+
+        dataset = read_flickr8k(data, data / "images", splits=("test",))
+        lengths = [max(1, len(tokenize(c))) for image in dataset.splits["test"] for c in image.captions]
+        return np.asarray(lengths, np.int64), f"{data}/captions.txt test split, engine.text.tokenize"
+    counts = FLICKR8K_TEST_LENGTH_HISTOGRAM
+    return (np.repeat(np.array(list(counts)), np.array(list(counts.values()))).astype(np.int64),
+            "benchmarks/end_to_end.py FLICKR8K_TEST_LENGTH_HISTOGRAM (no store, no raw data)")
+
+
+def flickr8k_test_lengths(count: int, max_words: int, store: Path = DEFAULT_STORE, data: Path = DEFAULT_DATA,
+                          seed: int = 0) -> tuple[np.ndarray, str]:
+    """`count` caption lengths drawn (without replacement while possible, seed fixed) from Flickr8K
+    test, capped at max_words; and where they came from."""
+    lengths, source = _all_test_lengths(Path(store), Path(data))
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(lengths, size=count, replace=count > len(lengths))
+    return np.minimum(chosen, max_words), source
+
+
+def resolve_artifact(artifact: Path | None, model: Path, work: Path) -> tuple[Path | None, str]:
+    """An artifact directory to benchmark: `artifact` if it has a manifest, else `model` exported
+    into `work` (fp32, fp16, int8); else None and why."""
+    if artifact is not None and (artifact / "manifest.json").is_file():
+        return artifact, f"artifact {artifact}"
+    if not (model / "config.json").is_file():
+        return None, f"no artifact at {artifact} and no reference model at {model} (checkpoint directory)"
+    from export.pipeline import ExportOptions, export_artifact
+
+    out = work / "artifact"
+    export_artifact(ExportOptions(model_dir=model, out=out, precisions=("fp32", "fp16", "int8"), tensorrt="off"))
+    return out, f"exported from {model} into a temporary directory"
+
+
+def _recall_of_ranking(indices: np.ndarray, own) -> dict:
+    """R@1/5/10 (percent) of rankings [Q, k]: the rank is the first position holding an own item."""
+    hit = own(indices)  # [Q, k] bool
+    first = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, indices.shape[1] + 1)
+    return {f"r{k}": float(100.0 * np.mean(first <= k)) for k in (1, 5, 10) if k <= indices.shape[1]}
+
+
+def retrieval_timing(artifact: Path, store: Path, images: int, shortlist_ks: tuple[int, ...], precision: str = "fp32",
+                     threads: int = DEFAULT_THREADS, progress: bool = True) -> dict:
+    """Wall times and R@K of the exhaustive protocol and of each shortlist k, on the first `images` test images."""
+    from engine.metrics import retrieval_metrics
+    from engine.runtime import Scorer
+    from engine.store import FeatureStore
+    from training.evaluate import captions_per_image_of
+
+    split = FeatureStore(store).split("test")
+    cpi = captions_per_image_of(split)
+    n_img = min(images, split.num_images)
+    n_cap = n_img * cpi
+    out = {"precision": precision, "images": n_img, "captions": n_cap, "captions_per_image": cpi}
+    with Scorer.load(artifact, backend="onnxruntime-cpu", precision=precision, threads=threads) as scorer:
+        word_set = scorer.artifact.manifest.get("word_features", {}).get("name", "glove50")
+        start = time.perf_counter()
+        image_cache = scorer.encode_image_features(split.regions[:n_img], split.objects[:n_img])
+        out["encode_images_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        caption_cache = scorer.encode_word_features(split.words(word_set)[:n_cap], split.lengths[:n_cap])
+        out["encode_captions_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        scores = scorer.score_matrix(image_cache, caption_cache, progress=progress)
+        seconds = time.perf_counter() - start
+        out["exhaustive"] = {"score_s": seconds, "pairs_per_s": scores.size / seconds,
+                             "metrics": retrieval_metrics(scores, cpi)}
+        if not scorer.has_shortlist:
+            out["shortlist"] = {"skipped": "the artifact has no shortlist graphs (export with --shortlist DUAL_ENCODER_DIR)"}
+            return out
+        out["shortlist"] = {}
+        for k in shortlist_ks:
+            k = min(k, n_img)
+            start = time.perf_counter()
+            i2t = scorer.top_k(image_cache, caption_cache, RANK_K, "i2t", shortlist_k=max(k, RANK_K))
+            t2i = scorer.top_k(image_cache, caption_cache, RANK_K, "t2i", shortlist_k=max(k, RANK_K))
+            seconds = time.perf_counter() - start
+            out["shortlist"][f"k{k}"] = {
+                "shortlist_k": k, "score_s": seconds,
+                "i2t": _recall_of_ranking(i2t.indices, lambda rows: rows // cpi == i2t.queries[:, None]),
+                "t2i": _recall_of_ranking(t2i.indices, lambda rows: rows == (t2i.queries // cpi)[:, None])}
+    return out
+
+
+def extraction_rate(data: Path, images: int, assets: Path | None = None, threads: int = DEFAULT_THREADS) -> dict:
+    """images/s of engine.features' per-image path (decode, detect, backbone, RoIAlign) on test images."""
+    from engine.data import read_flickr8k
+    from engine.features import DEFAULT_BATCH, ExtractConfig, Extractor
+    from engine.text import DEFAULT_ASSETS_DIR
+
+    dataset = read_flickr8k(data, data / "images", splits=("test",))
+    paths = [dataset.image_path(image) for image in dataset.splits["test"]][: images + DEFAULT_BATCH]
+    config = ExtractConfig(images=data / "images", captions=data / "captions.txt", out=Path("/nonexistent-not-written"),
+                           assets=assets or DEFAULT_ASSETS_DIR, word_features=(), threads=threads)
+    extractor = Extractor(config)
+    extractor.images(paths[:4])  # warm-up: sessions, detector, first allocations
+    timed = paths[DEFAULT_BATCH: DEFAULT_BATCH + images] or paths[:images]
+    start = time.perf_counter()
+    for i in range(0, len(timed), DEFAULT_BATCH):
+        extractor.images(timed[i:i + DEFAULT_BATCH])
+    seconds = time.perf_counter() - start
+    return {"images": len(timed), "batch": DEFAULT_BATCH, "seconds": seconds, "images_per_s": len(timed) / seconds,
+            "backbone": extractor.backbone.describe().get("name", config.backbone)}
+
+
+def run_end_to_end(artifact: Path | None, model: Path, store: Path, data: Path, images: int, shortlist_ks: tuple[int, ...],
+                   precisions: tuple[str, ...], extraction_images: int, work: Path, threads: int) -> dict:
+    """Every part whose inputs exist; the others as {"skipped": reason}."""
+    report: dict = {}
+    if (data / "images").is_dir() and (REPO_ROOT / "build" / "assets" / "roi_align.json").is_file():
+        report["extraction"] = extraction_rate(data, extraction_images, threads=threads)
+    else:
+        report["extraction"] = {"skipped": f"needs {data}/images and build/assets (python -m export.backbones --out build/assets)"}
+    resolved, how = resolve_artifact(artifact, model, work)
+    if resolved is None or not (store / "test" / "lengths.npy").is_file():
+        reason = how if resolved is None else f"no Flickr8K test split in the store {store} (python -m engine.features)"
+        report["retrieval"] = {"skipped": reason}
+        return report
+    report["retrieval"] = {"artifact": how, "runs": [retrieval_timing(resolved, store, images, shortlist_ks, p, threads)
+                                                     for p in precisions]}
+    report["resolved_artifact"] = str(resolved)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    from engine.errors import BssanError
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="exported on the fly when --artifact has no manifest")
+    parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--images", type=int, default=1000, help="test images (with their captions) in the protocol")
+    parser.add_argument("--shortlist", type=int, nargs="+", default=list(SHORTLIST_KS))
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "fp16", "int8"), default=["fp32", "int8"])
+    parser.add_argument("--extraction-images", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bssan-e2e-") as work:
+            report = run_end_to_end(args.artifact, args.model, args.store, args.data, args.images, tuple(args.shortlist),
+                                    tuple(args.precision), args.extraction_images, Path(work), args.threads)
+    except BssanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_end_to_end(report)
+    write_json_atomic(args.json, {"machine": machine_info(args.threads), "end_to_end": report})
+    return 0
+
+
+def print_end_to_end(report: dict) -> None:
+    extraction = report["extraction"]
+    print(f"feature extraction: {extraction['images_per_s']:.2f} images/s ({extraction['images']} images)"
+          if "images_per_s" in extraction else f"feature extraction: SKIPPED ({extraction['skipped']})")
+    retrieval = report["retrieval"]
+    if "skipped" in retrieval:
+        print(f"end-to-end retrieval: SKIPPED ({retrieval['skipped']})")
+        return
+    for run in retrieval["runs"]:
+        m = run["exhaustive"]["metrics"]
+        print(f"{run['precision']} {run['images']} x {run['captions']} exhaustive: {run['exhaustive']['score_s']:.1f} s, "
+              f"i2t R@1 {m['i2t']['r1']:.1f} R@5 {m['i2t']['r5']:.1f} R@10 {m['i2t']['r10']:.1f} | "
+              f"t2i R@1 {m['t2i']['r1']:.1f} R@5 {m['t2i']['r5']:.1f} R@10 {m['t2i']['r10']:.1f}")
+        if "skipped" in run["shortlist"]:
+            print(f"  shortlist: SKIPPED ({run['shortlist']['skipped']})")
+            continue
+        for name, row in run["shortlist"].items():
+            print(f"  shortlist {name}: {row['score_s']:.1f} s, i2t R@1 {row['i2t']['r1']:.1f} R@10 {row['i2t']['r10']:.1f} | "
+                  f"t2i R@1 {row['t2i']['r1']:.1f} R@10 {row['t2i']['r10']:.1f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

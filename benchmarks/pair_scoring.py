@@ -1,0 +1,209 @@
+"""Pair-scoring speed: pairs/s, latency (median, p90), FLOPs, GFLOP/s and fraction of peak of every scorer.
+
+    python -m benchmarks.pair_scoring --preset paper --lengths 12 30 --batches 16 256 --json OUT.json
+    from benchmarks.pair_scoring import SweepConfig, sweep_preset, real_length_pass
+    result = sweep_preset("flickr8k", SweepConfig(lengths=(8, 30), batches=(64,)), peaks, work_dir)
+
+Per preset: one random-weight model (seed 0: speed does not depend on the weights; the run says
+so), one random image and the captions of the sweep. For each caption length L (every caption
+exactly L words) and batch B (pairs per call = 1 image x B captions, the grid-block call the
+engine makes), every scorer (benchmarks/scorers.py) is timed on the same rows: a warm-up call,
+then `repeats` calls; latency is per call, throughput = B / median. FLOPs per pair come from
+benchmarks/flops.py (the paper-as-written model always runs max_words = 30 W2R steps); the
+fraction of peak is the roofline floor (each stage's GEMMs at the measured peak of its precision)
+over the measured time. "max_abs_diff_vs_paper" checks that every scorer gives the baseline's scores.
+
+`real_length_pass` scores one image against captions whose lengths follow Flickr8K test
+(bucketed: sorted by length, blocks of B captions, each sliced to its longest caption), the
+baseline padding every caption to 30, and times the whole pass of each scorer.
+Cache costs (image and caption graphs) are timed once and amortised over the 1K x 5K protocol
+in "protocol_pairs_per_s": pairs / (images x image_s + captions x caption_s + pairs / pair rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks.common import DEFAULT_THREADS, machine_info, set_threads, time_calls, write_json_atomic
+from benchmarks.flops import factored_pair_flops, ideal_seconds, reference_pair_flops, total_flops
+from benchmarks.scorers import SCORER_NAMES, Scorer, export_graphs, make_scorer, random_inputs, random_model
+
+PROTOCOL_IMAGES, PROTOCOL_CAPTIONS = 1000, 5000  # the 1K-image test protocol, 5 captions per image
+SPEED_SCORERS = ("paper-eager", "factored-eager", "torch-bf16", "ort-fp32", "ort-int8-recurrence", "ort-int8-projection")
+
+
+@dataclass
+class SweepConfig:
+    lengths: tuple[int, ...] = (8, 12, 20, 30)  # the issue's caption lengths
+    batches: tuple[int, ...] = (1, 16, 64, 256)  # pairs per call; 256 captions per image is ARCHITECTURE's protocol
+    repeats: int = 5
+    max_seconds: float = 4.0  # per point: a slow scorer stops after 3 calls past this
+    scorers: tuple[str, ...] = SPEED_SCORERS
+    threads: int = DEFAULT_THREADS
+    seed: int = 0
+
+
+def stage_flops(scorer: Scorer, config, length: int) -> dict:
+    if scorer.route == "reference":
+        return reference_pair_flops(config, length)
+    return factored_pair_flops(config, length, scorer.route)
+
+
+def measure(scorer: Scorer, config, rows: np.ndarray, lengths: np.ndarray, peaks: dict, sweep: SweepConfig) -> dict:
+    """Time scorer.score(rows); FLOPs per pair at the rows' lengths (bucket = longest); fraction of peak."""
+    timing = time_calls(lambda: scorer.score(rows), repeats=sweep.repeats, warmup=1, max_seconds=sweep.max_seconds)
+    length = int(lengths[rows].max())
+    stages = stage_flops(scorer, config, length)
+    flops = total_flops(stages)
+    seconds_per_pair = timing["median_s"] / len(rows)
+    return {"pairs_per_s": len(rows) / timing["median_s"], "latency_median_s": timing["median_s"],
+            "latency_p90_s": timing["p90_s"], "calls": timing["calls"], "flops_per_pair": flops,
+            "gflops_per_s": flops / seconds_per_pair / 1e9,
+            "fraction_of_peak": ideal_seconds(stages, peaks, scorer.precision_of) / seconds_per_pair,
+            "precision_of": scorer.precision_of or "fp32"}
+
+
+def protocol_rate(pairs_per_s: float, cache: dict, images: int = PROTOCOL_IMAGES, captions: int = PROTOCOL_CAPTIONS) -> float:
+    pairs = images * captions
+    return pairs / (images * cache["image_s"] + captions * cache["caption_s"] + pairs / pairs_per_s)
+
+
+def usable_scorers(names: tuple[str, ...], peaks_report: dict, route: str) -> tuple[list[str], dict[str, str]]:
+    """Scorers to run and {skipped: reason}: bf16 only with native bf16; int8-projection only where the
+    pair graph has the projection (values = regions; with gates it is the int8-recurrence graph)."""
+    run, skipped = [], {}
+    probe = peaks_report.get("bf16_probe", {})
+    for name in names:
+        if name == "torch-bf16" and not probe.get("native", False):
+            skipped[name] = (f"no native bf16 on this CPU (flags {probe.get('cpu_bf16_flags')}): torch bf16 matmul "
+                             f"{probe.get('bf16_flops_per_s', 0) / 1e9:.2f} GFLOP/s vs fp32 {probe.get('fp32_flops_per_s', 0) / 1e9:.1f}")
+        elif name == "ort-int8-projection" and route == "gates":
+            skipped[name] = "the pair graph has no u W_ih_u^T projection (values = gates): same graph as ort-int8-recurrence"
+        else:
+            run.append(name)
+    return run, skipped
+
+
+def sweep_preset(preset_name: str, sweep: SweepConfig, peaks_report: dict, work: Path, progress: bool = True) -> dict:
+    """Every scorer x caption length x batch of one preset; see the module docstring."""
+    set_threads(sweep.threads)
+    peaks = peaks_report["peak"]
+    model = random_model(preset_name, sweep.seed)
+    route = "gates" if model.w2r.pair_gathers_gates else "regions"
+    names, skipped = usable_scorers(sweep.scorers, peaks_report, route)
+    precisions = tuple(n[4:] for n in names if n.startswith("ort-"))
+    graphs = export_graphs(model, work / preset_name, precisions) if precisions else {}
+    scorers = [make_scorer(n, model, graphs, sweep.threads) for n in names]
+    lengths = [n for n in sweep.lengths if n <= model.config.max_words]  # a preset with max_words < 30 (demo) skips the rest
+    result = {"preset": preset_name, "config": model.config.to_dict(), "weights": f"random (seed {sweep.seed})",
+              "ort_pair_graph_values": route, "skipped": skipped, "lengths": lengths, "points": [], "cache_seconds": {}}
+    bar = tqdm(total=len(lengths) * len(sweep.batches) * len(scorers), desc=f"pairs {preset_name}",
+               unit="point", disable=not progress)
+    for length in lengths:
+        inputs = random_inputs(model.config, np.full(max(sweep.batches), length), seed=sweep.seed + length)
+        caches = {s.name: s.prepare(inputs) for s in scorers}
+        result["cache_seconds"][f"L{length}"] = caches
+        for batch in sweep.batches:
+            rows = np.arange(batch)
+            baseline = None
+            for scorer in scorers:
+                point = {"length": length, "batch": batch, "scorer": scorer.name,
+                         **measure(scorer, model.config, rows, inputs.lengths, peaks, sweep)}
+                point["protocol_pairs_per_s"] = protocol_rate(point["pairs_per_s"], caches[scorer.name])
+                scores = scorer.score(rows)
+                baseline = scores if baseline is None else baseline
+                point["max_abs_diff_vs_paper"] = float(np.abs(scores - baseline).max()) if scorers[0].name == "paper-eager" else None
+                result["points"].append(point)
+                bar.update(1)
+    bar.close()
+    return result
+
+
+def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, peaks_report: dict, work: Path,
+                     block: int = 256, progress: bool = True) -> dict:
+    """One image x len(lengths) captions of real lengths, every scorer, whole pass timed (median of repeats).
+    Factored scorers bucket (sorted by length, `block` captions per call); the baseline pads to 30."""
+    set_threads(sweep.threads)
+    peaks = peaks_report["peak"]
+    model = random_model(preset_name, sweep.seed)
+    route = "gates" if model.w2r.pair_gathers_gates else "regions"
+    names, skipped = usable_scorers(sweep.scorers, peaks_report, route)
+    precisions = tuple(n[4:] for n in names if n.startswith("ort-"))
+    graphs = export_graphs(model, work / preset_name, precisions) if precisions else {}
+    inputs = random_inputs(model.config, lengths, seed=sweep.seed + 1000)
+    order = np.argsort(lengths, kind="stable")
+    blocks = [order[i:i + block] for i in range(0, len(order), block)]  # buckets: sorted runs of `block` captions
+    result = {"preset": preset_name, "captions": int(len(lengths)), "block": block, "skipped": skipped,
+              "mean_length": float(np.mean(lengths)), "scorers": {}}
+    baseline_scores = None
+    for name in tqdm(names, desc=f"real lengths {preset_name}", unit="scorer", disable=not progress):
+        scorer = make_scorer(name, model, graphs, sweep.threads)
+        cache = scorer.prepare(inputs)
+        scores = np.empty(len(lengths), np.float32)
+
+        def run_pass() -> None:
+            for rows in blocks:
+                scores[rows] = scorer.score(rows)
+
+        timing = time_calls(run_pass, repeats=max(1, sweep.repeats // 2), warmup=1, max_seconds=sweep.max_seconds * 2,
+                            min_calls=1)
+        flops = sum(total_flops(stage_flops(scorer, model.config, int(lengths[rows].max()))) * len(rows) for rows in blocks)
+        ideal = sum(ideal_seconds(stage_flops(scorer, model.config, int(lengths[rows].max())), peaks, scorer.precision_of)
+                    * len(rows) for rows in blocks)
+        pairs_per_s = len(lengths) / timing["median_s"]
+        baseline_scores = scores.copy() if baseline_scores is None else baseline_scores
+        result["scorers"][name] = {
+            "pass_s": timing["median_s"], "pass_p90_s": timing["p90_s"], "calls": timing["calls"], "pairs_per_s": pairs_per_s,
+            "protocol_pairs_per_s": protocol_rate(pairs_per_s, cache), "flops_per_pair": flops / len(lengths),
+            "gflops_per_s": flops / timing["median_s"] / 1e9, "fraction_of_peak": ideal / timing["median_s"],
+            "precision_of": scorer.precision_of or "fp32",
+            "max_abs_diff_vs_paper": float(np.abs(scores - baseline_scores).max()) if names[0] == "paper-eager" else None}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.peak import format_peaks, measure_peaks
+    from training.config import PRESETS, preset
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pair_scoring", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable; default flickr8k")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[12, 30])
+    parser.add_argument("--batches", type=int, nargs="+", default=[64])
+    parser.add_argument("--scorers", nargs="+", choices=SCORER_NAMES, default=list(SPEED_SCORERS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args(argv)
+    presets = args.preset or ["flickr8k"]
+    for name in presets:
+        too_long = [n for n in args.lengths if not 1 <= n <= preset(name).max_words]
+        if too_long:
+            print(f"error: --lengths {too_long}: expected 1..{preset(name).max_words} words at preset {name}", file=sys.stderr)
+            return 2
+    if min(args.batches) < 1 or args.repeats < 1 or args.threads < 1:
+        print("error: --batches, --repeats and --threads must be positive", file=sys.stderr)
+        return 2
+    sweep = SweepConfig(lengths=tuple(args.lengths), batches=tuple(args.batches), repeats=args.repeats,
+                        scorers=tuple(args.scorers), threads=args.threads)
+    peaks = measure_peaks(tuple(sorted({preset(n).w2r_hidden for n in presets})), max(args.batches), args.threads, square=False)
+    print(format_peaks(peaks))
+    with tempfile.TemporaryDirectory(prefix="bssan-bench-") as work:
+        results = [sweep_preset(name, sweep, peaks, Path(work)) for name in presets]
+    for result in results:
+        for p in result["points"]:
+            print(f"{result['preset']:<9} L={p['length']:<3} B={p['batch']:<4} {p['scorer']:<20} {p['pairs_per_s']:9.1f} pairs/s "
+                  f"p50 {p['latency_median_s'] * 1e3:8.2f} ms p90 {p['latency_p90_s'] * 1e3:8.2f} ms "
+                  f"{p['gflops_per_s']:6.1f} GFLOP/s {100 * p['fraction_of_peak']:5.1f}% of peak")
+    write_json_atomic(args.json, {"machine": machine_info(args.threads), "peak": peaks, "pair_scoring": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

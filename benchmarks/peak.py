@@ -1,0 +1,206 @@
+"""The machine's matmul peak, measured: fp32 (torch, numpy, ONNX Runtime MLAS), bf16 (torch), int8 (ONNX Runtime).
+
+    python -m benchmarks.peak [--threads 2] [--rows 256] [--hidden 256 1024] [--json OUT.json]
+    from benchmarks.peak import measure_peaks
+    peaks = measure_peaks(hidden_sizes=(256, 1024), rows=256, threads=2)
+    peaks["peak"]["fp32"]        # FLOP/s: the best fp32 GEMM measured here
+
+Shapes: the W2R recurrence's GEMM h W_hh^T, [rows, H] x [H, 4H], for each H asked (rows = pairs
+per call), and one square 1024^3 GEMM for reference. Kernels:
+- fp32: torch.matmul, numpy.matmul (its BLAS, its own thread count), ONNX Runtime MatMul (MLAS:
+  what the ORT fp32 pair graphs run on).
+- bf16: torch.matmul on bfloat16 tensors (on CPUs without bf16 instructions this is emulated and
+  slow; it is measured anyway because the bf16 variant runs on it).
+- int8: ONNX Runtime MatMulInteger (uint8 x int8 -> int32, the raw integer kernel) and
+  DynamicQuantizeMatMul (fp32 activations quantized per call x int8 weights -> fp32: what
+  quantize_dynamic puts into the int8 pair graphs). Their "FLOPs" are integer multiply-adds x 2.
+
+`peak[precision]` is the best rate measured for that precision over every kernel and shape:
+the denominator of each benchmark's "fraction of peak".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import DEFAULT_THREADS, machine_info, time_calls, write_json_atomic
+
+SQUARE = 1024
+MIN_SECONDS = 0.3  # per kernel and shape: long enough for a stable median on a shared machine
+MAX_SECONDS = 3.0  # per kernel and shape: a slow (emulated) kernel stops after 3 calls past this
+PROBE_SHAPE = (256, 256, 1024)  # bf16 is probed here first: on CPUs without bf16 instructions it is emulated
+NATIVE_BF16_RATIO = 0.5  # where /proc/cpuinfo is silent: bf16 at >= half the fp32 rate counts as native
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 and aarch64 /proc/cpuinfo names
+
+
+def _rate(flops: float, timing: dict) -> float:
+    return flops / timing["median_s"]
+
+
+def _ort_matmul_session(op: str, rows: int, inner: int, cols: int, threads: int):
+    """A one-node ONNX model: MatMul (fp32), MatMulInteger (u8 x s8) or DynamicQuantizeMatMul (fp32 x s8)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if op == "MatMul":
+        inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, [rows, inner])]
+        weights = [numpy_helper.from_array(rng.standard_normal((inner, cols)).astype(np.float32), "b")]
+        node = helper.make_node("MatMul", ["a", "b"], ["y"])
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, cols])
+        feed = {"a": rng.standard_normal((rows, inner)).astype(np.float32)}
+        opsets = [helper.make_opsetid("", 17)]
+    elif op == "MatMulInteger":
+        inputs = [helper.make_tensor_value_info("a", TensorProto.UINT8, [rows, inner])]
+        weights = [numpy_helper.from_array(rng.integers(-127, 128, (inner, cols), dtype=np.int8), "b")]
+        node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
+        out = helper.make_tensor_value_info("y", TensorProto.INT32, [rows, cols])
+        feed = {"a": rng.integers(0, 256, (rows, inner), dtype=np.uint8)}
+        opsets = [helper.make_opsetid("", 17)]
+    elif op == "DynamicQuantizeMatMul":
+        inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, [rows, inner])]
+        weights = [numpy_helper.from_array(rng.integers(-127, 128, (inner, cols), dtype=np.int8), "b"),
+                   numpy_helper.from_array(np.array([0.01], dtype=np.float32), "b_scale"),
+                   numpy_helper.from_array(np.array([0], dtype=np.int8), "b_zero")]
+        node = helper.make_node("DynamicQuantizeMatMul", ["a", "b", "b_scale", "b_zero"], ["y"], domain="com.microsoft")
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, cols])
+        feed = {"a": rng.standard_normal((rows, inner)).astype(np.float32)}
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    else:
+        raise ValueError(f"op {op!r}: expected MatMul, MatMulInteger or DynamicQuantizeMatMul")
+    graph = helper.make_graph([node], f"peak_{op}", inputs, [out], initializer=weights)
+    model = helper.make_model(graph, opset_imports=opsets)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+    return session, feed
+
+
+def _torch_rate(rows: int, inner: int, cols: int, dtype_name: str) -> dict:
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, inner, generator=gen).to(dtype)
+    b = torch.randn(inner, cols, generator=gen).to(dtype)
+    with torch.no_grad():
+        timing = time_calls(lambda: torch.matmul(a, b), repeats=5, warmup=1, min_seconds=MIN_SECONDS,
+                            max_seconds=MAX_SECONDS)
+    return {"flops_per_s": _rate(2.0 * rows * inner * cols, timing), "median_s": timing["median_s"]}
+
+
+def _numpy_rate(rows: int, inner: int, cols: int) -> dict:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, inner)).astype(np.float32)
+    b = rng.standard_normal((inner, cols)).astype(np.float32)
+    timing = time_calls(lambda: a @ b, repeats=5, warmup=1, min_seconds=MIN_SECONDS, max_seconds=MAX_SECONDS)
+    return {"flops_per_s": _rate(2.0 * rows * inner * cols, timing), "median_s": timing["median_s"]}
+
+
+def _ort_rate(op: str, rows: int, inner: int, cols: int, threads: int) -> dict:
+    session, feed = _ort_matmul_session(op, rows, inner, cols, threads)
+    timing = time_calls(lambda: session.run(None, feed), repeats=5, warmup=1, min_seconds=MIN_SECONDS,
+                        max_seconds=MAX_SECONDS)
+    return {"flops_per_s": _rate(2.0 * rows * inner * cols, timing), "median_s": timing["median_s"]}
+
+
+KERNELS = (  # (name, precision, how)
+    ("torch.matmul fp32", "fp32", lambda r, k, n, t: _torch_rate(r, k, n, "fp32")),
+    ("numpy.matmul fp32", "fp32", lambda r, k, n, t: _numpy_rate(r, k, n)),
+    ("onnxruntime MatMul fp32", "fp32", lambda r, k, n, t: _ort_rate("MatMul", r, k, n, t)),
+    ("torch.matmul bf16", "bf16", lambda r, k, n, t: _torch_rate(r, k, n, "bf16")),
+    ("onnxruntime MatMulInteger u8s8", "int8", lambda r, k, n, t: _ort_rate("MatMulInteger", r, k, n, t)),
+    ("onnxruntime DynamicQuantizeMatMul s8", "int8", lambda r, k, n, t: _ort_rate("DynamicQuantizeMatMul", r, k, n, t)),
+)
+
+
+def probe_bf16() -> dict:
+    """torch bf16 vs fp32 matmul at PROBE_SHAPE: {"native": bool, "ratio": bf16 rate / fp32 rate, ...}."""
+    fp32, bf16 = _torch_rate(*PROBE_SHAPE, "fp32"), _torch_rate(*PROBE_SHAPE, "bf16")
+    ratio = bf16["flops_per_s"] / fp32["flops_per_s"]
+    flags = _bf16_flags()
+    native = bool(flags) if flags is not None else ratio >= NATIVE_BF16_RATIO
+    return {"shape": list(PROBE_SHAPE), "fp32_flops_per_s": fp32["flops_per_s"], "bf16_flops_per_s": bf16["flops_per_s"],
+            "ratio": ratio, "cpu_bf16_flags": flags, "native": native}
+
+
+def _bf16_flags() -> list[str] | None:
+    """bf16 instruction flags of /proc/cpuinfo (empty: none), or None where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            have = set(line.split(":", 1)[1].split())
+            return [f for f in NATIVE_BF16_FLAGS if f in have]
+    return None
+
+
+def measure_peaks(hidden_sizes: tuple[int, ...] = (256, 1024), rows: int = 256, threads: int = DEFAULT_THREADS,
+                  square: bool = True, progress: bool = True) -> dict:
+    """{"shapes": [...], "kernels": [{kernel, precision, shape, flops_per_s, median_s}], "peak": {precision: FLOP/s},
+    "peak_kernel": {precision: "kernel at shape"}, "bf16_probe": probe_bf16()} measured with `threads` threads.
+    Without native bf16 the bf16 kernel is measured at the probe shape only (emulated: seconds per GEMM)."""
+    from tqdm import tqdm
+
+    from benchmarks.common import set_threads
+
+    set_threads(threads)
+    shapes = [(rows, h, 4 * h) for h in hidden_sizes] + ([(SQUARE, SQUARE, SQUARE)] if square else [])
+    probe = probe_bf16()
+    rows_out, peak, where = [], {}, {}
+    if not probe["native"]:
+        rows_out.append({"kernel": "torch.matmul bf16", "precision": "bf16", "shape": probe["shape"],
+                         "flops_per_s": probe["bf16_flops_per_s"], "note": "emulated: no native bf16 matmul on this CPU"})
+        peak["bf16"], where["bf16"] = probe["bf16_flops_per_s"], f"torch.matmul bf16 at {probe['shape']} (emulated)"
+    bar = tqdm(total=len(shapes) * len(KERNELS), desc="matmul peak", unit="kernel", disable=not progress)
+    for shape in shapes:
+        for name, precision, how in KERNELS:
+            if precision == "bf16" and not probe["native"]:
+                bar.update(1)
+                continue
+            measured = how(*shape, threads)
+            rows_out.append({"kernel": name, "precision": precision, "shape": list(shape), **measured})
+            if measured["flops_per_s"] > peak.get(precision, 0.0):
+                peak[precision], where[precision] = measured["flops_per_s"], f"{name} at {list(shape)}"
+            bar.update(1)
+    bar.close()
+    return {"threads": threads, "shapes": [list(s) for s in shapes], "kernels": rows_out, "peak": peak, "peak_kernel": where,
+            "bf16_probe": probe}
+
+
+def format_peaks(report: dict) -> str:
+    lines = [f"matmul peak ({report['threads']} threads):"]
+    for row in report["kernels"]:
+        lines.append(f"  {row['kernel']:<40} {str(row['shape']):<20} {row['flops_per_s'] / 1e9:8.1f} G(FL)OP/s")
+    for precision, value in report["peak"].items():
+        lines.append(f"  peak {precision}: {value / 1e9:.1f} G(FL)OP/s ({report['peak_kernel'][precision]})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    parser.add_argument("--rows", type=int, default=256, help="rows of the recurrence GEMM (pairs per call)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 1024], help="W2R hidden sizes H")
+    parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.rows < 1 or min(args.hidden) < 1:
+        print("error: --threads, --rows and --hidden must be positive", file=sys.stderr)
+        return 2
+    report = measure_peaks(tuple(args.hidden), args.rows, args.threads)
+    print(format_peaks(report))
+    if args.json is not None:
+        write_json_atomic(args.json, {"machine": machine_info(args.threads), "peak": report})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

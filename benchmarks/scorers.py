@@ -1,0 +1,234 @@
+"""The pair scorers the benchmarks compare, on one image x many captions, behind one small interface.
+
+    from benchmarks.scorers import random_model, random_inputs, export_graphs, make_scorers
+    model = random_model("paper")                              # random weights, eval mode, seed 0
+    inputs = random_inputs(model.config, captions=256, lengths=np.full(256, 30))
+    graphs = export_graphs(model, work_dir, precisions=("fp32", "int8-recurrence"))
+    for scorer in make_scorers(model, graphs, names):          # "paper-eager", "factored-eager", "ort-fp32", ...
+        scorer.prepare(inputs)                                 # caches: once per image / caption (timed apart)
+        scores = scorer.score(rows)                            # MS [len(rows)] of (image 0, caption r) for r in rows
+
+Scorers (every one computes MS = Y + lambda Y' of the same model on the same inputs):
+- paper-eager: training.model.reference_scores, the paper as written, un-factored, every caption
+  padded to max_words (30), nn.LSTM over [u_k; t_k]; the image is repeated per pair (a view).
+- factored-eager: the model's factored path in torch (encode_images with G = R W_ih_u^T cached,
+  encode_texts, score_grid_cached); the caption rows are sliced to their longest caption.
+- torch-bf16: factored-eager under torch.autocast("cpu", bfloat16).
+- ort-<precision>: the exported ONNX graphs (export/graphs.py, export/onnx_export.py) on ONNX
+  Runtime CPU: image and text graphs once, then w2r_pair + o2w_pair with pairs [(0, r)].
+  Precisions: fp32; fp16 (fp16 graphs, recurrence kept fp32: ORT CPU inserts casts, no fp16
+  arithmetic); int8-recurrence / int8-projection (quantize_dynamic QInt8 of h W_hh^T, and also of
+  u W_ih_u^T where the graph has it; export/precision.py).
+
+Only the pair step is timed by the benchmarks; `prepare` reports its own seconds per image and
+per caption, so the caller can amortise them over a gallery (the 1K x 5K protocol).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.graphs import GRAPHS
+
+ORT_PRECISIONS = ("fp32", "fp16", "int8-recurrence", "int8-projection")
+SCORER_NAMES = ("paper-eager", "factored-eager", "torch-bf16", *(f"ort-{p}" for p in ORT_PRECISIONS))
+
+
+@dataclass
+class Inputs:
+    regions: np.ndarray  # [1, D, M] float32
+    objects: np.ndarray  # [1, P, Q]
+    words: np.ndarray  # [B_txt, L, E], zero past each length
+    lengths: np.ndarray  # [B_txt] int64
+
+
+def random_model(preset_name: str, seed: int = 0):
+    import torch
+
+    from training.config import preset
+    from training.model import BSSAN
+
+    torch.manual_seed(seed)
+    return BSSAN(preset(preset_name)).eval()
+
+
+def random_inputs(config, lengths: np.ndarray, seed: int = 0) -> Inputs:
+    """One random image and len(lengths) random captions of those lengths (N(0, 1) features)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    words = rng.standard_normal((len(lengths), int(lengths.max()), config.word_dim)).astype(np.float32)
+    words[np.arange(words.shape[1])[None, :] >= lengths[:, None]] = 0.0  # [B_txt, L]: zero past the length
+    return Inputs(regions=rng.standard_normal((1, config.region_count, config.region_dim)).astype(np.float32),
+                  objects=rng.standard_normal((1, config.object_count, config.object_dim)).astype(np.float32),
+                  words=words, lengths=lengths)
+
+
+def export_graphs(model, work: Path, precisions: tuple[str, ...] = ("fp32",)) -> dict[str, dict[str, Path]]:
+    """{precision: {graph: path}} of the model's graphs; int8 precisions hold only the pair graphs they change."""
+    import torch
+
+    from export.graphs import build_graph_modules, graph_dims
+    from export.onnx_export import export_graph
+    from export.precision import quantize_pair_graph
+
+    dims = graph_dims(model)
+    out: dict[str, dict[str, Path]] = {}
+    for precision in ("fp32", *[p for p in precisions if p != "fp32"]):
+        if precision in ("fp32", "fp16"):
+            dtype = torch.float16 if precision == "fp16" else torch.float32
+            modules = build_graph_modules(model, dtype, recurrence_fp32=True)
+            out[precision] = {name: export_graph(module, name, dims, work / f"{name}.{precision}.onnx", precision)
+                              for name, module in modules.items()}
+        elif precision.startswith("int8-"):
+            scope = precision.split("-", 1)[1]
+            out[precision] = {}
+            for name in ("w2r_pair", "o2w_pair"):
+                if name in out["fp32"] and quantize_pair_graph(out["fp32"][name], work / f"{name}.{precision}.onnx", scope):
+                    out[precision][name] = work / f"{name}.{precision}.onnx"
+        else:
+            raise ValueError(f"precision {precision!r}: expected one of {ORT_PRECISIONS}")
+    return out
+
+
+class Scorer:
+    name = ""
+    precision_of: dict[str, str] = {}  # stage -> precision of its GEMMs (benchmarks.flops.ideal_seconds)
+    route = "reference"  # "reference" (un-factored), "gates" or "regions": which FLOP formula applies
+
+    def prepare(self, inputs: Inputs) -> dict:
+        """Encode the image and every caption; {"image_s": s per image, "caption_s": s per caption}."""
+        self.inputs = inputs
+        return {"image_s": 0.0, "caption_s": 0.0}
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class PaperEager(Scorer):
+    name = "paper-eager"
+
+    def __init__(self, model):
+        self.model = model
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        import torch
+
+        from training.model import reference_scores
+
+        n = len(rows)
+        t = torch.from_numpy
+        with torch.no_grad():
+            regions = t(self.inputs.regions).expand(n, -1, -1)  # [N, D, M]: one image, repeated per pair (a view)
+            objects = t(self.inputs.objects).expand(n, -1, -1)  # [N, P, Q]
+            y, yp = reference_scores(self.model, regions, objects, t(self.inputs.words[rows]), t(self.inputs.lengths[rows]))
+            return self.model.combine(y, yp).numpy()
+
+
+class FactoredEager(Scorer):
+    name = "factored-eager"
+    route = "gates"
+
+    def __init__(self, model, bf16: bool = False):
+        self.model, self.bf16 = model, bf16
+        if bf16:
+            self.name = "torch-bf16"
+            self.precision_of = {"w2r.attention_logits": "bf16", "w2r.attend": "bf16", "w2r.recurrence": "bf16",
+                                 "w2r.mlp": "bf16", "o2w.attention_logits": "bf16", "o2w.attend": "bf16", "o2w.mlp": "bf16"}
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def prepare(self, inputs: Inputs) -> dict:
+        import torch
+
+        self.inputs = inputs
+        with torch.no_grad(), self._autocast():
+            start = time.perf_counter()
+            self.image_cache = self.model.encode_images(inputs.regions, inputs.objects, gates=True)
+            image_s = time.perf_counter() - start
+            start = time.perf_counter()
+            self.text_cache = self.model.encode_texts(inputs.words, inputs.lengths)
+            caption_s = (time.perf_counter() - start) / len(inputs.lengths)
+        return {"image_s": image_s, "caption_s": caption_s}
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        import torch
+
+        index = torch.as_tensor(rows)
+        words = int(self.inputs.lengths[rows].max())
+        sub = {branch: {k: (v[index][:, :words] if v.dim() == 3 else v[index]) for k, v in cache.items()}
+               for branch, cache in self.text_cache.items()}  # caption rows, sliced to their longest caption
+        with torch.no_grad(), self._autocast():
+            return self.model.combine(*self.model.score_grid_cached(self.image_cache, sub))[0].float().numpy()
+
+
+class OrtScorer(Scorer):
+    def __init__(self, model, graphs: dict[str, dict[str, Path]], precision: str, threads: int):
+        from export.validate import open_session
+
+        self.name = f"ort-{precision}"
+        self.precision = precision
+        self.weights = model.config.branch_weights
+        self.route = "gates" if model.w2r is not None and model.w2r.pair_gathers_gates else "regions"
+        float_graphs = graphs["fp16" if precision == "fp16" else "fp32"]
+        chosen = {**float_graphs, **graphs.get(precision, {})}
+        self.dtype = np.float16 if precision == "fp16" else np.float32
+        self.sessions = {name: open_session(path, threads) for name, path in chosen.items()}
+        if precision.startswith("int8-") and "w2r_pair" in graphs.get(precision, {}):
+            self.precision_of = {"w2r.recurrence": "int8"}
+            if precision == "int8-projection" and self.route == "regions":
+                self.precision_of["w2r.input_projection"] = "int8"
+
+    def prepare(self, inputs: Inputs) -> dict:
+        self.inputs = inputs
+        self.cache: dict[str, np.ndarray] = {}
+        image_s = caption_s = 0.0
+        for branch, image_feed in (("w2r", {"regions": inputs.regions}), ("o2w", {"objects": inputs.objects})):
+            if f"{branch}_pair" not in self.sessions:
+                continue
+            start = time.perf_counter()
+            outputs = self.sessions[f"{branch}_image"].run(None, {k: v.astype(self.dtype) for k, v in image_feed.items()})
+            image_s += time.perf_counter() - start
+            self.cache.update(zip(GRAPHS[f"{branch}_image"].output_names, outputs))
+            spec = GRAPHS[f"{branch}_text"]
+            feeds = {k: v for k, v in {"words": inputs.words.astype(self.dtype), "lengths": inputs.lengths}.items()
+                     if k in spec.input_names}
+            start = time.perf_counter()
+            self.cache.update(zip(spec.output_names, self.sessions[f"{branch}_text"].run(None, feeds)))
+            caption_s += (time.perf_counter() - start) / len(inputs.lengths)
+        self.cache["words"] = inputs.words.astype(self.dtype)
+        self.cache["lengths"] = inputs.lengths
+        return {"image_s": image_s, "caption_s": caption_s}
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        words = int(self.inputs.lengths[rows].max())
+        available = {name: (value[rows][:, :words] if name in ("words", "gates_words", "states") else
+                            value[rows] if name == "lengths" else value) for name, value in self.cache.items()}
+        available["pairs"] = np.stack([np.zeros(len(rows), np.int64), np.arange(len(rows), dtype=np.int64)], axis=1)  # [N, 2]
+        total = np.zeros(len(rows), np.float32)
+        for branch, weight in zip(("w2r", "o2w"), self.weights):
+            name = f"{branch}_pair"
+            if name in self.sessions and weight:
+                feeds = {n: available[n] for n in GRAPHS[name].input_names}
+                total += weight * self.sessions[name].run(None, feeds)[0]
+        return total
+
+
+def make_scorer(name: str, model, graphs: dict[str, dict[str, Path]] | None = None, threads: int = 2) -> Scorer:
+    if name == "paper-eager":
+        return PaperEager(model)
+    if name in ("factored-eager", "torch-bf16"):
+        return FactoredEager(model, bf16=name == "torch-bf16")
+    if name.startswith("ort-") and name[4:] in ORT_PRECISIONS:
+        if graphs is None or name[4:] not in graphs:
+            raise ValueError(f"scorer {name}: its graphs were not exported (have {sorted(graphs or {})})")
+        return OrtScorer(model, graphs, name[4:], threads)
+    raise ValueError(f"scorer {name!r}: expected one of {SCORER_NAMES}")
