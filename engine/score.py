@@ -6,9 +6,11 @@
         [--precision fp32|fp16|int8] [--batch-size PAIRS] [--threads N] [--memory-budget-mb MB]
         [--out results.jsonl|results.tsv] [--evaluate]
     python -m engine.score --demo            # six photos shipped by scikit-image, captions from engine/demo.py
+    python -m engine.score --model ARTIFACT --images flickr8k/split_test.txt --image-root flickr8k/images \
+        --captions flickr8k/captions.txt --evaluate   # the Flickr8K test split from the image files
 
 Inputs. --images: a folder (its image files, sorted by name; ids = file names), a text file
-(one image path a line, relative to the file's folder; ids = the lines), or a feature store
+(one image path a line, relative to --image-root or the file's folder; ids = the lines), or a feature store
 (its --split: ids = image names; its captions are used when no --captions/--query is given).
 --captions: one caption a line (ids FILE:LINE), or Flickr8K's token format `image#n<TAB>caption`
 (ids image#n; captions of images outside the gallery are dropped, with a note). --query: t2i.
@@ -75,8 +77,9 @@ class _Parser(argparse.ArgumentParser):
 # Inputs
 
 
-def read_images(arg: Path, split: str) -> tuple[object, list[str], str]:
-    """(image paths or a store split, ids, content digest) of --images DIR|LIST|STORE."""
+def read_images(arg: Path, split: str, root: Path | None = None) -> tuple[object, list[str], str]:
+    """(image paths or a store split, ids, content digest) of --images DIR|LIST|STORE; a LIST's lines
+    are relative to `root` (default: the list file's folder)."""
     if (arg / MANIFEST_NAME).is_file() and STORE_FORMAT in (arg / MANIFEST_NAME).read_text(encoding="utf-8", errors="replace"):
         store = FeatureStore(arg)
         features = store.split(split)
@@ -95,7 +98,7 @@ def read_images(arg: Path, split: str) -> tuple[object, list[str], str]:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 raise DataError(f"{arg.name} line {number}: empty line; expected one image path per line")
-            path = arg.parent / line.strip()
+            path = (arg.parent if root is None else root) / line.strip()
             if not path.is_file():
                 raise ImageError(f"{arg.name} line {number}: image {str(path)!r} not found; expected an existing image file")
             paths.append(path)
@@ -327,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m engine.score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="artifact directory (python -m export)")
     parser.add_argument("--images", type=Path, help="image folder, image list file, or feature store")
+    parser.add_argument("--image-root", type=Path, help="folder the lines of an --images LIST are relative to (default: the list's)")
     parser.add_argument("--split", default="test", help="split of a feature store given as --images")
     parser.add_argument("--captions", type=Path, help="one caption a line, or Flickr8K token format")
     parser.add_argument("--query", action="append", help="a caption to search images with (repeatable)")
@@ -371,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
     if args.demo:
         images, image_ids, image_digest = paths, [p.name for p in paths], "demo:" + ",".join(p.name for p in paths)
     else:
-        images, image_ids, image_digest = read_images(images_arg, args.split)
+        images, image_ids, image_digest = read_images(images_arg, args.split, args.image_root)
     if demo_captions is not None and captions_arg is None and not args.query:
         texts, caption_ids, caption_images = demo_captions
     elif args.query:

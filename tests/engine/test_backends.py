@@ -70,7 +70,7 @@ def test_scores_match_the_training_model(tiny_artifact, tiny_store, tiny_checkpo
 
     split = FeatureStore(tiny_store).split("test")
     model = load_checkpoint(tiny_checkpoints["bssan"]).model
-    want = model.score_matrix(np.asarray(split.regions), np.asarray(split.objects), np.asarray(split.words("glove50")),
+    want = model.score_matrix(np.array(split.regions), np.array(split.objects), np.array(split.words("glove50")),
                               np.asarray(split.lengths)).numpy()
     artifact = load_artifact(tiny_artifact)
     runner = open_or_skip(artifact, backend)

@@ -89,7 +89,7 @@ def test_attention_equals_the_training_model(scorer, caches, split, tiny_checkpo
     model = load_checkpoint(tiny_checkpoints["bssan"]).model
     image_index = np.repeat(ranking.queries, 4)
     text_index = ranking.indices.reshape(-1)
-    want = model.attention_weights(np.asarray(split.regions), np.asarray(split.objects), np.asarray(split.words("glove50")),
+    want = model.attention_weights(np.array(split.regions), np.array(split.objects), np.array(split.words("glove50")),
                                    np.asarray(split.lengths), image_index, text_index)
     lengths = np.asarray(split.lengths)[text_index]
     for n, hit in enumerate(h for per_query in ranking.attention for h in per_query):
