@@ -122,10 +122,9 @@ def retrieval_timing(artifact: Path, store: Path, images: int, shortlist_ks: tup
             return out
         out["shortlist"] = {}
         for k in shortlist_ks:
-            k = min(k, n_img)
-            start = time.perf_counter()
-            i2t = scorer.top_k(image_cache, caption_cache, RANK_K, "i2t", shortlist_k=max(k, RANK_K))
-            t2i = scorer.top_k(image_cache, caption_cache, RANK_K, "t2i", shortlist_k=max(k, RANK_K))
+            start = time.perf_counter()  # ranks are top-10 (R@10), fewer on a gallery smaller than 10
+            i2t = scorer.top_k(image_cache, caption_cache, min(RANK_K, n_cap), "i2t", shortlist_k=min(max(k, RANK_K), n_cap))
+            t2i = scorer.top_k(image_cache, caption_cache, min(RANK_K, n_img), "t2i", shortlist_k=min(max(k, RANK_K), n_img))
             seconds = time.perf_counter() - start
             out["shortlist"][f"k{k}"] = {
                 "shortlist_k": k, "score_s": seconds,
@@ -159,7 +158,9 @@ def run_end_to_end(artifact: Path | None, model: Path, store: Path, data: Path, 
                    precisions: tuple[str, ...], extraction_images: int, work: Path, threads: int) -> dict:
     """Every part whose inputs exist; the others as {"skipped": reason}."""
     report: dict = {}
-    if (data / "images").is_dir() and (REPO_ROOT / "build" / "assets" / "roi_align.json").is_file():
+    if extraction_images < 1:
+        report["extraction"] = {"skipped": "not asked for (0 extraction images)"}
+    elif (data / "images").is_dir() and (REPO_ROOT / "build" / "assets" / "roi_align.json").is_file():
         report["extraction"] = extraction_rate(data, extraction_images, threads=threads)
     else:
         report["extraction"] = {"skipped": f"needs {data}/images and build/assets (python -m export.backbones --out build/assets)"}

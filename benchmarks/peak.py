@@ -143,6 +143,23 @@ def _bf16_flags() -> list[str] | None:
     return None
 
 
+def choose_threads(candidates: tuple[int, ...]) -> dict:
+    """The thread count (of `candidates`) under which torch and ONNX Runtime GEMMs at the recurrence
+    shape of the flickr8k preset run fastest right now (geometric mean of the two rates). On a shared
+    machine 2 threads can lose to 1 badly: OpenMP/ORT threads spin-wait for a core someone else holds."""
+    from benchmarks.common import set_threads
+
+    shape = (256, 256, 1024)
+    rates = {}
+    for threads in candidates:
+        set_threads(threads)
+        torch_rate = _torch_rate(*shape, "fp32")["flops_per_s"]
+        ort_rate = _ort_rate("MatMul", *shape, threads)["flops_per_s"]
+        rates[threads] = float(np.sqrt(torch_rate * ort_rate))
+    best = max(rates, key=rates.get)
+    return {"threads": best, "geomean_flops_per_s": rates, "shape": list(shape)}
+
+
 def measure_peaks(hidden_sizes: tuple[int, ...] = (256, 1024), rows: int = 256, threads: int = DEFAULT_THREADS,
                   square: bool = True, progress: bool = True) -> dict:
     """{"shapes": [...], "kernels": [{kernel, precision, shape, flops_per_s, median_s}], "peak": {precision: FLOP/s},

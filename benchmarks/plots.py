@@ -113,7 +113,7 @@ def plot_precision(report: dict, out: Path) -> Path:
         names = list(result["variants"])
         x = range(len(names))
         ax.bar([i - 0.2 for i in x], [result["variants"][n]["kendall_tau"] for n in names], width=0.4, label="Kendall tau")
-        ax.bar([i + 0.2 for i in x], [result["variants"][n]["top10_overlap"] for n in names], width=0.4, label="top-10 overlap")
+        ax.bar([i + 0.2 for i in x], [result["variants"][n]["topk_overlap"] for n in names], width=0.4, label="top-k overlap (k=10)")
         ax.set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
         ax.set_ylim(min([0.8] + [result["variants"][n]["kendall_tau"] - 0.02 for n in names]), 1.005)
         ax.set_title(f"{result['preset']} vs ORT fp32 (random weights)")

@@ -124,15 +124,18 @@ def print_targets(rows: list[dict]) -> None:
         print(f"  [{row['verdict']}] {row['target']} @ {row['preset']}: {row['ratio']:.2f} (need >= {row['threshold']:g}); {row['detail']}")
 
 
-def run(config: RunConfig, artifact: Path | None, model: Path, store: Path, data: Path, threads: int, work: Path) -> dict:
+def run(config: RunConfig, artifact: Path | None, model: Path, store: Path, data: Path, threads: int | str, work: Path) -> dict:
     from benchmarks.pair_scoring import SweepConfig, real_length_pass, sweep_preset
-    from benchmarks.peak import format_peaks, measure_peaks
+    from benchmarks.peak import choose_threads, format_peaks, measure_peaks
     from benchmarks.precision import artifact_precision, random_weight_precision
     from training.config import preset
 
-    report: dict = {"machine": machine_info(threads), "mode": config.__dict__,
-                    "weights_note": "speed sections use random-weight models (seed 0): speed does not depend on the weights"}
     print(load_note())
+    chosen = choose_threads(tuple(sorted({1, DEFAULT_THREADS}))) if threads == "auto" else {"threads": int(threads), "forced": True}
+    threads = chosen["threads"]
+    print(f"threads: {threads} ({'forced' if chosen.get('forced') else 'auto: ' + str(chosen['geomean_flops_per_s'])})")
+    report: dict = {"machine": machine_info(threads), "threads": chosen, "mode": config.__dict__,
+                    "weights_note": "speed sections use random-weight models (seed 0): speed does not depend on the weights"}
     started = time.perf_counter()
     report["peak"] = measure_peaks(tuple(sorted({preset(p).w2r_hidden for p in config.presets})), max(config.batches),
                                    threads, square=config.square_peak)
@@ -179,7 +182,7 @@ def print_summary(report: dict) -> None:
     for result in report["precision"]["random_weights"]:
         print(f"\nprecision vs ORT fp32, {result['preset']} (random weights, {result['images']} x {result['captions']})")
         for name, row in result["variants"].items():
-            print(f"  {name:<20} max|diff| {row['max_abs_diff']:.3g}  top-10 overlap {row['top10_overlap']:.3f}  "
+            print(f"  {name:<20} max|diff| {row['max_abs_diff']:.3g}  top-{row['top_k']} overlap {row['topk_overlap']:.3f}  "
                   f"Kendall tau {row['kendall_tau']:.4f}")
     artifact = report["precision"].get("artifact", {})
     if "skipped" in artifact:
@@ -200,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    parser.add_argument("--threads", default="auto",
+                        help=f"intra-op threads of every scorer, or auto: 1 or {DEFAULT_THREADS}, whichever GEMMs run faster now")
     args = parser.parse_args(argv)
+    if args.threads != "auto" and (not args.threads.isdigit() or int(args.threads) < 1):
+        print(f"error: --threads {args.threads!r}: expected a positive integer or auto", file=sys.stderr)
+        return 2
     config = QUICK if args.quick else RunConfig()
     if args.presets:
         config = RunConfig(**{**config.__dict__, "presets": tuple(args.presets)})
