@@ -21,7 +21,8 @@ A checkpoint directory holds:
 
 Writes are atomic: everything goes to a sibling temp directory that is then renamed into
 place; replacing an existing checkpoint renames it to `.<name>.old` first and deletes it after,
-and a crash between the two renames is undone on the next save or load. An existing directory
+and a crash between the two renames is undone on the next save or load; the temp directory
+of a save killed half-way is deleted by the next save. An existing directory
 is replaced only if it is a checkpoint of the same kind and configs (the trainer updating
 RUN_DIR/best) or `overwrite=True`; anything else is an ArtifactError.
 """
@@ -197,6 +198,20 @@ def _settle(directory: Path) -> None:
             os.replace(backup, directory)
 
 
+def _remove_stale_temps(directory: Path) -> None:
+    """Delete temp dirs of earlier saves to `directory` whose process is gone (killed mid-save)."""
+    for tmp in directory.parent.glob(f".{directory.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def _same_checkpoint(directory: Path, config: dict) -> bool:
     try:
         existing = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
@@ -235,6 +250,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, train_config
                                 f"expected a new directory (or overwrite=True)")
     store_json, word_json = store_description(store, train_config.word_set)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(directory)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -123,7 +123,10 @@ class TrainConfig:
                                # LSTM, one bad batch can blow up the recurrence; clipping at 2 (as VSE++) bounds it
     lr_decay_every: int = 0    # step decay: lr *= lr_decay every this many epochs; 0 keeps lr constant (paper silent)
     lr_decay: float = 0.1
-    dev_images: int = 0        # per-epoch model selection on the first N dev images and their captions; 0 = all
+    dev_images: int = 200      # per-epoch model selection on the first N dev images and their captions; 0 = all.
+                               # Exhaustive 1000 x 5000 dev scoring at the flickr8k preset measured ~75 min on this
+                               # 2-core CPU (1,116 pairs/s, 1 thread, loaded) vs ~15-20 min of training per epoch;
+                               # 200 x 1000 takes ~3 min. Test evaluation (training.evaluate) is always exhaustive.
 
     def __post_init__(self) -> None:
         if self.margin < 0 or self.lr <= 0 or not 0 <= self.momentum < 1 or self.grad_clip < 0:

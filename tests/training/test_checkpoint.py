@@ -105,6 +105,18 @@ def test_replace_interrupted_between_renames_is_recovered(tmp_path, bssan):
     assert not (tmp_path / ".last.old").exists()
 
 
+def test_temp_dir_of_a_killed_save_is_removed_by_the_next_save(tmp_path, bssan):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".last.tmp-{int(dead.stdout)}"  # a pid that has exited
+    (stale / "weights.pt").parent.mkdir()
+    (stale / "weights.pt").write_bytes(b"half")
+    save_checkpoint(tmp_path / "last", bssan, TrainConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
 def test_update_metrics_merges(tmp_path, bssan):
     save_checkpoint(tmp_path / "c", bssan, TrainConfig(), metrics={"best_epoch": 3})
     update_metrics(tmp_path / "c", {"test": {"rsum": 1.0}})
