@@ -11,8 +11,8 @@ Layout:
 
     ARTIFACT/manifest.json                 the fields below
     ARTIFACT/graphs/<graph>.<precision>.onnx   graphs of engine/graphs.py; precision fp32 | fp16 | int8
-                                           (int8 exists only for the pair graphs: the image and text
-                                           graphs run once per item and stay fp32)
+                                           (int8 exists only for a pair graph with weights in the int8
+                                           scope, i.e. w2r_pair; every other graph runs its fp32 file)
     ARTIFACT/assets/<name>.onnx + .json    copies of the feature backbones (export.backbones,
                                            export.text) when they were found at export time
     ARTIFACT/tensorrt/                     TensorRT engine cache (never listed in "files": engines are
@@ -24,16 +24,22 @@ manifest.json fields:
     format "bssan-artifact", version (int; a newer version than ARTIFACT_VERSION is refused)
     created_utc
     model        {"kind": "bssan", "config": ModelConfig dict, "score_weights": {"w2r": w, "o2w": w'},
-                  "source": checkpoint dir, "metrics": {...}, "provenance": {...}}
+                  "source": checkpoint dir, "shortlist_source": dual-encoder checkpoint dir or null,
+                  "shortlist_config": its config or null, "metrics": {...}, "provenance": {...}}
     dims         {static dim name: size} for every name in engine.graphs.STATIC_DIMS the graphs use
     w2r_values   "gates" (regions_values = G, V = 4H) or "regions" (regions_values = R, V = M)
     precisions   precisions present, e.g. ["fp32", "fp16", "int8"]
-    graphs       {graph: {precision: {"file": "graphs/...onnx", "parity_max_abs_diff": {output: float}, ...}}}
+    graphs       {graph: {precision: {"file": "graphs/<graph>.<precision>.onnx"}}}
     files        {relative path: {"sha256": hex, "bytes": int}} for EVERY file of the artifact
                  except manifest.json and tensorrt/; loading refuses a mismatch
-    preprocessing, word_features   from the checkpoint's store.json / word_features.json
-    assets       {name: {"graph": "assets/<name>.onnx", "manifest": "assets/<name>.json"}}
-    exporter     {"opset", "exporter", "versions": {torch, onnx, onnxruntime, numpy, python}}
+    parity_max_abs_diff  {"fp32": {"<graph>.<output>" | "pipeline.<w2r|o2w|ms>": max |diff|}, "fp16": {...}}
+                 (details per case in validation.json)
+    fp16_recurrence  {graph: "fp16" | "fp32"}: whether the fp16 graph kept its recurrence in fp32
+    int8_scope   which weight MatMuls the int8 graphs quantize ("recurrence": h W_hh^T only), or null
+    preprocessing, word_features   from the checkpoint's store.json (extractor section) / word_features.json
+    assets       {name: {"graph": "assets/<name>.onnx", "manifest": "assets/<name>.json", "kind"}}
+    exporter     {"opset", "exporter", "parity_tolerance", "versions": {torch, onnx, onnxruntime, numpy, python}}
+    tensorrt     {"status": "off" | "skipped: <why>" | "built", "engines": {"<graph>.<precision>": status}, ...}
 """
 
 from __future__ import annotations

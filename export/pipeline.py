@@ -22,7 +22,7 @@ import json
 import os
 import platform
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,7 +55,6 @@ class ExportOptions:
     store: Path | None = None  # feature store for the real-feature parity case (default: the checkpoint's)
     int8_scope: str = DEFAULT_INT8_SCOPE
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def _versions() -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import BssanError, InputError
-from engine.graphs import GRAPHS
+from engine.graphs import FLOAT_DTYPE, GRAPHS
 
 INT8_SCOPES = ("recurrence", "projection", "all")
 DEFAULT_INT8_SCOPE = "recurrence"  # see the module docstring; re-measured by `python -m export.precision`
@@ -155,15 +155,16 @@ def measure_int8(preset_name: str, lengths: tuple[int, ...], work: Path, scopes:
 
     from export.graphs import build_graph_modules, graph_dims
     from export.onnx_export import export_graph
-    from export.validate import open_session
+    from export.validate import open_session, torch_threads
     from training.config import preset
     from training.model import BSSAN
 
     torch.manual_seed(seed)
     model = BSSAN(preset(preset_name)).eval()
     dims = graph_dims(model)
-    paths = {n: export_graph(m, n, dims, work / f"{preset_name}/{n}.fp32.onnx", "fp32")
-             for n, m in build_graph_modules(model).items()}
+    with torch_threads():
+        paths = {n: export_graph(m, n, dims, work / f"{preset_name}/{n}.fp32.onnx", "fp32")
+                 for n, m in build_graph_modules(model).items()}
     sessions = {n: open_session(p, threads) for n, p in paths.items()}
     report = {"preset": preset_name, "threads": threads, "captions_per_call": captions, "dims": dims, "graphs": {}}
     for name in (n for n in paths if GRAPHS[n].stage == "pair"):
@@ -185,23 +186,147 @@ def measure_int8(preset_name: str, lengths: tuple[int, ...], work: Path, scopes:
     return report
 
 
+def artifact_scores(artifact, precision: str, regions, objects, words, lengths, threads: int = BENCH_THREADS,
+                    caption_block: int = BENCH_CAPTIONS) -> np.ndarray:
+    """MS [N_img, N_cap] through an artifact's ONNX graphs at `precision` (int8: the int8 pair graphs
+    where present, fp32 elsewhere): captions encoded once, then one image row x a length-sorted
+    caption block per pair call."""
+    from export.validate import open_session
+
+    def path(name):
+        use = precision if artifact.has_graph(name, precision) else "fp32"
+        return artifact.graph_path(name, use), use
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    scores = np.zeros((len(regions), len(lengths)), dtype=np.float64)
+    weights = artifact.score_weights
+    for branch, image_input in (("w2r", "regions"), ("o2w", "objects")):
+        if f"{branch}_pair" not in artifact.graph_names or not weights[branch]:
+            continue
+        sessions, dtypes = {}, {}
+        for stage in ("image", "text", "pair"):
+            graph_path, use = path(f"{branch}_{stage}")
+            sessions[stage], dtypes[stage] = open_session(graph_path, threads), np.dtype(FLOAT_DTYPE[use])
+        images = sessions["image"].run(None, {image_input: np.asarray(regions if branch == "w2r" else objects, dtypes["image"])})
+        image_cache = dict(zip(GRAPHS[f"{branch}_image"].output_names, images))
+        text_spec, pair_spec = GRAPHS[f"{branch}_text"], GRAPHS[f"{branch}_pair"]
+        for start in range(0, len(order), caption_block):
+            block = order[start:start + caption_block]
+            longest = int(lengths[block].max())
+            block_words = np.asarray(words[block], dtypes["text"])[:, :longest]  # [B_txt, L, E]
+            feeds = {"words": block_words, "lengths": lengths[block]}
+            text_cache = dict(zip(text_spec.output_names, sessions["text"].run(None, {k: v for k, v in feeds.items() if k in text_spec.input_names})))
+            pairs = np.stack([np.zeros(len(block), np.int64), np.arange(len(block), dtype=np.int64)], axis=1)  # [B_txt, 2]
+            for i in range(len(regions)):
+                available = {**{k: v[i:i + 1].astype(dtypes["pair"]) for k, v in image_cache.items()},
+                             **{k: v.astype(dtypes["pair"]) for k, v in text_cache.items()},
+                             "words": block_words.astype(dtypes["pair"]), "lengths": lengths[block], "pairs": pairs}
+                y = sessions["pair"].run(None, {n: available[n] for n in pair_spec.input_names})[0]
+                scores[i, block] += weights[branch] * y
+    return scores
+
+
+def measure_recall(artifact_dir: Path, store: Path, word_set: str, images: int, precisions: tuple[str, ...],
+                   threads: int = BENCH_THREADS) -> dict:
+    """R@K of the first `images` test images (with all their captions) of a feature store, per precision,
+    and each precision's score error against fp32 (Kendall tau per image row, top-10 overlap)."""
+    from engine.artifact import load_artifact
+    from engine.metrics import format_metrics, retrieval_metrics
+    from engine.store import FeatureStore
+
+    artifact = load_artifact(artifact_dir)
+    split = FeatureStore(store).split("test")
+    per_image = split.captions_per_image()
+    if per_image is None:
+        raise InputError(f"{store}: the test split has no fixed captions per image; expected Flickr8K-style 5 per image")
+    n_cap = images * per_image
+    regions = np.asarray(split.regions[:images], np.float32)
+    objects = np.asarray(split.objects[:images], np.float32)
+    words = np.asarray(split.words(word_set)[:n_cap], np.float32)
+    lengths = np.asarray(split.lengths[:n_cap])
+    report = {"images": images, "captions": n_cap, "word_set": word_set}
+    scores = {}
+    for precision in precisions:
+        start = time.perf_counter()
+        scores[precision] = artifact_scores(artifact, precision, regions, objects, words, lengths, threads)
+        metrics = retrieval_metrics(scores[precision], per_image)
+        report[precision] = {"metrics": metrics, "summary": format_metrics(metrics),
+                             "pairs_per_s": images * n_cap / (time.perf_counter() - start)}
+        if precision != "fp32" and "fp32" in scores:
+            report[precision].update(compare_scores(scores["fp32"], scores[precision]))
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.precision", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", action="append", choices=("demo", "flickr8k", "paper"), required=True)
+    parser.add_argument("--preset", action="append", choices=("demo", "flickr8k", "paper"), default=[],
+                        help="int8 speed/error of a random-weight model of this preset (repeatable)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[12, 30])
     parser.add_argument("--threads", type=int, default=BENCH_THREADS)
-    parser.add_argument("--work", type=Path, required=True, help="directory for the measured graphs")
-    parser.add_argument("--out", type=Path, required=True, help="JSON report")
+    parser.add_argument("--work", type=Path, help="directory for the measured graphs (with --preset)")
+    parser.add_argument("--artifact", type=Path, help="with --store: R@K of this artifact per precision")
+    parser.add_argument("--store", type=Path, help="feature store whose test split is scored (with --artifact)")
+    parser.add_argument("--word-set", default="glove50")
+    parser.add_argument("--images", type=int, default=100, help="test images scored (with all their captions)")
+    parser.add_argument("--out", type=Path, required=True, help="JSON report (a PNG plot beside it for --preset)")
     args = parser.parse_args(argv)
+    if not args.preset and not (args.artifact and args.store):
+        parser.error("expected --preset (int8 speed) and/or --artifact with --store (R@K per precision)")
+    if args.preset and args.work is None:
+        parser.error("--preset needs --work")
     try:
         report = {name: measure_int8(name, tuple(args.lengths), args.work, threads=args.threads) for name in args.preset}
+        payload = {"int8": report}
+        if args.artifact:
+            from engine.artifact import load_artifact
+
+            payload["recall"] = measure_recall(args.artifact, args.store, args.word_set, args.images,
+                                               tuple(load_artifact(args.artifact).precisions), args.threads)
     except BssanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    for preset_name, per_preset in report.items():
+        for graph, rows in per_preset["graphs"].items():
+            for length, row in rows.items():
+                cells = [f"fp32 {row['fp32_pairs_per_s']:.0f}"] + [
+                    f"int8[{scope}] {row[scope]['pairs_per_s']:.0f} (tau {row[scope]['kendall_tau']:.4f}, "
+                    f"top{TOP_K} {row[scope][f'top{TOP_K}_overlap']:.2f})" for scope in INT8_SCOPES if row.get(scope)]
+                print(f"{preset_name} {graph} {length}: pairs/s " + ", ".join(cells))
+    for precision, row in payload.get("recall", {}).items():
+        if precision in FLOAT_DTYPE:
+            print(f"{precision}: {row['summary']} ({row['pairs_per_s']:.0f} pairs/s)")
+    if report:
+        plot_int8(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}" + (f" and {args.out.with_suffix('.png')}" if report else ""))
     return 0
+
+
+def plot_int8(report: dict, path: Path) -> None:
+    """Bar chart of pairs/s per preset, pair graph and caption length: fp32 and each int8 scope."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"{p}\n{g}\n{length}", row) for p, per in report.items() for g, rows in per["graphs"].items()
+            for length, row in rows.items()]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
+    variants = ["fp32", *INT8_SCOPES]
+    width = 0.8 / len(variants)
+    for k, variant in enumerate(variants):
+        values = [row["fp32_pairs_per_s"] if variant == "fp32" else (row[variant] or {}).get("pairs_per_s", 0) for _, row in rows]
+        ax.bar([i + k * width for i in range(len(rows))], values, width, label=variant if variant == "fp32" else f"int8 {variant}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [label for label, _ in rows], fontsize=7)
+    ax.set_ylabel("pairs / s (ONNX Runtime CPU)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("pair scorers, 1 image x captions per call, random weights")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -225,3 +225,18 @@ def test_corrupt_graph_in_exported_artifact(demo_artifact, tmp_path):
     with pytest.raises(ArtifactError, match="o2w_text.fp32.onnx: 100 bytes, expected"):
         load_artifact(copy)
     np.testing.assert_equal(load_artifact(demo_artifact).dims["max_words"], 30)
+
+
+def test_assets_are_copied_with_their_manifests(tmp_path):
+    from export.pipeline import _copy_assets
+
+    source = tmp_path / "assets"
+    source.mkdir()
+    (source / "roi_align.onnx").write_bytes(b"graph")
+    (source / "roi_align.json").write_text(json.dumps({"kind": "roi_align", "graph": "roi_align.onnx"}))
+    (source / "orphan.json").write_text(json.dumps({"kind": "x", "graph": "missing.onnx"}))  # no graph: skipped
+    (source / "broken.json").write_text("{")  # not JSON: skipped
+    assets = _copy_assets(source, tmp_path / "artifact" / "assets")
+    assert assets == {"roi_align": {"graph": "assets/roi_align.onnx", "manifest": "assets/roi_align.json", "kind": "roi_align"}}
+    assert (tmp_path / "artifact" / "assets" / "roi_align.onnx").read_bytes() == b"graph"
+    assert _copy_assets(tmp_path / "none", tmp_path / "x") == {}

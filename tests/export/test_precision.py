@@ -78,3 +78,26 @@ def test_fp16_decisions_recorded(demo_artifact):
         assert artifact.manifest["fp16_recurrence"][name] == decision["recurrence"]
         assert 0 < decision["max_abs_diff_recurrence_fp32"] < 1e-2 and 0 < decision["max_abs_diff_recurrence_fp16"] < 1e-2
     assert set(report["decisions"]) == {"w2r_pair", "o2w_text", "shortlist_text"}
+
+
+def test_recall_per_precision_matches_torch(demo_artifact, tiny_store):
+    """The artifact's fp32 ONNX pipeline ranks the store's test split exactly as the torch model's
+    score_matrix does; fp16/int8 report their R@K and score error against fp32."""
+    from engine.metrics import retrieval_metrics
+    from engine.store import FeatureStore
+    from export.precision import artifact_scores, measure_recall
+    from export.validate import torch_threads
+    from training.checkpoint import load_checkpoint
+
+    report = measure_recall(demo_artifact, tiny_store, "glove50", images=6, precisions=("fp32", "fp16", "int8"))
+    assert report["captions"] == 30 and {"fp32", "fp16", "int8"} <= set(report)
+    assert report["int8"]["kendall_tau"] > 0.9 and report["fp16"]["kendall_tau"] > 0.9
+    split = FeatureStore(tiny_store).split("test")
+    model = load_checkpoint(demo_artifact.parent / "bssan").model
+    words, lengths = np.asarray(split.words("glove50")[:30], np.float32), np.asarray(split.lengths[:30])
+    regions, objects = np.asarray(split.regions[:6], np.float32), np.asarray(split.objects[:6], np.float32)
+    with torch_threads():
+        expected = model.score_matrix(regions, objects, words, lengths).numpy()
+    got = artifact_scores(load_artifact(demo_artifact), "fp32", regions, objects, words, lengths, caption_block=7)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert report["fp32"]["metrics"] == retrieval_metrics(got, 5)
