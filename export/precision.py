@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -166,7 +168,9 @@ def measure_int8(preset_name: str, lengths: tuple[int, ...], work: Path, scopes:
         paths = {n: export_graph(m, n, dims, work / f"{preset_name}/{n}.fp32.onnx", "fp32")
                  for n, m in build_graph_modules(model).items()}
     sessions = {n: open_session(p, threads) for n, p in paths.items()}
-    report = {"preset": preset_name, "threads": threads, "captions_per_call": captions, "dims": dims, "graphs": {}}
+    report = {"preset": preset_name, "threads": threads, "captions_per_call": captions, "dims": dims,
+              "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+              "load_average_before": list(os.getloadavg()), "graphs": {}}
     for name in (n for n in paths if GRAPHS[n].stage == "pair"):
         report["graphs"][name] = {}
         for length in lengths:
@@ -183,6 +187,7 @@ def measure_int8(preset_name: str, lengths: tuple[int, ...], work: Path, scopes:
                 row[scope] = {"quantized": len(nodes), "pairs_per_s": pair_throughput(session, feeds),
                               **compare_scores(reference[None], session.run(None, feeds)[0][None])}
             report["graphs"][name][f"L{length}"] = row
+    report["load_average_after"] = list(os.getloadavg())  # other processes on the cores make pairs/s noisy
     return report
 
 
