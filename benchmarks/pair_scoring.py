@@ -44,7 +44,8 @@ class SweepConfig:
     lengths: tuple[int, ...] = (8, 12, 20, 30)  # the issue's caption lengths
     batches: tuple[int, ...] = (1, 16, 64, 256)  # pairs per call; 256 captions per image is ARCHITECTURE's protocol
     repeats: int = 5
-    max_seconds: float = 4.0  # per point: a slow scorer stops after 3 calls past this
+    min_calls: int = 3  # timed calls per point at least
+    max_seconds: float = 4.0  # per point: a slow scorer stops after min_calls calls past this
     scorers: tuple[str, ...] = SPEED_SCORERS
     threads: int = DEFAULT_THREADS
     seed: int = 0
@@ -58,7 +59,8 @@ def stage_flops(scorer: Scorer, config, length: int) -> dict:
 
 def measure(scorer: Scorer, config, rows: np.ndarray, lengths: np.ndarray, peaks: dict, sweep: SweepConfig) -> dict:
     """Time scorer.score(rows); FLOPs per pair at the rows' lengths (bucket = longest); fraction of peak."""
-    timing = time_calls(lambda: scorer.score(rows), repeats=sweep.repeats, warmup=1, max_seconds=sweep.max_seconds)
+    timing = time_calls(lambda: scorer.score(rows), repeats=sweep.repeats, warmup=1, max_seconds=sweep.max_seconds,
+                        min_calls=sweep.min_calls)
     length = int(lengths[rows].max())
     stages = stage_flops(scorer, config, length)
     flops = total_flops(stages)
@@ -152,7 +154,8 @@ def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, 
             for rows in blocks:
                 scores[rows] = scorer.score(rows)
 
-        timing = time_calls(run_pass, repeats=max(1, sweep.repeats // 2), warmup=1, max_seconds=sweep.max_seconds * 2,
+        scorer.score(blocks[-1])  # warm-up on the longest bucket: first-call allocations are not part of a pass
+        timing = time_calls(run_pass, repeats=max(1, sweep.repeats // 2), warmup=0, max_seconds=sweep.max_seconds * 2,
                             min_calls=1)
         flops = sum(total_flops(stage_flops(scorer, model.config, int(lengths[rows].max()))) * len(rows) for rows in blocks)
         ideal = sum(ideal_seconds(stage_flops(scorer, model.config, int(lengths[rows].max())), peaks, scorer.precision_of)
