@@ -4,6 +4,7 @@
     save_checkpoint(run / "best", model, train_config, store=FeatureStore(path), metrics={...})
     ckpt = load_checkpoint(run / "best")         # ckpt.model is in eval mode, fp32
     ckpt.kind, ckpt.model_config, ckpt.word_features["name"], ckpt.metrics["best_epoch"]
+    copy_checkpoint(run / "best", "models/bssan-flickr8k", fp16=True)   # a reference model for the repo
 
 A checkpoint directory holds:
 
@@ -283,6 +284,28 @@ def update_metrics(directory: str | os.PathLike, metrics: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     _write_json(tmp, merged)
     os.replace(tmp, path)
+
+
+def copy_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, fp16: bool = False) -> Path:
+    """Copy a checkpoint (e.g. RUN/best to models/<name>) without its resume state, optionally
+    with fp16 weights. Its records are kept as they are (provenance keeps the training command)
+    plus provenance "copied_from" and "weights_dtype"; `destination` must not exist."""
+    source, destination = Path(source), Path(destination)
+    ckpt = load_checkpoint(source)  # validates everything before anything is written
+    if destination.exists():
+        raise ArtifactError(f"{destination}: exists; expected a new directory to copy {source} into")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = ckpt.model.state_dict()
+    torch.save({k: v.half() if fp16 and v.is_floating_point() else v for k, v in state.items()}, tmp / WEIGHTS)
+    for name in (CONFIG, WORD_FEATURES, STORE, METRICS):
+        shutil.copyfile(source / name, tmp / name)
+    _write_json(tmp / PROVENANCE, ckpt.provenance | {"copied_from": str(source.resolve()),
+                                                     "weights_dtype": "float16" if fp16 else "float32"})
+    os.replace(tmp, destination)
+    return destination
 
 
 # ---------------------------------------------------------------------------------------------

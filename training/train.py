@@ -26,6 +26,7 @@ checkpoint on the full split with python -m training.evaluate.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -175,16 +176,32 @@ def train(store_path: str | os.PathLike, out: str | os.PathLike, kind: ModelKind
           train_config: TrainConfig, save_every: float = 60.0, save_every_batches: int = 0,
           stop_after_batches: int = 0, progress: bool = True, plot: bool = True, command: list[str] | None = None) -> dict:
     """Train (or resume) a run; returns the last metrics.json payload. See the module docstring."""
-    from tqdm import tqdm
-
     out, kind = Path(out), ModelKind(kind)
     store = FeatureStore(store_path)
-    train_split, dev_split = store.split("train"), store.split("dev")
-    captions_per_image_of(dev_split)  # refuse an ungrouped dev split before training, not after an epoch
+    store.split("train")
+    captions_per_image_of(store.split("dev"))  # refuse an ungrouped dev split before training, not after an epoch
     run_config = {"kind": kind.value, "store": str(Path(store_path).resolve()), "model": model_config.to_dict(),
                   "train": train_config.to_dict()}
     check_run_dir(out, run_config)
+    lock = open(out / ".lock", "w")  # held until this process ends: one trainer per RUN_DIR
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(f"{out}: another training.train is running in this run directory; expected one at a time") from None
+    try:
+        check_run_dir(out, run_config)  # again under the lock: a concurrent start may have written run.json
+        return _train(store, out, kind, model_config, train_config, save_every, save_every_batches, stop_after_batches,
+                      progress, plot, command)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
 
+
+def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, train_config: TrainConfig, save_every: float,
+           save_every_batches: int, stop_after_batches: int, progress: bool, plot: bool, command: list[str] | None) -> dict:
+    from tqdm import tqdm
+
+    train_split, dev_split = store.split("train"), store.split("dev")
     torch.manual_seed(train_config.seed)
     model, _ = build_model(kind, model_config.to_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=train_config.lr, momentum=train_config.momentum)

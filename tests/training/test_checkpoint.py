@@ -12,8 +12,8 @@ import torch
 from engine.errors import ArtifactError
 from engine.store import FeatureStore
 from training.baseline import DualEncoder, dual_encoder_preset
-from training.checkpoint import (CONFIG, METRICS, PROVENANCE, REQUIRED, WEIGHTS, ModelKind, load_checkpoint,
-                                 save_checkpoint, update_metrics)
+from training.checkpoint import (CONFIG, METRICS, PROVENANCE, REQUIRED, TRAIN_STATE, WEIGHTS, ModelKind, copy_checkpoint,
+                                 load_checkpoint, save_checkpoint, update_metrics)
 from training.config import TrainConfig, preset
 from training.model import BSSAN
 
@@ -115,6 +115,19 @@ def test_temp_dir_of_a_killed_save_is_removed_by_the_next_save(tmp_path, bssan):
     (stale / "weights.pt").write_bytes(b"half")
     save_checkpoint(tmp_path / "last", bssan, TrainConfig())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_copy_to_fp16_keeps_the_records_and_drops_the_resume_state(tmp_path, tiny_store, bssan):
+    save_checkpoint(tmp_path / "last", bssan, TrainConfig(), store=FeatureStore(tiny_store), metrics={"best_epoch": 2},
+                    train_state={"position": {"epoch": 2}}, command=["python", "-m", "training.train"])
+    copy_checkpoint(tmp_path / "last", tmp_path / "models" / "ref", fp16=True)
+    ref = load_checkpoint(tmp_path / "models" / "ref")
+    assert not (tmp_path / "models" / "ref" / TRAIN_STATE).exists() and ref.metrics == {"best_epoch": 2}
+    assert ref.provenance["command"] == ["python", "-m", "training.train"] and ref.provenance["weights_dtype"] == "float16"
+    assert ref.provenance["copied_from"] == str((tmp_path / "last").resolve())
+    torch.testing.assert_close(ref.model.score_matrix(*_inputs()), bssan.score_matrix(*_inputs()), rtol=0, atol=1e-2)
+    with pytest.raises(ArtifactError, match="ref: exists; expected a new directory"):
+        copy_checkpoint(tmp_path / "last", tmp_path / "models" / "ref")
 
 
 def test_update_metrics_merges(tmp_path, bssan):

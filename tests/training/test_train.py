@@ -89,6 +89,17 @@ def test_refuses_a_run_dir_of_a_different_config(tmp_path, train_store):
         train(train_store, tmp_path / "other", ModelKind.BSSAN, preset("demo"), config, **FAST)
 
 
+def test_one_trainer_per_run_dir(tmp_path, train_store):
+    import fcntl
+
+    config = TrainConfig(epochs=1, batch_size=128)
+    train(train_store, tmp_path / "run", ModelKind.BSSAN, preset("demo"), config, **FAST)
+    with open(tmp_path / "run" / ".lock", "w") as held:  # as if another trainer were running
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(InputError, match="run: another training.train is running in this run directory"):
+            train(train_store, tmp_path / "run", ModelKind.BSSAN, preset("demo"), config, **FAST)
+
+
 def test_hardest_negatives_and_softmax_negatives_train(tmp_path, train_store):
     model_config = replace_strict(preset("demo"), negative_attention="softmax", variant="w2r")
     config = TrainConfig(epochs=1, batch_size=32, hardest_negatives=True, negative_images=True)
