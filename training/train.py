@@ -222,8 +222,13 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
     dev_images = train_config.dev_images or dev_split.num_images
     metrics = {"dev": pos.history, "best_epoch": pos.best_epoch, "dev_images": min(dev_images, dev_split.num_images)}
 
-    def save_last() -> None:
+    def sync_metrics() -> None:
         metrics.update(dev=pos.history, best_epoch=pos.best_epoch)
+        if pos.best_epoch > 0:
+            metrics["best_dev"] = pos.history[pos.best_epoch - 1]["dev"]
+
+    def save_last() -> None:
+        sync_metrics()
         train_state = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                        "position": dict(vars(pos))}
         save_checkpoint(out / "last", model, train_config, store=store, metrics=metrics, train_state=train_state,
@@ -267,18 +272,18 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
         dev_scores = score_split(model, dev_split, train_config.word_set, images=dev_images, progress=progress)
         dev = retrieval_metrics(dev_scores, captions_per_image=dev_split.captions_per_image())
         record = {"epoch": epoch + 1, "loss": pos.loss_sum / max(pos.batch, 1), "pairs": pos.pairs_seen,
-                  "lr": optimizer.param_groups[0]["lr"], "train_pairs_per_second": round(pairs_per_second, 1), "dev": dev, "dev_images": int(dev_scores.shape[0]),
-                  "dev_seconds": round(time.perf_counter() - start, 3)}
+                  "lr": optimizer.param_groups[0]["lr"], "train_pairs_per_second": round(pairs_per_second, 1),
+                  "dev": dev, "dev_images": int(dev_scores.shape[0]), "dev_seconds": round(time.perf_counter() - start, 3)}
         pos.history = pos.history + [record]
         print(f"epoch {epoch + 1}: loss {record['loss']:.4f} | dev {format_metrics(dev)}", file=sys.stderr)
         if dev["rsum"] > pos.best_rsum:
             pos.best_rsum, pos.best_epoch = dev["rsum"], epoch + 1
-            metrics.update(dev=pos.history, best_epoch=pos.best_epoch, best_dev=dev)
+            sync_metrics()
             save_checkpoint(out / "best", model, train_config, store=store, metrics=metrics, command=command, overwrite=True)
         pos.epoch, pos.batch, pos.loss_sum, pos.pairs_seen = epoch + 1, 0, 0.0, 0
         save_last()
         last_save = time.monotonic()
-    metrics.update(dev=pos.history, best_epoch=pos.best_epoch)
+    sync_metrics()
     if plot and pos.history:
         plot_curves(out, pos.history)
     return metrics

@@ -53,6 +53,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, train_store):
               stop_after_batches=4, **FAST)
     resumed = train(train_store, run, ModelKind.BSSAN, model_config, config, save_every=1e9, save_every_batches=2, **FAST)
     assert [_strip(h) for h in resumed["dev"]] == [_strip(h) for h in reference["dev"]]  # losses and dev metrics, exactly
+    assert load_checkpoint(run / "last").metrics["best_dev"] == reference["best_dev"]  # kept across the resumes
     for name in ("last", "best"):
         ours, theirs = _weights(run / name), _weights(tmp_path / "straight" / name)
         assert ours.keys() == theirs.keys()
