@@ -128,10 +128,22 @@ def sweep_preset(preset_name: str, sweep: SweepConfig, peaks_report: dict, work:
     return result
 
 
+def best_batches(result: dict, length: int) -> dict[str, int]:
+    """{scorer: the batch with the highest pairs/s} of a sweep_preset result at the swept length nearest `length`."""
+    nearest = min(result["lengths"], key=lambda n: abs(n - length))
+    best: dict[str, tuple[float, int]] = {}
+    for p in result["points"]:
+        if p["length"] == nearest and p["pairs_per_s"] > best.get(p["scorer"], (0.0, 0))[0]:
+            best[p["scorer"]] = (p["pairs_per_s"], p["batch"])
+    return {name: batch for name, (_, batch) in best.items()}
+
+
 def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, peaks_report: dict, work: Path,
-                     block: int = 256, progress: bool = True) -> dict:
+                     block: int = 256, block_of: dict[str, int] | None = None, progress: bool = True) -> dict:
     """One image x len(lengths) captions of real lengths, every scorer, whole pass timed (median of repeats).
-    Factored scorers bucket (sorted by length, `block` captions per call); the baseline pads to 30."""
+    Captions are sorted by length and cut into blocks of `block` captions per call (or each scorer's own
+    `block_of[name]`, e.g. its best batch of the sweep: best_batches); each block is sliced to its longest
+    caption (a bucket), except for the paper-as-written scorer, which pads every caption to 30."""
     set_threads(sweep.threads)
     peaks = peaks_report["peak"]
     model = random_model(preset_name, sweep.seed)
@@ -141,11 +153,12 @@ def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, 
     graphs = export_graphs(model, work / preset_name, precisions) if precisions else {}
     inputs = random_inputs(model.config, lengths, seed=sweep.seed + 1000)
     order = np.argsort(lengths, kind="stable")
-    blocks = [order[i:i + block] for i in range(0, len(order), block)]  # buckets: sorted runs of `block` captions
-    result = {"preset": preset_name, "captions": int(len(lengths)), "block": block, "skipped": skipped,
+    result = {"preset": preset_name, "captions": int(len(lengths)), "skipped": skipped,
               "mean_length": float(np.mean(lengths)), "scorers": {}}
     baseline_scores = None
     for name in tqdm(names, desc=f"real lengths {preset_name}", unit="scorer", disable=not progress):
+        size = (block_of or {}).get(name, block)
+        blocks = [order[i:i + size] for i in range(0, len(order), size)]  # buckets: sorted runs of `size` captions
         scorer = make_scorer(name, model, graphs, sweep.threads)
         cache = scorer.prepare(inputs)
         scores = np.empty(len(lengths), np.float32)
@@ -163,7 +176,7 @@ def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, 
         pairs_per_s = len(lengths) / timing["median_s"]
         baseline_scores = scores.copy() if baseline_scores is None else baseline_scores
         result["scorers"][name] = {
-            "pass_s": timing["median_s"], "pass_p90_s": timing["p90_s"], "calls": timing["calls"], "pairs_per_s": pairs_per_s,
+            "block": size, "pass_s": timing["median_s"], "pass_p90_s": timing["p90_s"], "calls": timing["calls"], "pairs_per_s": pairs_per_s,
             "protocol_pairs_per_s": protocol_rate(pairs_per_s, cache), "flops_per_pair": flops / len(lengths),
             "gflops_per_s": flops / timing["median_s"] / 1e9, "fraction_of_peak": ideal / timing["median_s"],
             "precision_of": scorer.precision_of or "fp32",

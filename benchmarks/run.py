@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the legacy exporter's C++ shape-inference warnings
 
 from benchmarks.common import DEFAULT_THREADS, load_note, machine_info, write_json_atomic  # noqa: E402
@@ -132,7 +134,7 @@ def print_targets(rows: list[dict]) -> None:
 
 
 def run(config: RunConfig, artifact: Path | None, model: Path, store: Path, data: Path, threads: int | str, work: Path) -> dict:
-    from benchmarks.pair_scoring import SweepConfig, real_length_pass, sweep_preset
+    from benchmarks.pair_scoring import SweepConfig, best_batches, real_length_pass, sweep_preset
     from benchmarks.peak import choose_threads, format_peaks, measure_peaks
     from benchmarks.precision import artifact_precision, random_weight_precision
     from training.config import preset
@@ -151,9 +153,10 @@ def run(config: RunConfig, artifact: Path | None, model: Path, store: Path, data
                              min_calls=config.min_calls, max_seconds=config.max_seconds, threads=threads) for p in config.presets}
     report["pair_scoring"] = [sweep_preset(p, sweeps[p], report["peak"], work) for p in config.presets]
     report["real_lengths"] = []
-    for p in config.presets:
+    for p, swept in zip(config.presets, report["pair_scoring"]):
         lengths, source = flickr8k_test_lengths(config.real_captions.get(p, 256), preset(p).max_words, store, data)
-        real = real_length_pass(p, lengths, sweeps[p], report["peak"], work)
+        # each scorer calls with its best batch of the sweep at the length nearest the real mean (fair to every scorer)
+        real = real_length_pass(p, lengths, sweeps[p], report["peak"], work, block_of=best_batches(swept, int(np.mean(lengths))))
         real["lengths_source"] = source
         report["real_lengths"].append(real)
     report["precision"] = {"random_weights": []}
@@ -184,7 +187,7 @@ def print_summary(report: dict) -> None:
     for real in report["real_lengths"]:
         print(f"\n{real['preset']} real lengths ({real['captions']} captions, mean {real['mean_length']:.1f}; {real['lengths_source']})")
         for name, row in real["scorers"].items():
-            print(f"  {name:<20} {row['pairs_per_s']:10.1f} pairs/s (protocol {row['protocol_pairs_per_s']:.1f})  "
+            print(f"  {name:<20} B={row['block']:<4} {row['pairs_per_s']:10.1f} pairs/s (protocol {row['protocol_pairs_per_s']:.1f})  "
                   f"{row['gflops_per_s']:6.1f} GFLOP/s  {100 * row['fraction_of_peak']:5.1f}% of peak")
     for result in report["precision"]["random_weights"]:
         print(f"\nprecision vs ORT fp32, {result['preset']} (random weights, {result['images']} x {result['captions']})")
