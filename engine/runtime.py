@@ -14,9 +14,11 @@ into blocks, each padded only to its own longest caption: the W2R recurrence run
 steps); `buckets=False` keeps the given order and pads every block to the longest caption of
 the whole set (same scores, more work: a test checks both agree).
 
-Memory: `memory_budget_mb` bounds the whole scoring call: the caches, the output and the
-working set of one pair call (engine.graphs.pair_bytes x PAIR_OVERHEAD, plus the block's rows).
-Blocks shrink until it fits; if the caches alone do not fit, InputError says how much is needed.
+Memory: `memory_budget_mb` bounds the process's resident memory during a scoring call: what it
+holds when the call starts (RSS: interpreter, sessions, caches; memory-mapped caches counted in
+full), the output, and the working set of one pair call (`working_bytes`: the call's rows and
+the graphs' intermediates, x PAIR_OVERHEAD). Calls shrink until that fits; if even one pair does
+not fit, InputError says how much is needed. Encoding holds the cache being filled plus one batch.
 
 Shortlist (`shortlist_k`): the artifact's shortlist graphs (a dual encoder) give unit vectors;
 the first stage ranks by dot product, then BSSAN re-scores only the top shortlist_k per query.
@@ -35,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -43,18 +44,20 @@ from tqdm import tqdm
 from engine.artifact import Artifact, load_artifact
 from engine.attention import attention_of_pairs
 from engine.backends import Runner, open_runner
-from engine.cache import WORD_ARRAYS, CaptionCache, ImageCache, artifact_fingerprint
-from engine.errors import AssetError, InputError
+from engine.cache import CaptionCache, ImageCache
+from engine.encode import Encoder, image_pipeline  # noqa: F401  (image_pipeline: part of this module's API)
+from engine.errors import InputError
 from engine.graphs import FLOAT_DTYPE, GRAPHS, pair_bytes
-from engine.store import SplitFeatures
 
 DEFAULT_MEMORY_BUDGET_MB = 2048
-DEFAULT_PAIRS_PER_CALL = 512  # pairs per pair-graph call; see the CPU measurements in engine/score.py
-SINGLE_ROW_PAIRS = 16  # score_pairs: an image with this many pairs gets calls of its own (no regions_values gather)
-ENCODE_BATCH = 64  # images or captions per image/text graph call
-PAIR_OVERHEAD = 1.5  # allocator slack over the listed intermediates of a pair call; see engine/score.py for the measured peak
+DEFAULT_PAIRS_PER_CALL = 512  # pairs per call: 1010 pairs/s at 500 vs 686 at 100, 989 at 2000 (flickr8k preset, 2 loaded cores)
+# score_pairs: an image with this many pairs gets calls of its own (one image row: no regions_values gather);
+# fewer are pooled across images and sorted by caption length. Measured at the flickr8k preset (2 loaded
+# cores): i2t re-rank of 100 candidates 1184 pairs/s pooled vs 344 in single-image calls of 100 pairs.
+SINGLE_ROW_PAIRS = 256
+PAIR_OVERHEAD = 1.5  # allocator slack over a pair call's listed intermediates: at 512 pairs, flickr8k preset, 392 MB
+# estimated vs 358 MB measured (peak RSS minus the RSS before the first call)
 DIRECTIONS = ("i2t", "t2i")
-IMAGE_INPUTS = {"w2r": ("regions",), "o2w": ("objects",), "shortlist": ("regions", "objects")}
 
 
 @dataclass
@@ -67,6 +70,25 @@ class Ranking:
     scores: np.ndarray  # [Q, k] float32 BSSAN scores
     candidates: np.ndarray | None = None  # [Q, shortlist_k] shortlist rows (dot-product order), shortlist mode only
     attention: list[list[dict]] | None = None  # per query, per hit: engine.attention.attention_of_pairs entries
+
+
+def process_rss_bytes() -> int | None:
+    """Resident set size of this process now (Linux /proc/self/statm), or None where unknown."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def resident_bytes(images: ImageCache, captions: CaptionCache) -> int:
+    """What a scoring call starts from: the process's RSS now (interpreter, sessions, in-memory caches)
+    plus the memory-mapped cache arrays, which scoring pages in; without /proc, the caches alone."""
+    arrays = [*images.arrays.values(), *captions.arrays.values()]
+    rss = process_rss_bytes()
+    if rss is None:
+        return sum(a.nbytes for a in arrays)
+    return rss + sum(a.nbytes for a in arrays if isinstance(a, np.memmap))
 
 
 def progress_bar(progress: "bool | tqdm", total: int):
@@ -82,41 +104,7 @@ def rank_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order, np.take_along_axis(scores, order, axis=1)
 
 
-def image_pipeline(artifact: Artifact, threads: int | None = None):
-    """engine.features.Extractor set up as the model's training features were made (the feature
-    store's extractor record in manifest["preprocessing"]): same backbone graph (checked by sha256),
-    RoIAlign graph, detector, boxes per image. The graphs come from ARTIFACT/assets when the export
-    copied them, else from build/assets (python -m export.backbones --out build/assets)."""
-    from engine.detect import DEFAULT_MIN_SCORE
-    from engine.features import DEFAULT_BOXES, ExtractConfig, Extractor
-    from engine.text import DEFAULT_ASSETS_DIR
-    from engine.vision import file_sha256
-
-    info = artifact.manifest.get("preprocessing") or {}
-    extractor = info.get("extractor", info) or {}
-    backbone, detector = extractor.get("backbone") or {}, extractor.get("detector") or {}
-    if extractor.get("name") != "engine.features" or "graph" not in backbone:
-        raise AssetError(f"{artifact.root}: the model's features came from {extractor.get('name')!r}, which has no image "
-                         f"pipeline to rerun; expected features made by python -m engine.features (score a feature store instead)")
-    if detector.get("name") != "ssd-mobilenet-v2-coco":
-        raise AssetError(f"{artifact.root}: the model's boxes came from detector {detector.get('name')!r}; from image files "
-                         f"this engine reruns only ssd-mobilenet-v2-coco (score a feature store instead)")
-    stem = Path(backbone["graph"]).stem
-    candidates = [artifact.root / "assets", DEFAULT_ASSETS_DIR]
-    folder = next((d for d in candidates if (d / f"{stem}.json").is_file() and (d / "roi_align.json").is_file()), None)
-    if folder is None:
-        raise AssetError(f"backbone {stem}: {stem}.json and roi_align.json not found in {' or '.join(map(str, candidates))}; "
-                         f"build them with: python -m export.backbones --out {DEFAULT_ASSETS_DIR}")
-    if file_sha256(folder / backbone["graph"]) != backbone.get("graph_sha256"):
-        raise AssetError(f"{folder / backbone['graph']}: sha256 differs from the backbone the model was trained with "
-                         f"({str(backbone.get('graph_sha256'))[:12]}); expected the same graph (re-export the backbones)")
-    config = ExtractConfig(images=Path(), captions=Path(), out=Path(), assets=folder, backbone=stem, word_features=(),
-                           boxes_per_image=int(extractor.get("boxes_per_image", DEFAULT_BOXES)),
-                           min_score=float(detector.get("min_score", DEFAULT_MIN_SCORE)), threads=threads or 2)
-    return Extractor(config)
-
-
-class Scorer:
+class Scorer(Encoder):
     """An artifact, a runner, and the scoring plan (pairs per call, buckets, memory budget)."""
 
     def __init__(self, artifact: Artifact, runner: Runner, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
@@ -125,17 +113,12 @@ class Scorer:
             raise InputError(f"pairs per call (batch size) {pairs_per_call}: expected at least 1")
         if memory_budget_mb <= 0:
             raise InputError(f"memory budget {memory_budget_mb} MB: expected a positive number")
-        self.artifact, self.runner = artifact, runner
+        super().__init__(artifact, runner)
         self.memory_budget_mb, self.pairs_per_call, self.buckets = memory_budget_mb, pairs_per_call, buckets
-        self.fingerprint = artifact_fingerprint(artifact)
-        self.dims = artifact.dims
-        # The encoders' float dtype: image/text graphs run at fp32 in an int8 run (engine/backends.py).
-        self.cache_precision = "fp16" if runner.precision == "fp16" else "fp32"
         weights = artifact.score_weights
         self.branches = [(b, float(weights.get(b, 0.0))) for b in ("w2r", "o2w") if runner.has_graph(f"{b}_pair")]
         if not self.branches:
             raise InputError(f"{artifact.root}: no pair graph (w2r_pair / o2w_pair); expected a BSSAN artifact")
-        self._extractor = None
 
     @classmethod
     def load(cls, artifact_dir: str | os.PathLike, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
@@ -157,122 +140,6 @@ class Scorer:
     @property
     def has_shortlist(self) -> bool:
         return self.runner.has_graph("shortlist_image") and self.runner.has_graph("shortlist_text")
-
-    # ----------------------------------------------------------------------------- encoding
-    def _graphs(self, stage: str) -> list[str]:
-        return [n for n, g in GRAPHS.items() if g.stage == stage and self.runner.has_graph(n)]
-
-    def encode_image_features(self, regions: np.ndarray, objects: np.ndarray, ids: list[str] | None = None,
-                              progress: bool = False) -> ImageCache:
-        """regions [N, D, M] and objects [N, P, Q] (any float dtype; memory maps are read in batches) -> ImageCache."""
-        n = len(regions)
-        if len(objects) != n:
-            raise InputError(f"objects: {len(objects)} rows, expected {n} (one per image, as regions)")
-        ids = [str(i) for i in range(n)] if ids is None else list(ids)
-        if len(ids) != n:
-            raise InputError(f"image ids: {len(ids)}, expected {n} (one per image)")
-        parts: dict[str, list[np.ndarray]] = {}
-        for start in tqdm(range(0, n, ENCODE_BATCH), desc="images", unit="batch", disable=not progress):
-            block = {"regions": regions[start:start + ENCODE_BATCH], "objects": objects[start:start + ENCODE_BATCH]}
-            for name in self._graphs("image"):
-                dtype = self.runner.float_dtype(name)
-                feeds = {k: np.ascontiguousarray(block[k], dtype=dtype) for k in IMAGE_INPUTS[GRAPHS[name].branch]}
-                for output, array in self.runner.infer(name, feeds).items():
-                    parts.setdefault(output, []).append(array)
-        arrays = {k: np.concatenate(v) for k, v in parts.items()}
-        return ImageCache(ids, arrays, self.fingerprint, self.cache_precision)
-
-    def encode_images(self, images, ids: list[str] | None = None, progress: bool = False) -> ImageCache:
-        """Paths of image files (through the backbone, detector and RoIAlign graphs the model was
-        trained with), a feature-store split (SplitFeatures), or a (regions, objects) pair of arrays."""
-        if isinstance(images, SplitFeatures):
-            return self.encode_image_features(images.regions, images.objects, ids or images.image_names, progress)
-        if isinstance(images, tuple) and len(images) == 2 and all(isinstance(a, np.ndarray) for a in images):
-            return self.encode_image_features(images[0], images[1], ids, progress)
-        paths = [Path(p) for p in images]
-        regions, objects = self.image_features(paths, progress)
-        return self.encode_image_features(regions, objects, ids or [p.name for p in paths], progress=False)
-
-    def image_features(self, paths: list[Path], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Image files -> (regions [N, D, M], objects [N, P, Q]) with the model's feature pipeline
-        (engine.features.Extractor), rounded through float16 as the feature store holds them, so a
-        gallery of files scores exactly like the same images read from a store. A file that cannot
-        be decoded is an ImageError naming it."""
-        if self._extractor is None:
-            self._extractor = image_pipeline(self.artifact, self.runner.threads)
-        regions, objects = [], []
-        batch = self._extractor.config.batch_size
-        for start in tqdm(range(0, len(paths), batch), desc="image files", unit="batch", disable=not progress):
-            r, o, _, _, bad = self._extractor.images(paths[start:start + batch])
-            if bad:
-                raise InputError(next(iter(bad.values())))
-            regions.append(r.astype(np.float16))
-            objects.append(o.astype(np.float16))
-        if not regions:
-            raise InputError("images: no image given; expected at least one")
-        return np.concatenate(regions), np.concatenate(objects)
-
-    def encode_word_features(self, words: np.ndarray, lengths: np.ndarray, ids: list[str] | None = None,
-                             texts: list[str] | None = None, image_ids: list[str] | None = None,
-                             progress: bool = False) -> CaptionCache:
-        """words [N, L, E] (zero past each length) and lengths [N] -> CaptionCache (ragged word arrays)."""
-        lengths = np.asarray(lengths, dtype=np.int64)
-        n = len(lengths)
-        if len(words) != n:
-            raise InputError(f"words: {len(words)} rows, expected {n} (one per caption, as lengths)")
-        if n and (lengths.min() < 1 or lengths.max() > min(words.shape[1], self.dims["max_words"])):
-            raise InputError(f"lengths: expected caption lengths in [1, {min(words.shape[1], self.dims['max_words'])}], "
-                             f"got [{lengths.min()}, {lengths.max()}]")
-        ids = [str(i) for i in range(n)] if ids is None else list(ids)
-        texts = [""] * n if texts is None else list(texts)
-        image_ids = [""] * n if image_ids is None else list(image_ids)
-        order = np.argsort(lengths, kind="stable")  # encode by length: little padding per batch
-        parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-        for start in tqdm(range(0, n, ENCODE_BATCH), desc="captions", unit="batch", disable=not progress):
-            rows = np.sort(order[start:start + ENCODE_BATCH])  # sorted: memory maps read forward
-            block_lengths = lengths[rows]
-            width = int(block_lengths.max())
-            real = np.arange(width)[None, :] < block_lengths[:, None]  # [B_txt, L]
-            block_words = np.asarray(words[rows][:, :width], dtype=np.float32)
-            outputs = {"words": block_words}
-            for name in self._graphs("text"):
-                feeds = {"words": block_words.astype(self.runner.float_dtype(name)), "lengths": block_lengths}
-                outputs.update(self.runner.infer(name, {k: feeds[k] for k in GRAPHS[name].input_names}))
-            outputs["words"] = block_words.astype(FLOAT_DTYPE[self.cache_precision])
-            for output, array in outputs.items():
-                parts.setdefault(output, []).append((rows, array[real] if output in WORD_ARRAYS else array))
-        arrays = {}
-        for output, chunks in parts.items():  # back to caption order
-            values = np.concatenate([v for _, v in chunks])
-            if output in WORD_ARRAYS:
-                owner = np.concatenate([np.repeat(rows, lengths[rows]) for rows, _ in chunks])  # caption of each word row
-            else:
-                owner = np.concatenate([rows for rows, _ in chunks])
-            arrays[output] = values[np.argsort(owner, kind="stable")]
-        return CaptionCache(ids, texts, image_ids, lengths, arrays, self.fingerprint, self.cache_precision)
-
-    def encode_captions(self, captions, ids: list[str] | None = None, image_ids: list[str] | None = None,
-                        progress: bool = False) -> CaptionCache:
-        """Caption strings (THE tokenizer + the model's word features), a feature-store split
-        (SplitFeatures: its word set, ids `image#k`), or a (words, lengths) pair of arrays."""
-        word_set = self.artifact.manifest.get("word_features", {}).get("name", "glove50")
-        if isinstance(captions, SplitFeatures):
-            names, owner = captions.image_names, np.asarray(captions.caption_image)
-            seen: dict[int, int] = {}
-            split_ids = []
-            for image in owner.tolist():
-                split_ids.append(f"{names[image]}#{seen.get(image, 0)}")
-                seen[image] = seen.get(image, 0) + 1
-            return self.encode_word_features(captions.words(word_set), captions.lengths, ids or split_ids, captions.captions,
-                                             image_ids or [names[i] for i in owner.tolist()], progress)
-        if isinstance(captions, tuple) and len(captions) == 2 and all(isinstance(a, np.ndarray) for a in captions):
-            return self.encode_word_features(captions[0], captions[1], ids, image_ids=image_ids, progress=progress)
-        from engine.text import load_word_features
-
-        texts = list(captions)
-        batch = load_word_features(word_set, self.artifact.root / "assets").encode(texts, self.dims["max_words"])
-        words = batch.vectors.astype(np.float16).astype(np.float32)  # as the feature store holds them
-        return self.encode_word_features(words, batch.lengths, ids, texts, image_ids, progress)
 
     # ----------------------------------------------------------------------------- scoring
     def working_bytes(self, image_rows: int, pairs: int, words: int) -> int:
@@ -299,7 +166,7 @@ class Scorer:
             pairs //= 2
         if self.working_bytes(1, 1, words) > budget:
             need = (resident + self.working_bytes(1, 1, words)) / 2**20
-            raise InputError(f"memory budget {self.memory_budget_mb:g} MB: the caches and output take "
+            raise InputError(f"memory budget {self.memory_budget_mb:g} MB: the process, its caches and the output take "
                              f"{resident / 2**20:.0f} MB; expected a budget of at least {need:.0f} MB")
         return pairs
 
@@ -332,7 +199,7 @@ class Scorer:
         out = np.empty((len(image_rows), len(caption_rows)), dtype=np.float32)
         if not out.size:
             return out
-        resident = images.nbytes + captions.nbytes + out.nbytes
+        resident = resident_bytes(images, captions) + out.nbytes
         block = self._fit(min(len(caption_rows), self.pairs_per_call), 1, captions.max_length, resident)
         column = np.empty(len(captions), dtype=np.int64)
         column[caption_rows] = np.arange(len(caption_rows))  # caption row -> output column
@@ -362,7 +229,7 @@ class Scorer:
         out = np.empty(len(pairs), dtype=np.float32)
         if not len(pairs):
             return out
-        resident = images.nbytes + captions.nbytes + out.nbytes + pairs.nbytes
+        resident = resident_bytes(images, captions) + out.nbytes + pairs.nbytes
         width = None if self.buckets else captions.max_length
         calls = self._pair_calls(images, captions, pairs, resident)
         with progress_bar(progress, len(pairs)) as bar:

@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 
 from engine.artifact import load_artifact
-from engine.backends import (
-    Backend, BackendUnavailableError, OnnxRuntimeCudaRunner, TensorRTRunner, check_tensorrt_key, open_runner,
-    tensorrt_engine_key,
-)
+from engine.backends import Backend, BackendUnavailableError, OnnxRuntimeCudaRunner, open_runner
+from engine.trt_runner import TensorRTRunner, check_tensorrt_key, tensorrt_engine_key
 from engine.errors import ArtifactError, InputError
 from engine.graphs import GRAPHS
 from tests.engine.conftest import assert_close
@@ -195,6 +193,7 @@ def test_tensorrt_key_fields_agree_with_the_exporter():
 def test_engine_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import engine.runtime, engine.score, engine.backends, engine.cache, engine.attention, engine.demo\n"
+            "import engine.encode, engine.journal, engine.trt_runner\n"
             "from engine.backends import open_runner\n"
             "assert sys.modules['torch'] is None\n"
             "print('ok')")

@@ -100,17 +100,22 @@ def test_attention_equals_the_training_model(scorer, caches, split, tiny_checkpo
         assert_close(hit["word_to_region"].sum(axis=1), np.ones(lengths[n]), 1e-5, "softmax rows")
 
 
-def test_memory_budget_bounds_blocks_and_refuses_what_cannot_fit(tiny_artifact, caches, matrix):
+def test_memory_budget_bounds_blocks_and_refuses_what_cannot_fit(tiny_artifact, caches, matrix, monkeypatch):
+    import engine.runtime
+
     images, captions = caches
-    resident = images.nbytes + captions.nbytes + matrix.nbytes
+    rss = 300 * 2**20
+    monkeypatch.setattr(engine.runtime, "process_rss_bytes", lambda: rss)  # a fixed process size: a deterministic plan
+    start = rss + matrix.nbytes
     with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1) as scorer:
-        tight_mb = (resident + scorer.working_bytes(1, 4, captions.max_length)) / 2**20
-        assert scorer._fit(512, 1, captions.max_length, resident) == 512  # the default budget holds a full call
+        assert scorer._fit(512, 1, captions.max_length, start) == 512  # the default budget holds a full call
+        tight_mb = (start + scorer.working_bytes(1, 4, captions.max_length)) / 2**20
     with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, memory_budget_mb=tight_mb) as tight:
-        assert tight._fit(512, 1, captions.max_length, resident) == 4  # blocks shrank to fit
+        assert tight._fit(512, 1, captions.max_length, start) == 4  # calls shrank to fit
         assert_close(tight.score_matrix(images, captions), matrix, 1e-6, "tight budget")
-    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, memory_budget_mb=resident / 2**20 / 2) as starved:
-        with pytest.raises(InputError, match=r"memory budget .* MB: the caches and output take .* MB; expected a budget of at least"):
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, memory_budget_mb=250) as starved:
+        with pytest.raises(InputError, match=r"memory budget 250 MB: the process, its caches and the output take 300 MB; "
+                                             r"expected a budget of at least 300 MB"):
             starved.score_matrix(images, captions)
 
 

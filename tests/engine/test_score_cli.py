@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from engine.metrics import retrieval_metrics
-from engine.runtime import Scorer
-from engine.score import STOP_AFTER_ENV, main
+from engine.journal import STOP_AFTER_ENV
+from engine.score import main
 from engine.store import FeatureStore
 from tests.conftest import REPO_ROOT, build_store
 
