@@ -24,7 +24,9 @@ from engine.errors import AssetError, InputError
 from engine.graphs import FLOAT_DTYPE, GRAPHS
 from engine.store import SplitFeatures
 
-ENCODE_BATCH = 64  # images or captions per image/text graph call
+IMAGE_BATCH = 64  # images per image-graph call
+CAPTION_BATCH = 256  # captions per text-graph call: 2,000 captions in 15.1 s vs 20.2 s at 64 (flickr8k preset, the
+# recurrent text graphs run [batch, H] steps; 2 loaded cores)
 IMAGE_INPUTS = {"w2r": ("regions",), "o2w": ("objects",), "shortlist": ("regions", "objects")}
 
 
@@ -86,8 +88,8 @@ class Encoder:
         if len(ids) != n:
             raise InputError(f"image ids: {len(ids)}, expected {n} (one per image)")
         arrays: dict[str, np.ndarray] = {}  # filled in place: the peak is the cache plus one batch
-        for start in tqdm(range(0, n, ENCODE_BATCH), desc="images", unit="batch", disable=not progress):
-            block = {"regions": regions[start:start + ENCODE_BATCH], "objects": objects[start:start + ENCODE_BATCH]}
+        for start in tqdm(range(0, n, IMAGE_BATCH), desc="images", unit="batch", disable=not progress):
+            block = {"regions": regions[start:start + IMAGE_BATCH], "objects": objects[start:start + IMAGE_BATCH]}
             for name in self._graphs("image"):
                 dtype = self.runner.float_dtype(name)
                 feeds = {k: np.ascontiguousarray(block[k], dtype=dtype) for k in IMAGE_INPUTS[GRAPHS[name].branch]}
@@ -144,8 +146,8 @@ class Encoder:
         offsets = np.concatenate([[0], np.cumsum(lengths)])  # caption i owns word rows offsets[i]..offsets[i+1]
         order = np.argsort(lengths, kind="stable")  # encode by length: little padding per batch
         arrays: dict[str, np.ndarray] = {}  # filled in place: the peak is the cache plus one batch
-        for start in tqdm(range(0, n, ENCODE_BATCH), desc="captions", unit="batch", disable=not progress):
-            rows = np.sort(order[start:start + ENCODE_BATCH])  # sorted: memory maps read forward
+        for start in tqdm(range(0, n, CAPTION_BATCH), desc="captions", unit="batch", disable=not progress):
+            rows = np.sort(order[start:start + CAPTION_BATCH])  # sorted: memory maps read forward
             block_lengths = lengths[rows]
             width = int(block_lengths.max())
             real = np.arange(width)[None, :] < block_lengths[:, None]  # [B_txt, L]

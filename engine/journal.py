@@ -30,6 +30,7 @@ from engine.store import write_json_atomic
 UNIT_IMAGES = 8  # exhaustive: image rows of the score matrix per journaled unit (~40k pairs at 5,000 captions)
 UNIT_QUERIES = 256  # shortlist: re-ranked queries per journaled unit
 STOP_AFTER_ENV = "BSSAN_SCORE_STOP_AFTER"
+JOURNAL_VERSION = 1  # part of the run key: a journal of another layout is discarded, never reused
 
 
 

@@ -8,17 +8,21 @@
         ranking = scorer.top_k(images, captions, k=5, direction="i2t", shortlist_k=100, attention=True)
         for query, hits, values in zip(ranking.queries, ranking.indices, ranking.scores): ...
 
-Scoring runs the artifact's pair graphs on blocks of B_img image-cache rows x B_txt caption-cache
-rows (every pair of the block in one call). Captions are bucketed by length (sorted, then cut
-into blocks, each padded only to its own longest caption: the W2R recurrence runs that many
-steps); `buckets=False` keeps the given order and pads every block to the longest caption of
-the whole set (same scores, more work: a test checks both agree).
+Scoring runs the artifact's pair graphs (engine/graphs.py) on cache rows and a pair index.
+Grids (score_matrix, exhaustive top_k): ONE image row x a bucket of up to `batch_size` captions
+per call, so the image's regions_values are shared by every pair instead of gathered per pair.
+Pair lists (score_pairs, shortlist re-ranks): an image with many pairs gets calls of its own,
+the rest are pooled across images (each pair gathers its image's rows). Captions are bucketed by
+length (sorted, then cut into blocks, each padded only to its own longest caption: the W2R
+recurrence runs that many steps); `buckets=False` keeps the given order and pads every block to
+the longest caption of the whole set (same scores, more work: a test checks both agree).
 
 Memory: `memory_budget_mb` bounds the process's resident memory during a scoring call: what it
 holds when the call starts (RSS: interpreter, sessions, caches; memory-mapped caches counted in
 full), the output, and the working set of one pair call (`working_bytes`: the call's rows and
 the graphs' intermediates, x PAIR_OVERHEAD). Calls shrink until that fits; if even one pair does
 not fit, InputError says how much is needed. Encoding holds the cache being filled plus one batch.
+The budget is per call: calls made from several threads at once each plan with all of it.
 
 Shortlist (`shortlist_k`): the artifact's shortlist graphs (a dual encoder) give unit vectors;
 the first stage ranks by dot product, then BSSAN re-scores only the top shortlist_k per query.
@@ -267,12 +271,15 @@ class Scorer(Encoder):
                                  f"expected {self.fingerprint[:12]} at {self.cache_precision}; re-encode it with this scorer")
 
     # ----------------------------------------------------------------------------- ranking
+    def require_shortlist(self) -> None:
+        if not self.has_shortlist:
+            raise InputError(f"{self.artifact.root}: no shortlist graphs (shortlist_image / shortlist_text); "
+                             f"export the artifact with --shortlist DUAL_ENCODER_DIR to use a shortlist")
+
     def shortlist(self, images: ImageCache, captions: CaptionCache, k: int, direction: str = "i2t",
                   queries: np.ndarray | None = None) -> np.ndarray:
         """[Q, k] rows of the other side with the highest dot product of the shortlist vectors, best first."""
-        if not self.has_shortlist:
-            raise InputError(f"{self.artifact.root}: no shortlist graphs (shortlist_image / shortlist_text); "
-                             f"export the artifact with a dual-encoder checkpoint to use a shortlist")
+        self.require_shortlist()
         query_vectors, other = ((images.arrays["image_vectors"], captions.arrays["text_vectors"]) if direction == "i2t"
                                 else (captions.arrays["text_vectors"], images.arrays["image_vectors"]))
         queries = np.arange(len(query_vectors)) if queries is None else np.asarray(queries)

@@ -40,6 +40,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ from engine.cache import CaptionCache, ImageCache
 from engine.data import FLICKR_LINE, _read_text
 from engine.errors import BssanError, DataError, ImageError, InputError
 from engine.graphs import PRECISIONS
-from engine.journal import UNIT_IMAGES, UNIT_QUERIES, Journal, score_exhaustive, score_shortlist
+from engine.journal import JOURNAL_VERSION, UNIT_IMAGES, UNIT_QUERIES, Journal, score_exhaustive, score_shortlist
 from engine.metrics import format_metrics, retrieval_metrics
 from engine.runtime import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PAIRS_PER_CALL, Scorer, rank_rows
 from engine.store import MANIFEST_NAME, STORE_FORMAT, FeatureStore
@@ -57,7 +58,6 @@ from engine.text import tokenize
 
 DEFAULT_TOP_K = 10
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-JOURNAL_VERSION = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -241,23 +241,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    images_arg, captions_arg = args.images, args.captions
-    demo_captions = None
-    if args.demo:
-        from engine.demo import demo_artifact, demo_gallery
+@dataclass
+class Inputs:
+    images: object  # image paths, or a store split (SplitFeatures)
+    image_ids: list[str]
+    image_digest: str
+    texts: list[str] | None  # None: the store split's own captions
+    caption_ids: list[str] | None
+    caption_images: list[str]  # the image id each caption describes ("" when unknown)
+    caption_digest: str
 
-        args.model = demo_artifact(args.model)
-        paths, texts, owners = demo_gallery()
-        demo_captions = (texts, [f"{image}#{owners[:k].count(image)}" for k, image in enumerate(owners)], owners)
-        args.direction = args.direction or "both"
-    if args.model is None:
-        raise InputError("--model: missing; expected an artifact directory (or --demo)")
-    if not args.demo and images_arg is None:
-        raise InputError("--images: missing; expected an image folder, an image list file or a feature store")
+
+def read_inputs(args: argparse.Namespace) -> Inputs:
+    """Images and captions of the command line (or the demo's), checked before any model is loaded."""
     if args.captions is not None and args.query:
         raise InputError("--captions and --query: got both; expected one source of captions")
+    if args.demo:
+        from engine.demo import demo_gallery
+
+        paths, texts, owners = demo_gallery()
+        images, image_ids, image_digest = paths, [p.name for p in paths], "demo:" + ",".join(p.name for p in paths)
+        texts, caption_ids, caption_images = texts, [f"{image}#{owners[:k].count(image)}" for k, image in enumerate(owners)], owners
+    else:
+        if args.images is None:
+            raise InputError("--images: missing; expected an image folder, an image list file or a feature store")
+        images, image_ids, image_digest = read_images(args.images, args.split, args.image_root)
+        texts = caption_ids = caption_images = None
+    if args.query:
+        texts, caption_ids, caption_images = list(args.query), [f"query:{i + 1}" for i in range(len(args.query))], [""] * len(args.query)
+        for text in texts:
+            if not tokenize(text):
+                raise InputError(f"--query {text!r}: no word; expected at least one word")
+    elif args.captions is not None:
+        texts, caption_ids, caption_images = read_captions(args.captions, image_ids)
+    elif texts is None and isinstance(images, list):
+        raise InputError("--captions FILE or --query TEXT: missing; expected captions to rank (or a feature store as --images)")
+    if texts is None:  # a store's own captions: its image of each caption
+        names = images.image_names
+        caption_images = [names[i] for i in np.asarray(images.caption_image).tolist()]
+    digest = hashlib.sha256(json.dumps([texts, caption_ids, caption_images, image_digest]).encode()).hexdigest()
+    return Inputs(images, image_ids, image_digest, texts, caption_ids, caption_images, digest)
+
+
+def check_options(args: argparse.Namespace, inputs: Inputs, directions: list[str]) -> dict[str, int]:
+    """Numbers and files of the options; returns the items each direction ranks."""
     if args.batch_size < 1 or (args.threads is not None and args.threads < 1) or args.memory_budget_mb <= 0:
         raise InputError(f"--batch-size {args.batch_size} / --threads {args.threads} / --memory-budget-mb {args.memory_budget_mb}: "
                          f"expected positive values")
@@ -265,73 +292,62 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out}: expected a file name ending in .jsonl or .tsv")
     if args.out is not None and args.out.is_dir():
         raise InputError(f"--out {args.out}: is a directory; expected a file path")
+    n_captions = len(inputs.texts) if inputs.texts is not None else inputs.images.num_captions
+    sizes = {"i2t": n_captions, "t2i": len(inputs.image_ids)}
+    check_k("--top-k", args.top_k, list(sizes.values()))
+    check_k("--shortlist-k", args.shortlist_k, list(sizes.values()))
+    for d in directions:
+        if args.shortlist_k is not None and args.shortlist_k < min(args.top_k or DEFAULT_TOP_K, sizes[d]):
+            raise InputError(f"--shortlist-k {args.shortlist_k}: expected at least --top-k {args.top_k or DEFAULT_TOP_K}")
+    return sizes
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
     if args.demo:
-        images, image_ids, image_digest = paths, [p.name for p in paths], "demo:" + ",".join(p.name for p in paths)
-    else:
-        images, image_ids, image_digest = read_images(images_arg, args.split, args.image_root)
-    if demo_captions is not None and captions_arg is None and not args.query:
-        texts, caption_ids, caption_images = demo_captions
-    elif args.query:
-        texts, caption_ids, caption_images = list(args.query), [f"query:{i + 1}" for i in range(len(args.query))], [""] * len(args.query)
-        for caption_id, text in zip(caption_ids, texts):
-            if not tokenize(text):
-                raise InputError(f"--query {text!r}: no word; expected at least one word")
-    elif captions_arg is not None:
-        texts, caption_ids, caption_images = read_captions(captions_arg, image_ids)
-    elif not isinstance(images, list):
-        texts, caption_ids, caption_images = None, None, None  # the store's own captions
-    else:
-        raise InputError("--captions FILE or --query TEXT: missing; expected captions to rank (or a feature store as --images)")
-    direction = args.direction or ("t2i" if args.query else "i2t")
-    directions = ["i2t", "t2i"] if direction == "both" else [direction]
-    n_captions = len(texts) if texts is not None else images.num_captions
-    check_k("--top-k", args.top_k, [len(image_ids), n_captions])
-    check_k("--shortlist-k", args.shortlist_k, [len(image_ids), n_captions])
+        from engine.demo import demo_artifact
+
+        args.model = demo_artifact(args.model)
+        args.direction = args.direction or "both"
+    if args.model is None:
+        raise InputError("--model: missing; expected an artifact directory (or --demo)")
+    inputs = read_inputs(args)
+    directions = ["i2t", "t2i"] if args.direction == "both" else [args.direction or ("t2i" if args.query else "i2t")]
+    sizes = check_options(args, inputs, directions)
+    if args.evaluate:  # before any work: captions must name gallery images, the same number each
+        order, owner, per = evaluation_order(inputs.image_ids, inputs.caption_images,
+                                             inputs.caption_ids or [str(i) for i in range(sizes["i2t"])])
 
     with Scorer.load(args.model, args.backend, args.precision, args.threads, args.memory_budget_mb, args.batch_size) as scorer:
         print(f"backend: {scorer.runner.backend.value} ({scorer.runner.reason}), precision {args.precision}", file=sys.stderr)
-        caption_digest = hashlib.sha256(json.dumps([texts, caption_ids, caption_images] if texts is not None
-                                                   else image_digest).encode()).hexdigest()
+        if args.shortlist_k is not None:
+            scorer.require_shortlist()
         key = {"version": JOURNAL_VERSION, "artifact": scorer.fingerprint, "backend": scorer.runner.backend.value,
                "precision": args.precision, "threads": args.threads, "batch_size": args.batch_size,
                "memory_budget_mb": args.memory_budget_mb, "shortlist_k": args.shortlist_k, "directions": directions,
-               "units": [UNIT_IMAGES, UNIT_QUERIES], "images": image_digest, "captions": caption_digest}
+               "units": [UNIT_IMAGES, UNIT_QUERIES], "images": inputs.image_digest, "captions": inputs.caption_digest}
         journal = Journal(args.out, key)
-        image_cache = journal.cache("images", ImageCache, lambda: scorer.encode_images(images, image_ids, progress=True), scorer.fingerprint)
-        caption_source = images if texts is None else texts
-        caption_cache = journal.cache("captions", CaptionCache, lambda: scorer.encode_captions(
-            caption_source, caption_ids, caption_images if texts is not None else None, progress=True), scorer.fingerprint)
-        sizes = {"i2t": len(caption_cache), "t2i": len(image_cache)}
-        results, ranked, scores = [], {}, {}
+        images = journal.cache("images", ImageCache, lambda: scorer.encode_images(inputs.images, inputs.image_ids, progress=True),
+                               scorer.fingerprint)
+        captions = journal.cache("captions", CaptionCache, lambda: scorer.encode_captions(
+            inputs.images if inputs.texts is None else inputs.texts, inputs.caption_ids, inputs.caption_images, progress=True),
+            scorer.fingerprint)
+        ranked, scores = {}, {}
         if args.shortlist_k is None:
-            matrix = score_exhaustive(scorer, image_cache, caption_cache, journal)
+            matrix = score_exhaustive(scorer, images, captions, journal)
             for d in directions:
-                k = min(args.top_k or DEFAULT_TOP_K, sizes[d])
-                ranked[d], scores[d] = rank_rows(matrix if d == "i2t" else matrix.T, k)
+                ranked[d], scores[d] = rank_rows(matrix if d == "i2t" else matrix.T, min(args.top_k or DEFAULT_TOP_K, sizes[d]))
         else:
             for d in directions:
-                if args.shortlist_k < min(args.top_k or DEFAULT_TOP_K, sizes[d]):
-                    raise InputError(f"--shortlist-k {args.shortlist_k}: expected at least --top-k {args.top_k or DEFAULT_TOP_K}")
-                ranked[d], scores[d] = score_shortlist(scorer, image_cache, caption_cache, d, min(args.shortlist_k, sizes[d]), journal)
-        for d in directions:
-            k = min(args.top_k or DEFAULT_TOP_K, sizes[d])
-            query_ids, other_ids = (image_cache.ids, caption_cache.ids) if d == "i2t" else (caption_cache.ids, image_cache.ids)
-            for q in range(len(query_ids)):
-                record = {"direction": d, "query": query_ids[q]}
-                if d == "t2i":
-                    record["text"] = caption_cache.texts[q]
-                record["ranked"] = [other_ids[i] for i in ranked[d][q, :k]]
-                if d == "i2t":
-                    record["texts"] = [caption_cache.texts[i] for i in ranked[d][q, :k]]
-                record["scores"] = scores[d][q, :k].tolist()
-                results.append(record)
+                ranked[d], scores[d] = score_shortlist(scorer, images, captions, d, min(args.shortlist_k, sizes[d]), journal)
+        results = [record for d in directions
+                   for record in query_records(d, images, captions, ranked[d], scores[d], min(args.top_k or DEFAULT_TOP_K, sizes[d]))]
         metrics = None
         if args.evaluate:
-            order, owner, per = evaluation_order(image_cache.ids, caption_cache.image_ids, caption_cache.ids)
             if args.shortlist_k is None:
                 metrics = retrieval_metrics(matrix[:, order], per)
             else:
-                sims = np.asarray(image_cache.arrays["image_vectors"], np.float32) @ np.asarray(caption_cache.arrays["text_vectors"], np.float32).T
+                sims = np.asarray(images.arrays["image_vectors"], np.float32) @ np.asarray(captions.arrays["text_vectors"], np.float32).T
                 metrics = shortlist_metrics(sims, ranked, scores, order, owner, per)
                 metrics["shortlist"]["k"] = args.shortlist_k
         if args.out is not None:
@@ -339,18 +355,38 @@ def run(args: argparse.Namespace) -> int:
             journal.remove()
             print(f"{args.out}: {len(results)} queries", file=sys.stderr)
         elif not args.evaluate:
-            for r in results:
-                print(f"{r['direction']} {r['query']}" + (f"  {r['text']!r}" if "text" in r else ""))
-                shown = r.get("texts", r["ranked"])
-                for rank, (item, value) in enumerate(zip(shown, r["scores"]), start=1):
-                    print(f"  {rank:2d}. {value:8.4f}  {item}")
+            print_results(results)
         if metrics is not None:
-            seconds = time.perf_counter() - start
             print(format_metrics(metrics) if "rsum" in metrics else json.dumps(metrics), file=sys.stderr)
             print(json.dumps({**metrics, "mode": "exhaustive" if args.shortlist_k is None else "shortlist",
-                              "images": len(image_cache), "captions": len(caption_cache), "captions_per_image": per,
-                              "backend": scorer.runner.backend.value, "precision": args.precision, "seconds": round(seconds, 1)}))
+                              "images": len(images), "captions": len(captions), "captions_per_image": per,
+                              "backend": scorer.runner.backend.value, "precision": args.precision,
+                              "seconds": round(time.perf_counter() - start, 1)}))
     return 0
+
+
+def query_records(direction: str, images: ImageCache, captions: CaptionCache, ranked: np.ndarray, scores: np.ndarray,
+                  k: int) -> list[dict]:
+    """One output record per query of a direction: its id (and text), the top-k ids (and texts) and scores."""
+    query_ids, other_ids = (images.ids, captions.ids) if direction == "i2t" else (captions.ids, images.ids)
+    records = []
+    for q in range(len(query_ids)):
+        record = {"direction": direction, "query": query_ids[q]}
+        if direction == "t2i":
+            record["text"] = captions.texts[q]
+        record["ranked"] = [other_ids[i] for i in ranked[q, :k]]
+        if direction == "i2t":
+            record["texts"] = [captions.texts[i] for i in ranked[q, :k]]
+        record["scores"] = scores[q, :k].tolist()
+        records.append(record)
+    return records
+
+
+def print_results(results: list[dict]) -> None:
+    for r in results:
+        print(f"{r['direction']} {r['query']}" + (f"  {r['text']!r}" if "text" in r else ""))
+        for rank, (item, value) in enumerate(zip(r.get("texts", r["ranked"]), r["scores"]), start=1):
+            print(f"  {rank:2d}. {value:8.4f}  {item}")
 
 
 def main(argv: list[str] | None = None) -> int:
