@@ -12,6 +12,7 @@ batch); arrays are filled in place, so the peak is the cache being built plus on
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,10 @@ class Encoder:
         self.dims = artifact.dims
         # The encoders' float dtype: image/text graphs run at fp32 in an int8 run (engine/backends.py).
         self.cache_precision = "fp16" if runner.precision == "fp16" else "fp32"
-        self._extractor = None
+        self._extractor = self._word_features = None
+        # Image files: the detector (an OpenCV DNN net) keeps state between setInput and forward, so
+        # encoding files is serialised; everything else here is re-entrant (engine/runtime.py).
+        self._pipeline_lock = threading.Lock()
 
     def _graphs(self, stage: str) -> list[str]:
         return [n for n, g in GRAPHS.items() if g.stage == stage and self.runner.has_graph(n)]
@@ -115,16 +119,17 @@ class Encoder:
         (engine.features.Extractor), rounded through float16 as the feature store holds them, so a
         gallery of files scores exactly like the same images read from a store. A file that cannot
         be decoded is an ImageError naming it."""
-        if self._extractor is None:
-            self._extractor = image_pipeline(self.artifact, self.runner.threads)
         regions, objects = [], []
-        batch = self._extractor.config.batch_size
-        for start in tqdm(range(0, len(paths), batch), desc="image files", unit="batch", disable=not progress):
-            r, o, _, _, bad = self._extractor.images(paths[start:start + batch])
-            if bad:
-                raise InputError(next(iter(bad.values())))
-            regions.append(r.astype(np.float16))
-            objects.append(o.astype(np.float16))
+        with self._pipeline_lock:
+            if self._extractor is None:
+                self._extractor = image_pipeline(self.artifact, self.runner.threads)
+            batch = self._extractor.config.batch_size
+            for start in tqdm(range(0, len(paths), batch), desc="image files", unit="batch", disable=not progress):
+                r, o, _, _, bad = self._extractor.images(paths[start:start + batch])
+                if bad:
+                    raise InputError(next(iter(bad.values())))
+                regions.append(r.astype(np.float16))
+                objects.append(o.astype(np.float16))
         if not regions:
             raise InputError("images: no image given; expected at least one")
         return np.concatenate(regions), np.concatenate(objects)
@@ -186,6 +191,9 @@ class Encoder:
         from engine.text import load_word_features
 
         texts = list(captions)
-        batch = load_word_features(word_set, self.artifact.root / "assets").encode(texts, self.dims["max_words"])
+        with self._pipeline_lock:  # loaded once (GloVe's vocabulary index takes seconds to build)
+            if self._word_features is None:
+                self._word_features = load_word_features(word_set, self.artifact.root / "assets")
+        batch = self._word_features.encode(texts, self.dims["max_words"])
         words = batch.vectors.astype(np.float16).astype(np.float32)  # as the feature store holds them
         return self.encode_word_features(words, batch.lengths, ids, texts, image_ids, progress)

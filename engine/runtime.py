@@ -31,9 +31,11 @@ hit are recomputed in numpy from the caches, exactly as the pair graphs compute 
 (engine/attention.py): W2R word-to-region [words, D] and O2W object-to-word [P, words].
 
 Thread safety: a Scorer may be used from several threads at once. It holds no mutable state
-after loading (each call allocates its own buffers), and its runner is re-entrant
-(engine/backends.py; the TensorRT runner serialises with a lock). Results do not depend on
-threading: tests/engine/test_runtime.py scores from several threads and compares bit for bit.
+after loading but two lazily loaded, lock-guarded helpers (each call allocates its own buffers),
+and its runner is re-entrant (engine/backends.py; the TensorRT runner serialises with a lock).
+Encoding image FILES is serialised (the detector net is stateful); everything else runs
+concurrently. Results do not depend on threading: tests/engine/test_runtime.py scores from
+several threads and compares bit for bit.
 """
 
 from __future__ import annotations

@@ -190,3 +190,18 @@ def test_image_files_and_caption_strings(image_artifact, demo_photos):
 def test_image_files_need_an_image_pipeline(scorer, demo_photos):
     with pytest.raises(AssetError, match=r"features came from 'synthetic', which has no image pipeline to rerun"):
         scorer.encode_images(demo_photos)
+
+
+def test_encoding_image_files_from_several_threads(image_artifact, demo_photos):
+    """The detector net is stateful: concurrent file encodings are serialised and give the serial result."""
+    with Scorer.load(image_artifact, backend="onnxruntime-cpu", threads=1) as scorer:
+        serial = scorer.encode_images(demo_photos[:2])
+        results = [None, None]
+        threads = [threading.Thread(target=lambda slot=slot: results.__setitem__(slot, scorer.encode_images(demo_photos[:2])))
+                   for slot in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for result in results:
+            assert all(np.array_equal(result.arrays[k], serial.arrays[k]) for k in serial.arrays)
