@@ -120,8 +120,10 @@ def thumbnail(image: Image.Image) -> Image.Image:
 
 
 def upsample(weights: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A [rows, cols] grid of weights -> [H, W] (bilinear, pixel centres aligned), size = (W, H)."""
-    return np.asarray(Image.fromarray(weights.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+    """A [rows, cols] grid of weights -> [H, W], size = (W, H): bicubic (bilinear draws diamonds
+    on a 7x7 grid), pixel centres aligned, clipped at 0 (bicubic undershoots next to a peak)."""
+    smooth = Image.fromarray(weights.astype(np.float32)).resize(size, Image.Resampling.BICUBIC)
+    return np.clip(np.asarray(smooth), 0.0, None)
 
 
 def _pyplot():
@@ -134,12 +136,13 @@ def _pyplot():
 
 
 def png_bytes(fig) -> bytes:
-    """The figure as a 256-colour PNG: heat maps and charts lose nothing visible, and a page of
-    photo panels stays ~4x smaller than 24-bit (docs pictures are committed)."""
+    """The figure as a 256-colour PNG (octree: 30 ms where median cut takes seconds): heat maps and
+    charts lose nothing visible, and a page of photo panels is ~4x smaller than 24-bit (1.1 MB ->
+    0.29 MB for 13 words), so docs pictures can be committed."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     _pyplot().close(fig)
-    picture = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    picture = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE)
     out = io.BytesIO()
     picture.save(out, format="PNG", optimize=True)
     return out.getvalue()
