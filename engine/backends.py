@@ -225,6 +225,7 @@ class TorchRunner(Runner):
         super().__init__(artifact, precision, threads)
         try:
             import torch
+
             from export.graphs import build_graph_modules
             from training.checkpoint import load_checkpoint
         except ImportError as exc:

@@ -30,7 +30,8 @@ from engine.store import write_json_atomic
 UNIT_IMAGES = 8  # exhaustive: image rows of the score matrix per journaled unit (~40k pairs at 5,000 captions)
 UNIT_QUERIES = 256  # shortlist: re-ranked queries per journaled unit
 STOP_AFTER_ENV = "BSSAN_SCORE_STOP_AFTER"
-JOURNAL_VERSION = 1  # part of the run key: a journal of another layout is discarded, never reused
+JOURNAL_VERSION = 1
+BAR_INTERVAL = 1.0 if sys.stderr.isatty() else 30.0  # into a log file: a line per 30 s, not one per update  # part of the run key: a journal of another layout is discarded, never reused
 
 
 
@@ -102,7 +103,7 @@ def score_exhaustive(scorer: Scorer, images: ImageCache, captions: CaptionCache,
     units = [(f"rows{start}", np.arange(start, min(start + UNIT_IMAGES, len(images)))) for start in range(0, len(images), UNIT_IMAGES)]
     done_pairs = sum(len(rows) for unit, rows in units if unit in journal.done) * len(captions)
     with tqdm(total=len(images) * len(captions), initial=done_pairs, desc="scoring", unit="pair", unit_scale=True,
-              file=sys.stderr, mininterval=1.0) as bar:
+              file=sys.stderr, mininterval=BAR_INTERVAL) as bar:
         for unit, rows in units:
             if unit in journal.done:
                 continue
@@ -120,7 +121,7 @@ def score_shortlist(scorer: Scorer, images: ImageCache, captions: CaptionCache, 
     units = [(f"{direction}{start}", np.arange(start, min(start + UNIT_QUERIES, n_query))) for start in range(0, n_query, UNIT_QUERIES)]
     done_pairs = sum(len(rows) for unit, rows in units if unit in journal.done) * shortlist_k
     with tqdm(total=n_query * shortlist_k, initial=done_pairs, desc=f"re-ranking {direction}", unit="pair", unit_scale=True,
-              file=sys.stderr, mininterval=1.0) as bar:
+              file=sys.stderr, mininterval=BAR_INTERVAL) as bar:
         for unit, rows in units:
             if unit in journal.done:
                 continue

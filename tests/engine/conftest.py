@@ -66,7 +66,7 @@ def image_artifact(tmp_path_factory, backbone_assets) -> Path:
     from engine.features import ExtractConfig, Extractor
     from export.pipeline import ExportOptions, export_artifact
     from training.checkpoint import save_checkpoint
-    from training.config import TrainConfig, replace_strict, preset
+    from training.config import TrainConfig, preset, replace_strict
     from training.model import BSSAN
 
     extractor = Extractor(ExtractConfig(images=Path(), captions=Path(), out=Path(), assets=backbone_assets, word_features=(), threads=2))

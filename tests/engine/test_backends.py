@@ -13,9 +13,9 @@ import pytest
 
 from engine.artifact import load_artifact
 from engine.backends import Backend, BackendUnavailableError, OnnxRuntimeCudaRunner, open_runner
-from engine.trt_runner import TensorRTRunner, check_tensorrt_key, tensorrt_engine_key
 from engine.errors import ArtifactError, InputError
 from engine.graphs import GRAPHS
+from engine.trt_runner import TensorRTRunner, check_tensorrt_key, tensorrt_engine_key
 from tests.engine.conftest import assert_close
 
 MARKS = {Backend.ORT_CUDA: [pytest.mark.gpu], Backend.TENSORRT: [pytest.mark.gpu, pytest.mark.trt]}

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.metrics import retrieval_metrics
 from engine.journal import STOP_AFTER_ENV
+from engine.metrics import retrieval_metrics
 from engine.score import main
 from engine.store import FeatureStore
 from tests.conftest import REPO_ROOT, build_store
