@@ -212,7 +212,7 @@ def box_label(j: int, features: ImageFeatures) -> str:
         label = features.labels[j] if j < len(features.labels) else ""
         return f"object {j + 1}: {label}" if label else f"object {j + 1}"
     x1, y1, x2, y2 = features.boxes[j]
-    return "padding box: whole photo" if (x1, y1, x2, y2) == (0, 0, 1, 1) else f"padding box {j + 1}: grid cell"
+    return f"padding box {j + 1}: " + ("whole photo" if (x1, y1, x2, y2) == (0, 0, 1, 1) else "grid cell")
 
 
 def draw_object_to_word(features: ImageFeatures, caption: str, words: list[str], weights: np.ndarray):
@@ -348,10 +348,11 @@ def image_features(extractor, path: Path) -> ImageFeatures:
         raise ImageError(bad[0])
     image = load_image(path)
     found = extractor.detector.detect([np.asarray(image)])[0]  # same image, same boxes: here for their classes
-    labels = []
-    for box in boxes[0, : int(real[0])]:
-        match = np.flatnonzero(np.all(np.abs(found.boxes - box) < 1e-6, axis=1))
+    labels, unused = [], np.ones(len(found.boxes), bool)
+    for box in boxes[0, : int(real[0])]:  # SSD may return one box twice with two classes: each detection labels one box
+        match = np.flatnonzero(unused & np.all(np.abs(found.boxes - box) < 1e-6, axis=1))
         cls = int(found.classes[match[0]]) if match.size else -1
+        unused[match[:1]] = False
         labels.append(f"{COCO_LABELS[cls]} {found.scores[match[0]]:.2f}" if 0 < cls < len(COCO_LABELS) and COCO_LABELS[cls] else "")
     grid = extractor.backbone.grid
     return ImageFeatures(image=image, regions=regions[0].astype(np.float16).astype(np.float32),

@@ -5,6 +5,7 @@ one-line errors, and the full image path on one Flickr8K photo when the assets a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,11 +15,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from engine.detect import padding_boxes
-from engine.errors import ArtifactError, AssetError, InputError
+from engine.errors import ArtifactError, AssetError, ImageError, InputError
 from engine.text import DEFAULT_ASSETS_DIR
 from tests.conftest import randomize_batchnorm
+from engine.detect import Detections
 from training.attention_maps import (O2W_PICTURE, W2R_PICTURE, WEIGHTS_JSON, AttentionMapsConfig, ImageFeatures,
-                                     attention_maps, attention_pictures, check_word_features, main, pair_attention)
+                                     attention_maps, attention_pictures, check_word_features, image_features, main,
+                                     pair_attention)
 from training.baseline import DualEncoder, dual_encoder_preset
 from training.checkpoint import save_checkpoint
 from training.config import TrainConfig, preset, replace_strict
@@ -90,7 +93,7 @@ def test_pictures_and_json_from_features(tmp_path):
     np.testing.assert_allclose(w2r.sum(axis=1), 1.0, atol=1e-5)  # over the regions, per word
     np.testing.assert_allclose(o2w.sum(axis=1), 1.0, atol=1e-5)  # over the real words, per object: none left for padding
     assert saved["box_labels"][:2] == ["object 1: dog 0.90", "object 2: person 0.80"]
-    assert saved["box_labels"][2] == "padding box: whole photo"
+    assert saved["box_labels"][2] == "padding box 3: whole photo"
     np.testing.assert_allclose(np.array(saved["boxes"]), features.boxes, atol=1e-6)
     # the JSON's score is the model's score of the pair (independent path: score_pairs of a batch)
     lengths = np.array([len(WORDS)])
@@ -150,7 +153,7 @@ def test_nothing_detected_shows_the_padding_boxes(tmp_path):
     model = demo_model()
     attention_pictures(model, fake_features(model, real=0), CAPTION, WORDS, word_vectors(model), tmp_path)
     assert_picture(tmp_path / O2W_PICTURE)
-    assert json.loads((tmp_path / WEIGHTS_JSON).read_text())["box_labels"][0] == "padding box: whole photo"
+    assert json.loads((tmp_path / WEIGHTS_JSON).read_text())["box_labels"][0] == "padding box 1: whole photo"
 
 
 def test_grid_must_cover_the_regions(tmp_path):
@@ -199,7 +202,7 @@ def test_command_errors_are_one_line(tmp_path, capsys, photo):
     for args, message in cases:
         code, err = run_main(capsys, "--checkpoint", ckpt, "--out", tmp_path / "out", *args)
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
-        assert pytest.importorskip("re").search(message, err), err
+        assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
     dual = save_checkpoint(tmp_path / "dual", DualEncoder(dual_encoder_preset("demo")).eval(), TrainConfig())
     code, err = run_main(capsys, "--checkpoint", dual, "--image", photo, "--caption", CAPTION, "--out", tmp_path / "out")
@@ -238,6 +241,23 @@ def test_word_features_must_match_the_checkpoint(glove50):
         check_word_features(glove50, {"name": "glove50", "description": description}, 12, Path("wf.json"))
     with pytest.raises(AssetError, match=r"wf.json: word features 'glove50' sha256 \w+ differ from the model's training features \(0{16}\)"):
         check_word_features(glove50, {"name": "glove50", "description": description | {"sha256": "0" * 64}}, 50, Path("wf.json"))
+
+
+def test_box_labels_when_the_detector_gives_one_box_two_classes(photo):
+    """SSD's per-class NMS can return the same box as "person" and as "dog": both are selected
+    (two objects), and each gets its own detection's label, in score order."""
+    same, other = [0.5, 0.4, 0.6, 0.6], [0.1, 0.1, 0.4, 0.9]
+    found = Detections(np.array([other, same, same], np.float32), np.array([0.99, 0.76, 0.58], np.float32), np.array([1, 1, 18]))
+    boxes = np.concatenate([found.boxes, padding_boxes(1)])[None]  # [1, P=4, 4]: 3 detected + 1 padding
+    features = np.random.default_rng(0).normal(size=(1, 9, 16)).astype(np.float32)
+    extractor = SimpleNamespace(images=lambda paths: (features, features[:, :4], boxes, np.array([3]), {}),
+                                detector=SimpleNamespace(detect=lambda images: [found]), backbone=SimpleNamespace(grid=3))
+    result = image_features(extractor, photo)
+    assert result.labels == ["person 0.99", "person 0.76", "dog 0.58"] and result.objects_real == 3 and result.grid == (3, 3)
+    assert result.image.size == fake_photo().size and result.regions.dtype == np.float32
+    bad = SimpleNamespace(images=lambda paths: (features, features, boxes, np.array([0]), {0: f"{paths[0]}: cannot decode image"}))
+    with pytest.raises(ImageError, match="photo.png: cannot decode image"):
+        image_features(bad, photo)
 
 
 # ---------------------------------------------------------------------------------------------
