@@ -92,13 +92,6 @@ class Written:
 # Helpers
 
 
-def square_grid(regions: int) -> tuple[int, int]:
-    side = math.isqrt(regions)
-    if side * side != regions:
-        raise InputError(f"regions: {regions} regions; expected a square grid (D = rows x cols of a square feature map)")
-    return side, side
-
-
 def check_outputs(out: Path, force: bool) -> None:
     """Refuse before any work if an output exists (unless force), so nothing is half replaced."""
     for name in OUTPUTS:
@@ -329,7 +322,10 @@ def image_extractor(store_info: dict, model: BSSAN, assets: Path, where: Path, t
     manifest_path = assets / f"{stem}.json"
     if not manifest_path.is_file() or not (assets / "roi_align.json").is_file():
         raise AssetError(f"{assets}: {stem}.json or roi_align.json not found; build them with: python -m export.backbones --out {assets}")
-    built = json.loads(manifest_path.read_text(encoding="utf-8"))
+    try:
+        built = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AssetError(f"{manifest_path}: corrupt JSON ({exc}); rebuild with: python -m export.backbones --out {assets}") from exc
     if int(built.get("grid", 0)) != grid or built.get("graph_sha256") != backbone.get("graph_sha256"):
         raise AssetError(f"{manifest_path}: grid {built.get('grid')} graph {str(built.get('graph_sha256'))[:12]}; the model was trained "
                          f"on grid {grid} graph {str(backbone.get('graph_sha256'))[:12]} (re-export the backbones it used)")
