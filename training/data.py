@@ -116,3 +116,104 @@ class PairBatches:
             other = sample_negative_images(self.caption_image, self.num_images, rng, anchors=captions)
             batch.negative_regions, batch.negative_objects = read_images(self.split, other)
         return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Image-grouped batches (TrainConfig.batch_images > 0)
+
+
+@dataclass
+class GroupedBatch:
+    """B_img images with ALL their captions as positives. Pairs are listed, not aligned: pair n is
+    (image pair_image[n], caption pair_text[n]) of this batch's images and captions. The first
+    `positives` pairs are the positives; each negative kind follows as `positives` more pairs,
+    row i of a kind being the negative of positive i (a sampled caption of another image, then,
+    with negative images, another image OF THE BATCH with positive i's caption)."""
+
+    image_ids: Tensor     # [B_img] split index of each image
+    caption_ids: Tensor   # [N_pos] split index of each positive caption (grouped image by image)
+    regions: Tensor       # [B_img, D, M]
+    objects: Tensor       # [B_img, P, Q]
+    words: Tensor         # [N_txt, L_b, E] the positive captions, then the sampled negative captions
+    lengths: Tensor       # [N_txt]
+    pair_image: Tensor    # [N_pair] row of regions/objects
+    pair_text: Tensor     # [N_pair] row of words/lengths
+    kinds: int            # 1 (positives) + number of negative kinds; N_pair = kinds * N_pos
+
+    def __len__(self) -> int:
+        return int(self.caption_ids.shape[0])
+
+    @property
+    def negative(self) -> Tensor:
+        """[N_pair] bool: True at negative pairs (the uniform-attention rule applies to them)."""
+        return torch.arange(self.kinds * len(self)) >= len(self)
+
+
+class ImageBatches:
+    """Deterministic shuffled batches of `batch_images` images, each with every caption of its
+    image as a positive pair, so each image is encoded once (W2R's G = R W_ih_u^T) for all of its
+    pairs. An epoch visits every image once (so every caption once as a positive), in an order
+    seeded by (seed, epoch); negatives come from a generator seeded by (seed, epoch, batch), so
+    batch (epoch, index) is a pure function of the seed, like PairBatches."""
+
+    def __init__(self, split: SplitFeatures, word_set: str, batch_images: int, seed: int,
+                 negative_captions: bool = True, negative_images: bool = False):
+        self.split, self.word_set, self.batch_images, self.seed = split, word_set, batch_images, seed
+        self.negative_captions, self.negative_images = negative_captions, negative_images
+        self.caption_image = np.asarray(split.caption_image, dtype=np.int64)  # [N_cap]
+        self.lengths = np.asarray(split.lengths, dtype=np.int64)
+        self.num_images = split.num_images
+        split.words(word_set)  # fail now, naming the file, if the word set is absent
+        if batch_images < 2 or self.num_images < 2:
+            raise StoreError(f"{split.root / split.name}: expected batches of >= 2 images from >= 2 images, "
+                             f"got batch_images={batch_images} and {self.num_images} image(s)")
+        self._by_image = np.argsort(self.caption_image, kind="stable")  # caption indices grouped by image
+        self._starts = np.searchsorted(self.caption_image[self._by_image], np.arange(self.num_images + 1))
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.caption_image)
+
+    @property
+    def num_batches(self) -> int:
+        # a final batch of a single image is dropped: it has no other image to draw negatives from
+        full, rest = divmod(self.num_images, self.batch_images)
+        return full + (rest >= 2)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's permutation of image indices."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+
+    def batch_pairs(self, epoch: int, index: int, order: np.ndarray | None = None) -> int:
+        """Positive pairs of batch `index` (for progress counts) without reading features."""
+        images = self._images(epoch, index, order)
+        return int((self._starts[images + 1] - self._starts[images]).sum())
+
+    def _images(self, epoch: int, index: int, order: np.ndarray | None) -> np.ndarray:
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"batch {index} of an epoch of {self.num_batches}")
+        order = self.order(epoch) if order is None else order
+        return order[index * self.batch_images:(index + 1) * self.batch_images]
+
+    def batch(self, epoch: int, index: int, order: np.ndarray | None = None) -> GroupedBatch:
+        """Batch `index` of `epoch` (pass the epoch's `order` to avoid recomputing it)."""
+        images = self._images(epoch, index, order)
+        groups = [self._by_image[self._starts[i]:self._starts[i + 1]] for i in images]
+        captions = np.concatenate(groups)  # [N_pos]
+        local = np.repeat(np.arange(len(images)), [len(g) for g in groups])  # [N_pos] row of each positive's image
+        rng = np.random.default_rng([self.seed, epoch, index])
+        texts, pair_image, pair_text = [captions], [local], [np.arange(len(captions))]
+        if self.negative_captions:
+            negatives = sample_negative_captions(self.caption_image, rng, anchors=captions)
+            texts.append(negatives)
+            pair_image.append(local)
+            pair_text.append(len(captions) + np.arange(len(captions)))
+        if self.negative_images:
+            picks = rng.integers(0, len(images) - 1, size=len(captions))
+            pair_image.append(picks + (picks >= local))  # another image of the batch
+            pair_text.append(np.arange(len(captions)))
+        regions, objects = read_images(self.split, images)
+        words, lengths = read_captions(self.split, self.word_set, np.concatenate(texts), self.lengths)
+        return GroupedBatch(torch.from_numpy(images), torch.from_numpy(captions), regions, objects, words, lengths,
+                            torch.from_numpy(np.concatenate(pair_image)), torch.from_numpy(np.concatenate(pair_text)),
+                            kinds=len(pair_image))

@@ -3,6 +3,8 @@
     python -m training.evaluate --scores S.npy --captions-per-image 5 [--folds 5] --json OUT.json
     python -m training.evaluate --checkpoint RUN/best --store STORE --split test [--json OUT.json]
         [--save-scores S.npy] [--batch-images N --batch-captions N] [--threads N] [--force]
+    python -m training.evaluate --checkpoint RUN/best --store STORE --split test \
+        --shortlist DUAL_ENCODER_RUN/best --shortlist-k 100 --json OUT.json
 
 A score matrix is [N_images, N_captions]: row i is image i and its captions are
 cpi*i .. cpi*i+cpi-1 (cpi = captions per image). For a checkpoint the matrix is computed
@@ -12,6 +14,16 @@ split whose captions are not grouped image by image is refused. Both model kinds
 dual_encoder) work. The metrics (engine.metrics.retrieval_metrics) are printed on one line
 and, with --json, written as {"i2t": {r1, r5, r10, medr, meanr}, "t2i": {...}, "rsum"}
 (the checkpoint form adds "split", "checkpoint", "store", "images", "captions", "seconds").
+
+Shortlist protocol (--shortlist, --shortlist-k K): exhaustive BSSAN scoring of 1K x 5K pairs is
+over an hour on 2 CPU cores, so a dual-encoder checkpoint ranks every pair first and the model
+re-scores only the union of each image's top-K captions and each caption's top-K images. Every
+other pair gets one score below all re-scored ones, so a ground truth outside the shortlist ranks
+below the whole shortlist and, with ties counted against the query, below every tied pair too.
+The JSON says "protocol": "shortlist" with K and the shortlist's own recall: the percent of
+images with at least one own caption among their top-K captions (i2t) and of captions whose
+image is among their top-K images (t2i), the ceiling of R@K for K above the shortlist. K at
+least the gallery size equals exhaustive scoring.
 
 Outputs are written atomically (temp file + rename). An existing --json or --save-scores file
 is never replaced unless --force: a finished evaluation is a result someone may be quoting.
@@ -122,6 +134,79 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store: str | os.PathLike,
     return metrics, scores
 
 
+def shortlist_mask(first: np.ndarray, k: int) -> np.ndarray:
+    """[N_img, N_cap] bool: the union of each row's top-k columns and each column's top-k rows of `first`."""
+    n_img, n_cap = first.shape
+    mask = np.zeros(first.shape, dtype=bool)
+    if k >= n_cap:
+        mask[:] = True
+    else:
+        np.put_along_axis(mask, np.argpartition(-first, k - 1, axis=1)[:, :k], True, axis=1)  # top-k captions per image
+    if k >= n_img:
+        mask[:] = True
+    else:
+        np.put_along_axis(mask, np.argpartition(-first, k - 1, axis=0)[:k], True, axis=0)  # top-k images per caption
+    return mask
+
+
+def shortlist_recall(first: np.ndarray, k: int, captions_per_image: int) -> dict[str, float]:
+    """Percent of ground truths inside the top-k of `first` (see the module docstring)."""
+    n_img, n_cap = first.shape
+    own = np.arange(n_cap) // captions_per_image  # [N_cap] image of each caption
+    top_captions = np.argsort(-first, axis=1, kind="stable")[:, :k]  # [N_img, k]
+    top_images = np.argsort(-first, axis=0, kind="stable")[:k]  # [k, N_cap]
+    i2t = (own[top_captions] == np.arange(n_img)[:, None]).any(axis=1)  # [N_img]
+    t2i = (top_images == own[None, :]).any(axis=0)  # [N_cap]
+    return {"i2t": float(100.0 * i2t.mean()), "t2i": float(100.0 * t2i.mean())}
+
+
+def evaluate_shortlist(checkpoint: str | os.PathLike, shortlist: str | os.PathLike, store: str | os.PathLike,
+                       k: int, split: str = "test", pair_block: int = 2048, progress: bool = True) -> tuple[dict, np.ndarray]:
+    """(metrics with run details, scores [N_img, N_cap]) of `checkpoint` re-scoring the top-k
+    shortlist of the dual encoder `shortlist` on a store split (see the module docstring)."""
+    from training.checkpoint import ModelKind, load_checkpoint
+
+    ckpt, first_ckpt = load_checkpoint(checkpoint), load_checkpoint(shortlist)
+    if first_ckpt.kind is not ModelKind.DUAL_ENCODER:
+        raise InputError(f"--shortlist {shortlist}: expected a dual_encoder checkpoint, got {first_ckpt.kind.value}")
+    features = FeatureStore(store).split(split)
+    per = captions_per_image_of(features)
+    start = time.perf_counter()
+    first = score_split(first_ckpt.model, features, first_ckpt.train_config.word_set)  # [N_img, N_cap]
+    mask = shortlist_mask(first, k)
+    image_index, text_index = np.nonzero(mask)  # row-major: pairs grouped image by image
+    word_set = ckpt.train_config.word_set
+    words, lengths = features.words(word_set), np.asarray(features.lengths)
+    rescored = np.empty(len(image_index), dtype=np.float32)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(image_index), unit="pair", unit_scale=True, desc=f"re-scoring top-{k}")
+    images_per_call = max(1, pair_block // max(1, int(mask.sum(axis=1).max())))
+    for i in range(0, features.num_images, images_per_call):  # a few images and all their shortlisted captions per call
+        lo, hi = np.searchsorted(image_index, [i, i + images_per_call])
+        if hi > lo:
+            rescored[lo:hi] = ckpt.model.score_pairs(features.regions, features.objects, words, lengths,
+                                                     image_index[lo:hi], text_index[lo:hi], pair_block=hi - lo).numpy()
+            bar is not None and bar.update(hi - lo)
+    if bar is not None:
+        bar.close()
+    if not np.isfinite(rescored).all():
+        raise StoreError(f"{features.root / features.name}: non-finite re-scored pair; expected finite features")
+    floor = (rescored.min() if len(rescored) else 0.0) - 1.0
+    scores = np.full(first.shape, floor, dtype=np.float32)
+    scores[image_index, text_index] = rescored
+    seconds = time.perf_counter() - start
+    metrics = retrieval_metrics(scores, captions_per_image=per)
+    metrics.update(split=split, checkpoint=str(Path(checkpoint).resolve()), store=str(Path(store).resolve()),
+                   kind=ckpt.kind.value, word_set=word_set, images=int(scores.shape[0]), captions=int(scores.shape[1]),
+                   captions_per_image=per, seconds=round(seconds, 3), protocol="shortlist", shortlist_k=k,
+                   shortlist=str(Path(shortlist).resolve()), shortlist_word_set=first_ckpt.train_config.word_set,
+                   shortlist_recall=shortlist_recall(first, k, per), rescored_pairs=int(len(rescored)),
+                   rescored_fraction=round(float(mask.mean()), 4))
+    return metrics, scores
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -142,6 +227,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--save-scores", type=Path, help="with --checkpoint: also save the score matrix .npy here")
     parser.add_argument("--batch-images", type=_positive, help="images per scoring block (default: the model's)")
     parser.add_argument("--batch-captions", type=_positive, help="captions per scoring block (default: the model's)")
+    parser.add_argument("--shortlist", type=Path, help="with --checkpoint: a dual-encoder checkpoint whose top-K pairs the model re-scores")
+    parser.add_argument("--shortlist-k", type=_positive, default=100, help="with --shortlist: K (default 100)")
     parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
     parser.add_argument("--force", action="store_true", help="replace existing --json / --save-scores files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -157,6 +244,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("--checkpoint needs --store")
         if args.captions_per_image is not None:
             parser.error("--captions-per-image comes from the store with --checkpoint; drop it")
+    if args.shortlist is not None and args.scores is not None:
+        parser.error("--shortlist goes with --checkpoint, not --scores")
     return args
 
 
@@ -172,8 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             scores = load_scores(args.scores)
             metrics = retrieval_metrics(scores, captions_per_image=args.captions_per_image, folds=args.folds)
         else:
-            metrics, scores = evaluate_checkpoint(args.checkpoint, args.store, args.split, args.batch_images,
-                                                  args.batch_captions, progress=not args.no_progress)
+            if args.shortlist is not None:
+                metrics, scores = evaluate_shortlist(args.checkpoint, args.shortlist, args.store, args.shortlist_k,
+                                                     args.split, progress=not args.no_progress)
+            else:
+                metrics, scores = evaluate_checkpoint(args.checkpoint, args.store, args.split, args.batch_images,
+                                                      args.batch_captions, progress=not args.no_progress)
             if args.folds > 1:
                 metrics.update(retrieval_metrics(scores, captions_per_image=metrics["captions_per_image"], folds=args.folds),
                                folds=args.folds)

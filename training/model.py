@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from engine.errors import InputError
+from training.baseline import reverse_within_length
 from training.config import ModelConfig, NegativeAttention
 
 Cache = dict[str, Tensor]
@@ -74,21 +74,28 @@ def lstm_recurrence(gate_inputs: Tensor, lengths: Tensor, weight_hh: Tensor) -> 
     """nn.LSTM's recurrence on precomputed gate inputs x_t W_ih^T + b_ih + b_hh.
 
     gate_inputs [N, L, 4H], lengths [N] -> hidden state at each sequence's last real step [N, H].
-    Only max(lengths) steps run; steps after a sequence's end never reach its output.
+    Like a packed sequence, step t runs only on the sequences still going: rows are sorted by
+    length (longest first), so step t works on the first n_t rows and a row's output is taken
+    at its last real step; padding never costs a step.
     """
     n, _, four_h = gate_inputs.shape
-    hidden = four_h // 4
-    h = gate_inputs.new_zeros(n, hidden)
-    c = gate_inputs.new_zeros(n, hidden)
-    out = gate_inputs.new_zeros(n, hidden)
-    last = lengths - 1
-    for t in range(int(lengths.max())):
-        gates = gate_inputs[:, t] + h @ weight_hh.t()  # [N, 4H]
+    order = torch.argsort(lengths, descending=True, stable=True)  # [N]
+    sorted_lengths = lengths[order]
+    steps = int(sorted_lengths[0]) if n else 0
+    active = (sorted_lengths[None, :] > torch.arange(steps + 1, device=lengths.device)[:, None]).sum(1).tolist()  # n_t
+    inputs = gate_inputs[order, :steps].unbind(1)  # unbind, not [:, t]: its backward is one stack
+    h = gate_inputs.new_zeros(n, four_h // 4)
+    c = gate_inputs.new_zeros(n, four_h // 4)
+    finished = []  # hidden states of the rows whose last step is t, for t = 0, 1, ...
+    for t in range(steps):
+        rows = active[t]
+        gates = inputs[t][:rows] + h[:rows] @ weight_hh.t()  # [n_t, 4H]
         i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTM's gate order
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c = torch.sigmoid(f) * c[:rows] + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
-        out = torch.where((last == t)[:, None], h, out)
-    return out
+        finished.append(h[active[t + 1]:rows])
+    out_sorted = torch.cat(finished[::-1]) if finished else gate_inputs.new_zeros(0, four_h // 4)  # longest first
+    return out_sorted[torch.argsort(order)]
 
 
 class MLP(nn.Module):
@@ -167,13 +174,23 @@ class W2R(nn.Module):
 
     def score_pairs(self, image_cache: Cache, text_cache: Cache, image_index: Tensor, text_index: Tensor,
                     negative: Negative = False) -> Tensor:
-        """Y [N] of the pairs (image_index[n], text_index[n])."""
-        attn = self.attention(image_cache, text_cache, image_index, text_index, negative)  # [N, L, D]
+        """Y [N] of the pairs (image_index[n], text_index[n]). With G cached, pairs are taken image
+        by image, so each image's pairs share one [k*L, D] x [D, 4H] product and G is never gathered."""
         if self.pair_gathers_gates and "gates_regions" in image_cache:
-            gate_u = attn @ image_cache["gates_regions"][image_index]  # [N, L, 4H]
-        else:
-            attended = attn @ image_cache["regions"][image_index]  # u_k: [N, L, M]
-            gate_u = attended @ self._split_input_weight()[0].t()  # [N, L, 4H]
+            order = torch.argsort(image_index, stable=True)  # [N] pairs grouped by image
+            negative = negative[order] if isinstance(negative, Tensor) else negative
+            image_index, text_index = image_index[order], text_index[order]
+            attn = self.attention(image_cache, text_cache, image_index, text_index, negative)  # [N, L, D]
+            gates_regions = image_cache["gates_regions"]  # [B_img, D, 4H]
+            counts = torch.bincount(image_index, minlength=gates_regions.shape[0]).tolist()
+            pieces = [a.reshape(-1, a.shape[-1]) @ g for a, g in zip(attn.split(counts), gates_regions) if a.shape[0]]
+            n, max_len = attn.shape[:2]
+            gate_u = torch.cat(pieces).reshape(n, max_len, -1) if pieces else attn.new_zeros(0, max_len, gates_regions.shape[2])  # [N, L, 4H]
+            gates = gate_u + text_cache["gates_words"][text_index]  # [N, L, 4H]
+            return self._finish(gates, text_cache["lengths"][text_index])[torch.argsort(order)]
+        attn = self.attention(image_cache, text_cache, image_index, text_index, negative)  # [N, L, D]
+        attended = attn @ image_cache["regions"][image_index]  # u_k: [N, L, M]
+        gate_u = attended @ self._split_input_weight()[0].t()  # [N, L, 4H]
         gates = gate_u + text_cache["gates_words"][text_index]  # [N, L, 4H]
         return self._finish(gates, text_cache["lengths"][text_index])
 
@@ -214,12 +231,23 @@ class O2W(nn.Module):
                 "objects_mlp": objects @ first.weight[:, : self.object_dim].t() + first.bias}
 
     def encode_text(self, words: Tensor, lengths: Tensor) -> Cache:
-        """words [B_txt, L, E], lengths [B_txt] -> states S [B_txt, L, H2] (zero past the length), lengths."""
-        packed = pack_padded_sequence(words, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.bilstm(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=words.shape[1])  # [B_txt, L, 2*H2]
-        hidden = self.bilstm.hidden_size
-        return {"states": (out[..., :hidden] + out[..., hidden:]) / 2, "lengths": lengths}  # [B_txt, L, H2]
+        """words [B_txt, L, E], lengths [B_txt] -> states S [B_txt, L, H2] (zero past the length), lengths.
+
+        Equal to the Bi-LSTM on a packed sequence, without packing (whose CPU backward fills a zero
+        gradient per step): the forward direction runs on the padded words (causal: padding after a
+        caption's end never reaches its real steps); the backward direction runs forward over the
+        words reversed within each caption's length and its outputs are reversed back."""
+        lstm, hidden = self.bilstm, self.bilstm.hidden_size
+        zeros = words.new_zeros(1, words.shape[0], hidden)
+
+        def run(x: Tensor, suffix: str) -> Tensor:
+            params = [getattr(lstm, f"{name}_l0{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            return torch.lstm(x, (zeros, zeros), params, True, 1, 0.0, self.training, False, True)[0]  # [B_txt, L, H2]
+
+        forward = run(words, "")
+        backward = reverse_within_length(run(reverse_within_length(words, lengths), "_reverse"), lengths)
+        mask = length_mask(lengths, words.shape[1])[..., None]  # [B_txt, L, 1]
+        return {"states": ((forward + backward) / 2) * mask, "lengths": lengths}  # [B_txt, L, H2]
 
     def attention(self, image_cache: Cache, text_cache: Cache, image_index: Tensor, text_index: Tensor,
                   negative: Negative = False) -> Tensor:

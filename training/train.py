@@ -45,7 +45,7 @@ from engine.store import FeatureStore, write_json_atomic
 from training.baseline import DUAL_ENCODER_PRESETS, DualEncoder, dual_encoder_loss, dual_encoder_preset
 from training.checkpoint import (WEIGHTS, ModelKind, build_model, load_train_state, load_weights, save_checkpoint)
 from training.config import PRESETS, TrainConfig, input_sizes_of_split, preset, replace_strict, with_input_sizes
-from training.data import Batch, PairBatches
+from training.data import Batch, GroupedBatch, ImageBatches, PairBatches
 from training.evaluate import captions_per_image_of, score_split
 from training.loss import bssan_loss, hardest_in_batch
 from training.model import BSSAN
@@ -97,6 +97,16 @@ def bssan_step(model: BSSAN, batch: Batch, config: TrainConfig) -> torch.Tensor:
     negative = torch.arange(len(captions) * n) >= n  # [K*B]: the first B pairs are the positives
     y, y_prime = model(torch.cat(regions), torch.cat(objects), words, lengths, negative=negative)
     groups = [(y[k * n:(k + 1) * n], y_prime[k * n:(k + 1) * n]) for k in range(len(captions))]
+    return bssan_loss(model, groups[0], groups[1:], config.margin, config.reduction).total
+
+
+def bssan_grouped_step(model: BSSAN, batch: GroupedBatch, config: TrainConfig) -> torch.Tensor:
+    """Paper loss (eq. 18) of an image-grouped batch (training.data.ImageBatches): every pair in
+    ONE forward_pairs call, so each image is encoded once and one BatchNorm batch covers all pairs."""
+    n = len(batch)
+    y, y_prime = model.forward_pairs(batch.regions, batch.objects, batch.words, batch.lengths,
+                                     batch.pair_image, batch.pair_text, negative=batch.negative)
+    groups = [(y[k * n:(k + 1) * n], y_prime[k * n:(k + 1) * n]) for k in range(batch.kinds)]
     return bssan_loss(model, groups[0], groups[1:], config.margin, config.reduction).total
 
 
@@ -174,12 +184,16 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
 
 def train(store_path: str | os.PathLike, out: str | os.PathLike, kind: ModelKind, model_config: Any,
           train_config: TrainConfig, save_every: float = 60.0, save_every_batches: int = 0,
-          stop_after_batches: int = 0, progress: bool = True, plot: bool = True, command: list[str] | None = None) -> dict:
-    """Train (or resume) a run; returns the last metrics.json payload. See the module docstring."""
+          stop_after_batches: int = 0, progress: bool = True, plot: bool = True, command: list[str] | None = None,
+          wait_for_dev: float = 0.0) -> dict:
+    """Train (or resume) a run; returns the last metrics.json payload. See the module docstring.
+    wait_for_dev > 0: a store whose dev split is still being extracted is accepted; each epoch's
+    end waits up to that many seconds for the dev split to appear in the manifest."""
     out, kind = Path(out), ModelKind(kind)
     store = FeatureStore(store_path)
     store.split("train")
-    captions_per_image_of(store.split("dev"))  # refuse an ungrouped dev split before training, not after an epoch
+    if not (wait_for_dev > 0 and "dev" not in store.splits):
+        captions_per_image_of(store.split("dev"))  # refuse an ungrouped dev split before training, not after an epoch
     run_config = {"kind": kind.value, "store": str(Path(store_path).resolve()), "model": model_config.to_dict(),
                   "train": train_config.to_dict()}
     check_run_dir(out, run_config)
@@ -191,17 +205,18 @@ def train(store_path: str | os.PathLike, out: str | os.PathLike, kind: ModelKind
     try:
         check_run_dir(out, run_config)  # again under the lock: a concurrent start may have written run.json
         return _train(store, out, kind, model_config, train_config, save_every, save_every_batches, stop_after_batches,
-                      progress, plot, command)
+                      progress, plot, command, wait_for_dev)
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
 
 
 def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, train_config: TrainConfig, save_every: float,
-           save_every_batches: int, stop_after_batches: int, progress: bool, plot: bool, command: list[str] | None) -> dict:
+           save_every_batches: int, stop_after_batches: int, progress: bool, plot: bool, command: list[str] | None,
+           wait_for_dev: float = 0.0) -> dict:
     from tqdm import tqdm
 
-    train_split, dev_split = store.split("train"), store.split("dev")
+    train_split = store.split("train")
     torch.manual_seed(train_config.seed)
     model, _ = build_model(kind, model_config.to_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=train_config.lr, momentum=train_config.momentum)
@@ -214,13 +229,29 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
         pos = Position(**state["position"])
         print(f"resuming {out}: {pos.epoch} epoch(s) done, next batch {pos.batch} of epoch {pos.epoch + 1}", file=sys.stderr)
 
-    batches = PairBatches(train_split, train_config.word_set, train_config.batch_size, train_config.seed,
-                          negative_captions=kind is ModelKind.BSSAN and not train_config.hardest_negatives,
-                          negative_images=kind is ModelKind.BSSAN and train_config.negative_images
-                          and not train_config.hardest_negatives)
-    step = STEPS[kind]
-    dev_images = train_config.dev_images or dev_split.num_images
-    metrics = {"dev": pos.history, "best_epoch": pos.best_epoch, "dev_images": min(dev_images, dev_split.num_images)}
+    grouped = kind is ModelKind.BSSAN and train_config.batch_images > 0 and not train_config.hardest_negatives
+    if grouped:
+        batches = ImageBatches(train_split, train_config.word_set, train_config.batch_images, train_config.seed,
+                               negative_images=train_config.negative_images)
+    else:
+        batches = PairBatches(train_split, train_config.word_set, train_config.batch_size, train_config.seed,
+                              negative_captions=kind is ModelKind.BSSAN and not train_config.hardest_negatives,
+                              negative_images=kind is ModelKind.BSSAN and train_config.negative_images
+                              and not train_config.hardest_negatives)
+    step = bssan_grouped_step if grouped else STEPS[kind]
+    metrics = {"dev": pos.history, "best_epoch": pos.best_epoch}
+
+    def dev_split_of_store():
+        deadline = time.monotonic() + wait_for_dev
+        while wait_for_dev > 0 and "dev" not in FeatureStore(store.root).splits and time.monotonic() < deadline:
+            time.sleep(min(20.0, max(deadline - time.monotonic(), 0.0)))  # the store's extraction is still running
+        dev_split = FeatureStore(store.root).split("dev")
+        captions_per_image_of(dev_split)
+        metrics["dev_images"] = min(train_config.dev_images or dev_split.num_images, dev_split.num_images)
+        return dev_split
+
+    if "dev" in store.splits:
+        dev_split_of_store()
 
     def sync_metrics() -> None:
         metrics.update(dev=pos.history, best_epoch=pos.best_epoch)
@@ -241,7 +272,7 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
         order = batches.order(epoch)
         model.train()
         epoch_start, pairs_before = time.perf_counter(), pos.pairs_seen
-        bar = tqdm(total=batches.num_pairs, initial=min(pos.batch * train_config.batch_size, batches.num_pairs),
+        bar = tqdm(total=batches.num_pairs, initial=pos.pairs_seen,
                    unit="pair", unit_scale=True, desc=f"epoch {epoch + 1}/{train_config.epochs}", disable=not progress)
         for index in range(pos.batch, batches.num_batches):
             batch = batches.batch(epoch, index, order)
@@ -268,8 +299,9 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
         pairs_per_second = (pos.pairs_seen - pairs_before) / max(time.perf_counter() - epoch_start, 1e-9)
 
         model.eval()
+        dev_split = dev_split_of_store()
         start = time.perf_counter()
-        dev_scores = score_split(model, dev_split, train_config.word_set, images=dev_images, progress=progress)
+        dev_scores = score_split(model, dev_split, train_config.word_set, images=metrics["dev_images"], progress=progress)
         dev = retrieval_metrics(dev_scores, captions_per_image=dev_split.captions_per_image())
         record = {"epoch": epoch + 1, "loss": pos.loss_sum / max(pos.batch, 1), "pairs": pos.pairs_seen,
                   "lr": optimizer.param_groups[0]["lr"], "train_pairs_per_second": round(pairs_per_second, 1),
@@ -348,6 +380,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stop-after-batches", type=int, default=0, metavar="N",
                         help="debug: stop after N batches as if killed (exit code 3), to test resuming")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--wait-for-dev", type=float, default=0.0, metavar="SECONDS",
+                        help="start while the store's dev split is still being extracted; wait up to this long for it at each epoch's end")
     return parser.parse_args(argv)
 
 
@@ -360,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_config, train_config = configs_from_args(args)
         metrics = train(args.store, args.out, ModelKind(args.model_kind), model_config, train_config,
                         save_every=args.save_every, save_every_batches=args.save_every_batches,
-                        stop_after_batches=args.stop_after_batches, progress=not args.no_progress, command=command)
+                        stop_after_batches=args.stop_after_batches, progress=not args.no_progress, command=command,
+                        wait_for_dev=args.wait_for_dev)
     except SimulatedKill as exc:
         print(str(exc), file=sys.stderr)
         return 3

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import StoreError
+from engine.errors import InputError, StoreError
 from engine.metrics import retrieval_metrics
 from engine.store import FeatureStore
 from training.baseline import DualEncoder, dual_encoder_preset
-from training.checkpoint import save_checkpoint
-from training.config import TrainConfig, preset
-from training.evaluate import main, score_split
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import TrainConfig, preset, replace_strict
+from training.evaluate import evaluate_checkpoint, evaluate_shortlist, main, score_split, shortlist_mask
 from training.model import BSSAN
 
 
@@ -99,3 +99,52 @@ def test_checkpoint_errors_are_one_line(tmp_path, tiny_store, checkpoints, capsy
     assert "no split 'val'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(checkpoints / "bssan")])  # argparse: --store is required with --checkpoint
+
+
+@pytest.fixture(scope="module")
+def gated_checkpoint(tmp_path_factory, tiny_store):
+    """A BSSAN whose W2R caches G (4H <= M), the path score_pairs takes at the flickr8k preset."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("gated") / "bssan"
+    model = BSSAN(replace_strict(preset("demo"), w2r_hidden=4, w2r_mlp=[4, 1])).eval()
+    assert model.w2r.pair_gathers_gates
+    save_checkpoint(path, model, TrainConfig(), store=FeatureStore(tiny_store))
+    return path
+
+
+def test_shortlist_of_the_whole_gallery_equals_exhaustive_scoring(tiny_store, checkpoints, gated_checkpoint):
+    for checkpoint in (gated_checkpoint, checkpoints / "bssan"):
+        exhaustive, full_scores = evaluate_checkpoint(checkpoint, tiny_store, "test", progress=False)
+        metrics, scores = evaluate_shortlist(checkpoint, checkpoints / "dual", tiny_store, k=10_000, split="test", progress=False)
+        np.testing.assert_allclose(scores, full_scores, rtol=1e-5, atol=1e-5)
+        for side in ("i2t", "t2i"):
+            assert metrics[side] == pytest.approx(exhaustive[side])
+        assert metrics["shortlist_recall"] == {"i2t": 100.0, "t2i": 100.0} and metrics["rescored_fraction"] == 1.0
+
+
+def test_shortlist_rescores_only_the_top_k_union_and_ranks_the_rest_last(tmp_path, tiny_store, checkpoints, gated_checkpoint, capsys):
+    out = tmp_path / "m.json"
+    assert main(["--checkpoint", str(gated_checkpoint), "--store", str(tiny_store), "--split", "test", "--shortlist",
+                 str(checkpoints / "dual"), "--shortlist-k", "2", "--json", str(out), "--no-progress"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["protocol"] == "shortlist" and metrics["shortlist_k"] == 2
+    split = FeatureStore(tiny_store).split("test")
+    first = score_split(load_checkpoint(checkpoints / "dual").model, split, "glove50")
+    mask = shortlist_mask(first, 2)
+    assert (mask.sum(axis=1) >= 2).all() and (mask.sum(axis=0) >= 2).all() and not mask.all()
+    assert metrics["rescored_pairs"] == int(mask.sum())
+    per = split.captions_per_image()
+    own = np.arange(first.shape[1]) // per
+    t2i = np.mean([own[j] in np.argsort(-first[:, j], kind="stable")[:2] for j in range(first.shape[1])]) * 100
+    assert metrics["shortlist_recall"]["t2i"] == pytest.approx(t2i)
+    _, scores = evaluate_shortlist(gated_checkpoint, checkpoints / "dual", tiny_store, k=2, split="test", progress=False)
+    assert scores[~mask].max() < scores[mask].min() and len(np.unique(scores[~mask])) == 1
+
+
+def test_shortlist_must_be_a_dual_encoder(tmp_path, tiny_store, checkpoints, capsys):
+    code = main(["--checkpoint", str(checkpoints / "bssan"), "--store", str(tiny_store), "--shortlist",
+                 str(checkpoints / "bssan"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    with pytest.raises(InputError, match=r"--shortlist .*: expected a dual_encoder checkpoint, got bssan"):
+        evaluate_shortlist(checkpoints / "bssan", checkpoints / "bssan", tiny_store, k=5, progress=False)

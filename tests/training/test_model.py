@@ -305,7 +305,7 @@ def test_flickr8k_preset_forward_shapes():
 def test_config_round_trip_through_json():
     cfg = replace_strict(preset("flickr8k"), variant="o2w", negative_attention=NegativeAttention.SOFTMAX)
     data = json.loads(json.dumps(cfg.to_dict()))
-    assert data["variant"] == "o2w" and data["w2r_mlp"] == [256, 128, 1]
+    assert data["variant"] == "o2w" and data["w2r_mlp"] == [128, 64, 1]
     assert ModelConfig.from_dict(data) == cfg
     train = TrainConfig(hardest_negatives=True)
     assert TrainConfig.from_dict(json.loads(json.dumps(train.to_dict()))) == train

@@ -14,7 +14,7 @@ from engine.metrics import retrieval_metrics
 from engine.store import FeatureStore
 from training.checkpoint import TRAIN_STATE, WEIGHTS, ModelKind, load_checkpoint, load_train_state
 from training.config import TrainConfig, preset, replace_strict
-from training.data import PairBatches
+from training.data import ImageBatches, PairBatches
 from training.train import SimulatedKill, learning_rate, main, train
 
 FAST = dict(progress=False, plot=False)
@@ -39,8 +39,9 @@ def test_training_lowers_the_loss_and_beats_chance_on_dev(tmp_path, train_store)
     assert load_train_state(tmp_path / "run" / "best") is None and (tmp_path / "run" / "last" / TRAIN_STATE).is_file()
 
 
-def test_resume_after_a_kill_is_bit_identical(tmp_path, train_store):
-    config = TrainConfig(epochs=2, batch_size=64, negative_images=True)  # 5 batches per epoch
+@pytest.mark.parametrize("batch_images", [0, 12])  # pair batches; image-grouped batches (5 per epoch too)
+def test_resume_after_a_kill_is_bit_identical(tmp_path, train_store, batch_images):
+    config = TrainConfig(epochs=2, batch_size=64, batch_images=batch_images, negative_images=True)  # 5 batches per epoch
     model_config = preset("demo")
     reference = train(train_store, tmp_path / "straight", ModelKind.BSSAN, model_config, config, **FAST)
     run = tmp_path / "interrupted"
@@ -133,6 +134,36 @@ def test_batches_cover_every_caption_with_negatives_of_other_images(train_store)
     again = batches.batch(0, 2)
     assert torch.equal(again.negative_words, batches.batch(0, 2).negative_words)  # a pure function of (seed, epoch, batch)
     assert not torch.equal(batches.batch(1, 2).caption_ids, again.caption_ids)  # reshuffled every epoch
+
+
+def test_image_batches_hold_every_caption_of_their_images_and_negatives_of_other_images(train_store):
+    split = FeatureStore(train_store).split("train")
+    batches = ImageBatches(split, "glove50", batch_images=12, seed=3, negative_images=True)
+    caption_image = np.asarray(split.caption_image)
+    seen = []
+    for index in range(batches.num_batches):
+        batch = batches.batch(1, index)
+        n, images = len(batch), batch.image_ids.numpy()
+        assert batch.kinds == 3 and batch.pair_image.shape == (3 * n,) and batch.negative.sum() == 2 * n
+        assert batches.batch_pairs(1, index) == n
+        assert sorted(batch.caption_ids.tolist()) == sorted(np.flatnonzero(np.isin(caption_image, images)).tolist())
+        own = images[batch.pair_image[:n].numpy()]
+        assert (own == caption_image[batch.caption_ids.numpy()]).all()  # positives: each caption with its image
+        negative_captions = np.asarray(split.caption_image)[_caption_rows(batch, batches, 1, index)]
+        assert (negative_captions != own).all()  # sampled captions of other images
+        assert (images[batch.pair_image[2 * n:].numpy()] != own).all()  # other images of the batch
+        assert (batch.pair_text[2 * n:] == batch.pair_text[:n]).all()
+        seen += batch.caption_ids.tolist()
+    assert sorted(seen) == list(range(batches.num_pairs))  # every caption once per epoch
+    again = batches.batch(1, 2)
+    assert torch.equal(again.words, batches.batch(1, 2).words) and torch.equal(again.pair_image, batches.batch(1, 2).pair_image)
+
+
+def _caption_rows(batch, batches, epoch, index):
+    """Split rows of a grouped batch's negative captions (re-drawn as the batch draws them)."""
+    from training.loss import sample_negative_captions
+    rng = np.random.default_rng([batches.seed, epoch, index])
+    return sample_negative_captions(batches.caption_image, rng, anchors=batch.caption_ids.numpy())
 
 
 def test_sampled_negative_captions_never_share_the_image(train_store):
