@@ -33,6 +33,7 @@ import numpy as np
 from benchmarks.common import DEFAULT_THREADS, REPO_ROOT, machine_info, write_json_atomic
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "reference"
+DEFAULT_SHORTLIST = REPO_ROOT / "models" / "reference-shortlist"  # a dual encoder (quickstart.sh's convention)
 DEFAULT_ARTIFACT = REPO_ROOT / "build" / "artifacts" / "reference"
 DEFAULT_STORE = REPO_ROOT / "stores" / "flickr8k"
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "flickr8k"
@@ -72,7 +73,8 @@ def flickr8k_test_lengths(count: int, max_words: int, store: Path = DEFAULT_STOR
 
 def resolve_artifact(artifact: Path | None, model: Path, work: Path) -> tuple[Path | None, str]:
     """An artifact directory to benchmark: `artifact` if it has a manifest, else `model` exported
-    into `work` (fp32, fp16, int8); else None and why."""
+    into `work` (fp32, fp16, int8; with the shortlist graphs of DEFAULT_SHORTLIST when it exists);
+    else None and why."""
     if artifact is not None and (artifact / "manifest.json").is_file():
         return artifact, f"artifact {artifact}"
     if not (model / "config.json").is_file():
@@ -80,8 +82,10 @@ def resolve_artifact(artifact: Path | None, model: Path, work: Path) -> tuple[Pa
     from export.pipeline import ExportOptions, export_artifact
 
     out = work / "artifact"
-    export_artifact(ExportOptions(model_dir=model, out=out, precisions=("fp32", "fp16", "int8"), tensorrt="off"))
-    return out, f"exported from {model} into a temporary directory"
+    shortlist = DEFAULT_SHORTLIST if (DEFAULT_SHORTLIST / "config.json").is_file() else None
+    export_artifact(ExportOptions(model_dir=model, out=out, precisions=("fp32", "fp16", "int8"), shortlist_dir=shortlist,
+                                  tensorrt="off", progress=False))
+    return out, f"exported from {model}{f' with the shortlist {shortlist}' if shortlist else ''} into a temporary directory"
 
 
 def _recall_of_ranking(indices: np.ndarray, own) -> dict:

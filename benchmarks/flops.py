@@ -162,3 +162,20 @@ def ideal_seconds(stages: dict[str, StageFlops], peaks: dict[str, float], precis
     for name, stage in stages.items():
         seconds += stage.matmul / peaks[precision_of.get(name, default)] + stage.other / peaks["fp32"]
     return seconds
+
+
+def flops_by_precision(stages: dict[str, StageFlops], precision_of: dict[str, str], default: str = "fp32") -> dict[str, float]:
+    """{"fp32": GEMM FLOPs, "int8": ..., "other": elementwise FLOPs}: what ideal_seconds needs, kept in a
+    report so the fraction of peak can be recomputed against peaks measured later (peak_fraction)."""
+    split: dict[str, float] = {"other": 0.0}
+    for name, stage in stages.items():
+        precision = precision_of.get(name, default)
+        split[precision] = split.get(precision, 0.0) + stage.matmul
+        split["other"] += stage.other
+    return split
+
+
+def peak_fraction(split: dict[str, float], peaks: dict[str, float], seconds: float) -> float:
+    """Fraction of the roofline floor: (sum of FLOPs / peak of their precision; elementwise at fp32) / seconds."""
+    ideal = sum(flops / peaks["fp32" if precision == "other" else precision] for precision, flops in split.items())
+    return ideal / seconds

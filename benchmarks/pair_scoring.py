@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.common import DEFAULT_THREADS, machine_info, set_threads, time_calls, write_json_atomic
-from benchmarks.flops import factored_pair_flops, ideal_seconds, reference_pair_flops, total_flops
+from benchmarks.flops import factored_pair_flops, flops_by_precision, peak_fraction, reference_pair_flops, total_flops
 from benchmarks.scorers import SCORER_NAMES, Scorer, export_graphs, make_scorer, random_inputs, random_model
 
 PROTOCOL_IMAGES, PROTOCOL_CAPTIONS = 1000, 5000  # the 1K-image test protocol, 5 captions per image
@@ -65,11 +65,11 @@ def measure(scorer: Scorer, config, rows: np.ndarray, lengths: np.ndarray, peaks
     stages = stage_flops(scorer, config, length)
     flops = total_flops(stages)
     seconds_per_pair = timing["median_s"] / len(rows)
+    split = flops_by_precision(stages, scorer.precision_of)
     return {"pairs_per_s": len(rows) / timing["median_s"], "latency_median_s": timing["median_s"],
             "latency_p90_s": timing["p90_s"], "calls": timing["calls"], "flops_per_pair": flops,
-            "gflops_per_s": flops / seconds_per_pair / 1e9,
-            "fraction_of_peak": ideal_seconds(stages, peaks, scorer.precision_of) / seconds_per_pair,
-            "precision_of": scorer.precision_of or "fp32"}
+            "gflops_per_s": flops / seconds_per_pair / 1e9, "flops_per_pair_by_precision": split,
+            "fraction_of_peak": peak_fraction(split, peaks, seconds_per_pair), "precision_of": scorer.precision_of or "fp32"}
 
 
 def protocol_rate(pairs_per_s: float, cache: dict, images: int = PROTOCOL_IMAGES, captions: int = PROTOCOL_CAPTIONS) -> float:
@@ -170,15 +170,19 @@ def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, 
         scorer.score(blocks[-1])  # warm-up on the longest bucket: first-call allocations are not part of a pass
         timing = time_calls(run_pass, repeats=max(1, sweep.repeats // 2), warmup=0, max_seconds=sweep.max_seconds * 2,
                             min_calls=1)
-        flops = sum(total_flops(stage_flops(scorer, model.config, int(lengths[rows].max()))) * len(rows) for rows in blocks)
-        ideal = sum(ideal_seconds(stage_flops(scorer, model.config, int(lengths[rows].max())), peaks, scorer.precision_of)
-                    * len(rows) for rows in blocks)
+        split: dict[str, float] = {}
+        for rows in blocks:  # each bucket runs its longest caption's steps
+            for precision, value in flops_by_precision(stage_flops(scorer, model.config, int(lengths[rows].max())),
+                                                       scorer.precision_of).items():
+                split[precision] = split.get(precision, 0.0) + value * len(rows) / len(lengths)
+        flops = sum(split.values()) * len(lengths)
         pairs_per_s = len(lengths) / timing["median_s"]
         baseline_scores = scores.copy() if baseline_scores is None else baseline_scores
         result["scorers"][name] = {
             "block": size, "pass_s": timing["median_s"], "pass_p90_s": timing["p90_s"], "calls": timing["calls"], "pairs_per_s": pairs_per_s,
             "protocol_pairs_per_s": protocol_rate(pairs_per_s, cache), "flops_per_pair": flops / len(lengths),
-            "gflops_per_s": flops / timing["median_s"] / 1e9, "fraction_of_peak": ideal / timing["median_s"],
+            "gflops_per_s": flops / timing["median_s"] / 1e9, "flops_per_pair_by_precision": split,
+            "fraction_of_peak": peak_fraction(split, peaks, timing["median_s"] / len(lengths)),
             "precision_of": scorer.precision_of or "fp32",
             "max_abs_diff_vs_paper": float(np.abs(scores - baseline_scores).max()) if names[0] == "paper-eager" else None}
     return result

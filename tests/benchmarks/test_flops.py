@@ -76,3 +76,14 @@ def test_ideal_seconds_is_flops_over_peak_and_uses_each_stage_precision():
     peaks = {"fp32": 1e9, "int8": 4e9}
     assert ideal_seconds(stages, peaks, {}) == pytest.approx(7.0)
     assert ideal_seconds(stages, peaks, {"b": "int8"}) == pytest.approx(4 + 1 + 0.5)
+
+
+def test_peak_fraction_from_the_saved_split_equals_ideal_seconds():
+    from benchmarks.flops import flops_by_precision, peak_fraction
+
+    stages = factored_pair_flops(preset("paper"), 12, "regions")
+    precision_of = {"w2r.recurrence": "int8", "w2r.input_projection": "int8"}
+    peaks = {"fp32": 50e9, "int8": 120e9}
+    split = flops_by_precision(stages, precision_of)
+    assert sum(split.values()) == pytest.approx(total_flops(stages))
+    assert peak_fraction(split, peaks, 0.01) == pytest.approx(ideal_seconds(stages, peaks, precision_of) / 0.01)
