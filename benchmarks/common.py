@@ -116,6 +116,30 @@ def time_calls(call: Callable[[], object], repeats: int, warmup: int = 1, min_se
             "calls": len(times), "times_s": [round(t, 6) for t in times]}
 
 
+def time_round_robin(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, max_seconds: float = float("inf"),
+                     min_calls: int = 3) -> dict[str, dict]:
+    """time_calls for several competitors at once, one call of each in turn per round, so that a
+    change of load on a shared machine hits all of them alike. A competitor stops early once it
+    has min_calls calls taking max_seconds together. {name: time_calls-style dict}."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            if len(times[name]) >= min_calls and sum(times[name]) >= max_seconds:
+                continue
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, values in times.items():
+        array = np.asarray(values)
+        out[name] = {"median_s": float(np.median(array)), "p90_s": float(np.percentile(array, 90)), "min_s": float(array.min()),
+                     "calls": len(values), "times_s": [round(t, 6) for t in values]}
+    return out
+
+
 def load_note() -> str:
     """One line on the machine's load right now (other engineers share the cores)."""
     if not hasattr(os, "getloadavg"):

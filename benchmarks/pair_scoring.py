@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.common import DEFAULT_THREADS, machine_info, set_threads, time_calls, write_json_atomic
+from benchmarks.common import DEFAULT_THREADS, machine_info, set_threads, time_round_robin, write_json_atomic
 from benchmarks.flops import factored_pair_flops, flops_by_precision, peak_fraction, reference_pair_flops, total_flops
 from benchmarks.scorers import SCORER_NAMES, Scorer, export_graphs, make_scorer, random_inputs, random_model
 
@@ -57,10 +57,8 @@ def stage_flops(scorer: Scorer, config, length: int) -> dict:
     return factored_pair_flops(config, length, scorer.route)
 
 
-def measure(scorer: Scorer, config, rows: np.ndarray, lengths: np.ndarray, peaks: dict, sweep: SweepConfig) -> dict:
-    """Time scorer.score(rows); FLOPs per pair at the rows' lengths (bucket = longest); fraction of peak."""
-    timing = time_calls(lambda: scorer.score(rows), repeats=sweep.repeats, warmup=1, max_seconds=sweep.max_seconds,
-                        min_calls=sweep.min_calls)
+def measure(scorer: Scorer, config, rows: np.ndarray, lengths: np.ndarray, peaks: dict, timing: dict) -> dict:
+    """A timing of scorer.score(rows) with FLOPs per pair at the rows' lengths (bucket = longest) and fraction of peak."""
     length = int(lengths[rows].max())
     stages = stage_flops(scorer, config, length)
     flops = total_flops(stages)
@@ -107,7 +105,7 @@ def sweep_preset(preset_name: str, sweep: SweepConfig, peaks_report: dict, work:
     result = {"preset": preset_name, "config": model.config.to_dict(), "weights": f"random (seed {sweep.seed})",
               "ort_pair_graph_values": route, "skipped": skipped, "lengths": lengths, "points": [], "cache_seconds": {}}
     bar = tqdm(total=len(lengths) * len(sweep.batches) * len(scorers), desc=f"pairs {preset_name}",
-               unit="point", disable=not progress)
+               unit="point", disable=not progress)  # scorers are timed in turns (common.time_round_robin)
     for length in lengths:
         inputs = random_inputs(model.config, np.full(max(sweep.batches), length), seed=sweep.seed + length)
         caches = {s.name: s.prepare(inputs) for s in scorers}
@@ -115,15 +113,17 @@ def sweep_preset(preset_name: str, sweep: SweepConfig, peaks_report: dict, work:
         for batch in sweep.batches:
             rows = np.arange(batch)
             baseline = None
+            timings = time_round_robin({s.name: (lambda s=s: s.score(rows)) for s in scorers}, repeats=sweep.repeats,
+                                       max_seconds=sweep.max_seconds, min_calls=sweep.min_calls)
             for scorer in scorers:
                 point = {"length": length, "batch": batch, "scorer": scorer.name,
-                         **measure(scorer, model.config, rows, inputs.lengths, peaks, sweep)}
+                         **measure(scorer, model.config, rows, inputs.lengths, peaks, timings[scorer.name])}
                 point["protocol_pairs_per_s"] = protocol_rate(point["pairs_per_s"], caches[scorer.name])
                 scores = scorer.score(rows)
                 baseline = scores if baseline is None else baseline
                 point["max_abs_diff_vs_paper"] = float(np.abs(scores - baseline).max()) if scorers[0].name == "paper-eager" else None
                 result["points"].append(point)
-                bar.update(1)
+            bar.update(len(scorers))
     bar.close()
     return result
 
@@ -155,21 +155,31 @@ def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, 
     order = np.argsort(lengths, kind="stable")
     result = {"preset": preset_name, "captions": int(len(lengths)), "skipped": skipped,
               "mean_length": float(np.mean(lengths)), "scorers": {}}
-    baseline_scores = None
-    for name in tqdm(names, desc=f"real lengths {preset_name}", unit="scorer", disable=not progress):
+    prepared = {}
+    for name in names:
         size = (block_of or {}).get(name, block)
         blocks = [order[i:i + size] for i in range(0, len(order), size)]  # buckets: sorted runs of `size` captions
         scorer = make_scorer(name, model, graphs, sweep.threads)
         cache = scorer.prepare(inputs)
-        scores = np.empty(len(lengths), np.float32)
-
-        def run_pass() -> None:
-            for rows in blocks:
-                scores[rows] = scorer.score(rows)
-
         scorer.score(blocks[-1])  # warm-up on the longest bucket: first-call allocations are not part of a pass
-        timing = time_calls(run_pass, repeats=max(1, sweep.repeats // 2), warmup=0, max_seconds=sweep.max_seconds * 2,
-                            min_calls=1)
+        prepared[name] = (scorer, blocks, cache, np.empty(len(lengths), np.float32))
+
+    repeats = max(1, sweep.repeats // 2)
+    bar = tqdm(total=len(names) * repeats, desc=f"real lengths {preset_name}", unit="pass", disable=not progress)
+
+    def whole_pass(name: str) -> None:
+        scorer, blocks, _, scores = prepared[name]
+        for rows in blocks:
+            scores[rows] = scorer.score(rows)
+        bar.update(1)
+
+    timings = time_round_robin({name: (lambda name=name: whole_pass(name)) for name in names}, repeats=repeats,
+                               warmup=0, max_seconds=sweep.max_seconds * 2, min_calls=1)
+    bar.close()
+    baseline_scores = prepared[names[0]][3]
+    for name in names:
+        scorer, blocks, cache, scores = prepared[name]
+        timing = timings[name]
         split: dict[str, float] = {}
         for rows in blocks:  # each bucket runs its longest caption's steps
             for precision, value in flops_by_precision(stage_flops(scorer, model.config, int(lengths[rows].max())),
@@ -177,10 +187,9 @@ def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, 
                 split[precision] = split.get(precision, 0.0) + value * len(rows) / len(lengths)
         flops = sum(split.values()) * len(lengths)
         pairs_per_s = len(lengths) / timing["median_s"]
-        baseline_scores = scores.copy() if baseline_scores is None else baseline_scores
         result["scorers"][name] = {
-            "block": size, "pass_s": timing["median_s"], "pass_p90_s": timing["p90_s"], "calls": timing["calls"], "pairs_per_s": pairs_per_s,
-            "protocol_pairs_per_s": protocol_rate(pairs_per_s, cache), "flops_per_pair": flops / len(lengths),
+            "block": len(blocks[0]), "pass_s": timing["median_s"], "pass_p90_s": timing["p90_s"], "calls": timing["calls"],
+            "pairs_per_s": pairs_per_s, "protocol_pairs_per_s": protocol_rate(pairs_per_s, cache), "flops_per_pair": flops / len(lengths),
             "gflops_per_s": flops / timing["median_s"] / 1e9, "flops_per_pair_by_precision": split,
             "fraction_of_peak": peak_fraction(split, peaks, timing["median_s"] / len(lengths)),
             "precision_of": scorer.precision_of or "fp32",
