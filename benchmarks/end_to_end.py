@@ -39,6 +39,8 @@ DEFAULT_STORE = REPO_ROOT / "stores" / "flickr8k"
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "flickr8k"
 SHORTLIST_KS = (10, 50, 100)
 RANK_K = 10  # rankings are top-10: R@1/5/10
+CAPTIONS_PER_IMAGE = 5  # Flickr8K
+PROTOCOL_PAIRS = 1000 * 5000  # the 1K-image test protocol: 1,000 images x 5,000 captions
 # Flickr8K test (1,000 images x 5 captions), words per caption from engine.text.tokenize, capped
 # at 30; measured on /work/shared/data/flickr8k on 2026-11-29 (mean 10.84, median 10).
 FLICKR8K_TEST_LENGTH_HISTOGRAM = {
@@ -158,9 +160,55 @@ def extraction_rate(data: Path, images: int, assets: Path | None = None, threads
             "backbone": extractor.backbone.describe().get("name", config.backbone)}
 
 
+def synthetic_setup(preset_name: str, images: int, captions_per_image: int, work: Path, seed: int = 0) -> tuple[Path, Path]:
+    """For timing only: a random-weight BSSAN + dual encoder of `preset_name` exported (fp32, int8)
+    and a feature store whose test split has random features of that preset's shapes and captions
+    of Flickr8K test lengths. Returns (artifact, store). R@K on it are chance level by construction."""
+    import torch
+
+    from engine.store import StoreWriter
+    from export.pipeline import ExportOptions, export_artifact
+    from training.baseline import DualEncoder, dual_encoder_preset
+    from training.checkpoint import save_checkpoint
+    from training.config import TrainConfig, preset
+    from training.model import BSSAN
+
+    config = preset(preset_name)
+    torch.manual_seed(seed)
+    save_checkpoint(work / "random-bssan", BSSAN(config).eval(), TrainConfig(), metrics={"weights": "random"})
+    save_checkpoint(work / "random-shortlist", DualEncoder(dual_encoder_preset(preset_name)).eval(), TrainConfig(),
+                    metrics={"weights": "random"})
+    artifact = work / "random-artifact"
+    export_artifact(ExportOptions(model_dir=work / "random-bssan", out=artifact, precisions=("fp32", "int8"),
+                                  shortlist_dir=work / "random-shortlist", tensorrt="off", assets_dir=None, progress=False))
+    rng = np.random.default_rng(seed)
+    n_cap = images * captions_per_image
+    lengths, _ = flickr8k_test_lengths(n_cap, config.max_words, seed=seed)
+    writer = StoreWriter(work / "random-store", extractor={"name": "benchmarks.end_to_end synthetic", "seed": seed})
+    regions = writer.open_array("test", "regions", (images, config.region_count, config.region_dim))
+    regions[:] = rng.standard_normal(regions.shape, dtype=np.float32)
+    objects = writer.open_array("test", "objects", (images, config.object_count, config.object_dim))
+    objects[:] = rng.standard_normal(objects.shape, dtype=np.float32)
+    writer.open_array("test", "boxes", (images, config.object_count, 4))[:] = np.array([0.0, 0.0, 1.0, 1.0], np.float32)
+    writer.open_array("test", "objects_real", (images,))[:] = config.object_count
+    writer.open_array("test", "caption_image", (n_cap,))[:] = np.repeat(np.arange(images), captions_per_image)
+    writer.open_array("test", "lengths", (n_cap,))[:] = lengths
+    words = writer.open_array("test", "words_glove50", (n_cap, config.max_words, config.word_dim))
+    for start in range(0, n_cap, 1024):  # [block, L, E], zero past each length
+        block = rng.standard_normal((min(1024, n_cap - start), config.max_words, config.word_dim), dtype=np.float32)
+        block[np.arange(config.max_words)[None, :] >= lengths[start:start + 1024, None]] = 0.0
+        words[start:start + 1024] = block
+    writer.write_lines("test", "image_names", [f"random_{i:05d}.jpg" for i in range(images)])
+    writer.write_lines("test", "captions", [f"random caption {j}" for j in range(n_cap)])
+    writer.finish_split("test", {"images": images, "captions": n_cap})
+    return artifact, work / "random-store"
+
+
 def run_end_to_end(artifact: Path | None, model: Path, store: Path, data: Path, images: int, shortlist_ks: tuple[int, ...],
-                   precisions: tuple[str, ...], extraction_images: int, work: Path, threads: int) -> dict:
-    """Every part whose inputs exist; the others as {"skipped": reason}."""
+                   precisions: tuple[str, ...], extraction_images: int, work: Path, threads: int,
+                   synthetic_images: int = 0, synthetic_preset: str = "flickr8k") -> dict:
+    """Every part whose inputs exist; the others as {"skipped": reason}. Without the reference model or
+    the store, `synthetic_images` > 0 times the same protocol on a random-weight model (synthetic_setup)."""
     report: dict = {}
     if extraction_images < 1:
         report["extraction"] = {"skipped": "not asked for (0 extraction images)"}
@@ -172,6 +220,16 @@ def run_end_to_end(artifact: Path | None, model: Path, store: Path, data: Path, 
     if resolved is None or not (store / "test" / "lengths.npy").is_file():
         reason = how if resolved is None else f"no Flickr8K test split in the store {store} (python -m engine.features)"
         report["retrieval"] = {"skipped": reason}
+        if synthetic_images:
+            random_artifact, random_store = synthetic_setup(synthetic_preset, synthetic_images, CAPTIONS_PER_IMAGE, work)
+            report["synthetic_retrieval"] = {
+                "note": f"TIMING ONLY: random-weight {synthetic_preset} BSSAN and dual encoder on random features of that "
+                        f"preset's shapes, Flickr8K test caption lengths; R@K are chance level and mean nothing",
+                "preset": synthetic_preset,
+                "runs": [retrieval_timing(random_artifact, random_store, synthetic_images, shortlist_ks, p, threads, progress=False)
+                         for p in precisions]}
+            for run in report["synthetic_retrieval"]["runs"]:
+                run["projected_1k_x_5k_exhaustive_s"] = PROTOCOL_PAIRS / run["exhaustive"]["pairs_per_s"]
         return report
     report["retrieval"] = {"artifact": how, "runs": [retrieval_timing(resolved, store, images, shortlist_ks, p, threads)
                                                      for p in precisions]}
@@ -193,13 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shortlist", type=int, nargs="+", default=list(SHORTLIST_KS))
     parser.add_argument("--precision", nargs="+", choices=("fp32", "fp16", "int8"), default=["fp32", "int8"])
     parser.add_argument("--extraction-images", type=int, default=48)
+    parser.add_argument("--synthetic-images", type=int, default=0,
+                        help="without model or store: time the protocol on this many random images of a random-weight model")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="bssan-e2e-") as work:
             report = run_end_to_end(args.artifact, args.model, args.store, args.data, args.images, tuple(args.shortlist),
-                                    tuple(args.precision), args.extraction_images, Path(work), args.threads)
+                                    tuple(args.precision), args.extraction_images, Path(work), args.threads,
+                                    synthetic_images=args.synthetic_images)
     except BssanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -215,10 +276,14 @@ def print_end_to_end(report: dict) -> None:
     retrieval = report["retrieval"]
     if "skipped" in retrieval:
         print(f"end-to-end retrieval: SKIPPED ({retrieval['skipped']})")
-        return
+        if "synthetic_retrieval" not in report:
+            return
+        print(f"instead, {report['synthetic_retrieval']['note']}:")
+        retrieval = report["synthetic_retrieval"]
     for run in retrieval["runs"]:
         m = run["exhaustive"]["metrics"]
-        print(f"{run['precision']} {run['images']} x {run['captions']} exhaustive: {run['exhaustive']['score_s']:.1f} s, "
+        projected = f" (1K x 5K projected {run['projected_1k_x_5k_exhaustive_s'] / 60:.0f} min)" if "projected_1k_x_5k_exhaustive_s" in run else ""
+        print(f"{run['precision']} {run['images']} x {run['captions']} exhaustive: {run['exhaustive']['score_s']:.1f} s{projected}, "
               f"i2t R@1 {m['i2t']['r1']:.1f} R@5 {m['i2t']['r5']:.1f} R@10 {m['i2t']['r10']:.1f} | "
               f"t2i R@1 {m['t2i']['r1']:.1f} R@5 {m['t2i']['r5']:.1f} R@10 {m['t2i']['r10']:.1f}")
         if "skipped" in run["shortlist"]:

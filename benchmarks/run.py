@@ -64,6 +64,7 @@ class RunConfig:
     e2e_images: int = 1000
     artifact_precision_images: int = 1000
     extraction_images: int = 48
+    synthetic_images: int = 200  # without the reference model/store: protocol timing on a random-weight model
     square_peak: bool = True
 
 
@@ -72,7 +73,7 @@ class RunConfig:
 QUICK = RunConfig(lengths={"flickr8k": ALL_LENGTHS, "paper": (12, 30), "demo": (4, 8)}, batches=(16, 64), repeats=3,
                   min_calls=2, max_seconds=1.0, real_captions={"flickr8k": 512, "paper": 128, "demo": 128},
                   precision_images=2, precision_captions=128, e2e_images=100, artifact_precision_images=100,
-                  extraction_images=16, square_peak=False)
+                  extraction_images=16, synthetic_images=40, square_peak=False)
 
 
 def _point(result: dict, scorer: str, length: int, batch: int) -> dict | None:
@@ -165,7 +166,7 @@ def run(config: RunConfig, artifact: Path | None, model: Path, store: Path, data
         report["precision"]["random_weights"].append(
             random_weight_precision(p, lengths, config.precision_images, report["peak"], work, threads))
     report["end_to_end"] = run_end_to_end(artifact, model, store, data, config.e2e_images, SHORTLIST_KS, ("fp32", "int8"),
-                                          config.extraction_images, work, threads)
+                                          config.extraction_images, work, threads, synthetic_images=config.synthetic_images)
     resolved = report["end_to_end"].get("resolved_artifact")
     if resolved and (store / "test" / "lengths.npy").is_file():
         report["precision"]["artifact"] = artifact_precision(Path(resolved), store, config.artifact_precision_images, threads)

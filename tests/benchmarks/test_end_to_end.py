@@ -51,3 +51,16 @@ def test_retrieval_and_precision_on_the_demo_artifact(demo_artifact, tiny_store,
         entry = compared["precisions"][name]
         assert 0.0 <= entry["i2t"]["topk_overlap"] <= 1.0 and -1.0 <= entry["t2i"]["kendall_tau"] <= 1.0
         assert set(entry["recall_change"]) == {"i2t", "t2i", "rsum"}
+
+
+def test_synthetic_protocol_timing_without_model_or_store(tmp_path, monkeypatch):
+    """The random-weight timing path at the demo preset (flickr8k sizes run in the benchmark itself)."""
+    pytest.importorskip("onnx")
+    report = run_end_to_end(tmp_path / "no-artifact", tmp_path / "no-model", tmp_path / "no-store", tmp_path / "no-data",
+                            12, (10,), ("fp32",), 0, tmp_path, 1, synthetic_images=12, synthetic_preset="demo")
+    synthetic = report["synthetic_retrieval"]
+    assert "TIMING ONLY" in synthetic["note"] and "skipped" in report["retrieval"]
+    (run,) = synthetic["runs"]
+    assert run["images"] == 12 and run["captions"] == 60 and run["exhaustive"]["pairs_per_s"] > 0
+    assert run["projected_1k_x_5k_exhaustive_s"] == pytest.approx(5e6 / run["exhaustive"]["pairs_per_s"])
+    assert set(run["shortlist"]) == {"k10"}

@@ -12,7 +12,7 @@ from benchmarks.run import RunConfig
 
 TINY = RunConfig(presets=("demo",), lengths={"demo": (4, 8)}, batches=(2, 4), repeats=1, min_calls=1, max_seconds=0.1,
                  real_captions={"demo": 12}, precision_images=1, precision_captions=8, e2e_images=10,
-                 artifact_precision_images=10, extraction_images=0, square_peak=False)
+                 artifact_precision_images=10, extraction_images=0, synthetic_images=0, square_peak=False)
 
 
 @pytest.fixture(scope="module")
