@@ -48,8 +48,19 @@ FLICKR8K_TEST_LENGTH_HISTOGRAM = {
     15: 216, 16: 213, 17: 115, 18: 93, 19: 53, 20: 34, 21: 24, 22: 13, 23: 12, 24: 3, 25: 2, 26: 4, 28: 3, 29: 3, 30: 2}
 
 
+def store_has_test(store: Path) -> bool:
+    """The store's manifest lists a finished test split (arrays of an unfinished split may be half written)."""
+    import json
+
+    try:
+        manifest = json.loads((Path(store) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return "test" in manifest.get("splits", {}) and (Path(store) / "test" / "lengths.npy").is_file()
+
+
 def _all_test_lengths(store: Path, data: Path) -> tuple[np.ndarray, str]:
-    if (store / "test" / "lengths.npy").is_file():
+    if store_has_test(store):
         return np.load(store / "test" / "lengths.npy").astype(np.int64), f"{store}/test/lengths.npy"
     if (data / "captions.txt").is_file() and (data / "split_test.txt").is_file():
         from engine.data import read_flickr8k
@@ -217,7 +228,7 @@ def run_end_to_end(artifact: Path | None, model: Path, store: Path, data: Path, 
     else:
         report["extraction"] = {"skipped": f"needs {data}/images and build/assets (python -m export.backbones --out build/assets)"}
     resolved, how = resolve_artifact(artifact, model, work)
-    if resolved is None or not (store / "test" / "lengths.npy").is_file():
+    if resolved is None or not store_has_test(store):
         reason = how if resolved is None else f"no Flickr8K test split in the store {store} (python -m engine.features)"
         report["retrieval"] = {"skipped": reason}
         if synthetic_images:

@@ -36,7 +36,7 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the legacy exporter's C
 from benchmarks.common import DEFAULT_THREADS, load_note, machine_info, write_json_atomic  # noqa: E402
 from benchmarks.end_to_end import (  # noqa: E402
     DEFAULT_ARTIFACT, DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_STORE, SHORTLIST_KS, flickr8k_test_lengths, print_end_to_end,
-    run_end_to_end,
+    run_end_to_end, store_has_test,
 )
 
 SPEEDUP_FACTORED = 2.0  # target 1: factored ORT fp32 vs the paper as written, padded to 30
@@ -168,7 +168,7 @@ def run(config: RunConfig, artifact: Path | None, model: Path, store: Path, data
     report["end_to_end"] = run_end_to_end(artifact, model, store, data, config.e2e_images, SHORTLIST_KS, ("fp32", "int8"),
                                           config.extraction_images, work, threads, synthetic_images=config.synthetic_images)
     resolved = report["end_to_end"].get("resolved_artifact")
-    if resolved and (store / "test" / "lengths.npy").is_file():
+    if resolved and store_has_test(store):
         report["precision"]["artifact"] = artifact_precision(Path(resolved), store, config.artifact_precision_images, threads)
     else:
         report["precision"]["artifact"] = {"skipped": report["end_to_end"]["retrieval"].get("skipped", "no artifact")}
