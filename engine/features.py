@@ -12,7 +12,8 @@ Per caption: THE tokenizer (engine/text) -> lengths, and one words_<set> array p
 - Resumable: arrays are memory maps filled batch by batch; after each batch they are flushed and
   the batch index is appended to STORE/<split>/progress.json. After kill -9, the same command
   continues from the first unfinished batch. A word set is computed into `words_<set>.partial`
-  and renamed when complete, so a half-written set is never visible.
+  and renamed when complete, so a half-written set is never visible. One writer per store:
+  STORE/.lock is held while the command runs, and a second one is refused.
 - Deterministic: same inputs and assets give the same bytes (ONNX Runtime CPU and OpenCV DNN give
   bit-equal outputs run to run, for any thread count or batch split; checked here).
 - Content-hashed: each split records the sha256 of its image files and of its captions; a rerun
@@ -54,6 +55,7 @@ DEFAULT_BOXES = 10  # the paper's P: top-10 detector boxes per image
 DEFAULT_BATCH = 16  # images per graph call: larger gains nothing on 2 cores, costs resume granularity
 WORD_CHUNK = 1024  # captions per word-feature call (MiniLM batches inside)
 PROGRESS_NAME = "progress.json"
+LOCK_NAME = ".lock"
 # describe() keys that are local paths, not content (the content is identified by sha256 fields)
 WORD_SET_LOCAL_KEYS = ("cache", "onnx")
 ObserveBatch = Callable[[str, int], None]
@@ -91,6 +93,11 @@ class SplitReport:
     mean_real_boxes: float = 0.0
     oov: dict[str, float] = field(default_factory=dict)
     up_to_date: bool = False
+
+
+def progress_bar(**kwargs) -> tqdm:
+    """tqdm on stderr with rate and ETA; into a log file (not a tty) one line per 30 s, never silent for long."""
+    return tqdm(file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0, miniters=1, **kwargs)
 
 
 def read_dataset(config: ExtractConfig) -> Dataset:
@@ -200,7 +207,7 @@ def extract_images(writer: StoreWriter, split: str, paths: list[Path], digest: s
     todo = [b for b in range((len(paths) + batch_size - 1) // batch_size) if b not in done]
     already = len(paths) - sum(min(batch_size, len(paths) - b * batch_size) for b in todo)
     computed = 0
-    with tqdm(total=len(paths), initial=already, desc=f"{split} images", unit="img", mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr) as bar:
+    with progress_bar(total=len(paths), initial=already, desc=f"{split} images", unit="img") as bar:
         for b in todo:
             rows = slice(b * batch_size, min((b + 1) * batch_size, len(paths)))
             regions, objects, boxes, real, bad = extractor.images(paths[rows])
@@ -235,8 +242,7 @@ def extract_words(writer: StoreWriter, split: str, captions: list[str], lengths:
     partial = path.with_name(f"words_{word_set.name}.partial")  # not *.npy: never listed as a set
     vectors = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(captions), max_words, word_set.dim))
     oov = total = 0
-    for start in tqdm(range(0, len(captions), WORD_CHUNK), desc=f"{split} words {word_set.name}", unit="chunk", file=sys.stderr,
-                      mininterval=1.0 if sys.stderr.isatty() else 30.0):
+    for start in progress_bar(iterable=range(0, len(captions), WORD_CHUNK), desc=f"{split} words {word_set.name}", unit="chunk"):
         chunk = word_set.encode(captions[start:start + WORD_CHUNK], max_words)
         if not np.array_equal(chunk.lengths, lengths[start:start + WORD_CHUNK]):
             raise StoreError(f"{word_set.name}: word counts differ from engine.text.tokenize for captions {start}..; expected one tokenizer")
@@ -298,14 +304,33 @@ def extract_split(writer: StoreWriter, split: str, dataset: Dataset, extractor: 
     return SplitReport(len(names), computed, bad_images, mean_real, {n: s["oov_rate"] for n, s in word_sets.items()})
 
 
+def lock_store(root: Path):
+    """An exclusive lock on STORE/.lock for this process's lifetime (the OS drops it even on kill -9).
+
+    Two writers would each keep their own progress list and redo each other's batches."""
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / LOCK_NAME, "a")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks; the user keeps to one writer
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StoreError(f"{root}: another engine.features process is writing this store; wait for it to finish or use another --out") from None
+    return handle
+
+
 def extract(config: ExtractConfig, observe: ObserveBatch | None = None) -> dict[str, SplitReport]:
     """Run the extraction (or the part of it not done yet); `observe(split, batch)` is called after each stored batch."""
     dataset = read_dataset(config)
     for warning in dataset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     extractor = Extractor(config)
-    writer = StoreWriter(config.out, extractor.describe())
-    return {split: extract_split(writer, split, dataset, extractor, observe) for split in config.splits}
+    with lock_store(config.out):
+        writer = StoreWriter(config.out, extractor.describe())
+        return {split: extract_split(writer, split, dataset, extractor, observe) for split in config.splits}
 
 
 def main(argv: list[str] | None = None) -> int:

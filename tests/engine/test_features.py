@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine.errors import DataError, StoreError
-from engine.features import PROGRESS_NAME, CaptionFormat, ExtractConfig, extract, main
+from engine.features import LOCK_NAME, PROGRESS_NAME, CaptionFormat, ExtractConfig, extract, main
 from engine.store import FeatureStore
 from engine.text import tokenize
 from engine.vision import RegionBackbone, load_image, regions_from_feature_map
@@ -237,3 +237,14 @@ def test_karpathy_json_input(mini_flickr, config_for, tmp_path):
     assert store.split("test").captions_per_image() == 2
     with pytest.raises(DataError, match=r"dataset_flickr8k\.json: no split \['train'\]; the file has \['dev', 'test'\]"):
         extract(config_for(tmp_path / "other", captions=captions, format=CaptionFormat.KARPATHY, splits=("train",)))
+
+
+def test_a_second_writer_on_the_same_store_is_refused(config_for, tmp_path):
+    fcntl = pytest.importorskip("fcntl", reason="store locking uses POSIX advisory locks")
+    root = tmp_path / "store"
+    root.mkdir()
+    with open(root / LOCK_NAME, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running extraction holds it
+        with pytest.raises(StoreError, match=r"store: another engine\.features process is writing this store"):
+            extract(config_for(root))
+    assert not (root / "manifest.json").exists()
