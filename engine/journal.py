@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from engine.cache import CaptionCache, ImageCache
 from engine.runtime import Scorer
-from engine.store import write_json_atomic
+from engine.files import write_json_atomic
 
 UNIT_IMAGES = 8  # exhaustive: image rows of the score matrix per journaled unit (~40k pairs at 5,000 captions)
 UNIT_QUERIES = 256  # shortlist: re-ranked queries per journaled unit

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import StoreError
+from engine.files import write_json_atomic
 
 STORE_FORMAT = "bssan-feature-store"
 STORE_VERSION = 1
@@ -53,14 +54,6 @@ ARRAY_SPECS: dict[str, tuple[str, int]] = {
 
 def _spec_of(name: str) -> tuple[str, int]:
     return ARRAY_SPECS["words" if name.startswith("words_") else name]
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON next to `path` then rename, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def check_finite(array: np.ndarray, what: str) -> None:

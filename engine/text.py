@@ -30,7 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.data import file_sha256
+from engine.files import file_sha256
 from engine.errors import AssetError, BssanError, InputError
 from engine.wordcache import cache_dir_default, convert_text_file, read_entry, write_entry
 

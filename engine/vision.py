@@ -21,7 +21,6 @@ naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -32,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import AssetError, BackendUnavailableError, ImageError, InputError
+from engine.files import file_sha256
 
 # Graph I/O names: the exporter (export/backbones.py) and these runners share them.
 IMAGE_INPUT = "image"  # float32 [B, 3, S, S], preprocessed
@@ -145,14 +145,6 @@ def regions_from_feature_map(feature_map: np.ndarray) -> np.ndarray:
     """[B, C, h, w] -> [B, R=h*w, C], regions in row-major grid order (as the paper flattens 14x14)."""
     batch, channels = feature_map.shape[:2]
     return feature_map.reshape(batch, channels, -1).transpose(0, 2, 1)  # [B, C, h, w] -> [B, R, C]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_asset_manifest(path: str | os.PathLike, kind: str) -> dict:

@@ -41,7 +41,8 @@ from torch import nn
 
 from engine.errors import BssanError, InputError
 from engine.metrics import format_metrics, retrieval_metrics
-from engine.store import FeatureStore, write_json_atomic
+from engine.files import write_json_atomic
+from engine.store import FeatureStore
 from training.baseline import DUAL_ENCODER_PRESETS, DualEncoder, dual_encoder_loss, dual_encoder_preset
 from training.checkpoint import (WEIGHTS, ModelKind, build_model, load_train_state, load_weights, save_checkpoint)
 from training.config import PRESETS, TrainConfig, input_sizes_of_split, preset, replace_strict, with_input_sizes
