@@ -48,15 +48,15 @@ FLICKR8K_TEST_LENGTH_HISTOGRAM = {
     15: 216, 16: 213, 17: 115, 18: 93, 19: 53, 20: 34, 21: 24, 22: 13, 23: 12, 24: 3, 25: 2, 26: 4, 28: 3, 29: 3, 30: 2}
 
 
-def store_has_test(store: Path) -> bool:
-    """The store's manifest lists a finished test split (arrays of an unfinished split may be half written)."""
+def store_has_test(store: Path, split: str = "test") -> bool:
+    """The store's manifest lists a finished `split` (arrays of an unfinished split may be half written)."""
     import json
 
     try:
         manifest = json.loads((Path(store) / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return "test" in manifest.get("splits", {}) and (Path(store) / "test" / "lengths.npy").is_file()
+    return split in manifest.get("splits", {}) and (Path(store) / split / "lengths.npy").is_file()
 
 
 def _all_test_lengths(store: Path, data: Path) -> tuple[np.ndarray, str]:
@@ -109,18 +109,18 @@ def _recall_of_ranking(indices: np.ndarray, own) -> dict:
 
 
 def retrieval_timing(artifact: Path, store: Path, images: int, shortlist_ks: tuple[int, ...], precision: str = "fp32",
-                     threads: int = DEFAULT_THREADS, progress: bool = True) -> dict:
-    """Wall times and R@K of the exhaustive protocol and of each shortlist k, on the first `images` test images."""
+                     threads: int = DEFAULT_THREADS, progress: bool = True, split_name: str = "test") -> dict:
+    """Wall times and R@K of the exhaustive protocol and of each shortlist k, on the first `images` images of a split."""
     from engine.metrics import retrieval_metrics
     from engine.runtime import Scorer
     from engine.store import FeatureStore
     from training.evaluate import captions_per_image_of
 
-    split = FeatureStore(store).split("test")
+    split = FeatureStore(store).split(split_name)
     cpi = captions_per_image_of(split)
     n_img = min(images, split.num_images)
     n_cap = n_img * cpi
-    out = {"precision": precision, "images": n_img, "captions": n_cap, "captions_per_image": cpi}
+    out = {"precision": precision, "split": split_name, "images": n_img, "captions": n_cap, "captions_per_image": cpi}
     with Scorer.load(artifact, backend="onnxruntime-cpu", precision=precision, threads=threads) as scorer:
         word_set = scorer.artifact.manifest.get("word_features", {}).get("name", "glove50")
         start = time.perf_counter()
@@ -217,7 +217,7 @@ def synthetic_setup(preset_name: str, images: int, captions_per_image: int, work
 
 def run_end_to_end(artifact: Path | None, model: Path, store: Path, data: Path, images: int, shortlist_ks: tuple[int, ...],
                    precisions: tuple[str, ...], extraction_images: int, work: Path, threads: int,
-                   synthetic_images: int = 0, synthetic_preset: str = "flickr8k") -> dict:
+                   synthetic_images: int = 0, synthetic_preset: str = "flickr8k", split: str = "test") -> dict:
     """Every part whose inputs exist; the others as {"skipped": reason}. Without the reference model or
     the store, `synthetic_images` > 0 times the same protocol on a random-weight model (synthetic_setup)."""
     report: dict = {}
@@ -228,8 +228,8 @@ def run_end_to_end(artifact: Path | None, model: Path, store: Path, data: Path, 
     else:
         report["extraction"] = {"skipped": f"needs {data}/images and build/assets (python -m export.backbones --out build/assets)"}
     resolved, how = resolve_artifact(artifact, model, work)
-    if resolved is None or not store_has_test(store):
-        reason = how if resolved is None else f"no Flickr8K test split in the store {store} (python -m engine.features)"
+    if resolved is None or not store_has_test(store, split):
+        reason = how if resolved is None else f"no finished {split} split in the store {store} (python -m engine.features)"
         report["retrieval"] = {"skipped": reason}
         if synthetic_images:
             random_artifact, random_store = synthetic_setup(synthetic_preset, synthetic_images, CAPTIONS_PER_IMAGE, work)
@@ -242,8 +242,9 @@ def run_end_to_end(artifact: Path | None, model: Path, store: Path, data: Path, 
             for run in report["synthetic_retrieval"]["runs"]:
                 run["projected_1k_x_5k_exhaustive_s"] = PROTOCOL_PAIRS / run["exhaustive"]["pairs_per_s"]
         return report
-    report["retrieval"] = {"artifact": how, "runs": [retrieval_timing(resolved, store, images, shortlist_ks, p, threads)
-                                                     for p in precisions]}
+    report["retrieval"] = {"artifact": how, "split": split,
+                           "runs": [retrieval_timing(resolved, store, images, shortlist_ks, p, threads, split_name=split)
+                                    for p in precisions]}
     report["resolved_artifact"] = str(resolved)
     return report
 
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="exported on the fly when --artifact has no manifest")
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--images", type=int, default=1000, help="test images (with their captions) in the protocol")
+    parser.add_argument("--images", type=int, default=1000, help="images of the split (with their captions) in the protocol")
+    parser.add_argument("--split", default="test", help="store split (dev: a real-data run before the test split exists)")
     parser.add_argument("--shortlist", type=int, nargs="+", default=list(SHORTLIST_KS))
     parser.add_argument("--precision", nargs="+", choices=("fp32", "fp16", "int8"), default=["fp32", "int8"])
     parser.add_argument("--extraction-images", type=int, default=48)
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bssan-e2e-") as work:
             report = run_end_to_end(args.artifact, args.model, args.store, args.data, args.images, tuple(args.shortlist),
                                     tuple(args.precision), args.extraction_images, Path(work), args.threads,
-                                    synthetic_images=args.synthetic_images)
+                                    synthetic_images=args.synthetic_images, split=args.split)
     except BssanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -294,7 +296,7 @@ def print_end_to_end(report: dict) -> None:
     for run in retrieval["runs"]:
         m = run["exhaustive"]["metrics"]
         projected = f" (1K x 5K projected {run['projected_1k_x_5k_exhaustive_s'] / 60:.0f} min)" if "projected_1k_x_5k_exhaustive_s" in run else ""
-        print(f"{run['precision']} {run['images']} x {run['captions']} exhaustive: {run['exhaustive']['score_s']:.1f} s{projected}, "
+        print(f"{run['precision']} {run.get('split', 'test')} {run['images']} x {run['captions']} exhaustive: {run['exhaustive']['score_s']:.1f} s{projected}, "
               f"i2t R@1 {m['i2t']['r1']:.1f} R@5 {m['i2t']['r5']:.1f} R@10 {m['i2t']['r10']:.1f} | "
               f"t2i R@1 {m['t2i']['r1']:.1f} R@5 {m['t2i']['r5']:.1f} R@10 {m['t2i']['r10']:.1f}")
         if "skipped" in run["shortlist"]:

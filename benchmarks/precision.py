@@ -103,7 +103,7 @@ def random_weight_precision(preset_name: str, lengths: np.ndarray, images: int, 
 
 
 def artifact_precision(artifact_dir: Path, store_root: Path, images: int, threads: int = DEFAULT_THREADS,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, split_name: str = "test") -> dict:
     """fp16 and int8 vs fp32 through the engine runtime on the first `images` test images of a store
     and their captions: agreement per image row (i2t) and per caption column (t2i), R@K change."""
     from engine.metrics import retrieval_metrics
@@ -111,10 +111,11 @@ def artifact_precision(artifact_dir: Path, store_root: Path, images: int, thread
     from engine.store import FeatureStore
     from training.evaluate import captions_per_image_of
 
-    split = FeatureStore(store_root).split("test")
+    split = FeatureStore(store_root).split(split_name)
     cpi = captions_per_image_of(split)
     n_img = min(images, split.num_images)
-    out = {"artifact": str(artifact_dir), "store": str(store_root), "images": n_img, "captions": n_img * cpi, "precisions": {}}
+    out = {"artifact": str(artifact_dir), "store": str(store_root), "split": split_name, "images": n_img,
+           "captions": n_img * cpi, "precisions": {}}
     matrices, metrics = {}, {}
     for precision in ("fp32", "fp16", "int8"):
         with Scorer.load(artifact_dir, backend="onnxruntime-cpu", precision=precision, threads=threads) as scorer:
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--captions", type=int, default=256)
     parser.add_argument("--artifact", type=Path, default=None, help="also compare an artifact's precisions on --store")
     parser.add_argument("--store", type=Path, default=None)
+    parser.add_argument("--split", default="test", help="store split of the artifact comparison")
+    parser.add_argument("--artifact-images", type=int, default=100, help="images (and their captions) of the artifact comparison")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -165,7 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         report = {"machine": machine_info(args.threads), "lengths_source": source,
                   "random_weights": random_weight_precision(args.preset, lengths, args.images, peaks, Path(work), args.threads)}
     if args.artifact is not None and args.store is not None:
-        report["artifact"] = artifact_precision(args.artifact, args.store, 100, args.threads)
+        report["artifact"] = artifact_precision(args.artifact, args.store, args.artifact_images, args.threads,
+                                                split_name=args.split)
+        for name, row in report["artifact"]["precisions"].items():
+            if "recall_change" in row:
+                change = row["recall_change"]
+                print(f"{name} vs fp32 on {args.split} ({report['artifact']['images']} images): R@1 change i2t "
+                      f"{change['i2t']['r1']:+.2f} t2i {change['t2i']['r1']:+.2f}, rsum {change['rsum']:+.2f}; i2t Kendall tau "
+                      f"{row['i2t']['kendall_tau']:.4f}, top-10 overlap {row['i2t']['topk_overlap']:.3f}")
     for name, row in report["random_weights"]["variants"].items():
         print(f"{name:<22} max|diff| {row['max_abs_diff']:.3g}  top-{row['top_k']} overlap {row['topk_overlap']:.3f}  "
               f"Kendall tau {row['kendall_tau']:.4f}  {row['pairs_per_s']:.0f} pairs/s")
