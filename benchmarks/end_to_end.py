@@ -24,6 +24,7 @@ lengths.npy, else the raw captions through the project tokenizer, else the histo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.errors import BssanError
 
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the legacy exporter's C++ shape-inference warnings
     parser = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end", description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="exported on the fly when --artifact has no manifest")

@@ -23,6 +23,7 @@ in "protocol_pairs_per_s": pairs / (images x image_s + captions x caption_s + pa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.peak import format_peaks, measure_peaks
     from training.config import PRESETS, preset
 
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the legacy exporter's C++ shape-inference warnings
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pair_scoring", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable; default flickr8k")
     parser.add_argument("--lengths", type=int, nargs="+", default=[12, 30])

@@ -20,6 +20,7 @@ ranking needs no 5,000 x 5,000 matrix; scipy is not a dependency.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -119,6 +120,8 @@ def artifact_precision(artifact_dir: Path, store_root: Path, images: int, thread
     matrices, metrics = {}, {}
     for precision in ("fp32", "fp16", "int8"):
         with Scorer.load(artifact_dir, backend="onnxruntime-cpu", precision=precision, threads=threads) as scorer:
+            out["model_config"] = scorer.artifact.manifest["model"]["config"]
+            out["int8_scope"] = scorer.artifact.manifest.get("int8_scope")
             if precision not in scorer.artifact.manifest.get("precisions", []):
                 out["precisions"][precision] = {"skipped": f"the artifact has no {precision} graphs"}
                 continue
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.peak import measure_peaks
     from training.config import PRESETS, preset
 
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the legacy exporter's C++ shape-inference warnings
     parser = argparse.ArgumentParser(prog="python -m benchmarks.precision", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="flickr8k")
     parser.add_argument("--images", type=int, default=4)

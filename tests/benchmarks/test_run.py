@@ -80,3 +80,35 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert len(report["points"]) == 2 and all(p["max_abs_diff_vs_model"] < 1e-5 for p in report["points"])
     assert report["peak"]["fp32"] > 0 and report["paper_as_written"]["pairs_per_s"] > 0
     assert "skipped" in report["tensorrt"] or "fp32" in report["tensorrt"]
+
+
+def _report(best_rate: float, r1_change: float | None, artifact_hidden: int = 128) -> dict:
+    config = {"region_count": 49, "region_dim": 1280, "object_count": 10, "object_dim": 1280, "word_dim": 50,
+              "w2r_hidden": 128, "o2w_hidden": 64}
+    point = lambda scorer, rate, diff: {"scorer": scorer, "length": 30, "batch": 64, "pairs_per_s": rate,  # noqa: E731
+                                        "protocol_pairs_per_s": rate, "max_abs_diff_vs_paper": diff}
+    real_row = lambda rate: {"pairs_per_s": rate, "protocol_pairs_per_s": rate, "fraction_of_peak": 0.5,  # noqa: E731
+                             "gflops_per_s": 10.0, "precision_of": {"w2r.recurrence": "int8"}}
+    artifact = {"skipped": "no model"} if r1_change is None else {
+        "images": 1000, "artifact": "a", "model_config": {**config, "w2r_hidden": artifact_hidden},
+        "precisions": {"int8": {"recall_change": {"i2t": {"r1": 0.1}, "t2i": {"r1": r1_change}}}}}
+    return {"pair_scoring": [{"preset": "flickr8k", "lengths": [30], "config": config,
+                              "points": [point("paper-eager", 100.0, 0.0), point("ort-fp32", 300.0, 1e-7)]}],
+            "real_lengths": [{"preset": "flickr8k", "mean_length": 10.8,
+                              "scorers": {"paper-eager": real_row(100.0), "ort-int8-recurrence": real_row(best_rate)}}],
+            "precision": {"artifact": artifact}}
+
+
+@pytest.mark.parametrize("best_rate, r1_change, hidden, verdict", [
+    (1600.0, 0.2, 128, "PASS"),        # 16x, R@1 within 0.3 of fp32
+    (1600.0, -0.4, 128, "FAIL"),       # fast enough, R@1 moved too much
+    (1400.0, 0.0, 128, "FAIL"),        # 14x
+    (1600.0, None, 128, "UNVERIFIED"),  # no reference model: accuracy not measured
+    (1600.0, 0.0, 256, "UNVERIFIED"),  # the reference model has other sizes than the preset measured
+])
+def test_target_verdicts(best_rate, r1_change, hidden, verdict):
+    rows = bench_run.evaluate_targets(_report(best_rate, r1_change, hidden), TINY)
+    first, best, peak = rows
+    assert first["verdict"] == "PASS" and first["ratio"] == pytest.approx(3.0)
+    assert best["verdict"] == verdict and best["ratio"] == pytest.approx(best_rate / 100.0)
+    assert peak["verdict"] == "FAIL" and peak["ratio"] == 0.5
