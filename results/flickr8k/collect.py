@@ -18,11 +18,12 @@ import sys
 from pathlib import Path
 
 SETTINGS = {"paper-offline": "GloVe-50 words (glove50)", "plus": "MiniLM-L6 token vectors (minilm)"}
-VARIANTS = ["full", "w2r", "o2w", "no_reg", "softmax", "softmax_long", "dual_encoder"]
+VARIANTS = ["full", "w2r", "o2w", "no_reg", "softmax", "softmax_long", "negimg", "dual_encoder"]
 VARIANT_NAMES = {"full": "BSSAN full, paper's uniform negative attention", "w2r": "W2R only (softmax negatives)",
                  "o2w": "O2W only (softmax negatives)", "no_reg": "full, no L_reg (softmax negatives)",
                  "softmax": "BSSAN full, softmax negative attention",
-                 "softmax_long": "BSSAN full, softmax negative attention, more epochs (2 + resumed)", "dual_encoder": "dual encoder (VSE-style)"}
+                 "softmax_long": "BSSAN full, softmax negative attention, more epochs (2 + resumed)",
+                 "negimg": "BSSAN full, softmax negatives + negative images, 4 epochs (the reference model)", "dual_encoder": "dual encoder (VSE-style)"}
 PUBLISHED = [  # other papers' results on other features (their own CNN features), Flickr8K test 1K images
     ("FV GMM+HGLMM (Klein et al., 2015)", (31.0, 59.3, 73.7), (21.2, 50.0, 64.8)),
     ("m-CNN ensemble (Ma et al., 2015)", (24.8, 53.7, 67.1), (20.3, 47.6, 61.7)),
