@@ -14,7 +14,6 @@ The machine record says what else was running (load average) because the CPUs ar
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from engine.files import package_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "matplotlib", "bssan-engine")
@@ -66,13 +67,7 @@ def git_commit() -> dict:
 
 
 def library_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return {"python": platform.python_version(), **package_versions(LIBRARIES)}
 
 
 def machine_info(threads: int = DEFAULT_THREADS) -> dict:

@@ -37,19 +37,13 @@ def image_pipeline(artifact: Artifact, threads: int | None = None):
     RoIAlign graph, detector, boxes per image. The graphs come from ARTIFACT/assets when the export
     copied them, else from build/assets (python -m export.backbones --out build/assets)."""
     from engine.detect import DEFAULT_MIN_SCORE
-    from engine.features import DEFAULT_BOXES, ExtractConfig, Extractor
+    from engine.features import DEFAULT_BOXES, ExtractConfig, Extractor, rerunnable_extractor
     from engine.text import DEFAULT_ASSETS_DIR
     from engine.files import file_sha256
 
     info = artifact.manifest.get("preprocessing") or {}
     extractor = info.get("extractor", info) or {}
-    backbone, detector = extractor.get("backbone") or {}, extractor.get("detector") or {}
-    if extractor.get("name") != "engine.features" or "graph" not in backbone:
-        raise AssetError(f"{artifact.root}: the model's features came from {extractor.get('name')!r}, which has no image "
-                         f"pipeline to rerun; expected features made by python -m engine.features (score a feature store instead)")
-    if detector.get("name") != "ssd-mobilenet-v2-coco":
-        raise AssetError(f"{artifact.root}: the model's boxes came from detector {detector.get('name')!r}; from image files "
-                         f"this engine reruns only ssd-mobilenet-v2-coco (score a feature store instead)")
+    backbone, detector = rerunnable_extractor(extractor, artifact.root, "score a feature store instead")
     stem = Path(backbone["graph"]).stem
     candidates = [artifact.root / "assets", DEFAULT_ASSETS_DIR]
     folder = next((d for d in candidates if (d / f"{stem}.json").is_file() and (d / "roi_align.json").is_file()), None)

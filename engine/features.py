@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from engine.data import Dataset, read_flickr8k, read_karpathy
 from engine.detect import DEFAULT_MIN_SCORE, OnnxDetector, SsdMobileNetV2, padding_boxes, select_boxes
-from engine.errors import BssanError, DataError, StoreError
+from engine.errors import AssetError, BssanError, DataError, StoreError
 from engine.files import file_sha256, write_json_atomic
 from engine.store import MANIFEST_NAME, StoreWriter, check_finite
 from engine.text import DEFAULT_ASSETS_DIR, MAX_WORDS, load_word_features, tokenize_all
@@ -174,6 +174,19 @@ class Extractor:
         for i in bad:
             regions[i], objects[i] = 0.0, 0.0
         return regions, objects, boxes, real, bad
+
+
+def rerunnable_extractor(extractor: dict, where, instead: str) -> tuple[dict, dict]:
+    """(backbone, detector) records of a store's extractor whose image pipeline can be rerun on new files;
+    AssetError naming `where` otherwise. `instead` ends the message: what the caller can do instead."""
+    backbone, detector = extractor.get("backbone") or {}, extractor.get("detector") or {}
+    if extractor.get("name") != "engine.features" or "graph" not in backbone:
+        raise AssetError(f"{where}: the model's features came from {extractor.get('name')!r}, which has no image "
+                         f"pipeline to rerun; expected features made by python -m engine.features ({instead})")
+    if detector.get("name") != "ssd-mobilenet-v2-coco":
+        raise AssetError(f"{where}: the model's boxes came from detector {detector.get('name')!r}; from image files "
+                         f"only ssd-mobilenet-v2-coco is rerun ({instead})")
+    return backbone, detector
 
 
 def image_array_shapes(n_img: int, extractor: Extractor) -> dict[str, tuple[int, ...]]:

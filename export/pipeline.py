@@ -17,7 +17,6 @@ existing --out is replaced only if it is an artifact (manifest.json of format bs
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from engine.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST_NAME, TENSORRT_DIR, file_entry, load_artifact
 from engine.errors import ArtifactError, BackendUnavailableError, InputError
+from engine.files import package_versions
 from engine.graphs import GRAPHS, PRECISIONS, graph_file
 from engine.text import DEFAULT_ASSETS_DIR
 from export.graphs import build_graph_modules, graph_dims
@@ -58,13 +58,7 @@ class ExportOptions:
 
 
 def _versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return {"python": platform.python_version(), **package_versions(LIBRARIES)}
 
 
 def _load_models(options: ExportOptions):

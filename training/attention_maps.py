@@ -301,17 +301,11 @@ def image_extractor(store_info: dict, model: BSSAN, assets: Path, where: Path, t
     """engine.features.Extractor set up as the model's training features were made (like
     engine.runtime.image_pipeline, for a checkpoint): checked against the model's sizes and the
     assets' backbone record before any graph is opened."""
-    from engine.features import DEFAULT_BOXES, ExtractConfig, Extractor
+    from engine.features import DEFAULT_BOXES, ExtractConfig, Extractor, rerunnable_extractor
     from engine.detect import DEFAULT_MIN_SCORE
 
     extractor = store_info.get("extractor") or {}
-    backbone, detector = extractor.get("backbone") or {}, extractor.get("detector") or {}
-    if extractor.get("name") != "engine.features" or "graph" not in backbone:
-        raise AssetError(f"{where}: the model's features came from {extractor.get('name')!r}, which has no image pipeline to "
-                         f"rerun; expected a model trained on features of python -m engine.features")
-    if detector.get("name") != "ssd-mobilenet-v2-coco":
-        raise AssetError(f"{where}: the model's boxes came from detector {detector.get('name')!r}; from an image file only "
-                         f"ssd-mobilenet-v2-coco is rerun here")
+    backbone, detector = rerunnable_extractor(extractor, where, "train the model on such a store")
     c, grid = model.config, int(backbone.get("grid", 0))
     boxes = int(extractor.get("boxes_per_image", DEFAULT_BOXES))
     got = (grid * grid, int(backbone.get("channels", 0)), boxes)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime
 import enum
-import importlib.metadata
 import json
 import os
 import platform
@@ -47,6 +46,7 @@ import torch
 from torch import nn
 
 from engine.errors import ArtifactError, InputError
+from engine.files import package_versions
 from training.config import ModelConfig, TrainConfig
 
 CHECKPOINT_FORMAT = "bssan-checkpoint"
@@ -155,12 +155,7 @@ def provenance(command: list[str] | None = None) -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     status = git("status", "--porcelain", "--untracked-files=no")
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = package_versions(LIBRARIES)
     return {
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
