@@ -14,7 +14,6 @@ The machine record says what else was running (load average) because the CPUs ar
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -24,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from engine import files
 from engine.files import package_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -144,21 +144,5 @@ def load_note() -> str:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON through a temp file + rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _jsonable(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    """A report as JSON, keys in the order written (engine.files.write_json_atomic: temp file + rename)."""
+    files.write_json_atomic(path, payload, sort_keys=False)

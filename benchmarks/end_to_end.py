@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import DEFAULT_THREADS, REPO_ROOT, machine_info, write_json_atomic
+from engine.cli import command
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "reference"
 DEFAULT_SHORTLIST = REPO_ROOT / "models" / "reference-shortlist"  # a dual encoder (quickstart.sh's convention)
@@ -250,10 +251,10 @@ def run_end_to_end(artifact: Path | None, model: Path, store: Path, data: Path, 
     return report
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    from engine.errors import BssanError
 
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the legacy exporter's C++ shape-inference warnings
     parser = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end", description=__doc__.split("\n\n")[0])
@@ -271,14 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bssan-e2e-") as work:
-            report = run_end_to_end(args.artifact, args.model, args.store, args.data, args.images, tuple(args.shortlist),
-                                    tuple(args.precision), args.extraction_images, Path(work), args.threads,
-                                    synthetic_images=args.synthetic_images, split=args.split)
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="bssan-e2e-") as work:
+        report = run_end_to_end(args.artifact, args.model, args.store, args.data, args.images, tuple(args.shortlist),
+                                tuple(args.precision), args.extraction_images, Path(work), args.threads,
+                                synthetic_images=args.synthetic_images, split=args.split)
     print_end_to_end(report)
     write_json_atomic(args.json, {"machine": machine_info(args.threads), "end_to_end": report})
     return 0

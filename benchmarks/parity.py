@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.cli import command
+
 RANK_TAU = 0.9  # fp16 / int8 rank agreement with fp32 (random weights); measured ~0.97-0.999 here
 
 
@@ -57,8 +59,8 @@ def check_artifact(artifact_dir: Path, model_dir: Path, images: int = 3, caption
     return rows
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    from engine.errors import BssanError
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
@@ -69,11 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 1 or args.captions < 2:
         print("error: --images must be >= 1 and --captions >= 2", file=sys.stderr)
         return 2
-    try:
-        rows = check_artifact(args.artifact, args.model, args.images, args.captions)
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    rows = check_artifact(args.artifact, args.model, args.images, args.captions)
     for row in rows:
         print(f"[{'PASS' if row['ok'] else 'FAIL'}] {args.artifact} {row['precision']}: max |diff| {row['max_abs_diff']:.3g}, "
               f"Kendall tau {row['kendall_tau']:.4f}, top-1 kept {row['top1_kept']:.2f} (rule: {row['rule']})")

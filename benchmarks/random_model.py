@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.cli import command
+
 RANDOM_LABEL = {"weights": "random", "note": "benchmarks.random_model: NOT a trained model; scores are meaningless"}
 
 
@@ -37,8 +39,8 @@ def write_random_model(out: Path, preset_name: str = "demo", max_words: int = 30
                            command=sys.argv)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    from engine.errors import BssanError
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.random_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, metavar="OUT_DIR")
@@ -46,11 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-words", type=int, default=30, help="30 as the paper; the demo preset's own is 8")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        path = write_random_model(args.out, args.preset, args.max_words, args.seed)
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    path = write_random_model(args.out, args.preset, args.max_words, args.seed)
     print(f"{path}: RANDOM-WEIGHT {args.preset} BSSAN checkpoint (seed {args.seed}); not a trained model")
     return 0
 

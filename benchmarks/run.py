@@ -38,6 +38,7 @@ from benchmarks.end_to_end import (  # noqa: E402
     DEFAULT_ARTIFACT, DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_STORE, SHORTLIST_KS, flickr8k_test_lengths, print_end_to_end,
     run_end_to_end, store_has_test,
 )
+from engine.cli import command  # noqa: E402
 
 SPEEDUP_FACTORED = 2.0  # target 1: factored ORT fp32 vs the paper as written, padded to 30
 SPEEDUP_BEST = 15.0  # target 2: best CPU path on real caption lengths
@@ -229,8 +230,8 @@ def print_summary(report: dict) -> None:
     print_end_to_end(report["end_to_end"])
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    from engine.errors import BssanError
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset that finishes in < 5 minutes on 2 cores")
@@ -251,12 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.presets:
         config = RunConfig(**{**config.__dict__, "presets": tuple(args.presets)})
     plots = args.plots or args.json.with_name(args.json.stem + "-plots")
-    try:
-        with tempfile.TemporaryDirectory(prefix="bssan-bench-") as work:
-            report = run(config, args.artifact, args.model, args.store, args.data, args.threads, Path(work))
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="bssan-bench-") as work:
+        report = run(config, args.artifact, args.model, args.store, args.data, args.threads, Path(work))
     print_summary(report)
     print_targets(report["targets"])
     write_json_atomic(args.json, report)

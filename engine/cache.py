@@ -40,6 +40,7 @@ import numpy as np
 
 from engine.artifact import Artifact
 from engine.errors import ArtifactError, InputError
+from engine.files import replace_directory, settle_directory, temp_sibling
 
 CACHE_VERSION = 1
 CACHE_FORMATS = {"image": "bssan-image-cache", "caption": "bssan-caption-cache"}
@@ -57,24 +58,14 @@ def artifact_fingerprint(artifact: Artifact) -> str:
     return digest.hexdigest()
 
 
-def _settle(directory: Path) -> None:
-    """Undo a replace interrupted between its two renames: the previous cache comes back."""
-    backup = directory.with_name(f".{directory.name}.old")
-    if backup.is_dir():
-        if directory.exists():
-            shutil.rmtree(backup)
-        else:
-            os.replace(backup, directory)
-
-
 def _write_dir_atomic(directory: Path, files: dict[str, np.ndarray], meta: dict) -> None:
-    """Write arrays + cache.json into a sibling temp dir, fsync, then swap it into place."""
+    """Write arrays + cache.json into a sibling temp dir, then swap it into place (engine.files.replace_directory)."""
     directory = Path(directory)
-    _settle(directory)
+    settle_directory(directory)
     if directory.exists() and not (directory / CACHE_JSON).is_file():
         raise InputError(f"{directory}: exists and is not a cache directory; expected a new path or a cache to replace")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(directory)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -82,14 +73,7 @@ def _write_dir_atomic(directory: Path, files: dict[str, np.ndarray], meta: dict)
         for name, array in files.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
         (tmp / CACHE_JSON).write_text(json.dumps(meta, ensure_ascii=False) + "\n", encoding="utf-8")
-        for path in tmp.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        backup = directory.with_name(f".{directory.name}.old")
-        if directory.exists():
-            os.replace(directory, backup)
-        os.replace(tmp, directory)
-        _settle(directory)
+        replace_directory(tmp, directory)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -97,7 +81,7 @@ def _write_dir_atomic(directory: Path, files: dict[str, np.ndarray], meta: dict)
 
 def _read_meta(directory: Path, kind: str, expect: str | None, precision: str | None) -> dict:
     directory = Path(directory)
-    _settle(directory)
+    settle_directory(directory)
     path = directory / CACHE_JSON
     if not path.is_file():
         raise InputError(f"{path}: not found; expected a {kind} cache directory (saved by {kind.capitalize()}Cache.save)")

@@ -25,7 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import BssanError, DataError
+from engine.cli import command
+from engine.errors import DataError
 from engine.files import file_sha256
 
 SPLITS = ("train", "dev", "test")
@@ -286,6 +287,7 @@ def read_caption_lines(path: str | Path) -> list[str]:
     return [line.strip() for line in lines]
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -293,12 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", help="Flickr8K folder (captions.txt + split lists) or a Karpathy JSON file")
     parser.add_argument("--images", help="images folder (default: PATH/images for Flickr8K)")
     args = parser.parse_args(argv)
-    try:
-        path = Path(args.path)
-        dataset = read_karpathy(path, args.images) if path.suffix == ".json" else read_flickr8k(path, args.images)
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    path = Path(args.path)
+    dataset = read_karpathy(path, args.images) if path.suffix == ".json" else read_flickr8k(path, args.images)
     for split, count in dataset.counts().items():
         print(f"{split}: {count['images']} images, {count['captions']} captions")
     for warning in dataset.warnings:

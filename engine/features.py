@@ -41,9 +41,10 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from engine.cli import command
 from engine.data import Dataset, read_flickr8k, read_karpathy
 from engine.detect import DEFAULT_MIN_SCORE, OnnxDetector, SsdMobileNetV2, padding_boxes, select_boxes
-from engine.errors import AssetError, BssanError, DataError, StoreError
+from engine.errors import AssetError, DataError, StoreError
 from engine.files import file_sha256, write_json_atomic
 from engine.store import MANIFEST_NAME, StoreWriter, check_finite
 from engine.text import DEFAULT_ASSETS_DIR, MAX_WORDS, load_word_features, tokenize_all
@@ -347,6 +348,7 @@ def extract(config: ExtractConfig, observe: ObserveBatch | None = None) -> dict[
         return {split: extract_split(writer, split, dataset, extractor, observe) for split in config.splits}
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.features", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, required=True, help="folder of the image files")
@@ -370,11 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         word_features=tuple(args.word_features), max_words=args.max_words, batch_size=args.batch_size, threads=args.threads,
     )
     start = time.perf_counter()
-    try:
-        reports = extract(config)
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    reports = extract(config)
     seconds = time.perf_counter() - start
     for split, report in reports.items():
         oov = ", ".join(f"{name} OOV {rate:.2%}" for name, rate in report.oov.items())

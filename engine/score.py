@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -48,7 +47,9 @@ import numpy as np
 from engine.backends import Backend
 from engine.cache import CaptionCache, ImageCache
 from engine.data import FLICKR_LINE, _read_text
-from engine.errors import BssanError, DataError, ImageError, InputError
+from engine.cli import command
+from engine.errors import DataError, ImageError, InputError
+from engine.files import write_text_atomic
 from engine.graphs import PRECISIONS
 from engine.journal import JOURNAL_VERSION, UNIT_IMAGES, UNIT_QUERIES, Journal, score_exhaustive, score_shortlist
 from engine.metrics import format_metrics, retrieval_metrics
@@ -198,18 +199,6 @@ def format_results(fmt: str, results: list[dict]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def check_k(name: str, value: int | None, sizes: list[int]) -> None:
     if value is not None and not 1 <= value <= max(sizes):
         raise InputError(f"{name} {value}: expected 1..{max(sizes)} (the most items any query ranks here)")
@@ -351,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
                 metrics = shortlist_metrics(sims, ranked, scores, order, owner, per)
                 metrics["shortlist"]["k"] = args.shortlist_k
         if args.out is not None:
-            write_atomic(args.out, format_results(args.out.suffix, results))
+            write_text_atomic(args.out, format_results(args.out.suffix, results))
             journal.remove()
             print(f"{args.out}: {len(results)} queries", file=sys.stderr)
         elif not args.evaluate:
@@ -389,12 +378,10 @@ def print_results(results: list[dict]) -> None:
             print(f"  {rank:2d}. {value:8.4f}  {item}")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(build_parser().parse_args(argv))
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue", file=sys.stderr)
         return 130

@@ -30,8 +30,9 @@ from typing import Protocol
 
 import numpy as np
 
+from engine.cli import command
 from engine.files import file_sha256
-from engine.errors import AssetError, BssanError, InputError
+from engine.errors import AssetError, InputError
 from engine.wordcache import cache_dir_default, convert_text_file, read_entry, write_entry
 
 MAX_WORDS = 30  # the paper truncates captions to 30 words (spec, "Inputs of one pair")
@@ -322,6 +323,7 @@ def load_word_features(name_or_path: str, assets_dir: str | Path | None = None, 
     raise AssetError(f"word features {name_or_path!r}: expected 'glove50', 'minilm' or an existing GloVe/word2vec text file")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -331,17 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS_DIR)
     parser.add_argument("--neighbours", help="print the nearest words of this word (GloVe only)")
     args = parser.parse_args(argv)
-    try:
-        features = load_word_features(args.words, args.assets)
-        batch = features.encode(args.captions)
-        for caption, length in zip(args.captions, batch.lengths):
-            print(f"{length:2d} words: {' '.join(tokenize(caption))}")
-        print(f"{features.name}: vectors {batch.vectors.shape}, OOV {batch.oov}/{batch.total}")
-        if args.neighbours and isinstance(features, GloveVectors):
-            print(f"neighbours of {args.neighbours!r}: {', '.join(features.neighbours(args.neighbours))}")
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    features = load_word_features(args.words, args.assets)
+    batch = features.encode(args.captions)
+    for caption, length in zip(args.captions, batch.lengths):
+        print(f"{length:2d} words: {' '.join(tokenize(caption))}")
+    print(f"{features.name}: vectors {batch.vectors.shape}, OOV {batch.oov}/{batch.total}")
+    if args.neighbours and isinstance(features, GloveVectors):
+        print(f"neighbours of {args.neighbours!r}: {', '.join(features.neighbours(args.neighbours))}")
     return 0
 
 

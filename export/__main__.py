@@ -14,12 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.errors import BssanError
+from engine.cli import command
 from engine.graphs import PRECISIONS
 from engine.text import DEFAULT_ASSETS_DIR
 from export.precision import DEFAULT_INT8_SCOPE, INT8_SCOPES
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="BSSAN checkpoint directory")
@@ -38,14 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     from export.pipeline import ExportOptions, export_artifact  # torch loads here, after argument errors
 
     precisions = tuple(dict.fromkeys(["fp32", *args.precision]))
-    try:
-        manifest = export_artifact(ExportOptions(
-            model_dir=args.model_dir, out=args.out, precisions=precisions, shortlist_dir=args.shortlist,
-            tensorrt=args.tensorrt, assets_dir=args.assets, store=args.store, int8_scope=args.int8_scope,
-            progress=not args.no_progress))
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    manifest = export_artifact(ExportOptions(
+        model_dir=args.model_dir, out=args.out, precisions=precisions, shortlist_dir=args.shortlist,
+        tensorrt=args.tensorrt, assets_dir=args.assets, store=args.store, int8_scope=args.int8_scope,
+        progress=not args.no_progress))
     worst = manifest["parity_max_abs_diff"]["fp32"]
     print(f"{args.out}: {sum(len(v) for v in manifest['graphs'].values())} graphs ({', '.join(manifest['precisions'])}); "
           f"fp32 parity max |diff| {max(worst.values()):.3g}; TensorRT: {manifest['tensorrt']['status']}")

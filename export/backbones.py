@@ -43,7 +43,8 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from engine.errors import AssetError, BssanError
+from engine.cli import command
+from engine.errors import AssetError
 from engine.vision import (
     BATCH_AXIS,
     BOXES_INPUT,
@@ -323,6 +324,7 @@ def export_all(out: Path, grid: int = DEFAULT_GRID, vgg19_weights: Path | None =
     return written
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.backbones", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="asset folder, e.g. build/assets")
@@ -330,13 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vgg19-weights", type=Path, help="torchvision vgg19 state-dict file (.pth) for the paper's backbone")
     parser.add_argument("--vgg19-grid", type=int, choices=GRIDS, default=VGG19_DEFAULT_GRID, help="VGG-19 grid: 14 (224 px, the paper) or 7 (112 px)")
     args = parser.parse_args(argv)
-    try:
-        for path in export_all(args.out, args.grid, args.vgg19_weights, args.vgg19_grid):
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-            print(f"{path.parent / manifest['graph']}: {manifest.get('parity_max_rel_diff', 'built from ONNX ops')}")
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    for path in export_all(args.out, args.grid, args.vgg19_weights, args.vgg19_grid):
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        print(f"{path.parent / manifest['graph']}: {manifest.get('parity_max_rel_diff', 'built from ONNX ops')}")
     return 0
 
 

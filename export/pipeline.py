@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from engine.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST_NAME, TENSORRT_DIR, file_entry, load_artifact
 from engine.errors import ArtifactError, BackendUnavailableError, InputError
-from engine.files import package_versions
+from engine.files import package_versions, replace_directory
 from engine.graphs import GRAPHS, PRECISIONS, graph_file
 from engine.text import DEFAULT_ASSETS_DIR
 from export.graphs import build_graph_modules, graph_dims
@@ -160,25 +160,24 @@ def _copy_assets(assets_dir: Path | None, target: Path) -> dict:
     return assets
 
 
+def _is_artifact(directory: Path) -> bool:
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == ARTIFACT_FORMAT
+
+
 def _check_out(out: Path) -> None:
     """An existing --out must be an artifact directory (replaced) or empty; anything else is the user's."""
-    if out.exists():
-        manifest = out / MANIFEST_NAME
-        is_artifact = manifest.is_file() and ARTIFACT_FORMAT in manifest.read_text(encoding="utf-8", errors="replace")
-        if not out.is_dir() or (not is_artifact and any(out.iterdir())):
-            raise ArtifactError(f"{out}: exists and is not an artifact directory; expected a new or artifact directory for --out")
+    if out.exists() and (not out.is_dir() or (not _is_artifact(out) and any(out.iterdir()))):
+        raise ArtifactError(f"{out}: exists and is not an artifact directory; expected a new or artifact directory for --out")
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp` in one rename (an existing artifact is moved aside first, then deleted)."""
+    """Replace `out` by `tmp` in one rename (engine.files.replace_directory)."""
     _check_out(out)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_directory(tmp, out)
 
 
 def export_artifact(options: ExportOptions) -> dict:

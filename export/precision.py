@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import BssanError, InputError
+from engine.cli import command
+from engine.errors import InputError
 from engine.graphs import FLOAT_DTYPE, GRAPHS
 
 INT8_SCOPES = ("recurrence", "projection", "all")
@@ -263,6 +264,7 @@ def measure_recall(artifact_dir: Path, store: Path, word_set: str, images: int, 
     return report
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.precision", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", action="append", choices=("demo", "flickr8k", "paper"), default=[],
@@ -280,17 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("expected --preset (int8 speed) and/or --artifact with --store (R@K per precision)")
     if args.preset and args.work is None:
         parser.error("--preset needs --work")
-    try:
-        report = {name: measure_int8(name, tuple(args.lengths), args.work, threads=args.threads) for name in args.preset}
-        payload = {"int8": report}
-        if args.artifact:
-            from engine.artifact import load_artifact
+    report = {name: measure_int8(name, tuple(args.lengths), args.work, threads=args.threads) for name in args.preset}
+    payload = {"int8": report}
+    if args.artifact:
+        from engine.artifact import load_artifact
 
-            payload["recall"] = measure_recall(args.artifact, args.store, args.word_set, args.images,
-                                               tuple(load_artifact(args.artifact).precisions), args.threads)
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        payload["recall"] = measure_recall(args.artifact, args.store, args.word_set, args.images,
+                                           tuple(load_artifact(args.artifact).precisions), args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     for preset_name, per_preset in report.items():

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import ArtifactError, BssanError
+from engine.cli import command
+from engine.errors import ArtifactError
 from engine.text import (
     MINILM_DIM, MINILM_DYNAMIC_AXES, MINILM_INPUTS, MINILM_JSON, MINILM_ONNX, MINILM_OUTPUT,
     MINILM_PACKAGE, DEFAULT_ASSETS_DIR, file_sha256, package_dir, package_version, tokenize,
@@ -128,17 +129,14 @@ def export_minilm(out_dir: str | Path, tolerance: float = PARITY_TOLERANCE) -> P
     return final
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="Export all-MiniLM-L6-v2 to ONNX for engine.text.MiniLMWords.")
     parser.add_argument("--out", type=Path, default=DEFAULT_ASSETS_DIR, help=f"assets folder (default {DEFAULT_ASSETS_DIR})")
     args = parser.parse_args(argv)
-    try:
-        path = export_minilm(args.out)
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    path = export_minilm(args.out)
     report = json.loads((path.parent / MINILM_JSON).read_text(encoding="utf-8"))
     print(f"wrote {path} (parity max |diff| {report['parity_max_abs_diff']:.2e} vs torch, tolerance {PARITY_TOLERANCE:g})")
     return 0

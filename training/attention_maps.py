@@ -41,7 +41,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.errors import ArtifactError, AssetError, BssanError, ImageError, InputError
+from engine.cli import command
+from engine.errors import ArtifactError, AssetError, ImageError, InputError
+from engine.files import write_bytes_atomic
 from engine.text import DEFAULT_ASSETS_DIR, WordFeatureSet, load_word_features, tokenize
 from training.model import BSSAN
 
@@ -97,12 +99,6 @@ def check_outputs(out: Path, force: bool) -> None:
     for name in OUTPUTS:
         if (out / name).exists() and not force:
             raise InputError(f"{out / name}: exists; expected a new file (pass --force to replace it)")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def thumbnail(image: Image.Image) -> Image.Image:
@@ -257,12 +253,12 @@ def attention_pictures(model: BSSAN, features: ImageFeatures, caption: str, word
     paths, notes = [], list(notes)
     variant = model.config.variant.value
     if attention.word_to_region is not None:
-        write_atomic(out / W2R_PICTURE, png_bytes(draw_word_to_region(features.image, caption, words, attention.word_to_region, features.grid)))
+        write_bytes_atomic(out / W2R_PICTURE, png_bytes(draw_word_to_region(features.image, caption, words, attention.word_to_region, features.grid)))
         paths.append(out / W2R_PICTURE)
     else:
         notes.append(f"no {W2R_PICTURE}: this model (variant {variant}) has no W2R branch")
     if attention.object_to_word is not None:
-        write_atomic(out / O2W_PICTURE, png_bytes(draw_object_to_word(features, caption, words, attention.object_to_word)))
+        write_bytes_atomic(out / O2W_PICTURE, png_bytes(draw_object_to_word(features, caption, words, attention.object_to_word)))
         paths.append(out / O2W_PICTURE)
     else:
         notes.append(f"no {O2W_PICTURE}: this model (variant {variant}) has no O2W branch")
@@ -276,7 +272,7 @@ def attention_pictures(model: BSSAN, features: ImageFeatures, caption: str, word
         "boxes": np.asarray(features.boxes, np.float64).round(6).tolist(), "objects_real": int(features.objects_real),
         "box_labels": [box_label(j, features) for j in range(len(features.boxes))], "notes": notes,
     }
-    write_atomic(out / WEIGHTS_JSON, (json.dumps(payload, indent=1) + "\n").encode())
+    write_bytes_atomic(out / WEIGHTS_JSON, (json.dumps(payload, indent=1) + "\n").encode())
     paths.append(out / WEIGHTS_JSON)
     return Written(paths, notes, attention)
 
@@ -388,6 +384,7 @@ def attention_maps(config: AttentionMapsConfig, word_set: WordFeatureSet | None 
     return attention_pictures(model, features, config.caption, words, vectors, config.out, config.force, record, notes)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.attention_maps", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="a BSSAN checkpoint directory (e.g. models/reference)")
@@ -399,11 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        written = attention_maps(AttentionMapsConfig(args.checkpoint, args.image, args.caption, args.out, args.assets, args.force, args.threads))
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    written = attention_maps(AttentionMapsConfig(args.checkpoint, args.image, args.caption, args.out, args.assets, args.force, args.threads))
     scores = ", ".join(f"{name} {value:.4f}" for name, value in written.attention.branch_scores.items())
     print(f"score {written.attention.score:.4f} ({scores}) for {len(written.attention.words)} words")
     for note in written.notes:

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from engine.errors import ArtifactError, InputError
-from engine.files import package_versions
+from engine.files import package_versions, replace_directory, settle_directory, write_json_atomic
 from training.config import ModelConfig, TrainConfig
 
 CHECKPOINT_FORMAT = "bssan-checkpoint"
@@ -168,7 +168,7 @@ def provenance(command: list[str] | None = None) -> dict:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json_atomic(path, payload)
 
 
 def _read_json(path: Path) -> Any:
@@ -178,20 +178,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: corrupt JSON ({exc})") from exc
-
-
-def _backup_of(directory: Path) -> Path:
-    return directory.with_name(f".{directory.name}.old")
-
-
-def _settle(directory: Path) -> None:
-    """Undo a replace interrupted between its two renames: the old checkpoint comes back."""
-    backup = _backup_of(directory)
-    if backup.is_dir():
-        if directory.exists():
-            shutil.rmtree(backup)
-        else:
-            os.replace(backup, directory)
 
 
 def _remove_stale_temps(directory: Path) -> None:
@@ -239,7 +225,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, train_config
     kind = kind_of(model)
     config = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind.value,
               "model": model.config.to_dict(), "train": train_config.to_dict()}
-    _settle(directory)
+    settle_directory(directory)
     if directory.exists() and not overwrite:
         if not directory.is_dir() or not _same_checkpoint(directory, config):
             raise ArtifactError(f"{directory}: exists and is not a checkpoint of the same kind and config; "
@@ -262,13 +248,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, train_config
     _write_json(tmp / PROVENANCE, provenance(command) | {"weights_dtype": "float16" if fp16 else "float32"})
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
-    for path in tmp.iterdir():  # the data reaches the disk before the rename publishes it
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    if directory.exists():
-        os.replace(directory, _backup_of(directory))
-    os.replace(tmp, directory)
-    _settle(directory)
+    replace_directory(tmp, directory)  # fsynced first: the data reaches the disk before the rename publishes it
     return directory
 
 
@@ -276,9 +256,7 @@ def update_metrics(directory: str | os.PathLike, metrics: dict) -> None:
     """Merge `metrics` into a checkpoint's metrics.json (e.g. test metrics), atomically."""
     path = Path(directory) / METRICS
     merged = _read_json(path) | metrics
-    tmp = path.with_name(path.name + ".tmp")
-    _write_json(tmp, merged)
-    os.replace(tmp, path)
+    write_json_atomic(path, merged)
 
 
 def copy_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, fp16: bool = False) -> Path:
@@ -299,7 +277,7 @@ def copy_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, f
         shutil.copyfile(source / name, tmp / name)
     _write_json(tmp / PROVENANCE, ckpt.provenance | {"copied_from": str(source.resolve()),
                                                      "weights_dtype": "float16" if fp16 else "float32"})
-    os.replace(tmp, destination)
+    replace_directory(tmp, destination)
     return destination
 
 
@@ -341,7 +319,7 @@ def load_train_state(directory: str | os.PathLike) -> dict | None:
 def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint directory; one-line ArtifactError naming the file if anything is off."""
     directory = Path(directory)
-    _settle(directory)
+    settle_directory(directory)
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: no such checkpoint directory; expected one written by training.train")
     config = _read_json(directory / CONFIG)

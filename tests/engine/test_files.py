@@ -1,0 +1,54 @@
+"""engine/files.py (THE atomic write and directory swap) and engine/cli.py (THE error-to-exit-code mapping)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.cli import command
+from engine.errors import ArtifactError, InputError
+from engine.files import atomic_path, replace_directory, settle_directory, write_bytes_atomic, write_json_atomic
+
+
+def test_atomic_path_leaves_the_old_file_on_error(tmp_path):
+    target = tmp_path / "out.txt"
+    write_bytes_atomic(target, b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_write_json_atomic_takes_numpy_values(tmp_path):
+    import numpy as np
+
+    write_json_atomic(tmp_path / "a" / "r.json", {"b": np.float32(0.5), "a": np.arange(2)})
+    assert (tmp_path / "a" / "r.json").read_text() == '{\n  "a": [\n    0,\n    1\n  ],\n  "b": 0.5\n}\n'
+
+
+def test_replace_directory_and_settle_undo_an_interrupted_swap(tmp_path):
+    target, tmp = tmp_path / "d", tmp_path / ".d.tmp-1"
+    target.mkdir(); (target / "f").write_text("old")
+    tmp.mkdir(); (tmp / "f").write_text("new")
+    replace_directory(tmp, target)
+    assert (target / "f").read_text() == "new" and not tmp.exists() and not (tmp_path / ".d.old").exists()
+    target.rename(tmp_path / ".d.old")  # killed between the two renames of a later swap
+    settle_directory(target)
+    assert (target / "f").read_text() == "new"
+
+
+def test_command_maps_user_errors_to_one_line_and_exit_code(capsys):
+    @command
+    def main(argv=None):
+        raise ArtifactError("model/manifest.json: expected format 'bssan-artifact', got None")
+
+    assert main([]) == 2
+    assert capsys.readouterr().err == "error: model/manifest.json: expected format 'bssan-artifact', got None\n"
+
+    @command
+    def buggy(argv=None):
+        raise KeyError("a bug keeps its traceback")
+
+    with pytest.raises(KeyError):
+        buggy([])
+    assert command(lambda argv=None: 0)() == 0 and issubclass(InputError, Exception)
