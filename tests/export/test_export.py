@@ -83,6 +83,14 @@ def test_frozen_axis_is_caught(tmp_path, demo_model):
         check_graph_io(path, GRAPHS["w2r_text"], graph_dims(demo_model), "fp32")
 
 
+def test_bilstm_export_prints_no_shape_inference_page(tmp_path, demo_model, capfd):
+    """The legacy exporter's prim::PackPadded / PadPacked C++ warnings are dropped (export/onnx_export.py)."""
+    module = build_graph_modules(demo_model)["o2w_text"]
+    export_graph(module, "o2w_text", graph_dims(demo_model), tmp_path / "o2w_text.onnx", "fp32")
+    err = capfd.readouterr().err
+    assert "PackPadded" not in err and "PadPacked" not in err
+
+
 def test_fp16_graphs_are_float16_except_scores(artifact):
     for name in ("w2r_pair", "o2w_text", "shortlist_text"):
         model = onnx.load(str(artifact.graph_path(name, "fp16")))
