@@ -1,0 +1,396 @@
+"""The service's persistent gallery: encoded images by id, a FAISS first stage, durable writes.
+
+    gallery = Gallery.open(index_dir, fingerprint=scorer.fingerprint, precision=scorer.cache_precision,
+                           index_kind="flat")
+    gallery.put([("cat.jpg", scorer.encode_images([path]), photo_bytes)])   # add or replace; durable on return
+    gallery.remove("cat.jpg")                                              # durable on return
+    view, slots, sims = gallery.search(query_vectors, k)                   # ImageCache view + first-stage top-k
+    gallery.index_folder(folder, scorer.encode_images)                     # first start: resumable, progress bar
+    gallery.checkpoint()                                                   # snapshot + empty log (also on close)
+
+On disk (`index_dir`):
+
+    snapshot/        an ImageCache (engine/cache.py; written to a temp dir, fsynced, swapped in)
+    log.bin          writes since the snapshot: records MAGIC | u32 length | u32 crc32 | payload,
+                     payload = u32 header length | JSON header {"op": "put"|"del", "id", "arrays"} | raw arrays
+    blobs/<sha>      uploaded photos (the page shows them), written before their log record
+    folder.json      the gallery folder's first indexing: {"folder", "done", "skipped": {file: reason}}
+
+Durability: a write is acknowledged only after its log record is fsynced, so an acknowledged
+write survives kill -9. On open the snapshot is loaded and the log replayed; a torn last record
+(a write killed before its fsync returned, never acknowledged) fails its length or crc check
+and is cut off. Replaying is idempotent (the last record of an id decides it), so a crash
+between writing a snapshot and emptying the log replays records already in the snapshot and
+ends in the same state.
+
+Memory: rows live in growable arrays ("slots"); a replaced or removed image's slot is dead
+until compaction (when a quarter is dead) copies the live rows to fresh arrays and rebuilds
+the index. Readers get views of the arrays as they were (never written in place), so a search
+runs outside the lock while writes go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from engine.cache import CACHE_JSON, ImageCache
+from engine.errors import InputError
+from engine.serve.index import VectorIndex
+
+LOG_MAGIC = b"BSL1"
+LOG_HEAD = struct.Struct("<4sII")  # magic, payload length, crc32 of the payload
+SNAPSHOT_EVERY = 1000  # log records before a checkpoint: replay stays < ~1 s and the log < ~200 MB at the reference sizes
+COMPACT_FRACTION = 0.25  # compact when this share of the slots is dead (their rows cost memory and FAISS work)
+FOLDER_CHUNK = 16  # images encoded and logged per step of the first indexing (one fsync per step)
+VECTORS = "image_vectors"  # the shortlist graph's output: the first stage's vectors
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file_durable(path: Path, data: bytes) -> None:
+    """Write to a temp file, fsync, rename over `path`, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def encode_record(header: dict, arrays: dict[str, np.ndarray] | None = None) -> bytes:
+    arrays = arrays or {}
+    header = {**header, "arrays": [[k, str(v.dtype), list(v.shape)] for k, v in arrays.items()]}
+    head = json.dumps(header, ensure_ascii=False).encode("utf-8")
+    payload = b"".join([struct.pack("<I", len(head)), head, *(np.ascontiguousarray(v).tobytes() for v in arrays.values())])
+    return LOG_HEAD.pack(LOG_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def decode_payload(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    (size,) = struct.unpack_from("<I", payload)
+    header = json.loads(payload[4:4 + size].decode("utf-8"))
+    arrays, pos = {}, 4 + size
+    for name, dtype, shape in header["arrays"]:
+        count = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        arrays[name] = np.frombuffer(payload[pos:pos + count], dtype=dtype).reshape(shape)
+        pos += count
+    return header, arrays
+
+
+def read_log(path: Path) -> list[tuple[dict, dict[str, np.ndarray]]]:
+    """Every whole record of the log; a torn or corrupt tail is cut off (it was never acknowledged)."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    records, pos = [], 0
+    while pos < len(data):
+        if len(data) - pos < LOG_HEAD.size:
+            break
+        magic, length, crc = LOG_HEAD.unpack_from(data, pos)
+        payload = data[pos + LOG_HEAD.size:pos + LOG_HEAD.size + length]
+        if magic != LOG_MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+            break
+        records.append(decode_payload(payload))
+        pos += LOG_HEAD.size + length
+    if pos < len(data):
+        print(f"note: {path}: {len(data) - pos} bytes after record {len(records)} are a torn write (never acknowledged); "
+              f"cut off", file=sys.stderr)
+        with open(path, "r+b") as handle:
+            handle.truncate(pos)
+            os.fsync(handle.fileno())
+    return records
+
+
+def check_image_id(image_id: str) -> str:
+    """An id is 1..255 characters, no slash, backslash or control character, not '.' or '..'."""
+    if (not isinstance(image_id, str) or not 1 <= len(image_id) <= 255 or image_id in (".", "..")
+            or any(c in "/\\" or ord(c) < 32 for c in image_id)):
+        raise InputError(f"image id {image_id!r}: expected 1-255 characters without '/', '\\' or control characters")
+    return image_id
+
+
+class Gallery:
+    """Encoded images by id (rows in slots), their first-stage index, the log and the snapshot."""
+
+    def __init__(self, root: Path, fingerprint: str, precision: str, index_kind: str = "flat", index_options: dict | None = None,
+                 snapshot_every: int = SNAPSHOT_EVERY):
+        self.root, self.fingerprint, self.precision = Path(root), fingerprint, precision
+        self.index_kind, self.index_options, self.snapshot_every = index_kind, dict(index_options or {}), snapshot_every
+        self.lock = threading.RLock()
+        self.buffers: dict[str, np.ndarray] = {}  # name -> [capacity, ...]
+        self.count = 0  # slots used (live and dead)
+        self.slot_ids: list[str] = []  # "" for a dead slot
+        self.slots: dict[str, int] = {}  # id -> live slot
+        self.index: VectorIndex | None = None
+        self.log_records = 0
+        self.log_handle = None
+
+    # ------------------------------------------------------------------------------ open / close
+    @classmethod
+    def open(cls, root: str | os.PathLike, fingerprint: str, precision: str, **options) -> "Gallery":
+        gallery = cls(Path(root), fingerprint, precision, **options)
+        gallery.root.mkdir(parents=True, exist_ok=True)
+        (gallery.root / "blobs").mkdir(exist_ok=True)
+        snapshot = gallery.root / "snapshot"
+        if (snapshot / CACHE_JSON).is_file() or snapshot.with_name(".snapshot.old").is_dir():
+            cache = ImageCache.load(snapshot, expect=fingerprint, precision=precision, mmap=True)
+            gallery._apply_put(cache.ids, cache.arrays)
+        records = read_log(gallery.log_path)
+        for header, arrays in records:
+            if header["op"] == "put":
+                gallery._apply_put([header["id"]], {k: v[None] for k, v in arrays.items()})
+            else:
+                gallery._apply_remove(header["id"])
+        gallery.log_records = len(records)
+        gallery.log_handle = open(gallery.log_path, "ab")
+        if gallery.index is not None and gallery.index.dead:
+            gallery._compact()
+        return gallery
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "log.bin"
+
+    def close(self) -> None:
+        """Checkpoint (so the next start replays nothing) and close the log."""
+        with self.lock:
+            if self.log_handle is None:
+                return
+            if self.log_records:
+                self.checkpoint()
+            self.log_handle.close()
+            self.log_handle = None
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.slots
+
+    def ids(self) -> list[str]:
+        with self.lock:
+            return [i for i in self.slot_ids[:self.count] if i]
+
+    # ------------------------------------------------------------------------------ memory
+    def _ensure_capacity(self, arrays: dict[str, np.ndarray], more: int) -> None:
+        if not self.buffers:
+            self.buffers = {k: np.empty((max(16, more),) + v.shape[1:], v.dtype) for k, v in arrays.items()}
+        if set(arrays) != set(self.buffers):
+            raise InputError(f"image rows with arrays {sorted(arrays)}; the gallery holds {sorted(self.buffers)}")
+        capacity = len(next(iter(self.buffers.values())))
+        if self.count + more > capacity:
+            grown = max(self.count + more, 2 * capacity)
+            # fresh arrays (never resized in place): views handed to readers stay valid
+            for name, old in self.buffers.items():
+                new = np.empty((grown,) + old.shape[1:], old.dtype)
+                new[:self.count] = old[:self.count]
+                self.buffers[name] = new
+
+    def _apply_put(self, ids: list[str], arrays: dict[str, np.ndarray]) -> None:
+        if VECTORS not in arrays:
+            raise InputError(f"image rows without {VECTORS!r}; expected an artifact with shortlist graphs (export --shortlist)")
+        self._ensure_capacity(arrays, len(ids))
+        if self.index is None:
+            self.index = VectorIndex(self.index_kind, arrays[VECTORS].shape[1], **self.index_options)
+        start = self.count
+        for name, array in arrays.items():
+            self.buffers[name][start:start + len(ids)] = array
+        old = [self.slots[i] for i in ids if i in self.slots]
+        if old:
+            self.index.remove(old)
+            for slot in old:
+                self.slot_ids[slot] = ""
+        self.index.add(np.asarray(arrays[VECTORS], np.float32))
+        for offset, image_id in enumerate(ids):
+            if image_id in self.slots and self.slots[image_id] >= start:  # the same id twice in one call: the last wins
+                self.index.remove([self.slots[image_id]])
+                self.slot_ids[self.slots[image_id]] = ""
+            self.slots[image_id] = start + offset
+            self.slot_ids.append(image_id)
+        self.count += len(ids)
+        assert len(self.index) == self.count == len(self.slot_ids)
+
+    def _apply_remove(self, image_id: str) -> bool:
+        slot = self.slots.pop(image_id, None)
+        if slot is None:
+            return False
+        self.index.remove([slot])
+        self.slot_ids[slot] = ""
+        return True
+
+    def _compact(self) -> None:
+        """Copy the live rows to fresh arrays and rebuild the index (slots renumbered)."""
+        live = np.array(sorted(self.slots.values()), dtype=np.int64)
+        ids = [self.slot_ids[s] for s in live]
+        arrays = {k: v[live] for k, v in self.buffers.items()}
+        self.buffers, self.count, self.slot_ids, self.slots, self.index = {}, 0, [], {}, None
+        if len(ids):
+            self._apply_put(ids, arrays)
+
+    def _maybe_compact(self) -> None:
+        if self.index is not None and self.index.dead >= max(64, COMPACT_FRACTION * self.count):
+            self._compact()
+
+    # ------------------------------------------------------------------------------ durable writes
+    def blob_path(self, image_id: str) -> Path:
+        return self.root / "blobs" / hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:40]
+
+    def put(self, items: list[tuple[str, ImageCache, bytes | None]]) -> None:
+        """Add or replace images: (id, a one-row ImageCache of this artifact, the photo's bytes or None).
+        Durable when it returns: blobs first, then one fsynced log write for all the records."""
+        records = []
+        for image_id, cache, photo in items:
+            check_image_id(image_id)
+            if len(cache) != 1 or cache.fingerprint != self.fingerprint or cache.precision != self.precision:
+                raise InputError(f"image {image_id!r}: expected one encoded row of artifact {self.fingerprint[:12]}")
+            records.append(encode_record({"op": "put", "id": image_id}, {k: np.asarray(v[0]) for k, v in cache.arrays.items()}))
+        with self.lock:  # writes are serialised (each ends in an fsync anyway): blob and record stay in step
+            for image_id, _, photo in items:
+                if photo is not None:
+                    _write_file_durable(self.blob_path(image_id), photo)
+            self._append(records)
+            for image_id, cache, _ in items:
+                self._apply_put([image_id], {k: np.asarray(v) for k, v in cache.arrays.items()})
+            self._after_write()
+
+    def remove(self, image_id: str) -> bool:
+        """Remove an image by id; False if it is not in the gallery. Durable when it returns."""
+        with self.lock:
+            if image_id not in self.slots:
+                return False
+            self._append([encode_record({"op": "del", "id": image_id})])
+            self._apply_remove(image_id)
+            self._after_write()
+            blob = self.blob_path(image_id)
+            if blob.is_file():
+                blob.unlink()
+        return True
+
+    def _append(self, records: list[bytes]) -> None:
+        if self.log_handle is None:
+            raise InputError(f"{self.root}: the gallery is closed; expected an open gallery")
+        self.log_handle.write(b"".join(records))
+        self.log_handle.flush()
+        os.fsync(self.log_handle.fileno())
+        self.log_records += len(records)
+
+    def _after_write(self) -> None:
+        if self.log_records >= self.snapshot_every:
+            self.checkpoint()
+        else:
+            self._maybe_compact()
+
+    def checkpoint(self) -> None:
+        """Write a snapshot of the live rows and start an empty log (crash-safe at every step)."""
+        with self.lock:
+            if self.index is not None and self.index.dead:
+                self._compact()
+            snapshot = self.root / "snapshot"
+            if self.count:
+                ImageCache(list(self.slot_ids[:self.count]), {k: v[:self.count] for k, v in self.buffers.items()},
+                           self.fingerprint, self.precision).save(snapshot)
+            elif snapshot.exists():
+                shutil.rmtree(snapshot)
+            _fsync_dir(self.root)
+            if self.log_handle is not None:
+                self.log_handle.close()
+            _write_file_durable(self.log_path, b"")
+            self.log_handle = open(self.log_path, "ab")
+            self.log_records = 0
+
+    # ------------------------------------------------------------------------------ reading
+    def view(self) -> ImageCache:
+        """The slots as they are now (dead ones have id ""): a consistent read-only view."""
+        with self.lock:
+            return ImageCache(self.slot_ids[:self.count], {k: v[:self.count] for k, v in self.buffers.items()},
+                              self.fingerprint, self.precision)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[ImageCache, list[np.ndarray], list[np.ndarray]]:
+        """(view, per query the live slots of the first-stage top-k, their inner products)."""
+        with self.lock:
+            view = self.view()
+            if self.index is None or not len(self.slots):
+                empty = [np.zeros(0, np.int64) for _ in range(len(vectors))]
+                return view, empty, [np.zeros(0, np.float32) for _ in range(len(vectors))]
+            labels, sims = self.index.search(vectors, min(k, len(self.slots)))
+        keep = labels >= 0
+        return view, [row[m] for row, m in zip(labels, keep)], [row[m] for row, m in zip(sims, keep)]
+
+    def photo_path(self, image_id: str, folder: Path | None) -> Path | None:
+        """The file shown for an image: its uploaded blob, else the gallery folder's file of that name."""
+        if image_id not in self.slots:
+            return None
+        blob = self.blob_path(image_id)
+        if blob.is_file():
+            return blob
+        if folder is not None and (folder / image_id).is_file():
+            return folder / image_id
+        return None
+
+    # ------------------------------------------------------------------------------ the folder
+    def folder_state(self) -> dict:
+        path = self.root / "folder.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"done": False, "skipped": {}}
+
+    def index_folder(self, folder: Path, encode, suffixes, progress: bool = True, on_progress=None, stop=None) -> dict:
+        """Encode the folder's images that are not in the gallery yet, FOLDER_CHUNK at a time, each
+        chunk logged durably (kill -9 and restart: it continues). Once done, the folder is not read again
+        (images removed through the API stay removed). A file that cannot be decoded is skipped and listed."""
+        state = self.folder_state()
+        if state.get("done"):
+            return state
+        state = {"folder": str(Path(folder).resolve()), "done": False, "skipped": dict(state.get("skipped", {}))}
+        files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+        todo = [p for p in files if p.name not in self.slots and p.name not in state["skipped"]]
+        for p in todo:
+            try:
+                check_image_id(p.name)
+            except InputError as exc:
+                state["skipped"][p.name] = str(exc)
+        todo = [p for p in todo if p.name not in state["skipped"]]
+        with tqdm(total=len(files), initial=len(files) - len(todo), desc="indexing gallery", unit="image", disable=not progress) as bar:
+            if on_progress is not None:
+                on_progress(bar.n, len(files))
+            for start in range(0, len(todo), FOLDER_CHUNK):
+                if stop is not None and stop.is_set():  # shutting down: the next start continues from here
+                    return state
+                chunk = todo[start:start + FOLDER_CHUNK]
+                try:
+                    encoded = [(chunk, encode(chunk))]
+                except InputError:  # one bad file fails the batch: encode one by one to find it
+                    encoded = []
+                    for path in chunk:
+                        try:
+                            encoded.append(([path], encode([path])))
+                        except InputError as exc:
+                            state["skipped"][path.name] = str(exc).splitlines()[0]
+                items = [(p.name, _row(cache, i), None) for paths, cache in encoded for i, p in enumerate(paths)]
+                if items:
+                    self.put(items)
+                bar.update(len(chunk))
+                if on_progress is not None:
+                    on_progress(bar.n, len(files))
+        state["done"] = True
+        _write_file_durable(self.root / "folder.json", json.dumps(state, indent=2, ensure_ascii=False).encode("utf-8"))
+        return state
+
+
+def _row(cache: ImageCache, i: int) -> ImageCache:
+    return ImageCache([cache.ids[i]], {k: v[i:i + 1] for k, v in cache.arrays.items()}, cache.fingerprint, cache.precision)
