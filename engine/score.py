@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, help=f"results per query (default {DEFAULT_TOP_K}, capped at the items ranked)")
     parser.add_argument("--shortlist-k", type=int, help="re-rank only the dot-product top K per query (needs shortlist graphs)")
     parser.add_argument("--backend", choices=[b.value for b in Backend], default=Backend.AUTO.value)
+    parser.add_argument("--checkpoint", type=Path, help="--backend torch: the BSSAN checkpoint the artifact was exported "
+                        "from (the artifact records its weights' sha256, not its path)")
+    parser.add_argument("--shortlist-checkpoint", type=Path, help="--backend torch: the dual-encoder checkpoint of the shortlist graphs")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_PAIRS_PER_CALL, help="pairs per pair-graph call")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: the backend's)")
@@ -307,7 +310,10 @@ def run(args: argparse.Namespace) -> int:
         order, owner, per = evaluation_order(inputs.image_ids, inputs.caption_images,
                                              inputs.caption_ids or [str(i) for i in range(sizes["i2t"])])
 
-    with Scorer.load(args.model, args.backend, args.precision, args.threads, args.memory_budget_mb, args.batch_size) as scorer:
+    torch_options = ({"checkpoint": args.checkpoint, "shortlist_checkpoint": args.shortlist_checkpoint}
+                     if args.backend == Backend.TORCH.value else {})
+    with Scorer.load(args.model, args.backend, args.precision, args.threads, args.memory_budget_mb, args.batch_size,
+                     **torch_options) as scorer:
         print(f"backend: {scorer.runner.backend.value} ({scorer.runner.reason}), precision {args.precision}", file=sys.stderr)
         if args.shortlist_k is not None:
             scorer.require_shortlist()

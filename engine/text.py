@@ -241,7 +241,7 @@ class MiniLMWords:
     dim = MINILM_DIM
 
     def __init__(self, onnx_path: str | Path, tokenizer_json: str | Path | None = None,
-                 batch_size: int = MINILM_BATCH, providers: list[str] | None = None, threads: int = 0) -> None:
+                 batch_size: int = MINILM_BATCH, backend: str = "onnxruntime-cpu", threads: int | None = None) -> None:
         self.onnx_path = Path(onnx_path)
         if not self.onnx_path.is_file():
             raise AssetError(f"{self.onnx_path}: MiniLM ONNX graph not found; build it with: python -m export.text --out {self.onnx_path.parent}")
@@ -250,7 +250,8 @@ class MiniLMWords:
         if not self.tokenizer_json.is_file():
             raise AssetError(f"{self.tokenizer_json}: MiniLM tokenizer not found; expected tokenizer.json of {MINILM_PACKAGE[0]}")
         from tokenizers import Tokenizer
-        import onnxruntime
+
+        from engine.backends.onnxruntime import open_session
 
         self.tokenizer = Tokenizer.from_file(str(self.tokenizer_json))
         # tokenizer.json pads every input to 128 pieces and truncates: we pad per length group
@@ -259,9 +260,7 @@ class MiniLMWords:
         self.tokenizer.no_truncation()
         self.unknown_id = self.tokenizer.token_to_id("[UNK]")
         self.batch_size = batch_size
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads  # 0 = onnxruntime's choice (one per physical core)
-        self.session = onnxruntime.InferenceSession(str(self.onnx_path), options, providers=providers or ["CPUExecutionProvider"])
+        self.session = open_session(self.onnx_path, backend, threads)  # threads None: onnxruntime's choice
         names = tuple(i.name for i in self.session.get_inputs())
         if set(names) != set(MINILM_INPUTS):
             raise AssetError(f"{self.onnx_path}: graph inputs {names}; expected {MINILM_INPUTS} (rebuild with python -m export.text)")
@@ -312,12 +311,14 @@ class MiniLMWords:
         }
 
 
-def load_word_features(name_or_path: str, assets_dir: str | Path | None = None, cache_dir: str | Path | None = None) -> WordFeatureSet:
-    """'glove50' (package), 'minilm' (ONNX under assets_dir), or a GloVe/word2vec text file path."""
+def load_word_features(name_or_path: str, assets_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+                       backend: str = "onnxruntime-cpu") -> WordFeatureSet:
+    """'glove50' (package), 'minilm' (ONNX under assets_dir, run on `backend`'s ONNX Runtime provider),
+    or a GloVe/word2vec text file path."""
     if name_or_path == "glove50":
         return GloveVectors.from_package(cache_dir)
     if name_or_path == "minilm":
-        return MiniLMWords(Path(assets_dir or DEFAULT_ASSETS_DIR) / MINILM_ONNX)
+        return MiniLMWords(Path(assets_dir or DEFAULT_ASSETS_DIR) / MINILM_ONNX, backend=backend)
     if Path(name_or_path).is_file():
         return GloveVectors.from_file(name_or_path, cache_dir)
     raise AssetError(f"word features {name_or_path!r}: expected 'glove50', 'minilm' or an existing GloVe/word2vec text file")

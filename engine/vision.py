@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.errors import AssetError, BackendUnavailableError, ImageError, InputError
+from engine.backends.onnxruntime import open_session  # noqa: F401  (THE session factory; re-exported)
+from engine.errors import AssetError, ImageError, InputError
 from engine.files import file_sha256
 
 # Graph I/O names: the exporter (export/backbones.py) and these runners share them.
@@ -166,45 +167,26 @@ def read_asset_manifest(path: str | os.PathLike, kind: str) -> dict:
     return {**manifest, "graph_path": graph}
 
 
-def open_session(graph: Path, threads: int, provider: str = "CPUExecutionProvider"):
-    """An ONNX Runtime session on exactly `provider`; raises rather than falling back to another one."""
-    import onnxruntime as ort
-
-    if threads < 1:
-        raise InputError(f"threads={threads}: expected at least 1")
-    if provider not in ort.get_available_providers():
-        raise BackendUnavailableError(
-            f"{provider}: not available in this onnxruntime ({ort.get_available_providers()}); install onnxruntime-gpu for CUDA"
-        )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    session = ort.InferenceSession(str(graph), sess_options=options, providers=[provider])
-    if session.get_providers()[0] != provider:
-        raise BackendUnavailableError(f"{graph}: asked for {provider}, onnxruntime gave {session.get_providers()}")
-    return session
-
-
 class _GraphRunner:
-    """Owns one lazily opened ORT session; usable in a `with` block that releases it."""
+    """Owns one lazily opened session (engine.backends.onnxruntime.open_session, on the ONNX Runtime
+    provider of `backend`); usable in a `with` block that releases it."""
 
     kind = ""
 
-    def __init__(self, manifest: dict, threads: int = 1, provider: str = "CPUExecutionProvider"):
+    def __init__(self, manifest: dict, threads: int = 1, backend: str = "onnxruntime-cpu"):
         self.manifest = manifest
         self.threads = threads
-        self.provider = provider
+        self.backend = backend
         self._session = None
 
     @classmethod
-    def from_manifest(cls, path: str | os.PathLike, threads: int = 1, provider: str = "CPUExecutionProvider"):
-        return cls(read_asset_manifest(path, cls.kind), threads, provider)
+    def from_manifest(cls, path: str | os.PathLike, threads: int = 1, backend: str = "onnxruntime-cpu"):
+        return cls(read_asset_manifest(path, cls.kind), threads, backend)
 
     @property
     def session(self):
         if self._session is None:
-            self._session = open_session(self.manifest["graph_path"], self.threads, self.provider)
+            self._session = open_session(self.manifest["graph_path"], self.backend, self.threads)
         return self._session
 
     def __enter__(self):

@@ -34,6 +34,7 @@ from engine.graphs import GRAPHS, PRECISIONS, graph_file
 from engine.text import DEFAULT_ASSETS_DIR
 from export.graphs import build_graph_modules, graph_dims
 from export.onnx_export import EXPORTER, OPSET, export_graph
+from export.torch_runner import checkpoint_record
 from export.precision import DEFAULT_INT8_SCOPE, FP16_RECURRENCE_SLACK, compare_scores, quantize_pair_graph
 from export.validate import (
     PARITY_TOLERANCE, onnx_pipeline, open_session, pipeline_parity, random_features, shuffled_grid, torch_threads, validate_bssan,
@@ -243,8 +244,8 @@ def _export_artifact(options: ExportOptions) -> dict:
             "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": {"kind": "bssan", "config": model.config.to_dict(), "score_weights": {"w2r": w_y, "o2w": w_yp},
-                      "source": str(Path(options.model_dir).resolve()),
-                      "shortlist_source": str(Path(options.shortlist_dir).resolve()) if options.shortlist_dir else None,
+                      "checkpoint": checkpoint_record(options.model_dir),
+                      "shortlist_checkpoint": checkpoint_record(options.shortlist_dir) if options.shortlist_dir else None,
                       "shortlist_config": shortlist.config.to_dict() if shortlist is not None else None,
                       "metrics": checkpoint.metrics, "provenance": checkpoint.provenance},
             "dims": dims,

@@ -75,10 +75,11 @@ def sample_inputs(captions=PARITY_CAPTIONS) -> dict[str, np.ndarray]:
 
 def check_parity(onnx_path: Path, module, inputs: dict[str, np.ndarray]) -> float:
     """Max |diff| of the real (unpadded) token vectors, ONNX Runtime vs torch."""
-    import onnxruntime
     import torch
 
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    from engine.backends.onnxruntime import open_session
+
+    session = open_session(onnx_path)
     got = session.run([MINILM_OUTPUT], inputs)[0]  # [B, S, H]
     with torch.no_grad():
         want = module(*(torch.from_numpy(inputs[name]) for name in MINILM_INPUTS)).numpy()  # [B, S, H]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.backends.onnxruntime import open_session as engine_open_session
 from engine.errors import ArtifactError
 from engine.graphs import GRAPHS, SHORTLIST_GRAPHS
 from export.onnx_export import example_inputs
@@ -47,14 +48,8 @@ def torch_threads(threads: int = PARITY_THREADS):
 
 
 def open_session(path: Path, threads: int = PARITY_THREADS):
-    """ONNX Runtime CPU session, all graph optimisations (as the engine runs it)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # the fp16 graphs' cast insertion warns once per node on CPU
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    """ONNX Runtime CPU session of one graph, as the engine opens it (engine.backends.onnxruntime.open_session)."""
+    return engine_open_session(path, "onnxruntime-cpu", threads)
 
 
 def _max_diff(got: np.ndarray, want: np.ndarray, relative: bool) -> float:

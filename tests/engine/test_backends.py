@@ -15,7 +15,7 @@ from engine.artifact import load_artifact
 from engine.backends import Backend, BackendUnavailableError, OnnxRuntimeCudaRunner, open_runner
 from engine.errors import ArtifactError, InputError
 from engine.graphs import GRAPHS
-from engine.trt_runner import TensorRTRunner, check_tensorrt_key, tensorrt_engine_key
+from engine.backends.tensorrt import TensorRTRunner, check_tensorrt_key, tensorrt_engine_key
 from tests.engine.conftest import assert_close
 
 MARKS = {Backend.ORT_CUDA: [pytest.mark.gpu], Backend.TENSORRT: [pytest.mark.gpu, pytest.mark.trt]}
@@ -29,27 +29,33 @@ def example_feeds(name: str, dims: dict, precision: str = "fp32", seed: int = 0)
     return example_inputs(GRAPHS[name], dims, precision, {"images": 3, "captions": 5, "pairs": 7, "words": dims["max_words"] - 1}, seed)
 
 
-def open_or_skip(artifact, backend: Backend, precision: str = "fp32"):
+def torch_options(backend: Backend, checkpoints: dict) -> dict:
+    """The torch reference runner needs the checkpoints the artifact was exported from (the manifest
+    records their hashes, not their paths)."""
+    return {"checkpoint": checkpoints["bssan"], "shortlist_checkpoint": checkpoints["shortlist"]} if backend is Backend.TORCH else {}
+
+
+def open_or_skip(artifact, backend: Backend, precision: str = "fp32", checkpoints: dict | None = None):
     try:
-        return open_runner(artifact, backend, precision, threads=1)
+        return open_runner(artifact, backend, precision, threads=1, **torch_options(backend, checkpoints or {}))
     except BackendUnavailableError as exc:
         reason = "TensorRT: not yet run on hardware; " if backend is Backend.TENSORRT else ""
         pytest.skip(f"{reason}{backend.value} not available here: {exc}")
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_artifact):
+def reference(tiny_artifact, tiny_checkpoints):
     """Every graph's outputs from the torch reference runner on fixed random inputs."""
     artifact = load_artifact(tiny_artifact)
-    with open_runner(artifact, Backend.TORCH, threads=1) as runner:
+    with open_runner(artifact, Backend.TORCH, threads=1, **torch_options(Backend.TORCH, tiny_checkpoints)) as runner:
         return {name: runner.infer(name, example_feeds(name, artifact.dims)) for name in artifact.graph_names}
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_every_graph_matches_the_torch_reference(tiny_artifact, reference, backend):
+def test_every_graph_matches_the_torch_reference(tiny_artifact, tiny_checkpoints, reference, backend):
     """THE check function, run against every backend that is available here (others skip with a reason)."""
     artifact = load_artifact(tiny_artifact)
-    with open_or_skip(artifact, backend) as runner:
+    with open_or_skip(artifact, backend, checkpoints=tiny_checkpoints) as runner:
         assert runner.backend is backend
         for name, want in reference.items():
             got = runner.infer(name, example_feeds(name, artifact.dims))
@@ -71,7 +77,7 @@ def test_scores_match_the_training_model(tiny_artifact, tiny_store, tiny_checkpo
     want = model.score_matrix(np.array(split.regions), np.array(split.objects), np.array(split.words("glove50")),
                               np.asarray(split.lengths)).numpy()
     artifact = load_artifact(tiny_artifact)
-    runner = open_or_skip(artifact, backend)
+    runner = open_or_skip(artifact, backend, checkpoints=tiny_checkpoints)
     with Scorer(artifact, runner) as scorer:
         got = scorer.score_matrix(scorer.encode_images(split), scorer.encode_captions(split))
     assert_close(got, want, FP32_TOLERANCE, f"{backend.value} score matrix")
@@ -157,9 +163,22 @@ def test_fp16_runner_takes_and_gives_float16(tiny_artifact):
         assert runner.infer("w2r_pair", example_feeds("w2r_pair", artifact.dims, "fp16"))["scores"].dtype == np.float32
 
 
-def test_torch_backend_needs_its_checkpoint(tiny_artifact, tmp_path):
-    with pytest.raises(BackendUnavailableError, match=r"checkpoint '.*nowhere' \(manifest model.source\) not found"):
-        open_runner(load_artifact(tiny_artifact), "torch", checkpoint=tmp_path / "nowhere")
+def test_torch_backend_needs_its_checkpoint(tiny_artifact, tiny_checkpoints, tmp_path):
+    artifact = load_artifact(tiny_artifact)
+    with pytest.raises(BackendUnavailableError, match=r"checkpoint '.*nowhere' not found; expected the checkpoint directory "
+                                                      r"the artifact was exported from \(weights sha256 [0-9a-f]{12}; pass checkpoint=DIR\)"):
+        open_runner(artifact, "torch", checkpoint=tmp_path / "nowhere")
+    with pytest.raises(ArtifactError, match=r"weights.pt: sha256 differs from the checkpoint the artifact was exported from"):
+        open_runner(artifact, "torch", checkpoint=tiny_checkpoints["shortlist"])  # another checkpoint's weights
+
+
+def test_manifest_records_checkpoints_by_hash_not_path(tiny_artifact, tiny_checkpoints):
+    from engine.files import file_sha256
+
+    model = load_artifact(tiny_artifact).manifest["model"]
+    assert "source" not in model and "shortlist_source" not in model
+    assert model["checkpoint"] == {"weights_sha256": file_sha256(tiny_checkpoints["bssan"] / "weights.pt"), "name": "bssan"}
+    assert model["shortlist_checkpoint"]["weights_sha256"] == file_sha256(tiny_checkpoints["shortlist"] / "weights.pt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +212,7 @@ def test_tensorrt_key_fields_agree_with_the_exporter():
 def test_engine_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import engine.runtime, engine.score, engine.backends, engine.cache, engine.attention, engine.demo\n"
-            "import engine.encode, engine.journal, engine.trt_runner\n"
+            "import engine.encode, engine.journal, engine.backends.tensorrt\n"
             "from engine.backends import open_runner\n"
             "assert sys.modules['torch'] is None\n"
             "print('ok')")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.artifact import TENSORRT_DIR, Artifact
-from engine.backends import INSTALL, Backend, Runner
+from engine.backends.base import INSTALL, Backend, Runner
 from engine.errors import ArtifactError, BackendUnavailableError, InputError
 from engine.graphs import GRAPHS
 

@@ -1,0 +1,91 @@
+"""ONNX Runtime: THE place where an ONNX Runtime session is created, for every graph of the project
+(the artifact's pair/image/text graphs through `OnnxRuntimeRunner`, and the feature graphs of
+engine/vision.py, engine/text.py, engine/detect.py and export/validate.py through `open_session`).
+
+A session is created on exactly the requested provider and `session.get_providers()` is checked
+afterwards: ONNX Runtime falls back to CPU silently when CUDA cannot load; we raise instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from engine.backends.base import INSTALL, Backend, Runner, parse_backend
+from engine.errors import ArtifactError, BackendUnavailableError, InputError
+from engine.graphs import GRAPHS
+
+ORT_PROVIDER = {Backend.ORT_CPU: "CPUExecutionProvider", Backend.ORT_CUDA: "CUDAExecutionProvider"}
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError(f"onnxruntime is not installed; {INSTALL[Backend.ORT_CPU]}") from None
+    return onnxruntime
+
+
+def session_backend(backend: str | Backend) -> Backend:
+    """The ONNX Runtime backend that runs a plain ONNX file (a feature graph) in a run on `backend`:
+    CUDA for the GPU backends (TensorRT plans exist only for the artifact's graphs), CPU otherwise."""
+    backend = parse_backend(backend)
+    return Backend.ORT_CUDA if backend in (Backend.ORT_CUDA, Backend.TENSORRT) else Backend.ORT_CPU
+
+
+def open_session(path: str | os.PathLike, backend: str | Backend = Backend.ORT_CPU, threads: int | None = None):
+    """An ONNX Runtime InferenceSession of `path` on exactly the provider of `backend` (see
+    `session_backend`); `threads` intra-op threads (None: ONNX Runtime's choice). Raises
+    BackendUnavailableError (with how to install) rather than running on another provider, and a
+    one-line ArtifactError when onnxruntime cannot load the file."""
+    backend = session_backend(backend)
+    if threads is not None and threads < 1:
+        raise InputError(f"threads={threads}: expected at least 1 (or None for the backend's default)")
+    ort = _onnxruntime()
+    provider = ORT_PROVIDER[backend]
+    if provider not in ort.get_available_providers():
+        raise BackendUnavailableError(f"{backend.value}: {provider} is not in this onnxruntime's providers "
+                                      f"{ort.get_available_providers()}; {INSTALL[backend]}")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # fp16 graphs on CPU warn once per inserted cast
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=[provider])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
+        raise ArtifactError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if session.get_providers()[0] != provider:  # ORT falls back to CPU silently when CUDA cannot load
+        raise BackendUnavailableError(f"{path}: asked onnxruntime for {provider}, it gave {session.get_providers()}; "
+                                      f"{INSTALL[backend]}")
+    return session
+
+
+class OnnxRuntimeRunner(Runner):
+    """One InferenceSession per graph on exactly one execution provider, opened at construction."""
+
+    backend = Backend.ORT_CPU
+
+    def __init__(self, artifact, precision: str = "fp32", threads: int | None = None):
+        super().__init__(artifact, precision, threads)
+        self.sessions = {name: open_session(artifact.graph_path(name, graph_prec), self.backend, threads)
+                         for name, graph_prec in self.precisions.items()}
+
+    def close(self) -> None:
+        self.sessions = {}
+
+    def _infer(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = GRAPHS[name]
+        outputs = self.sessions[name].run(spec.output_names, feeds)
+        return dict(zip(spec.output_names, outputs))
+
+
+class OnnxRuntimeCpuRunner(OnnxRuntimeRunner):
+    backend = Backend.ORT_CPU
+
+
+class OnnxRuntimeCudaRunner(OnnxRuntimeRunner):
+    backend = Backend.ORT_CUDA
