@@ -52,6 +52,7 @@ LOG_MAGIC = b"BSL1"
 LOG_HEAD = struct.Struct("<4sII")  # magic, payload length, crc32 of the payload
 SNAPSHOT_EVERY = 1000  # log records before a checkpoint: replay stays < ~1 s and the log < ~200 MB at the reference sizes
 COMPACT_FRACTION = 0.25  # compact when this share of the slots is dead (their rows cost memory and FAISS work)
+COMPACT_MIN = 64  # ... and at least this many: small galleries do not rebuild on every removal
 FOLDER_CHUNK = 16  # images encoded and logged per step of the first indexing (one fsync per step)
 VECTORS = "image_vectors"  # the shortlist graph's output: the first stage's vectors
 
@@ -245,7 +246,7 @@ class Gallery:
             self._apply_put(ids, arrays)
 
     def _maybe_compact(self) -> None:
-        if self.index is not None and self.index.dead >= max(64, COMPACT_FRACTION * self.count):
+        if self.index is not None and self.index.dead >= max(COMPACT_MIN, COMPACT_FRACTION * self.count):
             self._compact()
 
     # ------------------------------------------------------------------------------ durable writes

@@ -12,8 +12,9 @@ BSSAN score (ties: the better first-stage rank first), each with both scores.
 
 Batches: search_texts and rank_captions take a list of queries and make ONE encoder call, one
 FAISS search per distinct rerank_k and ONE score_pairs call for all of them: the micro-batcher
-(engine/serve/batching.py) hands them the requests that arrived together. Results are the same
-whether a query is scored alone or in a batch (tests/engine/serve/test_service.py compares).
+(engine/serve/batching.py) hands them the requests that arrived together. A query gets the same
+ranking and first-stage scores alone or in a batch; its BSSAN scores agree to float32 rounding (a
+pair block of another shape runs other GEMM kernels: tests/engine/serve/test_serve_batching.py).
 """
 
 from __future__ import annotations
@@ -77,9 +78,9 @@ def attention_json(hit: dict) -> dict:
     return out
 
 
-def rerank(candidates: np.ndarray, first: np.ndarray, scores: np.ndarray, top_k: int) -> np.ndarray:
-    """Order (indices into candidates) of the top_k by BSSAN score; ties keep the first-stage order."""
-    order = np.lexsort((np.arange(len(candidates)), -scores))  # by -score, then first-stage rank
+def rerank(scores: np.ndarray, top_k: int) -> np.ndarray:
+    """Order (indices into the candidates) of the top_k by BSSAN score; ties keep the first-stage order."""
+    order = np.lexsort((np.arange(len(scores)), -scores))  # by -score, then first-stage rank
     return order[:top_k]
 
 
@@ -126,7 +127,7 @@ class SearchService:
         for i, q in enumerate(queries):
             own = scores[start:start + len(candidates[i])]
             start += len(candidates[i])
-            order = rerank(candidates[i], firsts[i], own, q.top_k)
+            order = rerank(own, q.top_k)
             slots = candidates[i][order]
             hits = [{"id": view.ids[s], "score": float(own[o]), "first_stage": float(firsts[i][o])} for s, o in zip(slots, order)]
             if q.attention and len(slots):
@@ -155,7 +156,7 @@ class SearchService:
         for i, q in enumerate(queries):
             own = scores[start:start + len(candidates[i])]
             start += len(candidates[i])
-            order = rerank(candidates[i], firsts[i], own, q.top_k)
+            order = rerank(own, q.top_k)
             rows = candidates[i][order]
             hits = [{"caption": self.captions.texts[r], "id": self.captions.ids[r], "score": float(own[o]),
                      "first_stage": float(firsts[i][o])} for r, o in zip(rows, order)]

@@ -60,3 +60,55 @@ def gallery_dir(tmp_path, serve_photos) -> Path:
     for photo in serve_photos[:4]:
         shutil.copy(photo, folder / photo.name)
     return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m engine.serve ...` as a child process on a free 127.0.0.1 port, its log in a file."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.args, self.log, self.port, self.process = args, log, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready_seconds: float = 120) -> "ServerProcess":
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        self.port = free_port()
+        handle = open(self.log, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "engine.serve", *self.args, "--port", str(self.port),
+                                         "--no-progress", "--log-level", "warning"], stdout=handle, stderr=handle)
+        deadline = time.time() + ready_seconds
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise AssertionError(f"server not ready after {ready_seconds} s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def terminate(self, seconds: float = 60) -> int:
+        self.process.terminate()
+        return self.process.wait(timeout=seconds)

@@ -1,0 +1,179 @@
+"""The persistent gallery and its FAISS first stage, on synthetic rows (no model): durable writes,
+reopen, a torn log tail, replay after a crash between snapshot and log reset, compaction, the
+resumable first indexing of a folder, and exact vs HNSW search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("faiss", reason="the first stage needs the serve extra: pip install 'bssan-engine[serve]'")
+
+from engine.cache import ImageCache  # noqa: E402
+from engine.errors import InputError  # noqa: E402
+from engine.serve import gallery as gallery_module  # noqa: E402
+from engine.serve.gallery import Gallery, read_log  # noqa: E402
+from engine.serve.index import VectorIndex  # noqa: E402
+
+FINGERPRINT = "f" * 64
+DIM = 8
+
+
+def row(image_id: str, seed: int) -> ImageCache:
+    rng = np.random.default_rng(seed)
+    vector = rng.normal(size=(1, DIM)).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    return ImageCache([image_id], {"regions_attn": rng.normal(size=(1, 4, 3)).astype(np.float32), "image_vectors": vector},
+                      FINGERPRINT, "fp32")
+
+
+def open_gallery(root, **options) -> Gallery:
+    return Gallery.open(root, FINGERPRINT, "fp32", **options)
+
+
+def contents(gallery: Gallery) -> dict[str, np.ndarray]:
+    view = gallery.view()
+    return {i: np.asarray(view.arrays["image_vectors"][s]) for s, i in enumerate(view.ids) if i}
+
+
+def test_writes_survive_reopen_without_close(tmp_path):
+    g = open_gallery(tmp_path)
+    g.put([(f"img{i}", row(f"img{i}", i), b"photo%d" % i) for i in range(5)])
+    g.put([("img2", row("img2", 99), None)])  # replace
+    assert g.remove("img3") and not g.remove("img3")
+    before = contents(g)
+    # no close(): as after kill -9, only the fsynced log and blobs remain
+    again = open_gallery(tmp_path)
+    assert set(again.ids()) == {"img0", "img1", "img2", "img4"}
+    after = contents(again)
+    assert all(np.array_equal(after[i], before[i]) for i in before)
+    assert np.array_equal(after["img2"], row("img2", 99).arrays["image_vectors"][0])
+    assert again.blob_path("img0").read_bytes() == b"photo0" and not again.blob_path("img3").exists()
+
+
+def test_a_torn_last_record_is_cut_off(tmp_path):
+    g = open_gallery(tmp_path)
+    g.put([("a", row("a", 1), None), ("b", row("b", 2), None)])
+    g.put([("c", row("c", 3), None)])
+    size = g.log_path.stat().st_size
+    with open(g.log_path, "ab") as handle:  # a third write killed half-way (never acknowledged)
+        handle.write(gallery_module.encode_record({"op": "put", "id": "d"}, {"image_vectors": np.ones(DIM, np.float32)})[:-5])
+    again = open_gallery(tmp_path)
+    assert set(again.ids()) == {"a", "b", "c"}
+    assert again.log_path.stat().st_size == size  # cut back to the last whole record
+    again.put([("e", row("e", 5), None)])
+    assert set(open_gallery(tmp_path).ids()) == {"a", "b", "c", "e"}
+
+
+def test_checkpoint_and_crash_between_snapshot_and_log_reset(tmp_path):
+    g = open_gallery(tmp_path)
+    g.put([(f"img{i}", row(f"img{i}", i), None) for i in range(6)])
+    g.remove("img1")
+    g.put([("img4", row("img4", 44), None)])
+    log_before = g.log_path.read_bytes()
+    g.checkpoint()
+    assert g.log_path.stat().st_size == 0 and len(read_log(g.log_path)) == 0
+    g.log_path.write_bytes(log_before)  # as if killed after the snapshot was written, before the log was emptied
+    again = open_gallery(tmp_path)
+    assert set(again.ids()) == {"img0", "img2", "img3", "img4", "img5"}
+    assert np.array_equal(contents(again)["img4"], row("img4", 44).arrays["image_vectors"][0])
+
+
+def test_close_checkpoints_and_snapshot_every(tmp_path):
+    g = open_gallery(tmp_path, snapshot_every=3)
+    for i in range(7):
+        g.put([(f"img{i}", row(f"img{i}", i), None)])
+    assert g.log_records == 1  # checkpointed after the 3rd and the 6th write
+    g.close()
+    assert g.log_path.stat().st_size == 0
+    assert ImageCache.load(tmp_path / "snapshot").ids == [f"img{i}" for i in range(7)]
+    assert len(open_gallery(tmp_path)) == 7
+
+
+def test_compaction_keeps_search_exact(tmp_path, monkeypatch):
+    monkeypatch.setattr(gallery_module, "COMPACT_FRACTION", 0.2)
+    monkeypatch.setattr(gallery_module, "COMPACT_MIN", 10)
+    g = open_gallery(tmp_path)
+    g.put([(f"img{i}", row(f"img{i}", i), None) for i in range(100)])
+    for i in range(0, 100, 2):
+        g.remove(f"img{i}")
+    assert g.count < 100  # compacted: dead slots dropped
+    query = row("q", 1234).arrays["image_vectors"]
+    view, slots, sims = g.search(query, 10)
+    live = {i: v for i, v in contents(g).items()}
+    want = sorted(live, key=lambda i: -float(live[i] @ query[0]))[:10]
+    assert [view.ids[s] for s in slots[0]] == want
+    assert np.allclose(sims[0], [float(live[i] @ query[0]) for i in want], atol=1e-6)
+
+
+def test_removed_images_never_come_back_from_the_index(tmp_path):
+    g = open_gallery(tmp_path)
+    g.put([(f"img{i}", row(f"img{i}", i), None) for i in range(10)])
+    for i in range(9):
+        g.remove(f"img{i}")
+    view, slots, _ = g.search(row("q", 7).arrays["image_vectors"], 5)
+    assert [view.ids[s] for s in slots[0]] == ["img9"]
+
+
+def test_ids_are_checked(tmp_path):
+    g = open_gallery(tmp_path)
+    for bad in ("", "a/b", "..", "x\ny", "z" * 256):
+        with pytest.raises(InputError, match="image id"):
+            g.put([(bad, row("x", 0), None)])
+
+
+def test_folder_indexing_resumes_after_a_kill(tmp_path, monkeypatch):
+    monkeypatch.setattr(gallery_module, "FOLDER_CHUNK", 2)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(7):
+        (folder / f"p{i}.jpg").write_bytes(b"x")
+    (folder / "bad.jpg").write_bytes(b"x")
+    (folder / "readme.txt").write_text("skip me")
+    encoded = []
+
+    def encode(paths, fail_after=None):
+        names = [p.name for p in paths]
+        if "bad.jpg" in names:
+            raise InputError("bad.jpg: cannot decode")
+        if fail_after is not None and len(encoded) >= fail_after:
+            raise KeyboardInterrupt  # the process dies mid-indexing
+        encoded.extend(names)
+        return ImageCache(names, {k: np.concatenate([row(n, i).arrays[k] for i, n in enumerate(names)])
+                                  for k in ("regions_attn", "image_vectors")}, FINGERPRINT, "fp32")
+
+    g = open_gallery(tmp_path / "index")
+    with pytest.raises(KeyboardInterrupt):
+        g.index_folder(folder, lambda p: encode(p, fail_after=4), {".jpg"}, progress=False)
+    assert sorted(open_gallery(tmp_path / "index").ids()) == sorted(encoded) == [f"p{i}.jpg" for i in range(5)]
+    first = list(encoded)
+    again = open_gallery(tmp_path / "index")
+    state = again.index_folder(folder, encode, {".jpg"}, progress=False)
+    assert state["done"] and set(state["skipped"]) == {"bad.jpg"}
+    assert sorted(again.ids()) == [f"p{i}.jpg" for i in range(7)]
+    assert not set(encoded[len(first):]) & set(first)  # nothing encoded twice
+    again.remove("p0.jpg")
+    assert again.index_folder(folder, encode, {".jpg"}, progress=False)["done"]
+    assert "p0.jpg" not in open_gallery(tmp_path / "index").ids()  # once done, the folder is not read again
+
+
+def test_flat_index_is_exact_and_hnsw_recalls():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(2000, 16)).astype(np.float32)
+    queries = rng.normal(size=(20, 16)).astype(np.float32)
+    exact = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
+    flat = VectorIndex("flat", 16)
+    flat.add(vectors)
+    labels, sims = flat.search(queries, 10)
+    assert np.array_equal(labels, exact)
+    assert np.allclose(sims, np.take_along_axis(queries @ vectors.T, exact, 1), atol=1e-4)
+    flat.remove(exact[:, 0])
+    labels, _ = flat.search(queries, 10)
+    assert not np.isin(exact[:, 0], labels).any()
+    hnsw = VectorIndex("hnsw", 16, ef_search=64)
+    hnsw.add(vectors)
+    labels, _ = hnsw.search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(labels, exact)])
+    assert recall >= 0.9, recall
+    with pytest.raises(InputError, match="index kind 'ivf'"):
+        VectorIndex("ivf", 16)
