@@ -13,7 +13,9 @@ PY=.venv/bin/python
 "$PY" -m pip install --quiet -e '.[train,export,features,dev,serve]'
 [ -f build/assets/roi_align.json ] || "$PY" -m export.backbones --out build/assets
 [ -f build/assets/minilm.onnx ] || "$PY" -m export.text --out build/assets
-if [ ! -f build/artifacts/reference/manifest.json ]; then
+# (re-)export when the artifact is missing or of an older format version than this engine writes
+if ! "$PY" -c "import json, sys; from engine.manifest import ARTIFACT_VERSION
+sys.exit(json.load(open(sys.argv[1]))['version'] != ARTIFACT_VERSION)" build/artifacts/reference/manifest.json 2>/dev/null; then
   shortlist=()
   [ -d models/reference-shortlist ] && shortlist=(--shortlist models/reference-shortlist)
   "$PY" -m export models/reference --out build/artifacts/reference --assets build/assets --precision fp32 fp16 int8 "${shortlist[@]}"

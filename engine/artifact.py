@@ -19,27 +19,7 @@ Layout:
                                            rebuilt per GPU; see export/tensorrt.py)
     ARTIFACT/validation.json               parity and precision figures of the export
 
-manifest.json fields:
-
-    format "bssan-artifact", version (int; a newer version than ARTIFACT_VERSION is refused)
-    created_utc
-    model        {"kind": "bssan", "config": ModelConfig dict, "score_weights": {"w2r": w, "o2w": w'},
-                  "source": checkpoint dir, "shortlist_source": dual-encoder checkpoint dir or null,
-                  "shortlist_config": its config or null, "metrics": {...}, "provenance": {...}}
-    dims         {static dim name: size} for every name in engine.graphs.STATIC_DIMS the graphs use
-    w2r_values   "gates" (regions_values = G, V = 4H) or "regions" (regions_values = R, V = M)
-    precisions   precisions present, e.g. ["fp32", "fp16", "int8"]
-    graphs       {graph: {precision: {"file": "graphs/<graph>.<precision>.onnx"}}}
-    files        {relative path: {"sha256": hex, "bytes": int}} for EVERY file of the artifact
-                 except manifest.json and tensorrt/; loading refuses a mismatch
-    parity_max_abs_diff  {"fp32": {"<graph>.<output>" | "pipeline.<w2r|o2w|ms>": max |diff|}, "fp16": {...}}
-                 (details per case in validation.json)
-    fp16_recurrence  {graph: "fp16" | "fp32"}: whether the fp16 graph kept its recurrence in fp32
-    int8_scope   which weight MatMuls the int8 graphs quantize ("recurrence": h W_hh^T only), or null
-    preprocessing, word_features   from the checkpoint's store.json (extractor section) / word_features.json
-    assets       {name: {"graph": "assets/<name>.onnx", "manifest": "assets/<name>.json", "kind"}}
-    exporter     {"opset", "exporter", "parity_tolerance", "versions": {torch, onnx, onnxruntime, numpy, python}}
-    tensorrt     {"status": "off" | "skipped: <why>" | "built", "engines": {"<graph>.<precision>": status}, ...}
+manifest.json: the fields of engine/manifest.py (ArtifactManifest), validated at load.
 """
 
 from __future__ import annotations
@@ -51,13 +31,11 @@ from pathlib import Path
 
 from engine.errors import ArtifactError
 from engine.files import file_sha256
-from engine.graphs import GRAPHS, PRECISIONS, GraphSpec
+from engine.graphs import GRAPHS, GraphSpec
+from engine.manifest import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST_NAME, ArtifactManifest  # noqa: F401
+from engine.ranking import Fusion
 
-ARTIFACT_FORMAT = "bssan-artifact"
-ARTIFACT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 TENSORRT_DIR = "tensorrt"
-REQUIRED_FIELDS = ("format", "version", "model", "dims", "precisions", "graphs", "files")
 
 
 def file_entry(path: Path) -> dict:
@@ -127,9 +105,7 @@ def read_manifest(root: str | os.PathLike) -> dict:
     if version > ARTIFACT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {version} is newer than this engine reads "
                             f"({ARTIFACT_VERSION}); upgrade bssan-engine")
-    missing = [f for f in REQUIRED_FIELDS if f not in manifest]
-    if missing:
-        raise ArtifactError(f"{path}: missing field(s) {missing}; expected {list(REQUIRED_FIELDS)}")
+    ArtifactManifest.from_dict(manifest, where=str(path))  # the schema: one line naming a bad field
     return manifest
 
 
@@ -145,37 +121,45 @@ def verify_files(root: Path, manifest: dict) -> None:
             raise ArtifactError(f"{path}: {size} bytes, expected {entry.get('bytes')} from {MANIFEST_NAME}; the file is truncated or changed")
         if file_sha256(path) != entry.get("sha256"):
             raise ArtifactError(f"{path}: sha256 differs from {MANIFEST_NAME}; the file was changed after export")
-    for name, variants in manifest["graphs"].items():
-        if name not in GRAPHS:
-            raise ArtifactError(f"{root / MANIFEST_NAME}: unknown graph {name!r}; expected some of {list(GRAPHS)}")
-        for precision, entry in variants.items():
-            if precision not in PRECISIONS:
-                raise ArtifactError(f"{root / MANIFEST_NAME}: graph {name} precision {precision!r}; expected one of {list(PRECISIONS)}")
-            if entry.get("file") not in files:
-                raise ArtifactError(f"{root / MANIFEST_NAME}: graph {name}.{precision} file {entry.get('file')!r} has no hash in \"files\"")
 
 
 @dataclass
 class Artifact:
     root: Path
-    manifest: dict
+    manifest: dict  # manifest.json as read (validated); `info` is the same as a dataclass
+
+    def __post_init__(self) -> None:
+        self.info = ArtifactManifest.from_dict(self.manifest, where=str(self.root / MANIFEST_NAME))
 
     @property
     def dims(self) -> dict[str, int]:
-        return self.manifest["dims"]
+        return self.info.dims
 
     @property
     def precisions(self) -> list[str]:
-        return list(self.manifest["precisions"])
+        return list(self.info.precisions)
 
     @property
     def graph_names(self) -> list[str]:
-        return list(self.manifest["graphs"])
+        return list(self.info.graphs)
 
     @property
     def score_weights(self) -> dict[str, float]:
         """{"w2r": weight of Y, "o2w": weight of Y'} for MS = w * Y + w' * Y'."""
-        return self.manifest["model"]["score_weights"]
+        return self.info.model.score_weights
+
+    @property
+    def attention_biases(self) -> dict[str, float]:
+        """{"w2r": b, "o2w": b'}: the pair graphs' attention biases, as the exporter recorded them."""
+        if not self.info.model.attention_biases:
+            raise ArtifactError(f"{self.root / MANIFEST_NAME}: model.attention_biases: missing (an artifact of format version "
+                                f"{self.info.version}); expected version {ARTIFACT_VERSION}: re-export it to get attention weights")
+        return self.info.model.attention_biases
+
+    @property
+    def fusion(self) -> Fusion:
+        """How the product score combines the first stage and BSSAN (manifest "fusion"; default BSSAN alone)."""
+        return self.info.fusion
 
     def spec(self, name: str) -> GraphSpec:
         if name not in GRAPHS:
@@ -183,17 +167,17 @@ class Artifact:
         return GRAPHS[name]
 
     def has_graph(self, name: str, precision: str = "fp32") -> bool:
-        return precision in self.manifest["graphs"].get(name, {})
+        return precision in self.info.graphs.get(name, {})
 
     def graph_path(self, name: str, precision: str = "fp32") -> Path:
         if not self.has_graph(name, precision):
-            have = {g: sorted(v) for g, v in self.manifest["graphs"].items()}
+            have = {g: sorted(v) for g, v in self.info.graphs.items()}
             raise ArtifactError(f"{self.root}: no graph {name!r} at precision {precision!r}; the artifact has {have}")
-        return self.root / self.manifest["graphs"][name][precision]["file"]
+        return self.root / self.info.graphs[name][precision]["file"]
 
     def asset(self, name: str) -> tuple[Path, Path]:
         """(graph, json manifest) paths of a feature backbone copied into the artifact."""
-        assets = self.manifest.get("assets", {})
+        assets = self.info.assets
         if name not in assets:
             raise ArtifactError(f"{self.root}: no asset {name!r}; the artifact has {sorted(assets)}")
         return self.root / assets[name]["graph"], self.root / assets[name]["manifest"]

@@ -30,7 +30,7 @@ from engine.files import write_json_atomic
 UNIT_IMAGES = 8  # exhaustive: image rows of the score matrix per journaled unit (~40k pairs at 5,000 captions)
 UNIT_QUERIES = 256  # shortlist: re-ranked queries per journaled unit
 STOP_AFTER_ENV = "BSSAN_SCORE_STOP_AFTER"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: exhaustive units hold BSSAN MS (fused afterwards), shortlist units their MS too
 BAR_INTERVAL = 1.0 if sys.stderr.isatty() else 30.0  # into a log file: a line per 30 s, not one per update  # part of the run key: a journal of another layout is discarded, never reused
 
 
@@ -99,6 +99,7 @@ class Journal:
 
 
 def score_exhaustive(scorer: Scorer, images: ImageCache, captions: CaptionCache, journal: Journal) -> np.ndarray:
+    """BSSAN MS [N_img, N_cap] (not fused: the caller fuses it with the first stage when the scorer does)."""
     matrix = journal.array("scores", (len(images), len(captions)), np.float32)
     units = [(f"rows{start}", np.arange(start, min(start + UNIT_IMAGES, len(images)))) for start in range(0, len(images), UNIT_IMAGES)]
     done_pairs = sum(len(rows) for unit, rows in units if unit in journal.done) * len(captions)
@@ -107,17 +108,19 @@ def score_exhaustive(scorer: Scorer, images: ImageCache, captions: CaptionCache,
         for unit, rows in units:
             if unit in journal.done:
                 continue
-            matrix[rows] = scorer.score_grid(images, captions, image_rows=rows, progress=bar)
+            matrix[rows] = scorer.score_grid(images, captions, image_rows=rows, progress=bar, fuse=False)  # MS; fused by the caller
             journal.finish_unit(unit, matrix)
     return np.asarray(matrix)
 
 
 def score_shortlist(scorer: Scorer, images: ImageCache, captions: CaptionCache, direction: str, shortlist_k: int,
-                    journal: Journal) -> tuple[np.ndarray, np.ndarray]:
-    """(ranked [Q, S], scores [Q, S]): every query's shortlist re-ranked by BSSAN."""
+                    journal: Journal) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ranked [Q, S], scores [Q, S], bssan [Q, S]): every query's shortlist re-ranked by the product score
+    (scores; BSSAN MS fused with the first stage per scorer.fusion) and the BSSAN MS of each."""
     n_query = len(images) if direction == "i2t" else len(captions)
     ranked = journal.array(f"{direction}_ranked", (n_query, shortlist_k), np.int64)
     scores = journal.array(f"{direction}_scores", (n_query, shortlist_k), np.float32)
+    bssan = journal.array(f"{direction}_bssan", (n_query, shortlist_k), np.float32)
     units = [(f"{direction}{start}", np.arange(start, min(start + UNIT_QUERIES, n_query))) for start in range(0, n_query, UNIT_QUERIES)]
     done_pairs = sum(len(rows) for unit, rows in units if unit in journal.done) * shortlist_k
     with tqdm(total=n_query * shortlist_k, initial=done_pairs, desc=f"re-ranking {direction}", unit="pair", unit_scale=True,
@@ -126,6 +129,6 @@ def score_shortlist(scorer: Scorer, images: ImageCache, captions: CaptionCache, 
             if unit in journal.done:
                 continue
             result = scorer.top_k(images, captions, shortlist_k, direction, queries=rows, shortlist_k=shortlist_k, progress=bar)
-            ranked[rows], scores[rows] = result.indices, result.scores
-            journal.finish_unit(unit, ranked, scores)
-    return np.asarray(ranked), np.asarray(scores)
+            ranked[rows], scores[rows], bssan[rows] = result.indices, result.scores, result.bssan
+            journal.finish_unit(unit, ranked, scores, bssan)
+    return np.asarray(ranked), np.asarray(scores), np.asarray(bssan)

@@ -54,6 +54,7 @@ from engine.cache import CaptionCache, ImageCache
 from engine.encode import Encoder, image_pipeline  # noqa: F401  (image_pipeline: part of this module's API)
 from engine.errors import InputError
 from engine.graphs import FLOAT_DTYPE, GRAPHS, pair_bytes
+from engine.ranking import BSSAN_ALONE, Fusion
 
 DEFAULT_MEMORY_BUDGET_MB = 2048
 DEFAULT_PAIRS_PER_CALL = 512  # pairs per call: 1010 pairs/s at 500 vs 686 at 100, 989 at 2000 (flickr8k preset, 2 loaded cores)
@@ -73,9 +74,10 @@ class Ranking:
     direction: str
     queries: np.ndarray  # [Q] rows of the query side
     indices: np.ndarray  # [Q, k] rows of the ranked side, best first (ties: lower row first)
-    scores: np.ndarray  # [Q, k] float32 BSSAN scores
+    scores: np.ndarray  # [Q, k] float32 product scores (BSSAN MS, fused with the first stage per Scorer.fusion)
     candidates: np.ndarray | None = None  # [Q, shortlist_k] shortlist rows (dot-product order), shortlist mode only
     attention: list[list[dict]] | None = None  # per query, per hit: engine.attention.attention_of_pairs entries
+    bssan: np.ndarray | None = None  # [Q, k] float32 BSSAN MS of the hits (equal to scores when the scorer does not fuse)
 
 
 def process_rss_bytes() -> int | None:
@@ -114,7 +116,7 @@ class Scorer(Encoder):
     """An artifact, a runner, and the scoring plan (pairs per call, buckets, memory budget)."""
 
     def __init__(self, artifact: Artifact, runner: Runner, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-                 pairs_per_call: int = DEFAULT_PAIRS_PER_CALL, buckets: bool = True):
+                 pairs_per_call: int = DEFAULT_PAIRS_PER_CALL, buckets: bool = True, fusion: bool | Fusion = True):
         if pairs_per_call < 1:
             raise InputError(f"pairs per call (batch size) {pairs_per_call}: expected at least 1")
         if memory_budget_mb <= 0:
@@ -125,14 +127,28 @@ class Scorer(Encoder):
         self.branches = [(b, float(weights.get(b, 0.0))) for b in ("w2r", "o2w") if runner.has_graph(f"{b}_pair")]
         if not self.branches:
             raise InputError(f"{artifact.root}: no pair graph (w2r_pair / o2w_pair); expected a BSSAN artifact")
+        # The product score (manifest "fusion"): first_stage_weight x dual-encoder cosine + bssan_weight x MS,
+        # in every mode; fusion=False scores BSSAN alone (to measure it), a Fusion overrides the artifact's.
+        self.fusion = artifact.fusion if fusion is True else BSSAN_ALONE if fusion is False else fusion
+        if not isinstance(self.fusion, Fusion):
+            raise InputError(f"fusion={fusion!r}: expected True (the artifact's), False (BSSAN alone) or an engine.ranking.Fusion")
+        if self.fusion.uses_first_stage and not self.has_shortlist:
+            raise InputError(f"{artifact.root}: fusion {self.fusion.to_dict()} uses the first stage, but the runner has no "
+                             f"shortlist graphs; expected an artifact exported with --shortlist (or fusion=False)")
 
     @classmethod
     def load(cls, artifact_dir: str | os.PathLike, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
              memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, batch_size: int = DEFAULT_PAIRS_PER_CALL,
-             buckets: bool = True, **runner_options) -> "Scorer":
-        """Load and verify an artifact directory and open its graphs on `backend` (see engine/backends/)."""
+             buckets: bool = True, fusion: bool | Fusion = True, **runner_options) -> "Scorer":
+        """Load and verify an artifact directory and open its graphs on `backend` (see engine/backends/).
+        fusion: True applies the artifact's fusion weights (manifest "fusion") in every mode; False scores BSSAN alone."""
         artifact = load_artifact(artifact_dir)
-        return cls(artifact, open_runner(artifact, backend, precision, threads, **runner_options), memory_budget_mb, batch_size, buckets)
+        runner = open_runner(artifact, backend, precision, threads, **runner_options)
+        try:
+            return cls(artifact, runner, memory_budget_mb, batch_size, buckets, fusion)
+        except BaseException:
+            runner.close()
+            raise
 
     def __enter__(self):
         return self
@@ -176,6 +192,19 @@ class Scorer(Encoder):
                              f"{resident / 2**20:.0f} MB; expected a budget of at least {need:.0f} MB")
         return pairs
 
+    @property
+    def fuses(self) -> bool:
+        """True when scores are fused with the first stage (anything but BSSAN alone)."""
+        return self.fusion != BSSAN_ALONE
+
+    def first_stage(self, images: ImageCache, captions: CaptionCache, image_rows: np.ndarray,
+                    caption_rows: np.ndarray) -> np.ndarray:
+        """Dual-encoder cosines [len(image_rows), len(caption_rows)] (unit vectors: dot products), float32."""
+        self.require_shortlist()
+        image_vectors = np.asarray(images.arrays["image_vectors"][image_rows], np.float32)  # [B_img, K]
+        text_vectors = np.asarray(captions.arrays["text_vectors"][caption_rows], np.float32)  # [B_txt, K]
+        return image_vectors @ text_vectors.T
+
     def _pair_scores(self, image_feeds: dict, caption_feeds: dict, pairs: np.ndarray) -> np.ndarray:
         """MS [N] = sum over branches of weight x branch score, for pairs (image row, caption row) of the feeds."""
         total = None
@@ -195,8 +224,9 @@ class Scorer(Encoder):
         return [(rows[s:s + size], width) for s in range(0, len(rows), size)]
 
     def score_grid(self, images: ImageCache, captions: CaptionCache, image_rows: np.ndarray | None = None,
-                   caption_rows: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
-        """MS [len(image_rows), len(caption_rows)] float32 of every listed image x listed caption.
+                   caption_rows: np.ndarray | None = None, progress: bool = False, fuse: bool = True) -> np.ndarray:
+        """Scores [len(image_rows), len(caption_rows)] float32 of every listed image x listed caption: MS,
+        fused with the first stage when the scorer fuses (self.fusion) and `fuse` (False: MS alone).
         One image row per call (its regions_values shared by every pair: no gather) x a bucket of
         up to pairs_per_call captions."""
         self._check_caches(images, captions)
@@ -217,14 +247,24 @@ class Scorer(Encoder):
                 for i, image in enumerate(image_rows):
                     out[i, column[rows]] = self._pair_scores(images.rows(image[None]), caption_feeds, pairs)
                     bar.update(len(rows))
+        if fuse and self.fuses:
+            out = self.fusion.apply(self.first_stage(images, captions, image_rows, caption_rows), out)
         return out
 
-    def score_matrix(self, images: ImageCache, captions: CaptionCache, progress: bool = False) -> np.ndarray:
-        """MS [N_img, N_cap] float32 of every image x every caption."""
-        return self.score_grid(images, captions, progress=progress)
+    def score_matrix(self, images: ImageCache, captions: CaptionCache, progress: bool = False, fuse: bool = True) -> np.ndarray:
+        """Scores [N_img, N_cap] float32 of every image x every caption (MS, fused as in score_grid)."""
+        return self.score_grid(images, captions, progress=progress, fuse=fuse)
 
-    def score_pairs(self, images: ImageCache, captions: CaptionCache, pairs: np.ndarray, progress: bool = False) -> np.ndarray:
-        """MS [N] of pairs [N, 2] = (image row, caption row). Pairs are grouped by image: an image with
+    def pair_first_stage(self, images: ImageCache, captions: CaptionCache, pairs: np.ndarray) -> np.ndarray:
+        """Dual-encoder cosines [N] of pairs [N, 2] (image row, caption row), float32."""
+        self.require_shortlist()
+        image_vectors = np.asarray(images.arrays["image_vectors"][pairs[:, 0]], np.float32)  # [N, K]
+        text_vectors = np.asarray(captions.arrays["text_vectors"][pairs[:, 1]], np.float32)  # [N, K]
+        return np.einsum("nk,nk->n", image_vectors, text_vectors)  # [N]
+
+    def score_pairs(self, images: ImageCache, captions: CaptionCache, pairs: np.ndarray, progress: bool = False,
+                    fuse: bool = True) -> np.ndarray:
+        """Scores [N] (MS, fused as in score_grid) of pairs [N, 2] = (image row, caption row). Pairs are grouped by image: an image with
         at least SINGLE_ROW_PAIRS pairs is scored one image row per call (no gather); the rest are
         pooled, sorted by caption length (buckets), several image rows per call."""
         self._check_caches(images, captions)
@@ -245,6 +285,8 @@ class Scorer(Encoder):
                 local = np.stack([image_pos.reshape(-1), caption_pos.reshape(-1)], axis=1)  # [n, 2]
                 out[chosen] = self._pair_scores(images.rows(image_rows), captions.block(caption_rows, width), local)
                 bar.update(len(chosen))
+        if fuse and self.fuses:
+            out = self.fusion.apply(self.pair_first_stage(images, captions, pairs), out)
         return out
 
     def _pair_calls(self, images: ImageCache, captions: CaptionCache, pairs: np.ndarray, resident: int) -> list[np.ndarray]:
@@ -296,7 +338,8 @@ class Scorer(Encoder):
               queries: np.ndarray | None = None, shortlist_k: int | None = None, attention: bool = False,
               progress: bool = False) -> Ranking:
         """The k best of the other side for each query (image rows for i2t, caption rows for t2i).
-        Exhaustive by default; with shortlist_k, BSSAN re-scores the dot-product top shortlist_k only."""
+        Exhaustive by default; with shortlist_k, BSSAN re-scores the dot-product top shortlist_k only.
+        Ranked by the product score (self.fusion: the first stage's cosine and MS fused; MS alone when not fusing)."""
         if direction not in DIRECTIONS:
             raise InputError(f"direction {direction!r}: expected one of {list(DIRECTIONS)}")
         n_query, n_other = (len(images), len(captions)) if direction == "i2t" else (len(captions), len(images))
@@ -307,21 +350,28 @@ class Scorer(Encoder):
             raise InputError(f"shortlist_k={shortlist_k}: expected {k}..{n_other} (at least k, at most the items to rank)")
         if shortlist_k is None:
             if direction == "i2t":
-                scores = self.score_grid(images, captions, image_rows=queries, progress=progress)  # [Q, N_cap]
+                bssan = self.score_grid(images, captions, image_rows=queries, progress=progress, fuse=False)  # [Q, N_cap]
+                first = self.first_stage(images, captions, queries, np.arange(len(captions))) if self.fuses else None
             else:
-                scores = self.score_grid(images, captions, caption_rows=queries, progress=progress).T  # [Q, N_img]
+                bssan = self.score_grid(images, captions, caption_rows=queries, progress=progress, fuse=False).T  # [Q, N_img]
+                first = self.first_stage(images, captions, np.arange(len(images)), queries).T if self.fuses else None
+            scores = self.fusion.apply(first, bssan) if self.fuses else bssan
             indices, values = rank_rows(scores, k)
+            bssan_values = np.take_along_axis(bssan, indices, 1)
             candidates = None
         else:
             candidates = self.shortlist(images, captions, shortlist_k, direction, queries)  # [Q, S]
             query_column = np.repeat(queries, shortlist_k)
             pairs = np.stack([query_column, candidates.reshape(-1)] if direction == "i2t"
                              else [candidates.reshape(-1), query_column], axis=1)  # [Q * S, 2]
-            rescored = self.score_pairs(images, captions, pairs, progress=progress).reshape(len(queries), shortlist_k)
-            # ties in BSSAN score keep the lower row first, as in the exhaustive ranking
+            bssan = self.score_pairs(images, captions, pairs, progress=progress, fuse=False)  # [Q * S]
+            rescored = (self.fusion.apply(self.pair_first_stage(images, captions, pairs), bssan) if self.fuses else bssan)
+            rescored, bssan = rescored.reshape(len(queries), shortlist_k), bssan.reshape(len(queries), shortlist_k)
+            # ties in the product score keep the lower row first, as in the exhaustive ranking
             order = np.lexsort((candidates, -rescored), axis=1)[:, :k]
             indices, values = np.take_along_axis(candidates, order, 1), np.take_along_axis(rescored, order, 1)
-        ranking = Ranking(direction, queries, indices, values, candidates)
+            bssan_values = np.take_along_axis(bssan, order, 1)
+        ranking = Ranking(direction, queries, indices, values, candidates, bssan=bssan_values)
         if attention:
             ranking.attention = self.attention(images, captions, ranking)
         return ranking

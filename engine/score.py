@@ -52,7 +52,8 @@ from engine.errors import DataError, ImageError, InputError
 from engine.files import write_text_atomic
 from engine.graphs import PRECISIONS
 from engine.journal import JOURNAL_VERSION, UNIT_IMAGES, UNIT_QUERIES, Journal, score_exhaustive, score_shortlist
-from engine.metrics import format_metrics, retrieval_metrics
+from engine.metrics import format_metrics
+from engine.ranking import first_stage_recall, two_stage_metrics
 from engine.runtime import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PAIRS_PER_CALL, Scorer, rank_rows
 from engine.store import MANIFEST_NAME, STORE_FORMAT, FeatureStore
 from engine.text import tokenize
@@ -161,24 +162,30 @@ def evaluation_order(image_ids: list[str], caption_image_ids: list[str], caption
     return np.argsort(owner, kind="stable"), owner, int(counts[0])
 
 
-def shortlist_metrics(sims: np.ndarray, ranked: dict, scores: dict, order: np.ndarray, owner: np.ndarray, per: int) -> dict:
-    """Metrics of the two-stage ranking (the shortlist re-ranked by BSSAN first, then the rest by dot
-    product), and the shortlist's recall: percent of queries whose ground truth made the shortlist."""
-    out, recall = {}, {}
-    for direction in ranked:
-        composite = sims.copy() if direction == "i2t" else sims.T.copy()  # [Q, N]
-        offset = composite.max(axis=1) - scores[direction].min(axis=1) + 1  # shortlisted above every other item
-        np.put_along_axis(composite, ranked[direction], scores[direction] + offset[:, None], axis=1)
-        if direction == "i2t":
-            hit = (owner[ranked[direction]] == np.arange(len(sims))[:, None]).any(axis=1)
-            out["i2t"] = retrieval_metrics(composite[:, order], per)["i2t"]
-        else:
-            hit = (ranked[direction] == owner[:, None]).any(axis=1)
-            out["t2i"] = retrieval_metrics(composite.T[:, order], per)["t2i"]
-        recall[f"{direction}_recall"] = float(100.0 * hit.mean())
-    if len(out) == 2:
-        out["rsum"] = float(sum(out[d][f"r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
-    return {**out, "shortlist": recall}
+def evaluate(scorer: Scorer, images: ImageCache, captions: CaptionCache, order: np.ndarray, per: int,
+             shortlist_k: int | None, bssan_of: dict[tuple[int, int], float] | np.ndarray) -> dict:
+    """Metrics of what was ranked, through THE protocol (engine.ranking.two_stage_metrics): captions
+    reordered image by image (`order`); BSSAN scores from the run (`bssan_of`: the exhaustive MS matrix,
+    or {(image, caption): MS} of the re-ranked candidates; a pair the run did not score is scored here)."""
+    first = scorer.first_stage(images, captions, np.arange(len(images)), order) if scorer.has_shortlist and (
+        scorer.fuses or shortlist_k is not None) else None  # [N_img, N_cap] in evaluation order
+
+    def rescore(image_index: np.ndarray, text_index: np.ndarray) -> np.ndarray:
+        caption_rows = order[text_index]
+        if isinstance(bssan_of, np.ndarray):
+            return bssan_of[image_index, caption_rows]
+        values = np.array([bssan_of.get(pair, np.nan) for pair in zip(image_index.tolist(), caption_rows.tolist())])
+        missing = np.isnan(values)
+        if missing.any():  # e.g. the direction not asked for, or a near-tie the shortlist broke the other way
+            pairs = np.stack([image_index[missing], caption_rows[missing]], axis=1)
+            values[missing] = scorer.score_pairs(images, captions, pairs, fuse=False)
+        return values
+
+    metrics = two_stage_metrics(first, rescore, shortlist_k, per, scorer.fusion, shape=(len(images), len(captions)))
+    if shortlist_k is not None:
+        recall = first_stage_recall(first, shortlist_k, per)
+        metrics["shortlist"] = {"i2t_recall": recall["i2t"], "t2i_recall": recall["t2i"], "k": shortlist_k}
+    return metrics
 
 
 def _number(value: float) -> str:
@@ -229,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-budget-mb", type=float, default=DEFAULT_MEMORY_BUDGET_MB)
     parser.add_argument("--out", type=Path, help="results .jsonl or .tsv (written atomically; resumable)")
     parser.add_argument("--evaluate", action="store_true", help="print retrieval metrics (captions must carry image ids)")
+    parser.add_argument("--no-fusion", action="store_true", help="score BSSAN alone, ignoring the artifact's fusion weights "
+                        "(manifest \"fusion\": first-stage cosine and BSSAN fused into the product score)")
     parser.add_argument("--demo", action="store_true", help="the embedded gallery (engine/demo.py) and reference model")
     return parser
 
@@ -313,14 +322,16 @@ def run(args: argparse.Namespace) -> int:
     torch_options = ({"checkpoint": args.checkpoint, "shortlist_checkpoint": args.shortlist_checkpoint}
                      if args.backend == Backend.TORCH.value else {})
     with Scorer.load(args.model, args.backend, args.precision, args.threads, args.memory_budget_mb, args.batch_size,
-                     **torch_options) as scorer:
-        print(f"backend: {scorer.runner.backend.value} ({scorer.runner.reason}), precision {args.precision}", file=sys.stderr)
+                     fusion=not args.no_fusion, **torch_options) as scorer:
+        print(f"backend: {scorer.runner.backend.value} ({scorer.runner.reason}), precision {args.precision}, "
+              f"fusion {scorer.fusion.to_dict()}", file=sys.stderr)
         if args.shortlist_k is not None:
             scorer.require_shortlist()
         key = {"version": JOURNAL_VERSION, "artifact": scorer.fingerprint, "backend": scorer.runner.backend.value,
                "precision": args.precision, "threads": args.threads, "batch_size": args.batch_size,
                "memory_budget_mb": args.memory_budget_mb, "shortlist_k": args.shortlist_k, "directions": directions,
-               "units": [UNIT_IMAGES, UNIT_QUERIES], "images": inputs.image_digest, "captions": inputs.caption_digest}
+               "units": [UNIT_IMAGES, UNIT_QUERIES], "images": inputs.image_digest, "captions": inputs.caption_digest,
+               "fusion": scorer.fusion.to_dict()}
         journal = Journal(args.out, key)
         images = journal.cache("images", ImageCache, lambda: scorer.encode_images(inputs.images, inputs.image_ids, progress=True),
                                scorer.fingerprint)
@@ -329,22 +340,21 @@ def run(args: argparse.Namespace) -> int:
             scorer.fingerprint)
         ranked, scores = {}, {}
         if args.shortlist_k is None:
-            matrix = score_exhaustive(scorer, images, captions, journal)
+            bssan = score_exhaustive(scorer, images, captions, journal)  # MS [N_img, N_cap]
+            matrix = (scorer.fusion.apply(scorer.first_stage(images, captions, np.arange(len(images)), np.arange(len(captions))), bssan)
+                      if scorer.fuses else bssan)
             for d in directions:
                 ranked[d], scores[d] = rank_rows(matrix if d == "i2t" else matrix.T, min(args.top_k or DEFAULT_TOP_K, sizes[d]))
         else:
+            bssan = {}
             for d in directions:
-                ranked[d], scores[d] = score_shortlist(scorer, images, captions, d, min(args.shortlist_k, sizes[d]), journal)
+                ranked[d], scores[d], hits = score_shortlist(scorer, images, captions, d, min(args.shortlist_k, sizes[d]), journal)
+                queries = np.repeat(np.arange(len(ranked[d])), ranked[d].shape[1])
+                image_rows, caption_rows = (queries, ranked[d].reshape(-1)) if d == "i2t" else (ranked[d].reshape(-1), queries)
+                bssan.update(zip(zip(image_rows.tolist(), caption_rows.tolist()), hits.reshape(-1).tolist()))
         results = [record for d in directions
                    for record in query_records(d, images, captions, ranked[d], scores[d], min(args.top_k or DEFAULT_TOP_K, sizes[d]))]
-        metrics = None
-        if args.evaluate:
-            if args.shortlist_k is None:
-                metrics = retrieval_metrics(matrix[:, order], per)
-            else:
-                sims = np.asarray(images.arrays["image_vectors"], np.float32) @ np.asarray(captions.arrays["text_vectors"], np.float32).T
-                metrics = shortlist_metrics(sims, ranked, scores, order, owner, per)
-                metrics["shortlist"]["k"] = args.shortlist_k
+        metrics = evaluate(scorer, images, captions, order, per, args.shortlist_k, bssan) if args.evaluate else None
         if args.out is not None:
             write_text_atomic(args.out, format_results(args.out.suffix, results))
             journal.remove()

@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST_NAME, TENSORRT_DIR, file_entry, load_artifact
+from engine.artifact import ARTIFACT_FORMAT, MANIFEST_NAME, TENSORRT_DIR, file_entry, load_artifact
 from engine.errors import ArtifactError, BackendUnavailableError, InputError
-from engine.files import package_versions, replace_directory
+from engine.files import file_sha256, package_versions, replace_directory
+from engine.manifest import ArtifactManifest, ModelRecord
+from engine.ranking import BSSAN_ALONE, Fusion
 from engine.graphs import GRAPHS, PRECISIONS, graph_file
 from engine.text import DEFAULT_ASSETS_DIR
 from export.graphs import build_graph_modules, graph_dims
@@ -43,6 +45,7 @@ from export.validate import (
 RECURRENT_GRAPHS = {"w2r_pair": "pipeline.w2r", "o2w_text": "pipeline.o2w", "shortlist_text": "shortlist.text_vectors"}
 INT8_CHECK_CAPTIONS = 64  # captions of the random 1-image grid on which int8 scores are compared with fp32
 LIBRARIES = ("torch", "onnx", "onnxruntime", "numpy", "bssan-engine")
+FUSION_JSON = "fusion.json"  # in the BSSAN checkpoint directory: fusion weights tuned against a dual encoder
 
 
 @dataclass
@@ -81,6 +84,46 @@ def _load_models(options: ExportOptions):
                 raise InputError(f"{options.shortlist_dir}: shortlist {name} {theirs}, but the BSSAN model has {mine}; "
                                  f"expected both trained on the same features")
     return checkpoint, shortlist
+
+
+def read_fusion(model_dir: Path, shortlist_dir: Path | None) -> Fusion:
+    """The fusion weights of MODEL_DIR/fusion.json (written when fusion was tuned against a dual encoder):
+    {"first_stage_weight", "bssan_weight", "first_stage_sha256": sha256 of that dual encoder's weights file}.
+    It binds the BSSAN model to THAT first stage: export needs --shortlist with the same weights.
+    No fusion.json: BSSAN alone (0, 1)."""
+    from training.checkpoint import WEIGHTS
+
+    path = Path(model_dir) / FUSION_JSON
+    if not path.is_file():
+        return BSSAN_ALONE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    try:
+        fusion = Fusion.from_dict(record, where=str(path))
+    except InputError as exc:
+        raise ArtifactError(str(exc)) from None
+    want = record.get("first_stage_sha256")
+    if not isinstance(want, str):
+        raise ArtifactError(f"{path}: first_stage_sha256: expected the sha256 of the dual encoder's {WEIGHTS}, got {want!r}")
+    if shortlist_dir is None:
+        raise ArtifactError(f"{path}: fusion weights tuned with a first stage ({want[:12]}); expected --shortlist "
+                            f"with that dual-encoder checkpoint")
+    got = file_sha256(Path(shortlist_dir) / WEIGHTS)
+    if got != want:
+        raise ArtifactError(f"{path}: first_stage_sha256 {want[:12]} differs from --shortlist {shortlist_dir} ({got[:12]}); "
+                            f"expected the dual encoder the fusion was tuned with")
+    return fusion
+
+
+def _attention_record(model, shortlist) -> tuple[dict[str, float], str]:
+    """({"w2r": b, "o2w": b'}, form) exactly as the pair graphs hold them (engine/attention.py reads these)."""
+    modules = build_graph_modules(model, torch.float32, True, shortlist)
+    pair = {b: modules[f"{b}_pair"] for b in ("w2r", "o2w") if f"{b}_pair" in modules}
+    biases = {b: float(m.attn_bias.reshape(-1)[0]) for b, m in pair.items()}
+    bounded = {getattr(m, "bounded", True) for m in pair.values()}
+    return biases, "tanh" if bounded != {False} else "scaled"
 
 
 def _store_case(options: ExportOptions, checkpoint) -> dict | None:
@@ -204,6 +247,7 @@ def _export_artifact(options: ExportOptions) -> dict:
     steps = ["load", "fp32", *[p for p in ("fp16", "int8") if p in options.precisions], "manifest", "tensorrt"]
     bar = tqdm(total=len(steps), desc="export", unit="step", disable=not options.progress)
     checkpoint, shortlist = _load_models(options)
+    fusion = read_fusion(options.model_dir, options.shortlist_dir)  # fails before minutes of export, not after
     model = checkpoint.model.float().eval()
     dims = graph_dims(model, shortlist)
     store = _store_case(options, checkpoint)
@@ -240,31 +284,33 @@ def _export_artifact(options: ExportOptions) -> dict:
         files = {str(p.relative_to(tmp)): file_entry(p) for p in sorted(tmp.rglob("*"))
                  if p.is_file() and p.name != MANIFEST_NAME and TENSORRT_DIR not in p.relative_to(tmp).parts}
         w_y, w_yp = model.config.branch_weights
-        manifest = {
-            "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
-            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": {"kind": "bssan", "config": model.config.to_dict(), "score_weights": {"w2r": w_y, "o2w": w_yp},
-                      "checkpoint": checkpoint_record(options.model_dir),
-                      "shortlist_checkpoint": checkpoint_record(options.shortlist_dir) if options.shortlist_dir else None,
-                      "shortlist_config": shortlist.config.to_dict() if shortlist is not None else None,
-                      "metrics": checkpoint.metrics, "provenance": checkpoint.provenance},
-            "dims": dims,
-            "w2r_values": ("gates" if model.w2r.pair_gathers_gates else "regions") if model.w2r is not None else None,
-            "precisions": [p for p in PRECISIONS if p in options.precisions],
-            "graphs": {name: {prec: {"file": str(path.relative_to(tmp))} for prec, path in per.items()}
-                       for name, per in variants.items()},
-            "parity_max_abs_diff": {prec: report.get("worst") for prec, report in
-                                    (("fp32", fp32_report), ("fp16", validation.get("fp16", {}).get("recurrence_fp32", {})))
-                                    if report},
-            "fp16_recurrence": {n: d["recurrence"] for n, d in validation.get("fp16", {}).get("decisions", {}).items()},
-            "int8_scope": options.int8_scope if "int8" in options.precisions else None,
-            "files": files,
-            "preprocessing": (checkpoint.store_info or {}).get("extractor"),
-            "word_features": checkpoint.word_features,
-            "assets": assets,
-            "exporter": {"opset": OPSET, "exporter": EXPORTER, "parity_tolerance": PARITY_TOLERANCE, "versions": _versions()},
-            "tensorrt": {"status": "not built"},
-        }
+        biases, form = _attention_record(model, shortlist)
+        manifest = ArtifactManifest(
+            created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            model=ModelRecord(
+                config=model.config.to_dict(), score_weights={"w2r": w_y, "o2w": w_yp}, attention_biases=biases,
+                attention_form=form, checkpoint=checkpoint_record(options.model_dir),
+                shortlist_checkpoint=checkpoint_record(options.shortlist_dir) if options.shortlist_dir else None,
+                shortlist_config=shortlist.config.to_dict() if shortlist is not None else None,
+                metrics=checkpoint.metrics, provenance=checkpoint.provenance),
+            dims=dims,
+            w2r_values=("gates" if model.w2r.pair_gathers_gates else "regions") if model.w2r is not None else None,
+            precisions=tuple(p for p in PRECISIONS if p in options.precisions),
+            graphs={name: {prec: {"file": str(path.relative_to(tmp))} for prec, path in per.items()}
+                    for name, per in variants.items()},
+            parity_max_abs_diff={prec: report.get("worst") for prec, report in
+                                 (("fp32", fp32_report), ("fp16", validation.get("fp16", {}).get("recurrence_fp32", {})))
+                                 if report},
+            fp16_recurrence={n: d["recurrence"] for n, d in validation.get("fp16", {}).get("decisions", {}).items()},
+            int8_scope=options.int8_scope if "int8" in options.precisions else None,
+            files=files,
+            fusion=fusion,
+            preprocessing=(checkpoint.store_info or {}).get("extractor"),
+            word_features=checkpoint.word_features,
+            assets=assets,
+            exporter={"opset": OPSET, "exporter": EXPORTER, "parity_tolerance": PARITY_TOLERANCE, "versions": _versions()},
+            tensorrt={"status": "not built"},
+        ).to_dict()
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         load_artifact(tmp)  # what the engine will do: hashes, versions, ONNX structure
         bar.update(1)

@@ -139,5 +139,33 @@ def test_manifest_errors(artifact_dir):
 
 def test_unlisted_graph_file_is_refused(artifact_dir):
     _edit_manifest(artifact_dir, files={})
-    with pytest.raises(ArtifactError, match='graph w2r_pair.fp32 file .* has no hash in "files"'):
+    with pytest.raises(ArtifactError, match=r'manifest.json: graphs.w2r_pair.fp32.file: expected a file listed in "files", got'):
         load_artifact(artifact_dir)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("dims", {**DIMS, "object_count": "ten"}, r"manifest.json: dims.object_count: expected a positive int, got 'ten'"),
+    ("dims", {**DIMS, "objects": 3}, r"manifest.json: dims.objects: expected a name of \["),
+    ("precisions", ["fp16"], r"manifest.json: precisions: expected a list of \['fp32', 'fp16', 'int8'\] with 'fp32'"),
+    ("model", {"score_weights": {"w2r": "1"}}, r"manifest.json: model.score_weights.w2r: expected a finite number, got '1'"),
+    ("fusion", {"first_stage_weight": -1, "bssan_weight": 1}, r"manifest.json: fusion.first_stage_weight: expected a finite number >= 0"),
+    ("fusion", {"bssan_weight": 1}, r"manifest.json: fusion.first_stage_weight: expected a finite number >= 0 \(missing\)"),
+    ("files", {"graphs/w2r_pair.fp32.onnx": {"sha256": "abc", "bytes": 1}},
+     r"manifest.json: files.graphs/w2r_pair.fp32.onnx.sha256: expected a sha256 \(64 hex digits\), got 'abc'"),
+])
+def test_manifest_schema_names_the_field(artifact_dir, field, value, message):
+    _edit_manifest(artifact_dir, **{field: value})
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(artifact_dir)
+
+
+def test_manifest_round_trips_through_the_dataclass(artifact_dir):
+    from engine.manifest import ArtifactManifest
+    from engine.ranking import Fusion
+
+    artifact = load_artifact(artifact_dir)
+    assert artifact.fusion == Fusion(0.0, 1.0)  # no fusion section: BSSAN alone
+    again = ArtifactManifest.from_dict(artifact.info.to_dict())
+    assert again == artifact.info
+    with pytest.raises(ArtifactError, match=r"model.attention_biases: missing .*re-export it"):
+        artifact.attention_biases
