@@ -10,10 +10,11 @@ CMake build) and the Flickr8K feature store (python -m engine.features ... --out
 Each part that lacks its input is skipped with the reason in the JSON and on stdout.
 
 - Retrieval: encode the test images and captions once (timed), then every image x caption
-  (exhaustive score_matrix, timed, engine.metrics.retrieval_metrics), then for each shortlist k
-  both directions' top-10 with BSSAN re-scoring only the dot-product top k (timed), R@1/5/10 of
-  those rankings. The shortlist needs shortlist graphs in the artifact (a dual encoder exported
-  with --shortlist); without them that part is skipped.
+  (exhaustive BSSAN score_matrix, timed), then for each shortlist k both directions' first-stage
+  top k re-scored by BSSAN and re-ranked by the artifact's fused score (timed). Every R@K comes
+  from THE ranking protocol (engine.ranking.two_stage_metrics, with the artifact's fusion). The
+  shortlist needs shortlist graphs in the artifact (a dual encoder exported with --shortlist);
+  without them that part is skipped.
 - Extraction: engine.features.Extractor.images (decode, detector, backbone, RoIAlign) on the
   first `images` test images after a warm-up batch; images/s.
 
@@ -40,7 +41,6 @@ DEFAULT_ARTIFACT = REPO_ROOT / "build" / "artifacts" / "reference"
 DEFAULT_STORE = REPO_ROOT / "stores" / "flickr8k"
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "flickr8k"
 SHORTLIST_KS = (10, 50, 100)
-RANK_K = 10  # rankings are top-10: R@1/5/10
 CAPTIONS_PER_IMAGE = 5  # Flickr8K
 PROTOCOL_PAIRS = 1000 * 5000  # the 1K-image test protocol: 1,000 images x 5,000 captions
 # Flickr8K test (1,000 images x 5 captions), words per caption from engine.text.tokenize, capped
@@ -103,17 +103,23 @@ def resolve_artifact(artifact: Path | None, model: Path, work: Path) -> tuple[Pa
     return out, f"exported from {model}{f' with the shortlist {shortlist}' if shortlist else ''} into a temporary directory"
 
 
-def _recall_of_ranking(indices: np.ndarray, own) -> dict:
-    """R@1/5/10 (percent) of rankings [Q, k]: the rank is the first position holding an own item."""
-    hit = own(indices)  # [Q, k] bool
-    first = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, indices.shape[1] + 1)
-    return {f"r{k}": float(100.0 * np.mean(first <= k)) for k in (1, 5, 10) if k <= indices.shape[1]}
+def _lookup_rescore(scorer, image_cache, caption_cache, table: dict):
+    """engine.ranking's rescore: BSSAN MS of listed pairs from `table` {(image, caption): MS} (what the timed
+    run scored), any other pair scored now."""
+    def rescore(image_index: np.ndarray, text_index: np.ndarray) -> np.ndarray:
+        values = np.array([table.get(p, np.nan) for p in zip(image_index.tolist(), text_index.tolist())], dtype=np.float64)
+        missing = np.isnan(values)
+        if missing.any():
+            values[missing] = scorer.score_pairs(image_cache, caption_cache,
+                                                 np.stack([image_index[missing], text_index[missing]], axis=1), fuse=False)
+        return values
+    return rescore
 
 
 def retrieval_timing(artifact: Path, store: Path, images: int, shortlist_ks: tuple[int, ...], precision: str = "fp32",
                      threads: int = DEFAULT_THREADS, progress: bool = True, split_name: str = "test") -> dict:
     """Wall times and R@K of the exhaustive protocol and of each shortlist k, on the first `images` images of a split."""
-    from engine.metrics import retrieval_metrics
+    from engine.ranking import two_stage_metrics
     from engine.runtime import Scorer
     from engine.store import FeatureStore
     from training.evaluate import captions_per_image_of
@@ -132,23 +138,33 @@ def retrieval_timing(artifact: Path, store: Path, images: int, shortlist_ks: tup
         caption_cache = scorer.encode_word_features(split.words(word_set)[:n_cap], split.lengths[:n_cap])
         out["encode_captions_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        scores = scorer.score_matrix(image_cache, caption_cache, progress=progress)
+        bssan = scorer.score_matrix(image_cache, caption_cache, progress=progress, fuse=False)  # MS [N_img, N_cap]
         seconds = time.perf_counter() - start
-        out["exhaustive"] = {"score_s": seconds, "pairs_per_s": scores.size / seconds,
-                             "metrics": retrieval_metrics(scores, cpi)}
+        first = (scorer.first_stage(image_cache, caption_cache, np.arange(n_img), np.arange(n_cap))
+                 if scorer.has_shortlist else None)  # [N_img, N_cap] dual-encoder cosines
+        fusion = scorer.fusion
+        out["fusion"] = fusion.to_dict()
+        out["exhaustive"] = {"score_s": seconds, "pairs_per_s": bssan.size / seconds,
+                             "metrics": two_stage_metrics(first if scorer.fuses else None, lambda i, t: bssan[i, t], None,
+                                                          cpi, fusion, shape=bssan.shape)}
         if not scorer.has_shortlist:
             out["shortlist"] = {"skipped": "the artifact has no shortlist graphs (export with --shortlist DUAL_ENCODER_DIR)"}
             return out
         out["shortlist"] = {}
         for k in shortlist_ks:
-            start = time.perf_counter()  # ranks are top-10 (R@10), fewer on a gallery smaller than 10
-            i2t = scorer.top_k(image_cache, caption_cache, min(RANK_K, n_cap), "i2t", shortlist_k=min(max(k, RANK_K), n_cap))
-            t2i = scorer.top_k(image_cache, caption_cache, min(RANK_K, n_img), "t2i", shortlist_k=min(max(k, RANK_K), n_img))
+            start = time.perf_counter()  # every query's first-stage top K re-scored by BSSAN and re-ranked by the fused score
+            rankings = [scorer.top_k(image_cache, caption_cache, min(k, n), d, shortlist_k=min(k, n))
+                        for d, n in (("i2t", n_cap), ("t2i", n_img))]
             seconds = time.perf_counter() - start
-            out["shortlist"][f"k{k}"] = {
-                "shortlist_k": k, "score_s": seconds,
-                "i2t": _recall_of_ranking(i2t.indices, lambda rows: rows // cpi == i2t.queries[:, None]),
-                "t2i": _recall_of_ranking(t2i.indices, lambda rows: rows == (t2i.queries // cpi)[:, None])}
+            table = {}
+            for ranking in rankings:
+                queries = np.repeat(ranking.queries, ranking.indices.shape[1])
+                pairs = ((queries, ranking.indices.reshape(-1)) if ranking.direction == "i2t"
+                         else (ranking.indices.reshape(-1), queries))
+                table.update(zip(zip(pairs[0].tolist(), pairs[1].tolist()), ranking.bssan.reshape(-1).tolist()))
+            metrics = two_stage_metrics(first, _lookup_rescore(scorer, image_cache, caption_cache, table), k, cpi, fusion)
+            out["shortlist"][f"k{k}"] = {"shortlist_k": k, "score_s": seconds, "i2t": metrics["i2t"], "t2i": metrics["t2i"],
+                                         "rsum": metrics["rsum"], "protocol": metrics["protocol"]}
     return out
 
 

@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 
 from benchmarks.end_to_end import (
-    FLICKR8K_TEST_LENGTH_HISTOGRAM, _recall_of_ranking, flickr8k_test_lengths, resolve_artifact, run_end_to_end,
+    FLICKR8K_TEST_LENGTH_HISTOGRAM, flickr8k_test_lengths, resolve_artifact, run_end_to_end,
 )
-
-
-def test_recall_of_a_ranking_by_hand():
-    indices = np.array([[3, 0, 1], [2, 4, 5], [9, 8, 7]])  # i2t, 2 captions per image: own rows 2q, 2q+1
-    recall = _recall_of_ranking(indices, lambda rows: rows // 2 == np.arange(3)[:, None])
-    # image 0: own caption 0 at rank 2; image 1: own 2 at rank 1; image 2: own 4/5 absent
-    assert recall == {"r1": pytest.approx(100 / 3)}
 
 
 def test_lengths_fall_back_to_the_documented_histogram(tmp_path):
@@ -41,10 +34,12 @@ def test_retrieval_and_precision_on_the_demo_artifact(demo_artifact, tiny_store,
     assert [r["precision"] for r in runs] == ["fp32", "int8"]
     for run in runs:
         assert run["images"] == 10 and run["captions"] == 50
-        assert set(run["exhaustive"]["metrics"]) == {"i2t", "t2i", "rsum"}
+        assert set(run["exhaustive"]["metrics"]) == {"i2t", "t2i", "rsum", "protocol"}  # engine.ranking's metrics
         assert set(run["shortlist"]) == {"k10", "k50"}
         # a shortlist as long as the gallery re-ranks everything: the exhaustive R@1
         assert run["shortlist"]["k50"]["i2t"]["r1"] == pytest.approx(run["exhaustive"]["metrics"]["i2t"]["r1"])
+        assert run["shortlist"]["k50"]["rsum"] == pytest.approx(run["exhaustive"]["metrics"]["rsum"])
+        assert run["shortlist"]["k10"]["protocol"]["k"] == 10
     compared = artifact_precision(demo_artifact, tiny_store, 10, threads=1, progress=False)
     assert compared["precisions"]["fp32"]["metrics"]["rsum"] >= 0
     for name in ("fp16", "int8"):
