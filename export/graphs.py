@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from training.config import AttentionForm
 from training.model import BSSAN, MLP
 
 
@@ -82,6 +83,19 @@ def attend_projected(attn: Tensor, regions: Tensor, image: Tensor, projection: T
         gates = regions[0] @ projection  # [D, 4H]
         return (attn.reshape(n * length, count) @ gates).reshape(n, length, gates.shape[1])  # [N, L, 4H]
     return (attn @ regions[image]) @ projection  # [N, L, M] x [M, 4H]
+
+
+def attention_bounded(model: BSSAN) -> bool:
+    """True for the paper's softmax(tanh(x + b)); False for the scaled form softmax(tau x), whose tau the
+    model's folded() has already moved into W / W' (the graph then computes softmax(x + 0))."""
+    return model.config.attention is AttentionForm.TANH
+
+
+def attention_bias(branch: nn.Module) -> Tensor:
+    """The scalar added to the attention scores: b of the tanh form; 0 for the scaled form (a constant
+    cancels in the softmax; kept as the same initializer so every graph has one shape)."""
+    bias = getattr(branch, "attn_bias", None)
+    return bias if bias is not None else torch.zeros(())
 
 
 def _buffer(module: nn.Module, name: str, value: Tensor, dtype: torch.dtype) -> None:
@@ -169,7 +183,8 @@ class W2RPair(nn.Module):
         w2r = model.w2r
         self.gathers_gates = w2r.pair_gathers_gates
         self.recurrence_dtype = torch.float32 if recurrence_fp32 else dtype
-        _buffer(self, "attn_bias", w2r.attn_bias, dtype)
+        self.bounded = attention_bounded(model)
+        _buffer(self, "attn_bias", attention_bias(w2r), dtype)
         _buffer(self, "input_weight_u_t", w2r._split_input_weight()[0].t(), dtype)  # [M, 4H]
         _buffer(self, "weight_hh_t", w2r.lstm.weight_hh_l0.t(), self.recurrence_dtype)  # [H, 4H]
         self.mlp = FoldedMLP(fold_mlp(w2r.mlp), dtype)
@@ -178,8 +193,8 @@ class W2RPair(nn.Module):
                 lengths: Tensor, pairs: Tensor) -> Tensor:
         image, text = pairs[:, 0], pairs[:, 1]  # [N] each; [:, k] not split/squeeze (ONNX If nodes)
         keys = regions_attn[image]  # [N, D, E]
-        logits = torch.tanh(words[text] @ keys.transpose(1, 2) + self.attn_bias)  # [N, L, D]
-        attn = torch.softmax(logits, dim=-1)
+        logits = words[text] @ keys.transpose(1, 2) + self.attn_bias  # [N, L, D]
+        attn = torch.softmax(torch.tanh(logits) if self.bounded else logits, dim=-1)
         if self.gathers_gates:
             gate_u = attend_values(attn, regions_values, image)  # [N, L, 4H]
         else:
@@ -232,7 +247,8 @@ class O2WPair(nn.Module):
         super().__init__()
         o2w = model.o2w
         layers = fold_mlp(o2w.mlp)
-        _buffer(self, "attn_bias", o2w.attn_bias, dtype)
+        self.bounded = attention_bounded(model)
+        _buffer(self, "attn_bias", attention_bias(o2w), dtype)
         _buffer(self, "first_states_t", layers[0][0][:, o2w.object_dim:].t(), dtype)  # [H2, h1]
         self.mlp = FoldedMLP(layers, dtype)
 
@@ -240,7 +256,8 @@ class O2WPair(nn.Module):
         image, text = pairs[:, 0], pairs[:, 1]
         pair_states = states[text]  # [N, L, H2]
         real = torch.arange(states.shape[1], device=states.device)[None, :] < lengths[text][:, None]  # [N, L]
-        logits = torch.tanh(objects_attn[image] @ pair_states.transpose(1, 2) + self.attn_bias)  # [N, P, L]
+        logits = objects_attn[image] @ pair_states.transpose(1, 2) + self.attn_bias  # [N, P, L]
+        logits = torch.tanh(logits) if self.bounded else logits
         attn = torch.softmax(logits.masked_fill(~real[:, None, :], float("-inf")), dim=-1)  # [N, P, L]
         z = objects_mlp[image] + (attn @ pair_states) @ self.first_states_t  # [N, P, h1]
         return self.mlp.continue_from_first(z).mean(dim=1).float()  # mean over the P objects (eq. 14)
@@ -275,6 +292,7 @@ def build_graph_modules(model: BSSAN, dtype: torch.dtype = torch.float32, recurr
     """{graph name: eval-mode module} for the model's branches (and the shortlist encoders of a
     DualEncoder `shortlist`), ready to trace. `recurrence_fp32` only matters when dtype is float16."""
     modules: dict[str, nn.Module] = {}
+    model = model.folded()  # input scales and attention temperatures moved into the weights: no extra graph ops
     with torch.no_grad():
         if model.w2r is not None:
             modules["w2r_image"] = W2RImage(model, dtype)

@@ -197,8 +197,12 @@ def dual_encoder_loss(grid: Tensor, same_image: Tensor, margin: float, hardest: 
     if negative_images:
         directions.append((positive[None, :] - grid, 0))  # image negatives of each caption, along the column
     total = grid.new_zeros(())
+    negatives = (~same_image).sum().clamp_min(1)
     for gap, dim in directions:
         terms = torch.relu(margin - gap).masked_fill(same_image, 0.0)  # [B, B]
-        per_anchor = terms.max(dim=dim).values if hardest else terms.sum(dim=dim)  # [B]
-        total = total + (per_anchor.sum() if reduction is Reduction.SUM else per_anchor.mean())
+        if hardest:
+            per_anchor = terms.max(dim=dim).values  # [B]
+            total = total + (per_anchor.sum() if reduction is Reduction.SUM else per_anchor.mean())
+        else:  # SUM: VSE's sum over negatives and anchors; MEAN: the mean hinge over every (anchor, negative) pair
+            total = total + (terms.sum() if reduction is Reduction.SUM else terms.sum() / negatives)
     return total

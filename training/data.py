@@ -157,9 +157,10 @@ class ImageBatches:
     batch (epoch, index) is a pure function of the seed, like PairBatches."""
 
     def __init__(self, split: SplitFeatures, word_set: str, batch_images: int, seed: int,
-                 negative_captions: bool = True, negative_images: bool = False):
+                 negative_captions: bool = True, negative_images: bool = False, mining=None):
         self.split, self.word_set, self.batch_images, self.seed = split, word_set, batch_images, seed
         self.negative_captions, self.negative_images = negative_captions, negative_images
+        self.mining = mining  # training.mining.Mining: first-stage hard negatives and neighbour-grouped batches
         self.caption_image = np.asarray(split.caption_image, dtype=np.int64)  # [N_cap]
         self.lengths = np.asarray(split.lengths, dtype=np.int64)
         self.num_images = split.num_images
@@ -181,8 +182,9 @@ class ImageBatches:
         return full + (rest >= 2)
 
     def order(self, epoch: int) -> np.ndarray:
-        """The epoch's permutation of image indices."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+        """The epoch's permutation of image indices (with mining: grouped by first-stage neighbours)."""
+        permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+        return permutation if self.mining is None else self.mining.group_order(permutation)
 
     def batch_pairs(self, epoch: int, index: int, order: np.ndarray | None = None) -> int:
         """Positive pairs of batch `index` (for progress counts) without reading features."""
@@ -205,15 +207,57 @@ class ImageBatches:
         texts, pair_image, pair_text = [captions], [local], [np.arange(len(captions))]
         if self.negative_captions:
             negatives = sample_negative_captions(self.caption_image, rng, anchors=captions)
+            if self.mining is not None:  # a share of them from the first stage's top-k of the anchor image
+                mined, use = self.mining.pick_captions(images[local], rng)
+                negatives = np.where(use, mined, negatives)
             texts.append(negatives)
             pair_image.append(local)
             pair_text.append(len(captions) + np.arange(len(captions)))
         if self.negative_images:
             picks = rng.integers(0, len(images) - 1, size=len(captions))
-            pair_image.append(picks + (picks >= local))  # another image of the batch
+            picks = picks + (picks >= local)  # another image of the batch
+            if self.mining is not None:  # a share: the batch image the first stage ranks highest for the caption
+                hardest = self.mining.hardest_in_batch(captions, local, images)
+                use = (rng.random(len(captions)) < self.mining.fraction) & (hardest >= 0)
+                picks = np.where(use, hardest, picks)
+            pair_image.append(picks)
             pair_text.append(np.arange(len(captions)))
         regions, objects = read_images(self.split, images)
         words, lengths = read_captions(self.split, self.word_set, np.concatenate(texts), self.lengths)
         return GroupedBatch(torch.from_numpy(images), torch.from_numpy(captions), regions, objects, words, lengths,
                             torch.from_numpy(np.concatenate(pair_image)), torch.from_numpy(np.concatenate(pair_text)),
                             kinds=len(pair_image))
+
+
+# ---------------------------------------------------------------------------------------------
+# Input scales (ModelConfig.input_scaling)
+
+SCALE_SAMPLE = 2000  # images (and 5x as many captions) read to estimate the scales: +-1% on Flickr8K, seconds
+
+
+def input_scales(split: SplitFeatures, word_set: str, sample: int = SCALE_SAMPLE, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per-channel scales 1 / RMS of the split's regions [M], objects [Q] (real boxes only: all-zero
+    padding rows are skipped) and words [E] (real words only), from a fixed sample of the split.
+    Multiplying a feature by its scale gives every channel unit second moment, so 1280-d ReLU6 image
+    features no longer swamp 384-d word vectors in the LSTM gates and O2W's first layer. RMS, not
+    standard deviation: a per-channel scale folds exactly into the first linear maps at export,
+    a mean shift would not (it passes through tanh/softmax)."""
+    rng = np.random.default_rng(seed)
+    images = np.sort(rng.choice(split.num_images, size=min(sample, split.num_images), replace=False))
+    regions = np.asarray(split.regions[images], dtype=np.float64)  # [S, D, M]
+    objects = np.asarray(split.objects[images], dtype=np.float64).reshape(-1, split.objects.shape[2])  # [S*P, Q]
+    objects = objects[np.abs(objects).sum(axis=1) > 0]
+    n_cap = len(split.lengths)
+    captions = np.sort(rng.choice(n_cap, size=min(5 * sample, n_cap), replace=False))
+    words = np.asarray(split.words(word_set)[captions], dtype=np.float64)  # [S, L, E]
+    real = np.arange(words.shape[1])[None, :] < np.asarray(split.lengths)[captions][:, None]  # [S, L]
+
+    def scale(values: np.ndarray, what: str) -> np.ndarray:
+        if values.size == 0:
+            raise StoreError(f"{split.root / split.name}: no {what} to estimate input scales from")
+        rms = np.sqrt(np.mean(values ** 2, axis=0))
+        return (1.0 / np.maximum(rms, 1e-3 * max(rms.max(), 1e-12))).astype(np.float32)  # dead channels: bounded scale
+
+    return {"regions": scale(regions.reshape(-1, regions.shape[2]), "regions"),
+            "objects": scale(objects, "real objects"),
+            "words": scale(words[real], "words")}

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from engine.errors import InputError
 from training.baseline import reverse_within_length
-from training.config import ModelConfig, NegativeAttention
+from training.config import AttentionForm, ModelConfig, NegativeAttention
 
 Cache = dict[str, Tensor]
 Negative = "bool | Tensor"  # True/False for every pair, or a bool tensor shaped like the pairs ([N] or [B_img, B_txt])
@@ -98,6 +98,23 @@ def lstm_recurrence(gate_inputs: Tensor, lengths: Tensor, weight_hh: Tensor) -> 
     return out_sorted[torch.argsort(order)]
 
 
+def add_attention_parameters(module: nn.Module, form: AttentionForm) -> None:
+    """The scalar of an attention's logits: `attn_bias` b (the paper's tanh form, eq. 2 / 10) or
+    `attn_log_temperature` (AttentionForm.SCALED: tau = exp(.) multiplies the raw scores; b would cancel)."""
+    module.attention_form = form
+    if form is AttentionForm.TANH:
+        module.attn_bias = nn.Parameter(torch.zeros(()))
+    else:
+        module.attn_log_temperature = nn.Parameter(torch.zeros(()))
+
+
+def attention_logits(module: nn.Module, scores: Tensor) -> Tensor:
+    """tanh(scores + b), or tau * scores."""
+    if module.attention_form is AttentionForm.TANH:
+        return torch.tanh(scores + module.attn_bias)
+    return scores * module.attn_log_temperature.exp()
+
+
 class MLP(nn.Module):
     """Linear -> (BatchNorm1d -> tanh -> Linear)*: hidden layers Linear-BN-tanh, the last Linear
     gives the score. `first` is exposed so its input can be split between image and caption parts."""
@@ -134,7 +151,7 @@ class W2R(nn.Module):
         self.region_dim = config.region_dim
         self.uniform_negatives = config.negative_attention is NegativeAttention.UNIFORM
         self.attn_weight = _bilinear(config.word_dim, config.region_dim)  # W: E x M
-        self.attn_bias = nn.Parameter(torch.zeros(()))                    # b: scalar
+        add_attention_parameters(self, config.attention)                 # b: scalar (paper), or a temperature
         self.lstm = nn.LSTM(config.region_dim + config.word_dim, config.w2r_hidden, batch_first=True)  # input [u; t]
         self.mlp = MLP(config.w2r_hidden, config.w2r_mlp)
 
@@ -169,7 +186,7 @@ class W2R(nn.Module):
         """Word-to-region weights a [N, L, D] of the listed pairs (eq. 1-2)."""
         keys = image_cache["regions_attn"][image_index]  # [N, D, E]
         words = text_cache["words"][text_index]  # [N, L, E]
-        logits = torch.tanh(words @ keys.transpose(1, 2) + self.attn_bias)  # [N, L, D]
+        logits = attention_logits(self, words @ keys.transpose(1, 2))  # [N, L, D]
         return attend(logits, negative, self.uniform_negatives)
 
     def score_pairs(self, image_cache: Cache, text_cache: Cache, image_index: Tensor, text_index: Tensor,
@@ -197,7 +214,7 @@ class W2R(nn.Module):
     def score_grid(self, image_cache: Cache, text_cache: Cache, negative: Negative = False) -> Tensor:
         """Y [B_img, B_txt] of every image x caption of the caches; G is shared per image (no gather)."""
         words, lengths = text_cache["words"], text_cache["lengths"]
-        logits = torch.tanh(torch.einsum("ide,tle->itld", image_cache["regions_attn"], words) + self.attn_bias)
+        logits = attention_logits(self, torch.einsum("ide,tle->itld", image_cache["regions_attn"], words))
         attn = attend(logits, negative, self.uniform_negatives)  # [B_img, B_txt, L, D]
         b_img, b_txt, max_len, regions = attn.shape
         flat = attn.reshape(b_img, b_txt * max_len, regions)  # [B_img, B_txt*L, D]
@@ -221,7 +238,7 @@ class O2W(nn.Module):
         self.uniform_negatives = config.negative_attention is NegativeAttention.UNIFORM
         self.bilstm = nn.LSTM(config.word_dim, config.o2w_hidden, batch_first=True, bidirectional=True)
         self.attn_weight = _bilinear(config.object_dim, config.o2w_hidden)  # W': Q x H2
-        self.attn_bias = nn.Parameter(torch.zeros(()))                       # b': scalar
+        add_attention_parameters(self, config.attention)                    # b': scalar (paper), or a temperature
         self.mlp = MLP(config.object_dim + config.o2w_hidden, config.o2w_mlp)  # on [o_j; v_j]
 
     def encode_image(self, objects: Tensor) -> Cache:
@@ -255,7 +272,7 @@ class O2W(nn.Module):
         keys = image_cache["objects_attn"][image_index]  # [N, P, H2]
         states = text_cache["states"][text_index]  # [N, L, H2]
         mask = length_mask(text_cache["lengths"][text_index], states.shape[1])[:, None, :]  # [N, 1, L]
-        logits = torch.tanh(keys @ states.transpose(1, 2) + self.attn_bias)  # [N, P, L]
+        logits = attention_logits(self, keys @ states.transpose(1, 2))  # [N, P, L]
         return attend(logits, negative, self.uniform_negatives, mask)
 
     def score_pairs(self, image_cache: Cache, text_cache: Cache, image_index: Tensor, text_index: Tensor,
@@ -296,6 +313,61 @@ class BSSAN(nn.Module):
         self.config = config
         self.w2r = (w2r or W2R(config)) if config.uses_w2r else None
         self.o2w = (o2w or O2W(config)) if config.uses_o2w else None
+        if config.input_scaling:  # per-channel 1/RMS of the train split (set_input_scales); ones until set
+            self.register_buffer("region_scale", torch.ones(config.region_dim))
+            self.register_buffer("object_scale", torch.ones(config.object_dim))
+            self.register_buffer("word_scale", torch.ones(config.word_dim))
+
+    # -- input scales (ModelConfig.input_scaling)
+    def set_input_scales(self, scales: dict) -> None:
+        """Take {"regions": [M], "objects": [Q], "words": [E]} (training.data.input_scales)."""
+        if not self.config.input_scaling:
+            return
+        for key, buffer in (("regions", self.region_scale), ("objects", self.object_scale), ("words", self.word_scale)):
+            value = torch.as_tensor(np.asarray(scales[key]), dtype=buffer.dtype)
+            if value.shape != buffer.shape:
+                raise InputError(f"input scales {key}: expected shape {list(buffer.shape)}, got {list(value.shape)}")
+            buffer.copy_(value)
+
+    def scale_inputs(self, regions: Tensor | None, objects: Tensor | None, words: Tensor | None):
+        """The inputs times their per-channel scales (unchanged without input_scaling)."""
+        if not self.config.input_scaling:
+            return regions, objects, words
+        return (None if regions is None else regions * self.region_scale,
+                None if objects is None else objects * self.object_scale,
+                None if words is None else words * self.word_scale)
+
+    @torch.no_grad()
+    def folded(self) -> "BSSAN":
+        """An equal model whose input scales and attention temperatures are folded into its weights (the
+        scales multiply the columns of every weight that reads an input; tau multiplies W / W'), with
+        scales of one and the temperature's log 0: what export turns into ONNX graphs, so the graphs
+        need no extra ops. Exact up to float rounding."""
+        import copy
+
+        folded = copy.deepcopy(self)
+        c = self.config
+        if c.input_scaling:
+            s_r, s_o, s_w = self.region_scale, self.object_scale, self.word_scale
+            if folded.w2r is not None:
+                w2r = folded.w2r
+                w2r.attn_weight.mul_(s_w[:, None] * s_r[None, :])  # W: E x M
+                w2r.lstm.weight_ih_l0[:, : c.region_dim].mul_(s_r[None, :])  # acts on u = a (R s)
+                w2r.lstm.weight_ih_l0[:, c.region_dim:].mul_(s_w[None, :])
+            if folded.o2w is not None:
+                o2w = folded.o2w
+                o2w.attn_weight.mul_(s_o[:, None])  # W': Q x H2
+                o2w.mlp.first.weight[:, : c.object_dim].mul_(s_o[None, :])
+                o2w.bilstm.weight_ih_l0.mul_(s_w[None, :])
+                o2w.bilstm.weight_ih_l0_reverse.mul_(s_w[None, :])
+            for buffer in (folded.region_scale, folded.object_scale, folded.word_scale):
+                buffer.fill_(1.0)
+        if c.attention is AttentionForm.SCALED:
+            for branch in (folded.w2r, folded.o2w):
+                if branch is not None:
+                    branch.attn_weight.mul_(branch.attn_log_temperature.exp())
+                    branch.attn_log_temperature.zero_()
+        return folded
 
     # -- inputs
     def _tensor(self, array, dtype: torch.dtype | None = None) -> Tensor:
@@ -315,11 +387,11 @@ class BSSAN(nn.Module):
         if self.w2r is not None:
             regions = self._tensor(regions)
             self._check("regions", regions, (c.region_count, c.region_dim))
-            cache["w2r"] = self.w2r.encode_image(regions, gates)
+            cache["w2r"] = self.w2r.encode_image(self.scale_inputs(regions, None, None)[0], gates)
         if self.o2w is not None:
             objects = self._tensor(objects)
             self._check("objects", objects, (c.object_count, c.object_dim))
-            cache["o2w"] = self.o2w.encode_image(objects)
+            cache["o2w"] = self.o2w.encode_image(self.scale_inputs(None, objects, None)[1])
         return cache
 
     def encode_texts(self, words, lengths) -> dict[str, Cache]:
@@ -330,6 +402,7 @@ class BSSAN(nn.Module):
         if lengths.shape != words.shape[:1]:
             raise InputError(f"lengths: expected shape [{words.shape[0]}] (one per caption), got {list(lengths.shape)}")
         check_lengths(lengths, words.shape[1])
+        words = self.scale_inputs(None, None, words)[2]
         cache = {}
         if self.w2r is not None:
             cache["w2r"] = self.w2r.encode_text(words, lengths)
@@ -477,11 +550,12 @@ def reference_scores(model: BSSAN, regions: Tensor, objects: Tensor, words: Tens
     of one length batched together). No caches, no split weights, no packing."""
     n = words.shape[0]
     lengths = lengths.long()
+    regions, objects, words = model.scale_inputs(regions, objects, words)
     words = F.pad(words, (0, 0, 0, model.config.max_words - words.shape[1]))  # [N, max_words, E]
     y = yp = torch.zeros(n, dtype=words.dtype)
     if model.w2r is not None:
         w2r = model.w2r
-        logits = torch.tanh(torch.einsum("nle,em,ndm->nld", words, w2r.attn_weight, regions) + w2r.attn_bias)
+        logits = attention_logits(w2r, torch.einsum("nle,em,ndm->nld", words, w2r.attn_weight, regions))
         attn = attend(logits, negative, w2r.uniform_negatives)  # [N, L, D]
         out, _ = w2r.lstm(torch.cat([attn @ regions, words], dim=-1))  # [N, L, H]
         y = w2r.mlp(out[torch.arange(n), lengths - 1])
@@ -493,7 +567,7 @@ def reference_scores(model: BSSAN, regions: Tensor, objects: Tensor, words: Tens
             idx = (lengths == length).nonzero()[:, 0]
             out, _ = o2w.bilstm(words[idx, :length])  # [n, length, 2*H2]
             states = (out[..., :hidden] + out[..., hidden:]) / 2
-            logits = torch.tanh(torch.einsum("npq,qh,nlh->npl", objects[idx], o2w.attn_weight, states) + o2w.attn_bias)
+            logits = attention_logits(o2w, torch.einsum("npq,qh,nlh->npl", objects[idx], o2w.attn_weight, states))
             neg = negative[idx] if isinstance(negative, Tensor) else negative
             attn = attend(logits, neg, o2w.uniform_negatives)  # [n, P, length]
             yp[idx] = o2w.mlp(torch.cat([objects[idx], attn @ states], dim=-1)).mean(dim=1)

@@ -45,13 +45,24 @@ from engine.files import write_json_atomic
 from engine.store import FeatureStore
 from training.baseline import DUAL_ENCODER_PRESETS, DualEncoder, dual_encoder_loss, dual_encoder_preset
 from training.checkpoint import (WEIGHTS, ModelKind, build_model, load_train_state, load_weights, save_checkpoint)
-from training.config import PRESETS, TrainConfig, input_sizes_of_split, preset, replace_strict, with_input_sizes
-from training.data import Batch, GroupedBatch, ImageBatches, PairBatches
-from training.evaluate import captions_per_image_of, score_split
+from training.config import (PRESETS, RECIPES, Optimizer, Schedule, TrainConfig, input_sizes_of_split, preset, recipe,
+                             replace_strict, with_input_sizes)
+from training.data import Batch, GroupedBatch, ImageBatches, PairBatches, input_scales
+from engine.ranking import BSSAN_ALONE, FIRST_STAGE_ALONE, candidate_pairs, tune_fusion, two_stage_metrics
+from training.evaluate import captions_per_image_of, rescore_pairs, score_split
 from training.loss import bssan_loss, hardest_in_batch
 from training.model import BSSAN
 
 RUN_CONFIG = "run.json"
+INITIAL_WEIGHTS = "initial_weights.pt"  # the weights before the first step (parameter_movement)
+FUSION = "fusion.json"  # in best/: the fusion weight tuned on dev with the first stage (export puts it in the artifact)
+FUSION_GRID = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # bssan weights tried, in units of std(first)/std(bssan)
+
+
+class TrainingDiverged(BssanError):
+    """The loss became NaN/inf: a training problem (lr, clip), not a user-input error."""
+
+    exit_code = 1
 RESUMABLE_CHANGES = ("epochs",)  # train fields a rerun may change: they do not alter the epochs already run
 
 
@@ -76,7 +87,7 @@ class Position:
 # One step of each model kind
 
 
-def bssan_step(model: BSSAN, batch: Batch, config: TrainConfig) -> torch.Tensor:
+def bssan_step(model: BSSAN, batch: Batch, config: TrainConfig, epoch: int = 0) -> torch.Tensor:
     """Paper loss (eq. 18) of one batch. Sampled negatives go through the model in ONE call with
     the positives, so BatchNorm's batch statistics cover positive and negative pairs alike
     (separate calls would normalise each set to the same mean score and erase the margin)."""
@@ -101,7 +112,7 @@ def bssan_step(model: BSSAN, batch: Batch, config: TrainConfig) -> torch.Tensor:
     return bssan_loss(model, groups[0], groups[1:], config.margin, config.reduction).total
 
 
-def bssan_grouped_step(model: BSSAN, batch: GroupedBatch, config: TrainConfig) -> torch.Tensor:
+def bssan_grouped_step(model: BSSAN, batch: GroupedBatch, config: TrainConfig, epoch: int = 0) -> torch.Tensor:
     """Paper loss (eq. 18) of an image-grouped batch (training.data.ImageBatches): every pair in
     ONE forward_pairs call, so each image is encoded once and one BatchNorm batch covers all pairs."""
     n = len(batch)
@@ -111,11 +122,13 @@ def bssan_grouped_step(model: BSSAN, batch: GroupedBatch, config: TrainConfig) -
     return bssan_loss(model, groups[0], groups[1:], config.margin, config.reduction).total
 
 
-def dual_encoder_step(model: DualEncoder, batch: Batch, config: TrainConfig) -> torch.Tensor:
-    """VSE hinge on the in-batch grid (training.baseline.dual_encoder_loss)."""
+def dual_encoder_step(model: DualEncoder, batch: Batch, config: TrainConfig, epoch: int = 0) -> torch.Tensor:
+    """VSE hinge on the in-batch grid (training.baseline.dual_encoder_loss); the hardest negative only
+    (VSE++) from epoch config.hardest_from_epoch on, the sum over negatives before."""
     grid = model(batch.regions, batch.objects, batch.words, batch.lengths)  # [B, B]
     same_image = batch.image_ids[:, None] == batch.image_ids[None, :]
-    return dual_encoder_loss(grid, same_image, config.margin, config.hardest_negatives, config.negative_images, config.reduction)
+    hardest = config.hardest_negatives and epoch >= config.hardest_from_epoch
+    return dual_encoder_loss(grid, same_image, config.margin, hardest, config.negative_images, config.reduction)
 
 
 STEPS = {ModelKind.BSSAN: bssan_step, ModelKind.DUAL_ENCODER: dual_encoder_step}
@@ -178,9 +191,91 @@ def plot_curves(out: Path, history: list[dict]) -> None:
 # Training
 
 
-def learning_rate(config: TrainConfig, epoch: int) -> float:
-    steps = epoch // config.lr_decay_every if config.lr_decay_every else 0
-    return config.lr * config.lr_decay ** steps
+def learning_rate(config: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+    """The lr of batch `step` of `epoch`: linear warm-up over the first warmup_steps batches of the run,
+    then the schedule (constant, step decay per epoch, or cosine to lr * min_lr_ratio at the run's end)."""
+    done = epoch * steps_per_epoch + step  # batches before this one
+    warmup_steps = math.ceil(config.warmup_epochs * steps_per_epoch)
+    warm = min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0
+    if config.schedule is Schedule.STEP or (config.schedule is Schedule.CONSTANT and config.lr_decay_every):
+        decays = epoch // config.lr_decay_every if config.lr_decay_every else 0
+        return warm * config.lr * config.lr_decay ** decays
+    if config.schedule is Schedule.CONSTANT:
+        return warm * config.lr
+    total = max(config.epochs * steps_per_epoch - warmup_steps, 1)
+    progress = min(max(done - warmup_steps, 0) / total, 1.0)
+    floor = config.lr * config.min_lr_ratio
+    return warm * (floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer is Optimizer.SGD:
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+class GradientLog:
+    """Per-epoch statistics of the global gradient norm BEFORE clipping and the share of clipped steps
+    (a clip that acts on every step is the step size, not a safety net)."""
+
+    def __init__(self, clip: float, norms: list | None = None):
+        self.clip, self.norms = clip, list(norms or [])
+
+    def add(self, norm: float) -> None:
+        self.norms.append(float(norm))
+
+    def summary(self) -> dict:
+        if not self.norms:
+            return {}
+        norms = torch.tensor(self.norms, dtype=torch.float64)
+        clipped = float((norms > self.clip).double().mean()) if self.clip > 0 else 0.0
+        return {"grad_norm_mean": round(float(norms.mean()), 4), "grad_norm_median": round(float(norms.median()), 4),
+                "grad_norm_max": round(float(norms.max()), 4), "clipped_share": round(clipped, 4)}
+
+
+def parameter_movement(model: nn.Module, initial: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """How far each parameter moved from its initial value: the L2 change ||w - w0||, relative to ||w0||
+    (None for a tensor that started at zero, e.g. a bias), and the correlation of w with w0 (1.0: it did
+    not train; None for a scalar or a constant tensor)."""
+    out = {}
+    for name, param in model.named_parameters():
+        w, w0 = param.detach().double().flatten(), initial[name].double().flatten()
+        change, norm0 = float((w - w0).norm()), float(w0.norm())
+        corr = (float(torch.corrcoef(torch.stack([w, w0]))[0, 1])
+                if w.numel() > 1 and float(w0.std()) > 0 and float(w.std()) > 0 else None)
+        out[name] = {"absolute_change": round(change, 6), "relative_change": round(change / norm0, 4) if norm0 > 0 else None,
+                     "correlation": None if corr is None else round(corr, 4), "numel": int(w.numel())}
+    return out
+
+
+def dev_evaluation(model: nn.Module, dev_split, config: TrainConfig, images: int, first_stage, progress: bool
+                   ) -> tuple[dict, float, dict | None]:
+    """(dev metrics, selection rsum, fusion record or None) of a model in eval mode, through engine.ranking.
+
+    - dual encoder, or BSSAN without a first stage: exhaustive scores of the first `images` dev images
+      (0 = all) and their captions (BSSAN exhaustive over 1K x 5K costs over an hour on 2 cores).
+    - BSSAN with a first stage: the product's protocol on the whole split: the first stage's top dev_k
+      per query re-scored by BSSAN, fused with a weight tuned on this split (FUSION_GRID, weight 0 =
+      the first stage alone included); selection by the fused rsum, ties broken by BSSAN alone at K.
+      The record keeps BSSAN alone at K and the first stage alone beside it."""
+    per = captions_per_image_of(dev_split)
+    if first_stage is None:
+        scores = score_split(model, dev_split, config.word_set, images=images, progress=progress)
+        dev = two_stage_metrics(scores, None, None, per, FIRST_STAGE_ALONE)
+        return dev, dev["rsum"], None
+    first = first_stage.scores(dev_split, config.word_set)  # [N_img, N_cap]
+    image_index, text_index = candidate_pairs(first, config.dev_k)
+    bssan = rescore_pairs(model, dev_split, config.word_set, image_index, text_index, progress=progress, desc="dev re-scoring")
+    lookup = dict(zip(zip(image_index.tolist(), text_index.tolist()), bssan.tolist()))
+    rescore = lambda i, t: [lookup[p] for p in zip(i.tolist(), t.tolist())]  # noqa: E731 (only candidates are asked)
+    alone = two_stage_metrics(first, rescore, config.dev_k, per, BSSAN_ALONE)
+    unit = float(first[image_index, text_index].std() / max(bssan.std(), 1e-12))
+    best, rows = tune_fusion(first, (image_index, text_index, bssan), config.dev_k, per, tuple(unit * w for w in FUSION_GRID))
+    fused = two_stage_metrics(first, rescore, config.dev_k, per, best)
+    record = {**best.to_dict(), "rsum": fused["rsum"], "k": config.dev_k, "first_stage": str(first_stage.directory),
+              "first_stage_sha256": first_stage.weights_sha256, "tuned_on": f"{dev_split.name} ({first.shape[0]} images)",
+              "grid": rows, "fused": fused, "first_stage_alone": rows[0]["rsum"]}
+    return alone, fused["rsum"] + 1e-3 * alone["rsum"], record
 
 
 def train(store_path: str | os.PathLike, out: str | os.PathLike, kind: ModelKind, model_config: Any,
@@ -220,7 +315,18 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
     train_split = store.split("train")
     torch.manual_seed(train_config.seed)
     model, _ = build_model(kind, model_config.to_dict())
-    optimizer = torch.optim.SGD(model.parameters(), lr=train_config.lr, momentum=train_config.momentum)
+    first_stage = None
+    if kind is ModelKind.BSSAN and train_config.first_stage:
+        from training.mining import FirstStage
+        first_stage = FirstStage.load(train_config.first_stage, store, out, progress=progress)
+    if kind is ModelKind.BSSAN and hasattr(model, "set_input_scales"):
+        model.set_input_scales(input_scales(train_split, train_config.word_set))  # before the initial copy: part of w0
+    initial_path = out / INITIAL_WEIGHTS
+    if not initial_path.is_file():  # the weights before the first step, for parameter_movement at the end
+        tmp = out / f".{INITIAL_WEIGHTS}.tmp"
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, initial_path)
+    optimizer = build_optimizer(model, train_config)
     pos = Position()
     state = load_train_state(out / "last") if (out / "last").is_dir() else None
     if state is not None:
@@ -232,8 +338,9 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
 
     grouped = kind is ModelKind.BSSAN and train_config.batch_images > 0 and not train_config.hardest_negatives
     if grouped:
+        mining = first_stage.mining(train_config) if first_stage is not None and train_config.mined_fraction > 0 else None
         batches = ImageBatches(train_split, train_config.word_set, train_config.batch_images, train_config.seed,
-                               negative_images=train_config.negative_images)
+                               negative_images=train_config.negative_images, mining=mining)
     else:
         batches = PairBatches(train_split, train_config.word_set, train_config.batch_size, train_config.seed,
                               negative_captions=kind is ModelKind.BSSAN and not train_config.hardest_negatives,
@@ -241,6 +348,7 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
                               and not train_config.hardest_negatives)
     step = bssan_grouped_step if grouped else STEPS[kind]
     metrics = {"dev": pos.history, "best_epoch": pos.best_epoch}
+    gradients = GradientLog(train_config.grad_clip, (state or {}).get("grad_norms"))
 
     def dev_split_of_store():
         deadline = time.monotonic() + wait_for_dev
@@ -262,29 +370,30 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
     def save_last() -> None:
         sync_metrics()
         train_state = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                       "position": dict(vars(pos))}
+                       "position": dict(vars(pos)), "grad_norms": list(gradients.norms)}
         save_checkpoint(out / "last", model, train_config, store=store, metrics=metrics, train_state=train_state,
                         command=command, overwrite=True)
 
     ran, last_save = 0, time.monotonic()
     for epoch in range(pos.epoch, train_config.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(train_config, epoch)
         order = batches.order(epoch)
         model.train()
         epoch_start, pairs_before = time.perf_counter(), pos.pairs_seen
         bar = tqdm(total=batches.num_pairs, initial=pos.pairs_seen,
                    unit="pair", unit_scale=True, desc=f"epoch {epoch + 1}/{train_config.epochs}", disable=not progress)
         for index in range(pos.batch, batches.num_batches):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(train_config, epoch, index, batches.num_batches)
             batch = batches.batch(epoch, index, order)
-            loss = step(model, batch, train_config)
+            loss = step(model, batch, train_config, epoch=epoch)
             if not torch.isfinite(loss):
-                raise InputError(f"training diverged at epoch {epoch + 1} batch {index}: loss {loss.item()}; "
-                                 f"expected a finite loss (lower lr={train_config.lr} or grad_clip={train_config.grad_clip})")
+                raise TrainingDiverged(f"training diverged at epoch {epoch + 1} batch {index}: loss {loss.item()}; "
+                                       f"expected a finite loss (lower lr={train_config.lr} or grad_clip={train_config.grad_clip})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if train_config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+            # the norm BEFORE clipping is logged; max_norm inf measures without clipping
+            norm = nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip if train_config.grad_clip > 0 else math.inf)
+            gradients.add(float(norm))
             optimizer.step()
             pos.batch, pos.loss_sum, pos.pairs_seen = index + 1, pos.loss_sum + loss.item(), pos.pairs_seen + len(batch)
             bar.update(len(batch))
@@ -302,21 +411,33 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
         model.eval()
         dev_split = dev_split_of_store()
         start = time.perf_counter()
-        dev_scores = score_split(model, dev_split, train_config.word_set, images=metrics["dev_images"], progress=progress)
-        dev = retrieval_metrics(dev_scores, captions_per_image=dev_split.captions_per_image())
+        dev, selection, fusion_record = dev_evaluation(model, dev_split, train_config, metrics["dev_images"], first_stage, progress)
+        epoch_norms = GradientLog(train_config.grad_clip, gradients.norms[-max(pos.batch, 1):]).summary()
         record = {"epoch": epoch + 1, "loss": pos.loss_sum / max(pos.batch, 1), "pairs": pos.pairs_seen,
                   "lr": optimizer.param_groups[0]["lr"], "train_pairs_per_second": round(pairs_per_second, 1),
-                  "dev": dev, "dev_images": int(dev_scores.shape[0]), "dev_seconds": round(time.perf_counter() - start, 3)}
+                  "dev": dev, "dev_images": metrics["dev_images"], "dev_seconds": round(time.perf_counter() - start, 3),
+                  "selection_rsum": selection, **epoch_norms}
+        if fusion_record is not None:
+            record["fusion"] = fusion_record
         pos.history = pos.history + [record]
-        print(f"epoch {epoch + 1}: loss {record['loss']:.4f} | dev {format_metrics(dev)}", file=sys.stderr)
-        if dev["rsum"] > pos.best_rsum:
-            pos.best_rsum, pos.best_epoch = dev["rsum"], epoch + 1
+        print(f"epoch {epoch + 1}: loss {record['loss']:.4f} | grad norm median {epoch_norms.get('grad_norm_median')} "
+              f"clipped {epoch_norms.get('clipped_share')} | dev {format_metrics(dev)}"
+              + (f" | fused rsum {fusion_record['rsum']:.1f} (bssan_weight {fusion_record['bssan_weight']:.3g})" if fusion_record else ""),
+              file=sys.stderr)
+        if selection > pos.best_rsum:
+            pos.best_rsum, pos.best_epoch = selection, epoch + 1
             sync_metrics()
             save_checkpoint(out / "best", model, train_config, store=store, metrics=metrics, command=command, overwrite=True)
+            if fusion_record is not None:
+                write_json_atomic(out / "best" / FUSION, fusion_record)
         pos.epoch, pos.batch, pos.loss_sum, pos.pairs_seen = epoch + 1, 0, 0.0, 0
         save_last()
         last_save = time.monotonic()
     sync_metrics()
+    if pos.epoch >= train_config.epochs and initial_path.is_file():
+        movement = parameter_movement(model, torch.load(initial_path, weights_only=True))
+        metrics["parameter_movement"] = movement
+        write_json_atomic(out / "movement.json", movement)
     if plot and pos.history:
         plot_curves(out, pos.history)
     return metrics
@@ -354,7 +475,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, TrainConfig]:
     for name in ("epochs", "seed", "word_set"):
         if getattr(args, name) is not None:
             train_overrides[name] = getattr(args, name)
-    train_config = replace_strict(TrainConfig(), **train_overrides)
+    train_config = replace_strict(recipe(args.recipe), **train_overrides)
     model_overrides = {k: v for k, v in overrides.items() if k in model_fields}
     model_config = replace_strict(model_config, **model_overrides)
     split = FeatureStore(args.store).split("train")
@@ -369,8 +490,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--store", type=Path, required=True, help="feature store directory (python -m engine.features)")
     parser.add_argument("--out", type=Path, required=True, help="run directory: best/, last/, run.json, curves.png")
     parser.add_argument("--model-kind", choices=[k.value for k in ModelKind], default=ModelKind.BSSAN.value)
-    parser.add_argument("--preset", choices=sorted(set(PRESETS) & set(DUAL_ENCODER_PRESETS)), default="flickr8k",
+    parser.add_argument("--preset", choices=sorted(set(PRESETS) | set(DUAL_ENCODER_PRESETS)), default="flickr8k",
                         help="named model sizes (input sizes are then taken from the store)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                        help="optimisation recipe: default (AdamW, mean hinges, warm-up + cosine) or paper (SGD 0.01, summed hinges)")
     parser.add_argument("--word-set", help="words_<set>.npy of the store to read (default: TrainConfig's glove50)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model or train config field")
     parser.add_argument("--epochs", type=int, help="number of epochs (may change between resumes)")

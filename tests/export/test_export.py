@@ -248,3 +248,24 @@ def test_assets_are_copied_with_their_manifests(tmp_path):
     assert assets == {"roi_align": {"graph": "assets/roi_align.onnx", "manifest": "assets/roi_align.json", "kind": "roi_align"}}
     assert (tmp_path / "artifact" / "assets" / "roi_align.onnx").read_bytes() == b"graph"
     assert _copy_assets(tmp_path / "none", tmp_path / "x") == {}
+
+
+@pytest.mark.parametrize("attention", ["tanh", "scaled"])
+def test_input_scales_and_attention_temperature_fold_into_the_graphs(tmp_path, attention):
+    """The issue-10 model (per-channel input scales, learnable attention temperature) exports to the same
+    graphs as the paper's form: folded() moves scales and tau into the weights; parity holds."""
+    torch.manual_seed(3)
+    config = replace_strict(preset("demo"), input_scaling=True, attention=attention)
+    model = BSSAN(config).eval()
+    rng = np.random.default_rng(0)
+    model.set_input_scales({"regions": rng.uniform(0.2, 5, config.region_dim), "objects": rng.uniform(0.2, 5, config.object_dim),
+                            "words": rng.uniform(0.2, 5, config.word_dim)})
+    if attention == "scaled":
+        with torch.no_grad():
+            model.w2r.attn_log_temperature.fill_(1.3)
+            model.o2w.attn_log_temperature.fill_(-0.4)
+    dims = graph_dims(model)
+    modules = build_graph_modules(model)
+    paths = {n: export_graph(m, n, dims, tmp_path / f"{n}.onnx", "fp32") for n, m in modules.items()}
+    report = validate_bssan(model, modules, paths, dims)
+    assert max(v for k, v in report["worst"].items() if k.startswith("pipeline")) <= PARITY_TOLERANCE, report["worst"]

@@ -340,3 +340,30 @@ def test_input_sizes_from_store(tmp_path):
     user = replace_strict(preset("paper"), region_dim=512)
     with pytest.raises(InputError, match=r"ModelConfig.region_dim: set to 512, but the feature store has 7"):
         with_input_sizes(user, sizes, explicit={"region_dim"})
+
+
+@pytest.mark.parametrize("attention", ["tanh", "scaled"])
+def test_folded_model_scores_like_the_model_with_scales_and_temperature(attention):
+    from training.model import reference_scores
+    torch.manual_seed(0)
+    config = replace_strict(preset("demo"), input_scaling=True, attention=attention)
+    model = BSSAN(config).eval()
+    rng = np.random.default_rng(1)
+    scales = {"regions": rng.uniform(0.2, 5, config.region_dim), "objects": rng.uniform(0.2, 5, config.object_dim),
+              "words": rng.uniform(0.2, 5, config.word_dim)}
+    model.set_input_scales(scales)
+    if attention == "scaled":
+        with torch.no_grad():
+            model.w2r.attn_log_temperature.fill_(0.9)
+            model.o2w.attn_log_temperature.fill_(0.5)
+    regions, objects = torch.randn(4, config.region_count, config.region_dim), torch.randn(4, config.object_count, config.object_dim)
+    words, lengths = torch.randn(4, config.max_words, config.word_dim), torch.tensor([3, 8, 1, 5])
+    folded = model.folded()
+    assert torch.equal(folded.region_scale, torch.ones(config.region_dim))
+    ours = model.score_matrix(regions, objects, words, lengths)
+    assert torch.allclose(folded.score_matrix(regions, objects, words, lengths), ours, atol=1e-5)
+    # the paper-as-written reference applies the same scales
+    y, yp = reference_scores(model, regions, objects, words[:, :8], lengths)
+    assert torch.allclose(model.combine(y, yp), ours.diagonal(), atol=1e-5)
+    with pytest.raises(InputError, match="input scales words: expected shape"):
+        model.set_input_scales({**scales, "words": np.ones(3)})

@@ -12,8 +12,8 @@ import torch
 from engine.errors import InputError, StoreError
 from engine.metrics import retrieval_metrics
 from engine.store import FeatureStore
-from training.checkpoint import TRAIN_STATE, WEIGHTS, ModelKind, load_checkpoint, load_train_state
-from training.config import TrainConfig, preset, replace_strict
+from training.checkpoint import TRAIN_STATE, WEIGHTS, ModelKind, build_model, load_checkpoint, load_train_state
+from training.config import Schedule, TrainConfig, paper_recipe, preset, replace_strict
 from training.data import ImageBatches, PairBatches
 from training.train import SimulatedKill, learning_rate, main, train
 
@@ -25,7 +25,7 @@ def _weights(path):
 
 
 def test_training_lowers_the_loss_and_beats_chance_on_dev(tmp_path, train_store):
-    config = TrainConfig(epochs=5, batch_size=32)
+    config = TrainConfig(epochs=5, batch_size=32, lr=5e-3)  # the demo model is tiny: a larger AdamW step
     metrics = train(train_store, tmp_path / "run", ModelKind.BSSAN, preset("demo"), config, **FAST)
     history = metrics["dev"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
@@ -60,8 +60,10 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, train_store, batch_image
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
     state, expected = load_train_state(run / "last"), load_train_state(tmp_path / "straight" / "last")
-    for key, value in expected["optimizer"]["state"].items():
-        assert torch.equal(state["optimizer"]["state"][key]["momentum_buffer"], value["momentum_buffer"])
+    for key, value in expected["optimizer"]["state"].items():  # AdamW's moments and step counts, exactly
+        assert value.keys() == state["optimizer"]["state"][key].keys()
+        assert all(torch.equal(state["optimizer"]["state"][key][k], v) for k, v in value.items())
+    assert state["grad_norms"] == expected["grad_norms"]
 
 
 def _strip(record: dict) -> dict:
@@ -110,8 +112,41 @@ def test_hardest_negatives_and_softmax_negatives_train(tmp_path, train_store):
 
 
 def test_learning_rate_step_decay():
-    assert [learning_rate(TrainConfig(lr=0.1, lr_decay_every=2, lr_decay=0.5), e) for e in range(5)] == [0.1, 0.1, 0.05, 0.05, 0.025]
-    assert learning_rate(TrainConfig(lr=0.1), 9) == 0.1
+    assert [learning_rate(TrainConfig(lr=0.1, lr_decay_every=2, lr_decay=0.5, schedule=Schedule.STEP, warmup_epochs=0), e) for e in range(5)] == [0.1, 0.1, 0.05, 0.05, 0.025]
+    assert learning_rate(paper_recipe(), 9) == 0.01  # the paper's constant SGD lr
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
+    config = TrainConfig(lr=1e-3, epochs=4, warmup_epochs=0.5, min_lr_ratio=0.1)
+    steps = 10  # batches per epoch: warm-up is 5 batches
+    lrs = [learning_rate(config, e, b, steps) for e in range(4) for b in range(steps)]
+    assert lrs[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # never rises after warm-up
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.02)
+    with pytest.raises(InputError, match="a step decay goes with schedule=step"):
+        TrainConfig(lr_decay_every=2)
+
+
+def test_runs_log_gradient_norms_clipping_and_parameter_movement(tmp_path, train_store):
+    config = TrainConfig(epochs=2, batch_size=32, lr=5e-3, grad_clip=0.05)  # a clip that acts on most steps
+    metrics = train(train_store, tmp_path / "run", ModelKind.BSSAN, preset("demo"), config, **FAST)
+    for record in metrics["dev"]:
+        assert record["grad_norm_max"] >= record["grad_norm_median"] > 0
+        assert 0.5 <= record["clipped_share"] <= 1.0
+    movement = metrics["parameter_movement"]
+    assert set(movement) == {name for name, _ in build_model(ModelKind.BSSAN, preset("demo").to_dict())[0].named_parameters()}
+    # every tensor moved; the scalar bias of each MLP's last layer cancels in the hinge's differences
+    assert all(m["absolute_change"] > 0 for m in movement.values() if m["numel"] > 1)
+    assert all(m["correlation"] is None or -1.0 <= m["correlation"] <= 1.0 for m in movement.values())
+    assert json.loads((tmp_path / "run" / "movement.json").read_text()) == movement
+
+
+def test_the_paper_recipe_is_reachable_from_the_command_line(tmp_path, train_store):
+    out = tmp_path / "run"
+    assert main(["--store", str(train_store), "--out", str(out), "--preset", "demo", "--recipe", "paper",
+                 "--epochs", "1", "--no-progress"]) == 0
+    train_config = json.loads((out / "run.json").read_text())["train"]
+    assert (train_config["optimizer"], train_config["lr"], train_config["reduction"]) == ("sgd", 0.01, "sum")
 
 
 # ---------------------------------------------------------------------------------------------
