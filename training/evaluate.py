@@ -15,15 +15,12 @@ dual_encoder) work. The metrics (engine.metrics.retrieval_metrics) are printed o
 and, with --json, written as {"i2t": {r1, r5, r10, medr, meanr}, "t2i": {...}, "rsum"}
 (the checkpoint form adds "split", "checkpoint", "store", "images", "captions", "seconds").
 
-Shortlist protocol (--shortlist, --shortlist-k K): exhaustive BSSAN scoring of 1K x 5K pairs is
-over an hour on 2 CPU cores, so a dual-encoder checkpoint ranks every pair first and the model
-re-scores only the union of each image's top-K captions and each caption's top-K images. Every
-other pair gets one score below all re-scored ones, so a ground truth outside the shortlist ranks
-below the whole shortlist and, with ties counted against the query, below every tied pair too.
-The JSON says "protocol": "shortlist" with K and the shortlist's own recall: the percent of
-images with at least one own caption among their top-K captions (i2t) and of captions whose
-image is among their top-K images (t2i), the ceiling of R@K for K above the shortlist. K at
-least the gallery size equals exhaustive scoring.
+Two-stage protocol (--shortlist DUAL --shortlist-k K): the product's ranking, engine.ranking (the one
+protocol of the project): per direction, each query's top-K items by the dual encoder are re-ranked by
+the fused score and placed above the rest, which keep the dual encoder's order. The fusion is the one
+tuned on dev (the checkpoint's fusion.json, when it was tuned with this dual encoder), or BSSAN alone with
+--no-fusion or without a record; --shortlist-k all re-ranks every pair (exhaustive, fused). The JSON's
+"protocol" gives K, the fusion and the first stage's recall@K (the ceiling of R@K' for K' > K).
 
 Outputs are written atomically (temp file + rename). An existing --json or --save-scores file
 is never replaced unless --force: a finished evaluation is a result someone may be quoting.
@@ -45,6 +42,7 @@ from torch import nn
 
 from engine.errors import BssanError, InputError, StoreError
 from engine.metrics import format_metrics, retrieval_metrics
+from engine.ranking import BSSAN_ALONE, FIRST_STAGE_ALONE, Fusion, two_stage_metrics
 from engine.store import FeatureStore, SplitFeatures
 
 
@@ -127,37 +125,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store: str | os.PathLike,
     start = time.perf_counter()
     scores = score_split(ckpt.model, features, word_set, image_block=image_block, caption_block=caption_block, progress=progress)
     seconds = time.perf_counter() - start
-    metrics = retrieval_metrics(scores, captions_per_image=per)
+    metrics = two_stage_metrics(scores, None, None, per, FIRST_STAGE_ALONE)  # every pair scored by the model itself
     metrics.update(split=split, checkpoint=str(Path(checkpoint).resolve()), store=str(Path(store).resolve()),
                    kind=ckpt.kind.value, word_set=word_set, images=int(scores.shape[0]), captions=int(scores.shape[1]),
                    captions_per_image=per, seconds=round(seconds, 3))
     return metrics, scores
-
-
-def shortlist_mask(first: np.ndarray, k: int) -> np.ndarray:
-    """[N_img, N_cap] bool: the union of each row's top-k columns and each column's top-k rows of `first`."""
-    n_img, n_cap = first.shape
-    mask = np.zeros(first.shape, dtype=bool)
-    if k >= n_cap:
-        mask[:] = True
-    else:
-        np.put_along_axis(mask, np.argpartition(-first, k - 1, axis=1)[:, :k], True, axis=1)  # top-k captions per image
-    if k >= n_img:
-        mask[:] = True
-    else:
-        np.put_along_axis(mask, np.argpartition(-first, k - 1, axis=0)[:k], True, axis=0)  # top-k images per caption
-    return mask
-
-
-def shortlist_recall(first: np.ndarray, k: int, captions_per_image: int) -> dict[str, float]:
-    """Percent of ground truths inside the top-k of `first` (see the module docstring)."""
-    n_img, n_cap = first.shape
-    own = np.arange(n_cap) // captions_per_image  # [N_cap] image of each caption
-    top_captions = np.argsort(-first, axis=1, kind="stable")[:, :k]  # [N_img, k]
-    top_images = np.argsort(-first, axis=0, kind="stable")[:k]  # [k, N_cap]
-    i2t = (own[top_captions] == np.arange(n_img)[:, None]).any(axis=1)  # [N_img]
-    t2i = (top_images == own[None, :]).any(axis=0)  # [N_cap]
-    return {"i2t": float(100.0 * i2t.mean()), "t2i": float(100.0 * t2i.mean())}
 
 
 @torch.no_grad()
@@ -193,38 +165,62 @@ def rescore_pairs(model: nn.Module, split: SplitFeatures, word_set: str, image_i
     return out
 
 
-def evaluate_shortlist(checkpoint: str | os.PathLike, shortlist: str | os.PathLike, store: str | os.PathLike,
-                       k: int, split: str = "test", pair_block: int = 2048, progress: bool = True) -> tuple[dict, np.ndarray]:
-    """(metrics with run details, scores [N_img, N_cap]) of `checkpoint` re-scoring the top-k
-    shortlist of the dual encoder `shortlist` on a store split (see the module docstring)."""
+def fusion_of(checkpoint: str | os.PathLike, first_stage_sha256: str) -> Fusion | None:
+    """The fusion recorded beside a BSSAN checkpoint (fusion.json, tuned on dev by training.train) if it was
+    tuned with this first stage (same weights hash); None otherwise."""
+    path = Path(checkpoint) / "fusion.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: corrupt JSON ({exc}); expected a fusion record") from exc
+    if record.get("first_stage_sha256") != first_stage_sha256:
+        return None
+    return Fusion.from_dict(record, where=str(path))
+
+
+def evaluate_two_stage(checkpoint: str | os.PathLike, shortlist: str | os.PathLike, store: str | os.PathLike,
+                       k: int | None, split: str = "test", fusion: Fusion | str = "recorded", pair_block: int = 2048,
+                       progress: bool = True) -> dict:
+    """Metrics (engine.ranking's protocol) of BSSAN `checkpoint` behind the dual-encoder first stage
+    `shortlist` on a store split: each query's first-stage top-k re-ranked by the fused score (k None:
+    every pair). fusion "recorded": the checkpoint's fusion.json if it was tuned with this first stage,
+    else BSSAN alone; or a Fusion (BSSAN_ALONE to measure BSSAN by itself)."""
+    from engine.files import file_sha256
     from training.checkpoint import ModelKind, load_checkpoint
 
     ckpt, first_ckpt = load_checkpoint(checkpoint), load_checkpoint(shortlist)
     if first_ckpt.kind is not ModelKind.DUAL_ENCODER:
         raise InputError(f"--shortlist {shortlist}: expected a dual_encoder checkpoint, got {first_ckpt.kind.value}")
+    first_sha = file_sha256(Path(shortlist) / "weights.pt")
+    if fusion == "recorded":
+        fusion = fusion_of(checkpoint, first_sha) or BSSAN_ALONE
     features = FeatureStore(store).split(split)
     per = captions_per_image_of(features)
     start = time.perf_counter()
     first = score_split(first_ckpt.model, features, first_ckpt.train_config.word_set)  # [N_img, N_cap]
-    mask = shortlist_mask(first, k)
-    image_index, text_index = np.nonzero(mask)
-    rescored = rescore_pairs(ckpt.model, features, ckpt.train_config.word_set, image_index, text_index, pair_block, progress,
-                             desc=f"re-scoring top-{k}")
-    word_set = ckpt.train_config.word_set
-    if not np.isfinite(rescored).all():
-        raise StoreError(f"{features.root / features.name}: non-finite re-scored pair; expected finite features")
-    floor = (rescored.min() if len(rescored) else 0.0) - 1.0
-    scores = np.full(first.shape, floor, dtype=np.float32)
-    scores[image_index, text_index] = rescored
-    seconds = time.perf_counter() - start
-    metrics = retrieval_metrics(scores, captions_per_image=per)
+    rescored = {"pairs": 0}
+
+    def rescore(image_index: np.ndarray, text_index: np.ndarray) -> np.ndarray:
+        rescored["pairs"] = len(image_index)
+        scores = rescore_pairs(ckpt.model, features, ckpt.train_config.word_set, image_index, text_index, pair_block,
+                               progress, desc=f"re-scoring {'every pair' if k is None else f'top-{k}'}")
+        if not np.isfinite(scores).all():
+            raise StoreError(f"{features.root / features.name}: non-finite re-scored pair; expected finite features")
+        return scores
+
+    metrics = two_stage_metrics(first, rescore if fusion.uses_bssan else None, k, per, fusion)
     metrics.update(split=split, checkpoint=str(Path(checkpoint).resolve()), store=str(Path(store).resolve()),
-                   kind=ckpt.kind.value, word_set=word_set, images=int(scores.shape[0]), captions=int(scores.shape[1]),
-                   captions_per_image=per, seconds=round(seconds, 3), protocol="shortlist", shortlist_k=k,
-                   shortlist=str(Path(shortlist).resolve()), shortlist_word_set=first_ckpt.train_config.word_set,
-                   shortlist_recall=shortlist_recall(first, k, per), rescored_pairs=int(len(rescored)),
-                   rescored_fraction=round(float(mask.mean()), 4))
-    return metrics, scores
+                   kind=ckpt.kind.value, word_set=ckpt.train_config.word_set, images=int(first.shape[0]),
+                   captions=int(first.shape[1]), captions_per_image=per, seconds=round(time.perf_counter() - start, 3),
+                   shortlist=str(Path(shortlist).resolve()), shortlist_sha256=first_sha,
+                   shortlist_word_set=first_ckpt.train_config.word_set, rescored_pairs=rescored["pairs"])
+    return metrics
+
+
+def _k(text: str) -> int | None:
+    return None if text == "all" else _positive(text)
 
 
 def _positive(text: str) -> int:
@@ -248,7 +244,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-images", type=_positive, help="images per scoring block (default: the model's)")
     parser.add_argument("--batch-captions", type=_positive, help="captions per scoring block (default: the model's)")
     parser.add_argument("--shortlist", type=Path, help="with --checkpoint: a dual-encoder checkpoint whose top-K pairs the model re-scores")
-    parser.add_argument("--shortlist-k", type=_positive, default=100, help="with --shortlist: K (default 100)")
+    parser.add_argument("--shortlist-k", type=_k, default=100, help="with --shortlist: K per query, or 'all' (default 100)")
+    parser.add_argument("--no-fusion", action="store_true",
+                        help="with --shortlist: rank by BSSAN alone (default: the fusion tuned on dev, fusion.json)")
     parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
     parser.add_argument("--force", action="store_true", help="replace existing --json / --save-scores files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -282,12 +280,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics = retrieval_metrics(scores, captions_per_image=args.captions_per_image, folds=args.folds)
         else:
             if args.shortlist is not None:
-                metrics, scores = evaluate_shortlist(args.checkpoint, args.shortlist, args.store, args.shortlist_k,
-                                                     args.split, progress=not args.no_progress)
+                if args.save_scores is not None:
+                    raise InputError("--save-scores goes with exhaustive scoring (no --shortlist); the two-stage protocol "
+                                     "ranks per direction, not one matrix")
+                metrics = evaluate_two_stage(args.checkpoint, args.shortlist, args.store, args.shortlist_k, args.split,
+                                             BSSAN_ALONE if args.no_fusion else "recorded", progress=not args.no_progress)
+                scores = None
             else:
                 metrics, scores = evaluate_checkpoint(args.checkpoint, args.store, args.split, args.batch_images,
                                                       args.batch_captions, progress=not args.no_progress)
-            if args.folds > 1:
+            if args.folds > 1 and scores is not None:
                 metrics.update(retrieval_metrics(scores, captions_per_image=metrics["captions_per_image"], folds=args.folds),
                                folds=args.folds)
             if args.save_scores is not None:

@@ -15,7 +15,8 @@ from engine.store import FeatureStore
 from training.baseline import DualEncoder, dual_encoder_preset
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig, preset, replace_strict
-from training.evaluate import evaluate_checkpoint, evaluate_shortlist, main, score_split, shortlist_mask
+from engine.ranking import BSSAN_ALONE, FIRST_STAGE_ALONE, candidate_pairs, two_stage_metrics
+from training.evaluate import evaluate_checkpoint, evaluate_two_stage, main, score_split
 from training.model import BSSAN
 
 
@@ -112,33 +113,43 @@ def gated_checkpoint(tmp_path_factory, tiny_store):
     return path
 
 
-def test_shortlist_of_the_whole_gallery_equals_exhaustive_scoring(tiny_store, checkpoints, gated_checkpoint):
+def test_two_stage_over_every_pair_equals_exhaustive_scoring(tiny_store, checkpoints, gated_checkpoint):
     for checkpoint in (gated_checkpoint, checkpoints / "bssan"):
-        exhaustive, full_scores = evaluate_checkpoint(checkpoint, tiny_store, "test", progress=False)
-        metrics, scores = evaluate_shortlist(checkpoint, checkpoints / "dual", tiny_store, k=10_000, split="test", progress=False)
-        np.testing.assert_allclose(scores, full_scores, rtol=1e-5, atol=1e-5)
+        exhaustive, _ = evaluate_checkpoint(checkpoint, tiny_store, "test", progress=False)
+        metrics = evaluate_two_stage(checkpoint, checkpoints / "dual", tiny_store, k=None, split="test", progress=False)
         for side in ("i2t", "t2i"):
-            assert metrics[side] == pytest.approx(exhaustive[side])
-        assert metrics["shortlist_recall"] == {"i2t": 100.0, "t2i": 100.0} and metrics["rescored_fraction"] == 1.0
+            assert metrics[side] == pytest.approx(exhaustive[side], abs=1e-6)
+        assert metrics["protocol"] == {"k": None, "fusion": BSSAN_ALONE.to_dict()}
 
 
-def test_shortlist_rescores_only_the_top_k_union_and_ranks_the_rest_last(tmp_path, tiny_store, checkpoints, gated_checkpoint, capsys):
+def test_two_stage_cli_reranks_the_top_k_with_the_recorded_fusion(tmp_path, tiny_store, checkpoints, gated_checkpoint):
     out = tmp_path / "m.json"
     assert main(["--checkpoint", str(gated_checkpoint), "--store", str(tiny_store), "--split", "test", "--shortlist",
                  str(checkpoints / "dual"), "--shortlist-k", "2", "--json", str(out), "--no-progress"]) == 0
     metrics = json.loads(out.read_text())
-    assert metrics["protocol"] == "shortlist" and metrics["shortlist_k"] == 2
+    assert metrics["protocol"]["k"] == 2 and metrics["protocol"]["fusion"] == BSSAN_ALONE.to_dict()
     split = FeatureStore(tiny_store).split("test")
     first = score_split(load_checkpoint(checkpoints / "dual").model, split, "glove50")
-    mask = shortlist_mask(first, 2)
-    assert (mask.sum(axis=1) >= 2).all() and (mask.sum(axis=0) >= 2).all() and not mask.all()
-    assert metrics["rescored_pairs"] == int(mask.sum())
+    image_index, _ = candidate_pairs(first, 2)
+    assert metrics["rescored_pairs"] == len(image_index) < first.size
     per = split.captions_per_image()
     own = np.arange(first.shape[1]) // per
     t2i = np.mean([own[j] in np.argsort(-first[:, j], kind="stable")[:2] for j in range(first.shape[1])]) * 100
-    assert metrics["shortlist_recall"]["t2i"] == pytest.approx(t2i)
-    _, scores = evaluate_shortlist(gated_checkpoint, checkpoints / "dual", tiny_store, k=2, split="test", progress=False)
-    assert scores[~mask].max() < scores[mask].min() and len(np.unique(scores[~mask])) == 1
+    assert metrics["protocol"]["first_stage_recall"]["t2i"] == pytest.approx(t2i)
+    # a fusion record tuned with this first stage is used; --no-fusion measures BSSAN alone
+    from engine.files import file_sha256
+    record = {"first_stage_weight": 1.0, "bssan_weight": 0.0001, "first_stage_sha256": file_sha256(checkpoints / "dual" / "weights.pt")}
+    (gated_checkpoint / "fusion.json").write_text(json.dumps(record))
+    try:
+        fused = evaluate_two_stage(gated_checkpoint, checkpoints / "dual", tiny_store, k=2, split="test", progress=False)
+        alone = evaluate_two_stage(gated_checkpoint, checkpoints / "dual", tiny_store, k=2, split="test", fusion=BSSAN_ALONE,
+                                   progress=False)
+    finally:
+        (gated_checkpoint / "fusion.json").unlink()
+    assert fused["protocol"]["fusion"] == {"first_stage_weight": 1.0, "bssan_weight": 0.0001}
+    first_alone = two_stage_metrics(first, None, None, per, FIRST_STAGE_ALONE)
+    assert fused["rsum"] == pytest.approx(first_alone["rsum"])  # a tiny BSSAN weight only breaks the first stage's ties
+    assert alone["protocol"]["fusion"] == BSSAN_ALONE.to_dict()
 
 
 def test_shortlist_must_be_a_dual_encoder(tmp_path, tiny_store, checkpoints, capsys):
@@ -147,4 +158,4 @@ def test_shortlist_must_be_a_dual_encoder(tmp_path, tiny_store, checkpoints, cap
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     with pytest.raises(InputError, match=r"--shortlist .*: expected a dual_encoder checkpoint, got bssan"):
-        evaluate_shortlist(checkpoints / "bssan", checkpoints / "bssan", tiny_store, k=5, progress=False)
+        evaluate_two_stage(checkpoints / "bssan", checkpoints / "bssan", tiny_store, k=5, progress=False)
