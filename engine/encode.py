@@ -39,7 +39,8 @@ def image_pipeline(artifact: Artifact, threads: int | None = None, backend: str 
     from engine.detect import DEFAULT_MIN_SCORE
     from engine.features import DEFAULT_BOXES, ExtractConfig, Extractor, rerunnable_extractor
     from engine.text import DEFAULT_ASSETS_DIR
-    from engine.files import file_sha256
+    from engine.assets import check_same_graph
+    from engine.vision import read_asset_manifest
 
     info = artifact.manifest.get("preprocessing") or {}
     extractor = info.get("extractor", info) or {}
@@ -50,9 +51,8 @@ def image_pipeline(artifact: Artifact, threads: int | None = None, backend: str 
     if folder is None:
         raise AssetError(f"backbone {stem}: {stem}.json and roi_align.json not found in {' or '.join(map(str, candidates))}; "
                          f"build them with: python -m export.backbones --out {DEFAULT_ASSETS_DIR}")
-    if file_sha256(folder / backbone["graph"]) != backbone.get("graph_sha256"):
-        raise AssetError(f"{folder / backbone['graph']}: sha256 differs from the backbone the model was trained with "
-                         f"({str(backbone.get('graph_sha256'))[:12]}); expected the same graph (re-export the backbones)")
+    check_same_graph(backbone, folder / backbone["graph"], read_asset_manifest(folder / f"{stem}.json", "region-backbone"),
+                     "the backbone the model was trained with")
     config = ExtractConfig(images=Path(), captions=Path(), out=Path(), assets=folder, backbone=stem, word_features=(),
                            boxes_per_image=int(extractor.get("boxes_per_image", DEFAULT_BOXES)),
                            min_score=float(detector.get("min_score", DEFAULT_MIN_SCORE)), threads=threads or 2,

@@ -196,8 +196,14 @@ class _GraphRunner:
         self._session = None
 
     def describe(self) -> dict:
-        """What went into the outputs: everything in the manifest but local paths."""
-        return {k: v for k, v in self.manifest.items() if k != "graph_path"}
+        """What went into the outputs: everything in the manifest but local paths, with the graph's
+        fingerprint (engine/assets.py; computed here for assets exported before fingerprints)."""
+        from engine.assets import graph_fingerprint
+
+        described = {k: v for k, v in self.manifest.items() if k != "graph_path"}
+        if "fingerprint" not in described:
+            described["fingerprint"] = graph_fingerprint(self.manifest["graph_path"], self.manifest)
+        return described
 
 
 class RegionBackbone(_GraphRunner):

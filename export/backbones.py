@@ -43,8 +43,10 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
+from engine.assets import graph_fingerprint
 from engine.cli import command
 from engine.errors import AssetError
+from engine.files import write_json_atomic
 from engine.vision import (
     BATCH_AXIS,
     BOXES_INPUT,
@@ -198,9 +200,7 @@ def parity_error(expected: np.ndarray, got: np.ndarray) -> float:
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomic(path, manifest)
 
 
 def export_backbone(name: str, module: nn.Module, source: dict, preprocessing: Preprocessing, grid: int, outputs: list[str], out: Path) -> Path:
@@ -232,6 +232,8 @@ def export_backbone(name: str, module: nn.Module, source: dict, preprocessing: P
         "parity_tolerance": PARITY_TOLERANCE,
         "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__},
     }
+    # the graph's identity across machines (its bytes differ between them): engine/assets.py
+    manifest["fingerprint"] = graph_fingerprint(out / f"{stem}.onnx", manifest)
     write_manifest(out / f"{stem}.json", manifest)
     return out / f"{stem}.json"
 
@@ -304,6 +306,7 @@ def export_roi_align(out: Path) -> Path:
                 "coordinate_transformation_mode": "half_pixel", "then": "mean over the output bins"},
         "exported_with": {"onnx": onnx.__version__},
     }
+    manifest["fingerprint"] = graph_fingerprint(graph, manifest)
     write_manifest(out / "roi_align.json", manifest)
     return out / "roi_align.json"
 

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from engine.artifact import ARTIFACT_FORMAT, MANIFEST_NAME, TENSORRT_DIR, file_entry, load_artifact
+from engine.assets import add_fingerprints
 from engine.errors import ArtifactError, BackendUnavailableError, InputError
 from engine.files import file_sha256, package_versions, replace_directory
 from engine.manifest import ArtifactManifest, ModelRecord
@@ -305,7 +306,8 @@ def _export_artifact(options: ExportOptions) -> dict:
             int8_scope=options.int8_scope if "int8" in options.precisions else None,
             files=files,
             fusion=fusion,
-            preprocessing=(checkpoint.store_info or {}).get("extractor"),
+            preprocessing=add_fingerprints((checkpoint.store_info or {}).get("extractor"),
+                                           [Path(options.assets_dir)] if options.assets_dir else []),
             word_features=checkpoint.word_features,
             assets=assets,
             exporter={"opset": OPSET, "exporter": EXPORTER, "parity_tolerance": PARITY_TOLERANCE, "versions": _versions()},

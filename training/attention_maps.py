@@ -316,9 +316,12 @@ def image_extractor(store_info: dict, model: BSSAN, assets: Path, where: Path, t
         built = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AssetError(f"{manifest_path}: corrupt JSON ({exc}); rebuild with: python -m export.backbones --out {assets}") from exc
-    if int(built.get("grid", 0)) != grid or built.get("graph_sha256") != backbone.get("graph_sha256"):
-        raise AssetError(f"{manifest_path}: grid {built.get('grid')} graph {str(built.get('graph_sha256'))[:12]}; the model was trained "
-                         f"on grid {grid} graph {str(backbone.get('graph_sha256'))[:12]} (re-export the backbones it used)")
+    if int(built.get("grid", 0)) != grid:
+        raise AssetError(f"{manifest_path}: grid {built.get('grid')}; the model was trained on grid {grid} "
+                         f"(re-export the backbones it used)")
+    from engine.assets import check_same_graph  # same sha256, or the same outputs on the fingerprint probe
+
+    check_same_graph(backbone, assets / str(built.get("graph", backbone["graph"])), built, "the backbone the model was trained with")
     return Extractor(ExtractConfig(images=Path(), captions=Path(), out=Path(), assets=assets, backbone=stem, word_features=(),
                                    boxes_per_image=boxes, min_score=float(detector.get("min_score", DEFAULT_MIN_SCORE)), threads=threads))
 

@@ -46,7 +46,9 @@ import torch
 from torch import nn
 
 from engine.errors import ArtifactError, InputError
+from engine.assets import add_fingerprints
 from engine.files import package_versions, replace_directory, settle_directory, write_json_atomic
+from engine.text import DEFAULT_ASSETS_DIR
 from training.config import ModelConfig, TrainConfig
 
 CHECKPOINT_FORMAT = "bssan-checkpoint"
@@ -231,6 +233,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, train_config
             raise ArtifactError(f"{directory}: exists and is not a checkpoint of the same kind and config; "
                                 f"expected a new directory (or overwrite=True)")
     store_json, word_json = store_description(store, train_config.word_set)
+    store_json["extractor"] = add_fingerprints(store_json["extractor"], [DEFAULT_ASSETS_DIR])  # engine/assets.py
     directory.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(directory)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
@@ -273,8 +276,12 @@ def copy_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, f
     tmp.mkdir()
     state = ckpt.model.state_dict()
     torch.save({k: v.half() if fp16 and v.is_floating_point() else v for k, v in state.items()}, tmp / WEIGHTS)
-    for name in (CONFIG, WORD_FEATURES, STORE, METRICS):
+    for name in (CONFIG, WORD_FEATURES, METRICS):
         shutil.copyfile(source / name, tmp / name)
+    # the features' graphs by sha256 and fingerprint: a published model must be usable where the graphs'
+    # bytes differ (engine/assets.py); filled in from this machine's assets when the record predates them
+    _write_json(tmp / STORE, ckpt.store_info | {"extractor": add_fingerprints((ckpt.store_info or {}).get("extractor"),
+                                                                              [DEFAULT_ASSETS_DIR])})
     _write_json(tmp / PROVENANCE, ckpt.provenance | {"copied_from": str(source.resolve()),
                                                      "weights_dtype": "float16" if fp16 else "float32"})
     replace_directory(tmp, destination)

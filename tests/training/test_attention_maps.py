@@ -224,11 +224,13 @@ def test_checkpoint_grid_must_match_its_model_and_the_assets(tmp_path, photo):
         attention_maps(config)
     (tmp_path / "assets").mkdir()
     (tmp_path / "assets" / "roi_align.json").write_text("{}")
-    (tmp_path / "assets" / "backbone.json").write_text(json.dumps({"grid": 2, "graph_sha256": "a" * 64}))
-    with pytest.raises(AssetError, match=r"backbone.json: grid 2 graph aaaaaaaaaaaa; the model was trained on grid 3"):
+    (tmp_path / "assets" / "backbone.json").write_text(json.dumps({"grid": 2, "graph": "backbone.onnx", "graph_sha256": "a" * 64}))
+    with pytest.raises(AssetError, match=r"backbone.json: grid 2; the model was trained on grid 3"):
         attention_maps(config)
-    (tmp_path / "assets" / "backbone.json").write_text(json.dumps({"grid": 3, "graph_sha256": "b" * 64}))
-    with pytest.raises(AssetError, match=r"grid 3 graph bbbbbbbbbbbb; the model was trained on grid 3 graph aaaaaaaaaaaa"):
+    (tmp_path / "assets" / "backbone.json").write_text(json.dumps({"grid": 3, "graph": "backbone.onnx", "graph_sha256": "b" * 64}))
+    (tmp_path / "assets" / "backbone.onnx").write_bytes(b"another graph")
+    with pytest.raises(AssetError, match=r"backbone.onnx: sha256 differs from the backbone the model was trained with "
+                                         r"\(aaaaaaaaaaaa\), whose record has no fingerprint"):
         attention_maps(config)
     assert not (tmp_path / "out").exists()
 
