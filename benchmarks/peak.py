@@ -44,7 +44,6 @@ def _rate(flops: float, timing: dict) -> float:
 def _ort_matmul_session(op: str, rows: int, inner: int, cols: int, threads: int):
     """A one-node ONNX model: MatMul (fp32), MatMulInteger (u8 x s8) or DynamicQuantizeMatMul (fp32 x s8)."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -75,11 +74,9 @@ def _ort_matmul_session(op: str, rows: int, inner: int, cols: int, threads: int)
         raise ValueError(f"op {op!r}: expected MatMul, MatMulInteger or DynamicQuantizeMatMul")
     graph = helper.make_graph([node], f"peak_{op}", inputs, [out], initializer=weights)
     model = helper.make_model(graph, opset_imports=opsets)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
-    return session, feed
+    from engine.backends.onnxruntime import open_session
+
+    return open_session(model.SerializeToString(), threads=threads), feed
 
 
 def _torch_rate(rows: int, inner: int, cols: int, dtype_name: str) -> dict:

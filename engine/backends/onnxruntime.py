@@ -34,8 +34,8 @@ def session_backend(backend: str | Backend) -> Backend:
     return Backend.ORT_CUDA if backend in (Backend.ORT_CUDA, Backend.TENSORRT) else Backend.ORT_CPU
 
 
-def open_session(path: str | os.PathLike, backend: str | Backend = Backend.ORT_CPU, threads: int | None = None):
-    """An ONNX Runtime InferenceSession of `path` on exactly the provider of `backend` (see
+def open_session(path: str | os.PathLike | bytes, backend: str | Backend = Backend.ORT_CPU, threads: int | None = None):
+    """An ONNX Runtime InferenceSession of `path` (or a serialized model's bytes) on exactly the provider of `backend` (see
     `session_backend`); `threads` intra-op threads (None: ONNX Runtime's choice). Raises
     BackendUnavailableError (with how to install) rather than running on another provider, and a
     one-line ArtifactError when onnxruntime cannot load the file."""
@@ -54,11 +54,14 @@ def open_session(path: str | os.PathLike, backend: str | Backend = Backend.ORT_C
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # fp16 graphs on CPU warn once per inserted cast
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=[provider])
+        source = path if isinstance(path, bytes) else str(path)
+        session = ort.InferenceSession(source, sess_options=options, providers=[provider])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
+        path = "<serialized model>" if isinstance(path, bytes) else path
         raise ArtifactError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if session.get_providers()[0] != provider:  # ORT falls back to CPU silently when CUDA cannot load
+        path = "<serialized model>" if isinstance(path, bytes) else path
         raise BackendUnavailableError(f"{path}: asked onnxruntime for {provider}, it gave {session.get_providers()}; "
                                       f"{INSTALL[backend]}")
     return session
