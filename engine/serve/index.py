@@ -22,17 +22,23 @@ import numpy as np
 from engine.errors import InputError
 
 INDEX_KINDS = ("flat", "hnsw")
-DEFAULT_HNSW_M = 32  # links per node: recall@100 >= 0.95 at 1M needs 32 (16 was 0.90-0.93 at ef 128, benchmarks/load_test.py)
-DEFAULT_EF_CONSTRUCTION = 80  # build cost grows ~linearly; 80 keeps a 1M build within minutes on 2 cores
+DEFAULT_HNSW_M = 32  # links per node (FAISS's usual value); recall and speed at 1M: benchmarks/load_test.py
+DEFAULT_EF_CONSTRUCTION = 40  # build cost grows ~linearly with it: 100k x 512 took 64 s at 80 on 2 loaded cores
 DEFAULT_EF_SEARCH = 128  # candidates kept per query; must be >= k (raised to k per search when smaller)
 
 
+_FAISS = None
+
+
 def _faiss():
-    try:
-        import faiss
-    except ImportError:  # pragma: no cover - the serve extra installs it
-        raise InputError("the first-stage index needs FAISS; install the serve extra: pip install 'bssan-engine[serve]'") from None
-    return faiss
+    global _FAISS
+    if _FAISS is None:
+        try:
+            import faiss
+        except ImportError:  # pragma: no cover - the serve extra installs it
+            raise InputError("the first-stage index needs FAISS; install the serve extra: pip install 'bssan-engine[serve]'") from None
+        _FAISS = faiss
+    return _FAISS
 
 
 class VectorIndex:

@@ -106,8 +106,9 @@ def test_compaction_keeps_search_exact(tmp_path, monkeypatch):
     assert np.allclose(sims[0], [float(live[i] @ query[0]) for i in want], atol=1e-6)
 
 
-def test_removed_images_never_come_back_from_the_index(tmp_path):
-    g = open_gallery(tmp_path)
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_removed_images_never_come_back_from_the_index(tmp_path, kind):
+    g = open_gallery(tmp_path, index_kind=kind)
     g.put([(f"img{i}", row(f"img{i}", i), None) for i in range(10)])
     for i in range(9):
         g.remove(f"img{i}")

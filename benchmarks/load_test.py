@@ -1,0 +1,456 @@
+"""Load test of `python -m engine.serve` (127.0.0.1 only, bounded in requests and time; stops by itself).
+
+    python -m benchmarks.load_test --out results/serve [--parts gallery vectors durability]
+        [--model ARTIFACT] [--images ../shared/data/flickr8k/images] [--gallery-size 500]
+        [--clients 1 4 16] [--requests 200] [--seconds 30] [--vectors 1000000] [--queries 200]
+
+Parts (each writes its section of OUT/load_test.json; the plot is OUT/load_test.png):
+- gallery: a server on the first --gallery-size Flickr8K photos (indexed on its first start into
+  build/load-test/, reused by later runs), text queries (Flickr8K captions) top_k=10 after a
+  BSSAN re-rank of K=100, at each --clients count, micro-batching on and off: latency p50/p95/p99,
+  requests/s, errors. Each point stops after --requests requests or --seconds, whichever first.
+- vectors: the first stage alone on a synthetic index of --vectors unit vectors (a mixture of
+  Gaussian clusters in the artifact's shortlist dimension; vectors only, no images): exact
+  (IndexFlatIP) vs HNSW at several efSearch, recall@100 against exact and ms per query.
+- durability: searches and adds at once, the server killed (SIGKILL) mid-burst, restarted: every
+  acknowledged add must be in the gallery.
+
+--model: an artifact with shortlist graphs whose image pipeline runs here. Without it, a
+RANDOM-WEIGHT artifact with the reference model's sizes (models/reference and
+models/reference-shortlist configs: the same pair-scoring cost) is exported once to
+build/load-test/artifact from build/assets: its rankings mean nothing, its speed is the reference's.
+The load generator runs on the same (shared, 2-core) machine as the server: the numbers include it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from benchmarks.common import REPO_ROOT, machine_info
+from engine.files import package_versions, write_json_atomic
+
+WORK = REPO_ROOT / "build" / "load-test"
+FLICKR8K = REPO_ROOT.parent / "shared" / "data" / "flickr8k"
+PARTS = ("gallery", "vectors", "durability")
+SERVE_LIBRARIES = ("fastapi", "uvicorn", "faiss-cpu", "httpx", "onnxruntime", "numpy")
+KEY = "load-test-key-0123456789abcdef"
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def build_random_artifact(out: Path, assets: Path) -> Path:
+    """A random-weight BSSAN + dual encoder at the reference model's sizes, exported with `assets`."""
+    if (out / "manifest.json").is_file():
+        return out
+    import torch
+
+    from engine.features import ExtractConfig, Extractor
+    from export.pipeline import ExportOptions, export_artifact
+    from training.baseline import DualEncoder, DualEncoderConfig
+    from training.checkpoint import save_checkpoint
+    from training.config import ModelConfig, TrainConfig
+    from training.model import BSSAN
+
+    def config_of(model_dir: str) -> dict:
+        data = json.loads((REPO_ROOT / "models" / model_dir / "config.json").read_text())
+        return data.get("model", data)
+
+    torch.manual_seed(0)
+    model = BSSAN(ModelConfig.from_dict(config_of("reference"))).eval()
+    shortlist = DualEncoder(DualEncoderConfig.from_dict(config_of("reference-shortlist"))).eval()
+    extractor = Extractor(ExtractConfig(images=Path(), captions=Path(), out=Path(), assets=assets, word_features=(), threads=2))
+    work = out.parent / "checkpoints"
+    store = SimpleNamespace(manifest={"extractor": extractor.describe(), "splits": {}}, root=work / "no-store")
+    label = {"weights": "random", "note": "benchmarks.load_test: reference sizes, NOT a trained model"}
+    bssan = save_checkpoint(work / "bssan", model, TrainConfig(word_set="minilm"), store=store, metrics=label)
+    dual = save_checkpoint(work / "shortlist", shortlist, TrainConfig(word_set="minilm"), store=store, metrics=label)
+    export_artifact(ExportOptions(model_dir=bssan, out=out, precisions=("fp32",), shortlist_dir=dual, tensorrt="off",
+                                  assets_dir=assets, progress=False))
+    return out
+
+
+def prepare_gallery(images: Path, size: int) -> Path:
+    """A folder of links to the first `size` photos (sorted by name) of `images`."""
+    folder = WORK / f"gallery-{size}"
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:size]
+    for photo in photos:
+        link = folder / photo.name
+        if not link.exists():
+            link.symlink_to(photo.resolve())
+    return folder
+
+
+def caption_pool(captions: Path, count: int, seed: int = 0) -> list[str]:
+    """`count` Flickr8K captions (token format `image#n<TAB>caption`), sampled with a fixed seed."""
+    lines = [line.split("\t", 1)[1].strip() for line in captions.read_text(encoding="utf-8").splitlines() if "\t" in line]
+    random.Random(seed).shuffle(lines)
+    return lines[:count]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`python -m engine.serve` on 127.0.0.1 as a child process, its log under build/load-test/."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.args, self.log, self.process, self.port = args, log, None, None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready_seconds: float = 3600) -> "Server":
+        import httpx
+
+        self.port = free_port()
+        handle = open(self.log, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "engine.serve", *self.args, "--host", "127.0.0.1",
+                                         "--port", str(self.port), "--log-level", "warning"], stdout=handle, stderr=handle)
+        deadline = time.time() + ready_seconds
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited ({self.process.returncode}); see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.kill()
+        raise RuntimeError(f"server not ready after {ready_seconds} s; see {self.log}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+# ---------------------------------------------------------------------------------------------- traffic
+def percentiles(latencies: list[float]) -> dict:
+    if not latencies:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None}
+    ms = np.asarray(latencies) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2)}
+
+
+async def drive(url: str, clients: int, requests: int, seconds: float, texts: list[str], top_k: int, rerank_k: int) -> dict:
+    """`clients` concurrent clients, each sending its next query when the last is answered."""
+    import httpx
+
+    latencies, errors, sent = [], [], 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(worker: int, http: httpx.AsyncClient):
+        nonlocal sent
+        while sent < requests and time.perf_counter() < deadline:
+            text = texts[sent % len(texts)]
+            sent += 1
+            start = time.perf_counter()
+            try:
+                response = await http.post("/v1/search", json={"text": text, "top_k": top_k, "rerank_k": rerank_k})
+                ok = response.status_code == 200 and len(response.json()["results"]) == top_k
+                if not ok:
+                    errors.append(f"{response.status_code}: {response.text[:120]}")
+            except httpx.HTTPError as exc:
+                errors.append(type(exc).__name__)
+                continue
+            latencies.append(time.perf_counter() - start)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(w, http) for w in range(clients)))
+        wall = time.perf_counter() - start
+    return {"clients": clients, "requests": len(latencies) + len(errors), "ok": len(latencies), "errors": len(errors),
+            "error_examples": errors[:3], "seconds": round(wall, 2), "requests_per_s": round(len(latencies) / wall, 2),
+            **percentiles(latencies)}
+
+
+def run_gallery(args, artifact: Path) -> dict:
+    folder = prepare_gallery(args.images, args.gallery_size)
+    index = WORK / f"index-{args.gallery_size}-{artifact.name}"
+    texts = caption_pool(args.captions, 2000)
+    report = {"gallery_images": args.gallery_size, "top_k": 10, "rerank_k": 100, "points": []}
+    for batching in ("on", "off"):
+        server = Server(["--model", str(artifact), "--gallery", str(folder), "--index", str(index), "--batching", batching,
+                         "--threads", str(args.threads)], WORK / "server-gallery.log")
+        started = time.perf_counter()
+        server.start()
+        report.setdefault("first_ready_s", round(time.perf_counter() - started, 1))
+        try:
+            asyncio.run(drive(server.url, 2, 10, 60, texts[-50:], 10, 100))  # warm-up (not recorded)
+            for clients in args.clients:
+                point = asyncio.run(drive(server.url, clients, args.requests, args.seconds, texts, 10, 100))
+                point["batching"] = batching
+                print(f"gallery batching={batching} clients={clients}: p50 {point['p50_ms']} ms, p99 {point['p99_ms']} ms, "
+                      f"{point['requests_per_s']} req/s, {point['errors']} errors", flush=True)
+                report["points"].append(point)
+        finally:
+            server.stop()
+    by = {(p["batching"], p["clients"]): p for p in report["points"]}
+    top = max(args.clients)
+    if ("on", top) in by and ("off", top) in by and by[("off", top)]["requests_per_s"]:
+        report[f"speedup_at_{top}_clients"] = round(by[("on", top)]["requests_per_s"] / by[("off", top)]["requests_per_s"], 2)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- vectors only
+def synthetic_vectors(rng: np.random.Generator, centers: np.ndarray, count: int, spread: float) -> np.ndarray:
+    """Unit vectors around random cluster centres: centre + spread x N(0, I/d), normalised."""
+    dim = centers.shape[1]
+    out = np.empty((count, dim), np.float32)
+    for start in range(0, count, 100_000):
+        n = min(100_000, count - start)
+        x = centers[rng.integers(0, len(centers), n)] + spread * rng.standard_normal((n, dim), dtype=np.float32) / np.sqrt(dim)
+        out[start:start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def run_vectors(args, dim: int) -> dict:
+    import faiss
+
+    from engine.serve.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_HNSW_M, VectorIndex
+
+    faiss.omp_set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((args.clusters, dim), dtype=np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    vectors = synthetic_vectors(rng, centers, args.vectors, args.spread)
+    queries = synthetic_vectors(rng, centers, args.queries, args.spread)
+    k = 100
+    report = {"vectors": args.vectors, "dim": dim, "clusters": args.clusters, "spread": args.spread, "queries": args.queries,
+              "k": k, "data": "synthetic: unit vectors around random cluster centres (vectors only, no images)"}
+    exact = VectorIndex("flat", dim, threads=args.threads)
+    started = time.perf_counter()
+    exact.add(vectors)
+    report["flat_build_s"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
+    truth, _ = exact.search(queries, k)
+    report["flat_ms_per_query_batched"] = round(1000 * (time.perf_counter() - started) / len(queries), 3)
+    single = [timed(lambda q=q: exact.search(q[None], k)) for q in queries[:20]]
+    report["flat_ms_per_query"] = round(1000 * float(np.median(single)), 2)
+    del exact
+    print(f"vectors: exact {report['flat_ms_per_query']} ms/query", flush=True)
+    hnsw = VectorIndex("hnsw", dim, hnsw_m=args.hnsw_m or DEFAULT_HNSW_M, ef_construction=args.ef_construction or DEFAULT_EF_CONSTRUCTION,
+                       threads=args.threads)
+    started = time.perf_counter()
+    for start in range(0, len(vectors), 100_000):
+        hnsw.add(vectors[start:start + 100_000])
+        print(f"vectors: HNSW built {start + 100_000:,} in {time.perf_counter() - started:.0f} s", flush=True)
+        if time.perf_counter() - started > args.build_seconds:
+            raise SystemExit(f"HNSW build over --build-seconds {args.build_seconds}: stopped")
+    report["hnsw"] = {"m": args.hnsw_m or DEFAULT_HNSW_M, "ef_construction": hnsw.index.hnsw.efConstruction,
+                      "build_s": round(time.perf_counter() - started, 1), "points": []}
+    for ef in (64, 128, 256, 512):
+        hnsw.ef_search = ef
+        labels, _ = hnsw.search(queries, k)
+        recall = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(labels, truth)]))
+        times = [timed(lambda q=q: hnsw.search(q[None], k)) for q in queries]
+        point = {"ef_search": ef, "recall_at_100": round(recall, 4), "ms_per_query_p50": round(1000 * float(np.median(times)), 3),
+                 "ms_per_query_p99": round(1000 * float(np.percentile(times, 99)), 3)}
+        print(f"vectors: HNSW ef {ef}: recall@100 {point['recall_at_100']}, {point['ms_per_query_p50']} ms/query", flush=True)
+        report["hnsw"]["points"].append(point)
+    return report
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------- durability
+def run_durability(args, artifact: Path) -> dict:
+    import httpx
+
+    folder = prepare_gallery(args.images, 16)
+    index = WORK / "index-durability"
+    if index.exists():
+        import shutil
+
+        shutil.rmtree(index)
+    key_file = WORK / "key"
+    key_file.write_text(KEY)
+    photos = sorted(args.images.iterdir())[100:140]
+    texts = caption_pool(args.captions, 200)
+    server_args = ["--model", str(artifact), "--gallery", str(folder), "--index", str(index), "--api-key-file", str(key_file),
+                   "--threads", str(args.threads)]
+    server = Server(server_args, WORK / "server-durability.log").start()
+    acknowledged, search_errors, searches, stop = [], [], [0], threading.Event()
+
+    def writer(worker: int):
+        with httpx.Client(base_url=server.url, timeout=60, headers={"X-API-Key": KEY}) as http:
+            for n in range(10_000):
+                if stop.is_set():
+                    return
+                photo = photos[(worker * 7 + n) % len(photos)]
+                image_id = f"w{worker}-{n}-{photo.name}"
+                try:
+                    response = http.put(f"/v1/images/{image_id}", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")})
+                except httpx.HTTPError:
+                    return
+                if response.status_code in (200, 201):
+                    acknowledged.append(image_id)
+
+    def reader():
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            while not stop.is_set():
+                try:
+                    response = http.post("/v1/search", json={"text": texts[searches[0] % len(texts)], "top_k": 10})
+                except httpx.HTTPError:
+                    return
+                searches[0] += 1
+                if response.status_code != 200:
+                    search_errors.append(response.status_code)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)] + [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + args.seconds
+    while time.time() < deadline and len(acknowledged) < args.durability_adds:
+        time.sleep(0.1)
+    server.kill()  # SIGKILL with adds and searches in flight
+    stop.set()
+    for t in threads:
+        t.join()
+    killed_after = len(acknowledged)
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        ids = set(http.get("/v1/images", params={"limit": 10_000}).json()["ids"])
+        after = http.post("/v1/search", json={"text": texts[0], "top_k": 10}).status_code
+    server.stop()
+    lost = sorted(set(acknowledged) - ids)
+    report = {"acknowledged_adds": killed_after, "searches_during_burst": searches[0], "search_errors": len(search_errors),
+              "lost_after_kill_9": len(lost), "lost_examples": lost[:5], "gallery_after_restart": len(ids),
+              "search_after_restart_status": after}
+    print(f"durability: {killed_after} adds acknowledged before kill -9, {len(lost)} lost; "
+          f"{searches[0]} searches, {len(search_errors)} errors", flush=True)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- plot and main
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in ("gallery", "vectors") if p in report]
+    fig, axes = plt.subplots(1, 2 * len(panels) if "gallery" in panels else 1, figsize=(6 * (2 * len(panels)), 4.2), squeeze=False)
+    axes = list(axes[0])
+    if "gallery" in report:
+        g = report["gallery"]
+        for batching, marker in (("on", "o"), ("off", "s")):
+            points = [p for p in g["points"] if p["batching"] == batching]
+            clients = [p["clients"] for p in points]
+            for q, style in (("p50_ms", "-"), ("p99_ms", ":")):
+                axes[0].plot(clients, [p[q] for p in points], style, marker=marker, label=f"batching {batching} {q[:3]}")
+            axes[1].plot(clients, [p["requests_per_s"] for p in points], marker=marker, label=f"batching {batching}")
+        axes[0].set(xscale="log", xlabel="concurrent clients", ylabel="latency (ms)",
+                    title=f"text query, top-10 after K=100 re-rank, {g['gallery_images']} images")
+        axes[1].set(xscale="log", xlabel="concurrent clients", ylabel="requests/s", title="throughput")
+        for ax in axes[:2]:
+            ax.set_xticks(sorted({p["clients"] for p in g["points"]}), labels=[str(c) for c in sorted({p["clients"] for p in g["points"]})])
+            ax.grid(alpha=.3)
+            ax.legend(fontsize=8)
+    if "vectors" in report and "hnsw" in report["vectors"]:
+        v = report["vectors"]
+        ax = axes[-1]
+        points = v["hnsw"]["points"]
+        ax.plot([p["ms_per_query_p50"] for p in points], [p["recall_at_100"] for p in points], marker="o", label="HNSW (efSearch)")
+        for p in points:
+            ax.annotate(str(p["ef_search"]), (p["ms_per_query_p50"], p["recall_at_100"]), fontsize=8)
+        ax.axvline(v["flat_ms_per_query"], color="grey", ls="--", label=f"exact: {v['flat_ms_per_query']} ms")
+        ax.axhline(0.95, color="red", ls=":", label="recall 0.95")
+        ax.set(xscale="log", xlabel="ms per query (1 query)", ylabel="recall@100 vs exact",
+               title=f"first stage, {v['vectors']:,} x {v['dim']} synthetic vectors")
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.load_test", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "serve")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--model", type=Path, help="artifact (default: a random-weight one at the reference sizes)")
+    p.add_argument("--assets", type=Path, default=REPO_ROOT / "build" / "assets", help="backbone/MiniLM assets for the default model")
+    p.add_argument("--images", type=Path, default=FLICKR8K / "images")
+    p.add_argument("--captions", type=Path, default=FLICKR8K / "captions.txt")
+    p.add_argument("--gallery-size", type=int, default=500)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=200, help="requests per point at most")
+    p.add_argument("--seconds", type=float, default=30, help="seconds per point at most")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vectors", type=int, default=1_000_000)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--spread", type=float, default=1.0, help="within-cluster noise norm relative to the centre (1.0: cos ~0.5)")
+    p.add_argument("--hnsw-m", type=int)
+    p.add_argument("--ef-construction", type=int)
+    p.add_argument("--build-seconds", type=float, default=1800, help="give up building HNSW after this long")
+    p.add_argument("--durability-adds", type=int, default=30, help="kill -9 after this many acknowledged adds")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    WORK.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "load_test.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    report.update({"machine": machine_info(args.threads), "libraries": package_versions(SERVE_LIBRARIES),
+                   "load_average_at_start": list(os.getloadavg())})
+    artifact = args.model
+    if artifact is None and set(args.parts) & {"gallery", "durability"}:
+        artifact = build_random_artifact(WORK / "artifact", args.assets)
+        report["model"] = {"artifact": str(artifact), "weights": "random, at the reference model's sizes (scores meaningless)"}
+    elif artifact is not None:
+        report["model"] = {"artifact": str(artifact)}
+    for part in args.parts:
+        started = time.perf_counter()
+        if part == "gallery":
+            report["gallery"] = run_gallery(args, artifact)
+        elif part == "vectors":
+            dim = json.loads((artifact / "manifest.json").read_text())["dims"]["shortlist_dim"] if artifact else 512
+            report["vectors"] = run_vectors(args, dim)
+        else:
+            report["durability"] = run_durability(args, artifact)
+        report[part]["wall_s"] = round(time.perf_counter() - started, 1)
+        write_json_atomic(path, report)
+    plot(report, args.out / "load_test.png")
+    print(f"wrote {path} and {args.out / 'load_test.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
