@@ -32,6 +32,9 @@ from engine.files import file_sha256
 SPLITS = ("train", "dev", "test")
 KARPATHY_SPLITS = {"train": "train", "val": "dev", "test": "test", "restval": "restval"}
 FLICKR_LINE = re.compile(r"^(?P<image>[^\t#]+)#(?P<n>\d+)\t(?P<caption>[^\t]*)$")
+NAMED_LINE = re.compile(r"^(?P<image>[^\t]+)\t(?P<caption>[^\t]*)$")  # `<image file><TAB><caption>`
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+FOLDER_SPLIT = "all"  # the one split of a plain folder of images
 SHOWN_PER_KIND = 10  # individual warnings of one kind before the rest are summarised in a count
 EXAMPLES_IN_SUMMARY = 3  # names quoted in a summarised warning
 
@@ -206,6 +209,42 @@ def read_flickr8k(
     if unlisted_no_file:
         report.add("no image file", f"{captions_file}: {len(unlisted_no_file)} more images named there have no file in {images_dir} and are in no split ({_summary(unlisted_no_file)}); ignored")
     return Dataset(result, report.finish(), images_dir, sources)
+
+
+def read_folder(images_dir: str | Path, captions_path: str | Path | None = None, split: str = FOLDER_SPLIT) -> Dataset:
+    """A plain folder of images (no split lists): every image file in it, sorted by name, as one split.
+
+    Captions are optional: each line `<image file><TAB><caption>` or Flickr8K's `<image>#<n><TAB><caption>`
+    captions that image (in line order). A caption has to name its image: the store ties every caption to
+    one (engine/store.py caption_image); captions that describe no image are ranked straight from a text
+    file with `python -m engine.score --captions FILE`. Images without captions are kept (a gallery)."""
+    images_dir = Path(images_dir)
+    names = sorted(n for n in _existing_files(images_dir) if Path(n).suffix.lower() in IMAGE_SUFFIXES
+                   and (images_dir / n).is_file())
+    if not names:
+        raise DataError(f"{images_dir}: no image file ({', '.join(sorted(IMAGE_SUFFIXES))}); expected a folder of images")
+    report = _Report()
+    captions: dict[str, list[str]] = {name: [] for name in names}
+    sources = {}
+    if captions_path is not None:
+        captions_path = Path(captions_path)
+        sources[str(captions_path)] = file_sha256(captions_path) if captions_path.is_file() else ""
+        for number, line in enumerate(_read_text(captions_path, "captions file"), start=1):
+            if not line.strip():
+                continue
+            match = FLICKR_LINE.match(line) or NAMED_LINE.match(line)
+            if match is None:
+                raise DataError(f"{captions_path.name} line {number}: expected '<image file><TAB><caption>' (or "
+                                f"'<image>#<n><TAB><caption>'), got {_shorten(line)}; captions that name no image are "
+                                f"ranked with python -m engine.score --captions FILE, not stored")
+            image, caption = match["image"].strip(), match["caption"].strip()
+            if not caption:
+                report.add("empty caption", f"{captions_path.name} line {number}: empty caption for {image}; skipped")
+            elif image not in captions:
+                report.add("no image file", f"{captions_path.name} line {number}: {image} is not an image in {images_dir}; skipped")
+            else:
+                captions[image].append(caption)
+    return Dataset({split: [CaptionedImage(name, captions[name]) for name in names]}, report.finish(), images_dir, sources)
 
 
 def read_karpathy(

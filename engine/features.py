@@ -3,6 +3,8 @@
     python -m engine.features --images DIR --captions FILE [--format flickr8k|karpathy]
         [--splits train dev test] --out STORE [--assets build/assets] [--word-features glove50 minilm]
         [--batch-size N] [--threads N]
+    python -m engine.features --format folder --images PHOTOS [--captions LINES] --out STORE   # no split lists:
+        every image of PHOTOS is split "all"; LINES (optional) holds '<image file><TAB><caption>' lines
 
 Per image: load + preprocess (engine/vision), detect boxes (engine/detect; top P, padded), the
 backbone graph gives the feature map -> regions [R, C], the RoIAlign graph gives objects [P, C].
@@ -42,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.cli import command
-from engine.data import Dataset, read_flickr8k, read_karpathy
+from engine.data import FOLDER_SPLIT, Dataset, read_flickr8k, read_folder, read_karpathy
 from engine.detect import DEFAULT_MIN_SCORE, OnnxDetector, SsdMobileNetV2, padding_boxes, select_boxes
 from engine.errors import AssetError, DataError, StoreError
 from engine.files import file_sha256, write_json_atomic
@@ -66,12 +68,13 @@ ObserveBatch = Callable[[str, int], None]
 class CaptionFormat(str, enum.Enum):
     FLICKR8K = "flickr8k"  # captions.txt `<image>#<n>\t<caption>` + split_<split>.txt beside it
     KARPATHY = "karpathy"  # dataset_*.json of the Karpathy splits
+    FOLDER = "folder"  # every image of --images as one split; --captions optional, `<image><TAB><caption>` lines
 
 
 @dataclass
 class ExtractConfig:
     images: Path
-    captions: Path
+    captions: Path | None  # None: a plain folder of images without captions (format folder)
     out: Path
     format: CaptionFormat = CaptionFormat.FLICKR8K
     splits: tuple[str, ...] = ("train", "dev", "test")
@@ -104,6 +107,12 @@ def progress_bar(**kwargs) -> tqdm:
 
 
 def read_dataset(config: ExtractConfig) -> Dataset:
+    if config.format == CaptionFormat.FOLDER:
+        if len(config.splits) != 1:
+            raise DataError(f"--splits {list(config.splits)}: a plain folder of images is one split; expected one name")
+        return read_folder(config.images, config.captions, split=config.splits[0])
+    if config.captions is None:
+        raise DataError(f"--captions: missing; expected the captions file of the {config.format.value} format")
     if config.format == CaptionFormat.FLICKR8K:
         return read_flickr8k(config.captions.parent, config.images, splits=tuple(config.splits), captions_file=config.captions.name)
     dataset = read_karpathy(config.captions, config.images)
@@ -279,7 +288,7 @@ def extract_split(writer: StoreWriter, split: str, dataset: Dataset, extractor: 
     caption_image = np.repeat(np.arange(len(entries), dtype=np.int32), [len(e.captions) for e in entries])  # [N_cap]
     lengths = np.array([len(words) for words in tokenize_all(captions, config.max_words)], dtype=np.int32)  # [N_cap]
     inputs = {"images_sha256": images_sha256(dataset, names), "captions_sha256": captions_sha256(captions, caption_image),
-              "captions_file": config.captions.name}
+              "captions_file": config.captions.name if config.captions is not None else None}
     previous = writer.manifest["splits"].get(split, {})
     old_inputs = previous.get("inputs", {})
     split_dir = writer.root / split
@@ -353,9 +362,10 @@ def extract(config: ExtractConfig, observe: ObserveBatch | None = None) -> dict[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.features", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, required=True, help="folder of the image files")
-    parser.add_argument("--captions", type=Path, required=True, help="captions.txt (flickr8k, split_*.txt beside it) or a Karpathy JSON")
+    parser.add_argument("--captions", type=Path, help="captions.txt (flickr8k, split_*.txt beside it), a Karpathy JSON, or "
+                        "for --format folder an optional file of '<image file><TAB><caption>' lines")
     parser.add_argument("--format", choices=[f.value for f in CaptionFormat], default=CaptionFormat.FLICKR8K.value)
-    parser.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
+    parser.add_argument("--splits", nargs="+", help=f"default train dev test; {FOLDER_SPLIT!r} for --format folder")
     parser.add_argument("--out", type=Path, required=True, help="store directory (created, or resumed)")
     parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS_DIR, help="graphs from python -m export.backbones / export.text")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="asset stem: efficientnet-lite0-7x7, efficientnet-lite0-14x14, vgg19-14x14")
@@ -367,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    fmt = CaptionFormat(args.format)
+    splits = tuple(args.splits or ((FOLDER_SPLIT,) if fmt is CaptionFormat.FOLDER else ("train", "dev", "test")))
     config = ExtractConfig(
-        images=args.images, captions=args.captions, out=args.out, format=CaptionFormat(args.format), splits=tuple(args.splits), assets=args.assets,
+        images=args.images, captions=args.captions, out=args.out, format=fmt, splits=splits, assets=args.assets,
         backbone=args.backbone, detector_onnx=args.detector_onnx, boxes_per_image=args.boxes, min_score=args.min_score,
         word_features=tuple(args.word_features), max_words=args.max_words, batch_size=args.batch_size, threads=args.threads,
     )

@@ -46,7 +46,7 @@ import numpy as np
 
 from engine.backends import Backend
 from engine.cache import CaptionCache, ImageCache
-from engine.data import FLICKR_LINE, _read_text
+from engine.data import FLICKR_LINE, IMAGE_SUFFIXES, _read_text
 from engine.cli import command
 from engine.errors import DataError, ImageError, InputError
 from engine.files import write_text_atomic
@@ -59,7 +59,6 @@ from engine.store import MANIFEST_NAME, STORE_FORMAT, FeatureStore
 from engine.text import tokenize
 
 DEFAULT_TOP_K = 10
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class _Parser(argparse.ArgumentParser):

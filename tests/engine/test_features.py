@@ -248,3 +248,29 @@ def test_a_second_writer_on_the_same_store_is_refused(config_for, tmp_path):
         with pytest.raises(StoreError, match=r"store: another engine\.features process is writing this store"):
             extract(config_for(root))
     assert not (root / "manifest.json").exists()
+
+
+def test_a_plain_folder_of_images_needs_no_split_lists(mini_flickr, config_for, cli_cache, tmp_path, capsys):
+    """--format folder: every image file of the folder is split "all"; captions optional, each naming its image."""
+    images, _ = mini_flickr
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = sorted(p.name for p in images.iterdir() if p.name != CORRUPT)[:3]
+    for name in names:
+        (folder / name).symlink_to(images / name)
+    (folder / "notes.txt").write_text("not an image")
+    extract(config_for(tmp_path / "gallery", images=folder, captions=None, format=CaptionFormat.FOLDER, splits=("all",)))
+    split = FeatureStore(tmp_path / "gallery").split("all")
+    assert split.image_names == names and len(split.lengths) == 0
+    lines = tmp_path / "captions.tsv"
+    lines.write_text(f"{names[1]}\tTwo dogs play in the snow .\n\n{names[0]}#0\tA child smiles .\nabsent.jpg\tNobody .\n")
+    assert main(["--format", "folder", "--images", str(folder), "--captions", str(lines), "--out", str(tmp_path / "captioned"),
+                 "--assets", str(config_for(tmp_path / "x").assets)]) == 0
+    assert "absent.jpg is not an image in" in capsys.readouterr().err
+    split = FeatureStore(tmp_path / "captioned").split("all")
+    assert split.captions == ["A child smiles .", "Two dogs play in the snow ."] and split.caption_image.tolist() == [0, 1]
+    lines.write_text("a caption that names no image\n")
+    assert main(["--format", "folder", "--images", str(folder), "--captions", str(lines), "--out", str(tmp_path / "plain"),
+                 "--assets", str(config_for(tmp_path / "x").assets)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "captions.tsv line 1: expected '<image file><TAB><caption>'" in err
