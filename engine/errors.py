@@ -38,3 +38,9 @@ class BackendUnavailableError(BssanError, RuntimeError):
 
 class AssetError(BssanError):
     """A pretrained asset (weights, word vectors) that must come from a package or local file is absent."""
+
+
+class DivergenceError(BssanError):
+    """Training diverged (a non-finite loss or weights): not the user's input; exit code 1, not 2."""
+
+    exit_code = 1

@@ -70,10 +70,19 @@ class _Parser(argparse.ArgumentParser):
 # Inputs
 
 
+def _is_store(folder: Path) -> bool:
+    """A feature store: manifest.json whose "format" is the store's (parsed, not searched for as text)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == STORE_FORMAT
+
+
 def read_images(arg: Path, split: str, root: Path | None = None) -> tuple[object, list[str], str]:
     """(image paths or a store split, ids, content digest) of --images DIR|LIST|STORE; a LIST's lines
     are relative to `root` (default: the list file's folder)."""
-    if (arg / MANIFEST_NAME).is_file() and STORE_FORMAT in (arg / MANIFEST_NAME).read_text(encoding="utf-8", errors="replace"):
+    if _is_store(arg):
         store = FeatureStore(arg)
         features = store.split(split)
         digest = json.dumps({"store": str(arg.resolve()), "split": store.manifest["splits"][split]}, sort_keys=True)
