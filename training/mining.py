@@ -87,6 +87,14 @@ class Mining:
         return np.where(use, picked, -1), use
 
 
+def _top(scores: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the m highest finite scores, highest first (ties by index)."""
+    finite = np.flatnonzero(np.isfinite(scores))
+    if len(finite) > m:
+        finite = finite[np.argpartition(-scores[finite], m - 1)[:m]]
+    return finite[np.lexsort((finite, -scores[finite]))]
+
+
 def _compact(rows: list[np.ndarray], k: int) -> np.ndarray:
     out = np.full((len(rows), k), -1, dtype=np.int64)
     for i, row in enumerate(rows):
@@ -105,8 +113,7 @@ def mine(image_vectors: np.ndarray, text_vectors: np.ndarray, caption_image: np.
         for row, i in enumerate(range(start, min(start + BLOCK, n_img))):
             s = sims[row].copy()
             s[by_image[i]] = -np.inf
-            top = np.argpartition(-s, 4 * k)[: 4 * k]  # spare candidates for the guard to drop
-            top = top[np.argsort(-s[top], kind="stable")]
+            top = _top(s, 4 * k)  # spare candidates for the guard to drop
             near = (text_vectors[top] @ text_vectors[by_image[i]].T).max(axis=1) > guard  # [4k]
             captions_of_image.append(top[~near])
     images_of_caption = []
@@ -116,8 +123,7 @@ def mine(image_vectors: np.ndarray, text_vectors: np.ndarray, caption_image: np.
             own = caption_image[c]
             s = sims[row].copy()
             s[own] = -np.inf
-            top = np.argpartition(-s, 2 * k)[: 2 * k]
-            top = top[np.argsort(-s[top], kind="stable")]
+            top = _top(s, 2 * k)
             near = image_vectors[top] @ image_vectors[own] > guard
             images_of_caption.append(top[~near])
     return _compact(captions_of_image, k), _compact(images_of_caption, k)
@@ -129,9 +135,7 @@ def image_neighbours(image_vectors: np.ndarray, k: int) -> np.ndarray:
     for start in range(0, len(image_vectors), BLOCK):
         sims = image_vectors[start:start + BLOCK] @ image_vectors.T  # [b, N_img]
         sims[np.arange(sims.shape[0]), np.arange(start, start + sims.shape[0])] = -np.inf
-        top = np.argpartition(-sims, k, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
-        out.append(np.take_along_axis(top, order, axis=1))
+        out.append(_compact([_top(row, k) for row in sims], k))
     return np.concatenate(out).astype(np.int64)
 
 

@@ -1,0 +1,114 @@
+"""training.mining: first-stage hard negatives (with the false-negative guard), neighbour-grouped batches,
+and a BSSAN run that mines them and selects through the two-stage protocol with a tuned fusion."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.ranking import Fusion
+from engine.store import FeatureStore
+from training.baseline import DualEncoder, dual_encoder_preset
+from training.checkpoint import ModelKind, save_checkpoint
+from training.config import TrainConfig, preset
+from training.data import ImageBatches
+from training.mining import FirstStage, Mining, image_neighbours, mine
+from training.train import FUSION, train
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_mined_captions_are_the_hardest_of_other_images_minus_near_duplicates():
+    rng = np.random.default_rng(0)
+    images = _unit(rng.normal(size=(6, 8)).astype(np.float32))
+    caption_image = np.repeat(np.arange(6), 2)
+    texts = _unit(images[caption_image] + 0.3 * rng.normal(size=(12, 8)).astype(np.float32))
+    texts[4] = texts[0]  # image 2's first caption duplicates image 0's first caption: a false negative for image 0
+    captions, hardest_images = mine(images, texts, caption_image, k=3, guard=0.95)
+    assert captions.shape == (6, 3) and hardest_images.shape == (12, 3)
+    assert 4 not in captions[0]  # guarded
+    for i in range(6):
+        row = captions[i][captions[i] >= 0]
+        assert not np.isin(row, np.flatnonzero(caption_image == i)).any()  # never an own caption
+        sims = images[i] @ texts.T
+        assert np.all(np.diff(sims[row]) <= 1e-6)  # hardest first
+    for c in range(12):
+        assert caption_image[c] not in hardest_images[c]
+
+
+def test_groups_visit_every_image_once_with_their_neighbours():
+    rng = np.random.default_rng(1)
+    vectors = _unit(rng.normal(size=(20, 4)).astype(np.float32))
+    neighbours = image_neighbours(vectors, 6)
+    assert neighbours.shape == (20, 6) and not (neighbours == np.arange(20)[:, None]).any()
+    mining = Mining(np.zeros((20, 1), np.int64), np.zeros((60, 1), np.int64), 0.5, vectors, np.zeros((60, 4), np.float32), 0.9, neighbours)
+    order = mining.group_order(rng.permutation(20), group=5)
+    assert sorted(order.tolist()) == list(range(20))
+    first = order[0]
+    assert set(order[1:5].tolist()) <= set(neighbours[first].tolist())
+
+
+@pytest.fixture(scope="module")
+def dual_checkpoint(tmp_path_factory, tiny_store):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("first") / "dual"
+    save_checkpoint(path, DualEncoder(dual_encoder_preset("demo")).eval(), TrainConfig(), store=FeatureStore(tiny_store))
+    return path
+
+
+def test_image_batches_draw_mined_negatives(tmp_path, tiny_store, dual_checkpoint):
+    store = FeatureStore(tiny_store)
+    config = TrainConfig(first_stage=str(dual_checkpoint), mined_fraction=1.0, mining_k=5, mining_guard=0.99)
+    first = FirstStage.load(dual_checkpoint, store, tmp_path)
+    mining = first.mining(config)
+    split = store.split("train")
+    batches = ImageBatches(split, "glove50", 6, seed=0, negative_images=True, mining=mining)
+    batch = batches.batch(0, 0)
+    n = len(batch)
+    images = batch.image_ids.numpy()
+    local = batch.pair_image[:n].numpy()
+    mined = mining.captions_of_image[images[local]]
+    # every negative caption comes from the anchor image's mined list (fraction 1, lists not empty)
+    text_rows = batch.pair_text[n:2 * n].numpy() - n  # the negative caption of positive p is text row n + text_rows[p]
+    caption_ids = _caption_ids_of_batch(batches, 0, 0)
+    assert all(caption_ids[n + r] in mined[p] for p, r in enumerate(text_rows) if (mined[p] >= 0).any())
+    assert (FirstStage.load(dual_checkpoint, store, tmp_path).image_vectors == first.image_vectors).all()  # cached
+    assert list(tmp_path.glob("first_stage_*.npz")) and list(tmp_path.glob("mined_*.npz"))
+
+
+def _caption_ids_of_batch(batches, epoch, index):
+    """The split caption index of each text row of a batch (recomputed like ImageBatches.batch)."""
+    images = batches._images(epoch, index, batches.order(epoch))
+    groups = [batches._by_image[batches._starts[i]:batches._starts[i + 1]] for i in images]
+    captions = np.concatenate(groups)
+    rng = np.random.default_rng([batches.seed, epoch, index])
+    from training.loss import sample_negative_captions
+    negatives = sample_negative_captions(batches.caption_image, rng, anchors=captions)
+    local = np.repeat(np.arange(len(images)), [len(g) for g in groups])
+    mined, use = batches.mining.pick_captions(images[local], rng)
+    return np.concatenate([captions, np.where(use, mined, negatives)])
+
+
+def test_a_mined_run_selects_through_the_two_stage_protocol_and_records_the_fusion(tmp_path, train_store):
+    torch.manual_seed(0)
+    store = FeatureStore(train_store)
+    dual = tmp_path / "dual"
+    train(train_store, dual, ModelKind.DUAL_ENCODER, dual_encoder_preset("demo"),
+          TrainConfig(epochs=2, batch_size=32, negative_images=True, lr=5e-3), progress=False, plot=False)
+    config = TrainConfig(epochs=2, batch_images=6, negative_images=True, lr=5e-3, first_stage=str(dual / "best"),
+                         mined_fraction=0.5, mining_k=5, dev_k=5)
+    model_config = preset("demo")
+    metrics = train(train_store, tmp_path / "bssan", ModelKind.BSSAN, model_config, config, progress=False, plot=False)
+    for record in metrics["dev"]:
+        fusion = record["fusion"]
+        assert fusion["k"] == 5 and fusion["grid"][0]["bssan_weight"] == 0.0
+        assert fusion["rsum"] >= fusion["first_stage_alone"]  # tuned on this split: never below the first stage
+        assert record["dev"]["protocol"]["k"] == 5
+    saved = json.loads((tmp_path / "bssan" / "best" / FUSION).read_text())
+    Fusion.from_dict(saved)
+    assert saved["first_stage_sha256"] and store  # recorded for export
