@@ -42,7 +42,7 @@ from torch import nn
 
 from engine.errors import BssanError, InputError, StoreError
 from engine.metrics import format_metrics, retrieval_metrics
-from engine.ranking import BSSAN_ALONE, FIRST_STAGE_ALONE, Fusion, two_stage_metrics
+from engine.ranking import BSSAN_ALONE, FIRST_STAGE_ALONE, Fusion, candidate_pairs, tune_fusion, two_stage_metrics
 from engine.store import FeatureStore, SplitFeatures
 
 
@@ -165,10 +165,34 @@ def rescore_pairs(model: nn.Module, split: SplitFeatures, word_set: str, image_i
     return out
 
 
+FUSION = "fusion.json"  # beside a BSSAN checkpoint: the fusion tuned on dev with a first stage (export reads it)
+FUSION_GRID = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # bssan weights tried, in units of std(first)/std(bssan)
+
+
+def tune_two_stage(model: nn.Module, split: SplitFeatures, word_set: str, first: np.ndarray, k: int, progress: bool = False
+                   ) -> tuple[dict, dict]:
+    """(metrics of BSSAN alone re-ranking the top k, fusion record) on a split, both through engine.ranking:
+    BSSAN scores the candidates once; the bssan weight (first stage weight 1) is the best of FUSION_GRID
+    (scaled to the two scores' spreads) and 0 (the first stage alone) by the split's rsum at K."""
+    per = captions_per_image_of(split)
+    image_index, text_index = candidate_pairs(first, k)
+    bssan = rescore_pairs(model, split, word_set, image_index, text_index, progress=progress, desc=f"{split.name} re-scoring")
+    table = np.full(first.shape, np.nan, dtype=np.float32)
+    table[image_index, text_index] = bssan
+    rescore = lambda i, t: table[i, t]  # noqa: E731 (only candidates are asked)
+    alone = two_stage_metrics(first, rescore, k, per, BSSAN_ALONE)
+    unit = float(first[image_index, text_index].std() / max(float(bssan.std()), 1e-12))
+    best, rows = tune_fusion(first, (image_index, text_index, bssan), k, per, tuple(unit * w for w in FUSION_GRID))
+    fused = two_stage_metrics(first, rescore, k, per, best)
+    record = {**best.to_dict(), "rsum": fused["rsum"], "k": k, "tuned_on": f"{split.name} ({first.shape[0]} images)",
+              "grid": rows, "fused": fused, "first_stage_alone": rows[0]["rsum"], "bssan_alone_at_k": alone["rsum"]}
+    return alone, record
+
+
 def fusion_of(checkpoint: str | os.PathLike, first_stage_sha256: str) -> Fusion | None:
     """The fusion recorded beside a BSSAN checkpoint (fusion.json, tuned on dev by training.train) if it was
     tuned with this first stage (same weights hash); None otherwise."""
-    path = Path(checkpoint) / "fusion.json"
+    path = Path(checkpoint) / FUSION
     if not path.is_file():
         return None
     try:
@@ -219,6 +243,29 @@ def evaluate_two_stage(checkpoint: str | os.PathLike, shortlist: str | os.PathLi
     return metrics
 
 
+def tune_fusion_for(checkpoint: str | os.PathLike, shortlist: str | os.PathLike, store: str | os.PathLike, k: int | None,
+                    split: str, force: bool, progress: bool = True) -> dict:
+    """Tune the fusion of BSSAN `checkpoint` with the first stage `shortlist` on a split (dev) and write
+    CHECKPOINT/fusion.json; returns the fused metrics with the record."""
+    from engine.files import file_sha256
+    from training.checkpoint import ModelKind, load_checkpoint
+
+    path = Path(checkpoint) / FUSION
+    if path.exists() and not force:
+        raise InputError(f"{path}: exists; expected a new file (pass --force to replace it)")
+    if k is None:
+        raise InputError("--tune-fusion: expected a number for --shortlist-k (the product's K), got all")
+    ckpt, first_ckpt = load_checkpoint(checkpoint), load_checkpoint(shortlist)
+    if first_ckpt.kind is not ModelKind.DUAL_ENCODER:
+        raise InputError(f"--shortlist {shortlist}: expected a dual_encoder checkpoint, got {first_ckpt.kind.value}")
+    features = FeatureStore(store).split(split)
+    first = score_split(first_ckpt.model, features, first_ckpt.train_config.word_set)
+    _, record = tune_two_stage(ckpt.model, features, ckpt.train_config.word_set, first, k, progress)
+    record.update(first_stage=str(Path(shortlist).resolve()), first_stage_sha256=file_sha256(Path(shortlist) / "weights.pt"))
+    write_json(path, record, force=True)
+    return {**record["fused"], "fusion_record": str(path)}
+
+
 def _k(text: str) -> int | None:
     return None if text == "all" else _positive(text)
 
@@ -245,6 +292,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-captions", type=_positive, help="captions per scoring block (default: the model's)")
     parser.add_argument("--shortlist", type=Path, help="with --checkpoint: a dual-encoder checkpoint whose top-K pairs the model re-scores")
     parser.add_argument("--shortlist-k", type=_k, default=100, help="with --shortlist: K per query, or 'all' (default 100)")
+    parser.add_argument("--tune-fusion", action="store_true",
+                        help="with --shortlist: tune the fusion weight on --split (use dev) at --shortlist-k and write "
+                             "CHECKPOINT/fusion.json (replacing one needs --force)")
     parser.add_argument("--no-fusion", action="store_true",
                         help="with --shortlist: rank by BSSAN alone (default: the fusion tuned on dev, fusion.json)")
     parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
@@ -279,7 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             scores = load_scores(args.scores)
             metrics = retrieval_metrics(scores, captions_per_image=args.captions_per_image, folds=args.folds)
         else:
-            if args.shortlist is not None:
+            if args.shortlist is not None and args.tune_fusion:
+                metrics = tune_fusion_for(args.checkpoint, args.shortlist, args.store, args.shortlist_k, args.split,
+                                          args.force, progress=not args.no_progress)
+                scores = None
+            elif args.shortlist is not None:
                 if args.save_scores is not None:
                     raise InputError("--save-scores goes with exhaustive scoring (no --shortlist); the two-stage protocol "
                                      "ranks per direction, not one matrix")

@@ -48,15 +48,13 @@ from training.checkpoint import (WEIGHTS, ModelKind, build_model, load_train_sta
 from training.config import (PRESETS, RECIPES, Optimizer, Schedule, TrainConfig, input_sizes_of_split, preset, recipe,
                              replace_strict, with_input_sizes)
 from training.data import Batch, GroupedBatch, ImageBatches, PairBatches, input_scales
-from engine.ranking import BSSAN_ALONE, FIRST_STAGE_ALONE, candidate_pairs, tune_fusion, two_stage_metrics
-from training.evaluate import captions_per_image_of, rescore_pairs, score_split
+from engine.ranking import FIRST_STAGE_ALONE, two_stage_metrics
+from training.evaluate import FUSION, captions_per_image_of, score_split, tune_two_stage
 from training.loss import bssan_loss, hardest_in_batch
 from training.model import BSSAN
 
 RUN_CONFIG = "run.json"
 INITIAL_WEIGHTS = "initial_weights.pt"  # the weights before the first step (parameter_movement)
-FUSION = "fusion.json"  # in best/: the fusion weight tuned on dev with the first stage (export puts it in the artifact)
-FUSION_GRID = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # bssan weights tried, in units of std(first)/std(bssan)
 
 
 class TrainingDiverged(BssanError):
@@ -264,18 +262,9 @@ def dev_evaluation(model: nn.Module, dev_split, config: TrainConfig, images: int
         dev = two_stage_metrics(scores, None, None, per, FIRST_STAGE_ALONE)
         return dev, dev["rsum"], None
     first = first_stage.scores(dev_split, config.word_set)  # [N_img, N_cap]
-    image_index, text_index = candidate_pairs(first, config.dev_k)
-    bssan = rescore_pairs(model, dev_split, config.word_set, image_index, text_index, progress=progress, desc="dev re-scoring")
-    lookup = dict(zip(zip(image_index.tolist(), text_index.tolist()), bssan.tolist()))
-    rescore = lambda i, t: [lookup[p] for p in zip(i.tolist(), t.tolist())]  # noqa: E731 (only candidates are asked)
-    alone = two_stage_metrics(first, rescore, config.dev_k, per, BSSAN_ALONE)
-    unit = float(first[image_index, text_index].std() / max(bssan.std(), 1e-12))
-    best, rows = tune_fusion(first, (image_index, text_index, bssan), config.dev_k, per, tuple(unit * w for w in FUSION_GRID))
-    fused = two_stage_metrics(first, rescore, config.dev_k, per, best)
-    record = {**best.to_dict(), "rsum": fused["rsum"], "k": config.dev_k, "first_stage": str(first_stage.directory),
-              "first_stage_sha256": first_stage.weights_sha256, "tuned_on": f"{dev_split.name} ({first.shape[0]} images)",
-              "grid": rows, "fused": fused, "first_stage_alone": rows[0]["rsum"]}
-    return alone, fused["rsum"] + 1e-3 * alone["rsum"], record
+    alone, record = tune_two_stage(model, dev_split, config.word_set, first, config.dev_k, progress)
+    record.update(first_stage=str(first_stage.directory), first_stage_sha256=first_stage.weights_sha256)
+    return alone, record["rsum"] + 1e-3 * alone["rsum"], record
 
 
 def train(store_path: str | os.PathLike, out: str | os.PathLike, kind: ModelKind, model_config: Any,

@@ -159,3 +159,18 @@ def test_shortlist_must_be_a_dual_encoder(tmp_path, tiny_store, checkpoints, cap
     assert code == 2 and len(err.strip().splitlines()) == 1
     with pytest.raises(InputError, match=r"--shortlist .*: expected a dual_encoder checkpoint, got bssan"):
         evaluate_two_stage(checkpoints / "bssan", checkpoints / "bssan", tiny_store, k=5, progress=False)
+
+
+def test_tune_fusion_writes_a_record_the_two_stage_evaluation_then_uses(tmp_path, tiny_store, checkpoints, gated_checkpoint, capsys):
+    import shutil
+    bssan = tmp_path / "bssan"
+    shutil.copytree(gated_checkpoint, bssan)
+    args = ["--checkpoint", str(bssan), "--store", str(tiny_store), "--split", "dev", "--shortlist", str(checkpoints / "dual"),
+            "--shortlist-k", "3", "--tune-fusion", "--no-progress"]
+    assert main(args) == 0
+    record = json.loads((bssan / "fusion.json").read_text())
+    assert record["k"] == 3 and record["rsum"] >= record["first_stage_alone"] and record["first_stage_sha256"]
+    assert main(args) == 2 and "pass --force" in capsys.readouterr().err  # a tuned record is not replaced silently
+    metrics = evaluate_two_stage(bssan, checkpoints / "dual", tiny_store, k=3, split="dev", progress=False)
+    assert metrics["protocol"]["fusion"] == {k: record[k] for k in ("first_stage_weight", "bssan_weight")}
+    assert metrics["rsum"] == pytest.approx(record["rsum"])
