@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from engine.cache import CACHE_JSON, ImageCache
 from engine.errors import InputError
+from engine.files import write_bytes_atomic
 from engine.serve.index import VectorIndex
 
 LOG_MAGIC = b"BSL1"
@@ -66,13 +67,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_file_durable(path: Path, data: bytes) -> None:
-    """Write to a temp file, fsync, rename over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """engine.files' atomic write (temp file, fsync, rename), then fsync the folder: the rename is on disk."""
+    write_bytes_atomic(path, data, fsync=True)
     _fsync_dir(path.parent)
 
 

@@ -7,8 +7,10 @@
 
 Every query goes through the same two stages: the artifact's shortlist vectors (dual encoder)
 ranked by inner product in FAISS (engine/serve/index.py) give the top `rerank_k` candidates;
-BSSAN (Scorer.score_pairs) re-scores them and the best `top_k` are returned, ranked by the
-BSSAN score (ties: the better first-stage rank first), each with both scores.
+BSSAN re-scores them (Scorer.score_pairs: the product score, i.e. BSSAN's MS fused with the
+first stage when the artifact carries fusion weights, MS alone otherwise) and the best `top_k`
+are returned by that score (ties: the better first-stage rank first), each with its "score" and
+its "first_stage" inner product.
 
 Batches: search_texts and rank_captions take a list of queries and make ONE encoder call, one
 FAISS search per distinct rerank_k and ONE score_pairs call for all of them: the micro-batcher
