@@ -40,7 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.errors import BssanError, InputError, StoreError
+from engine.cli import command
+from engine.errors import InputError, StoreError
+from engine.files import atomic_path, write_json_atomic
 from engine.metrics import format_metrics, retrieval_metrics
 from engine.ranking import BSSAN_ALONE, FIRST_STAGE_ALONE, Fusion, candidate_pairs, tune_fusion, two_stage_metrics
 from engine.store import FeatureStore, SplitFeatures
@@ -73,30 +75,20 @@ def score_split(model: nn.Module, split: SplitFeatures, word_set: str, images: i
     return scores
 
 
-def write_atomic(path: Path, write, force: bool) -> None:
-    """Call write(tmp_path) then rename onto `path`; refuse to replace an existing file unless force."""
-    path = Path(path)
-    if path.exists() and not force:
+def _refuse_existing(path: Path, force: bool) -> None:
+    if Path(path).exists() and not force:
         raise InputError(f"{path}: exists; expected a new file (pass --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_json(path: Path, payload: dict, force: bool) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8"), force)
+    _refuse_existing(path, force)
+    write_json_atomic(path, payload)
 
 
 def save_scores(path: Path, scores: np.ndarray, force: bool) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:  # a file handle: np.save would append .npy to the temp name
-            np.save(handle, scores)
-    write_atomic(path, write, force)
+    _refuse_existing(path, force)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a handle: np.save would append .npy to the temp name
+        np.save(handle, scores)
 
 
 def load_scores(path: Path) -> np.ndarray:
@@ -317,43 +309,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        for path in (args.json, args.save_scores):  # refuse before minutes of scoring, not after
-            if path is not None and path.exists() and not args.force:
-                raise InputError(f"{path}: exists; expected a new file (pass --force to replace it)")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.scores is not None:
-            scores = load_scores(args.scores)
-            metrics = retrieval_metrics(scores, captions_per_image=args.captions_per_image, folds=args.folds)
-        else:
-            if args.shortlist is not None and args.tune_fusion:
-                metrics = tune_fusion_for(args.checkpoint, args.shortlist, args.store, args.shortlist_k, args.split,
-                                          args.force, progress=not args.no_progress)
-                scores = None
-            elif args.shortlist is not None:
-                if args.save_scores is not None:
-                    raise InputError("--save-scores goes with exhaustive scoring (no --shortlist); the two-stage protocol "
-                                     "ranks per direction, not one matrix")
-                metrics = evaluate_two_stage(args.checkpoint, args.shortlist, args.store, args.shortlist_k, args.split,
-                                             BSSAN_ALONE if args.no_fusion else "recorded", progress=not args.no_progress)
-                scores = None
-            else:
-                metrics, scores = evaluate_checkpoint(args.checkpoint, args.store, args.split, args.batch_images,
-                                                      args.batch_captions, progress=not args.no_progress)
-            if args.folds > 1 and scores is not None:
-                metrics.update(retrieval_metrics(scores, captions_per_image=metrics["captions_per_image"], folds=args.folds),
-                               folds=args.folds)
+    for path in (args.json, args.save_scores):  # refuse before minutes of scoring, not after
+        if path is not None and path.exists() and not args.force:
+            raise InputError(f"{path}: exists; expected a new file (pass --force to replace it)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.scores is not None:
+        scores = load_scores(args.scores)
+        metrics = retrieval_metrics(scores, captions_per_image=args.captions_per_image, folds=args.folds)
+    else:
+        if args.shortlist is not None and args.tune_fusion:
+            metrics = tune_fusion_for(args.checkpoint, args.shortlist, args.store, args.shortlist_k, args.split,
+                                      args.force, progress=not args.no_progress)
+            scores = None
+        elif args.shortlist is not None:
             if args.save_scores is not None:
-                save_scores(args.save_scores, scores, args.force)
-        print(format_metrics(metrics))
-        if args.json is not None:
-            write_json(args.json, metrics, args.force)
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+                raise InputError("--save-scores goes with exhaustive scoring (no --shortlist); the two-stage protocol "
+                                 "ranks per direction, not one matrix")
+            metrics = evaluate_two_stage(args.checkpoint, args.shortlist, args.store, args.shortlist_k, args.split,
+                                         BSSAN_ALONE if args.no_fusion else "recorded", progress=not args.no_progress)
+            scores = None
+        else:
+            metrics, scores = evaluate_checkpoint(args.checkpoint, args.store, args.split, args.batch_images,
+                                                  args.batch_captions, progress=not args.no_progress)
+        if args.folds > 1 and scores is not None:
+            metrics.update(retrieval_metrics(scores, captions_per_image=metrics["captions_per_image"], folds=args.folds),
+                           folds=args.folds)
+        if args.save_scores is not None:
+            save_scores(args.save_scores, scores, args.force)
+    print(format_metrics(metrics))
+    if args.json is not None:
+        write_json(args.json, metrics, args.force)
     return 0
 
 

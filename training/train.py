@@ -39,7 +39,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from engine.errors import BssanError, InputError
+from engine.cli import command
+from engine.errors import DivergenceError, InputError
 from engine.metrics import format_metrics, retrieval_metrics
 from engine.files import write_json_atomic
 from engine.store import FeatureStore
@@ -55,12 +56,6 @@ from training.model import BSSAN
 
 RUN_CONFIG = "run.json"
 INITIAL_WEIGHTS = "initial_weights.pt"  # the weights before the first step (parameter_movement)
-
-
-class TrainingDiverged(BssanError):
-    """The loss became NaN/inf: a training problem (lr, clip), not a user-input error."""
-
-    exit_code = 1
 RESUMABLE_CHANGES = ("epochs",)  # train fields a rerun may change: they do not alter the epochs already run
 
 
@@ -376,8 +371,8 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
             batch = batches.batch(epoch, index, order)
             loss = step(model, batch, train_config, epoch=epoch)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"training diverged at epoch {epoch + 1} batch {index}: loss {loss.item()}; "
-                                       f"expected a finite loss (lower lr={train_config.lr} or grad_clip={train_config.grad_clip})")
+                raise DivergenceError(f"training diverged at epoch {epoch + 1} batch {index}: loss {loss.item()}; "
+                                      f"expected a finite loss (lower lr={train_config.lr} or grad_clip={train_config.grad_clip})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # the norm BEFORE clipping is logged; max_norm inf measures without clipping
@@ -498,6 +493,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = [sys.executable, "-m", "training.train", *(sys.argv[1:] if argv is None else argv)]
@@ -512,9 +508,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SimulatedKill as exc:
         print(str(exc), file=sys.stderr)
         return 3
-    except BssanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
     best = metrics["dev"][metrics["best_epoch"] - 1]["dev"] if metrics["best_epoch"] > 0 else None
     if best is not None:
         print(f"best epoch {metrics['best_epoch']}: dev {format_metrics(best)} -> {args.out / 'best'}")
