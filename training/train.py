@@ -42,7 +42,7 @@ from torch import nn
 from engine.cli import command
 from engine.errors import DivergenceError, InputError
 from engine.metrics import format_metrics, retrieval_metrics
-from engine.files import write_json_atomic
+from engine.files import atomic_path, write_json_atomic
 from engine.store import FeatureStore
 from training.baseline import DUAL_ENCODER_PRESETS, DualEncoder, dual_encoder_loss, dual_encoder_preset
 from training.checkpoint import (WEIGHTS, ModelKind, build_model, load_train_state, load_weights, save_checkpoint)
@@ -160,7 +160,8 @@ def check_run_dir(out: Path, run_config: dict) -> None:
 
 
 def plot_curves(out: Path, history: list[dict]) -> None:
-    """RUN_DIR/curves.png: mean training loss and dev rsum per epoch (skipped without matplotlib)."""
+    """RUN_DIR/curves.png: training loss, dev rsum (and, for BSSAN behind a first stage, the fused product and
+    the first stage alone at the same K), and the gradient norm before clipping with the clip, per epoch."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -168,16 +169,29 @@ def plot_curves(out: Path, history: list[dict]) -> None:
     except ImportError:
         return
     epochs = [h["epoch"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.4))
     left.plot(epochs, [h["loss"] for h in history], marker="o")
     left.set(xlabel="epoch", ylabel="mean batch loss", title="training loss")
-    right.plot(epochs, [h["dev"]["rsum"] for h in history], marker="o", color="tab:green")
-    right.set(xlabel="epoch", ylabel="rsum", title=f"dev rsum ({history[-1]['dev_images']} images)")
+    fused = [h.get("fusion") for h in history]
+    if all(f is not None for f in fused):
+        k = fused[0]["k"]
+        middle.plot(epochs, [f["rsum"] for f in fused], marker="o", color="tab:green", label=f"product (top-{k} fused)")
+        middle.plot(epochs, [h["dev"]["rsum"] for h in history], marker="o", color="tab:orange", label=f"BSSAN alone re-ranking top-{k}")
+        middle.plot(epochs, [f["first_stage_alone"] for f in fused], ls="--", color="gray", label="first stage alone")
+        middle.legend(fontsize=7)
+    else:
+        middle.plot(epochs, [h["dev"]["rsum"] for h in history], marker="o", color="tab:green")
+    middle.set(xlabel="epoch", ylabel="rsum", title=f"dev rsum ({history[-1]['dev_images'] or 'all'} images)")
+    if all("grad_norm_median" in h for h in history):
+        right.plot(epochs, [h["grad_norm_median"] for h in history], marker="o", label="median")
+        right.plot(epochs, [h["grad_norm_max"] for h in history], marker=".", label="max")
+        right.set_yscale("log")
+        right.legend(fontsize=7)
+    right.set(xlabel="epoch", ylabel="global grad norm (before clip)", title="gradient norm")
     fig.tight_layout()
-    tmp = out / ".curves.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out / "curves.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, out / "curves.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +219,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     if config.optimizer is Optimizer.SGD:
         return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (ru_maxrss, KiB on Linux)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 class GradientLog:
@@ -400,7 +421,8 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
         record = {"epoch": epoch + 1, "loss": pos.loss_sum / max(pos.batch, 1), "pairs": pos.pairs_seen,
                   "lr": optimizer.param_groups[0]["lr"], "train_pairs_per_second": round(pairs_per_second, 1),
                   "dev": dev, "dev_images": metrics["dev_images"], "dev_seconds": round(time.perf_counter() - start, 3),
-                  "selection_rsum": selection, **epoch_norms}
+                  "selection_rsum": selection, "epoch_seconds": round(time.perf_counter() - epoch_start, 1),
+                  "peak_rss_mb": peak_rss_mb(), **epoch_norms}
         if fusion_record is not None:
             record["fusion"] = fusion_record
         pos.history = pos.history + [record]
