@@ -173,6 +173,10 @@ class TrainConfig:
     mined_fraction: float = 0.0  # share of the sampled negatives (captions, and images with negative_images) drawn
                                  # from the first stage's top mining_k of the anchor instead of uniformly
     mining_k: int = 30         # mined negatives come from the first stage's top mining_k (of other images)
+    residual_weight: float = 0.0  # > 0 (needs first_stage): add a second hinge on Y + w * s_first (and Y' + w * s_first),
+                                  # s_first the frozen first stage's cosine of the pair: BSSAN then also learns what
+                                  # the first stage gets wrong (the product fuses the two); the plain hinge keeps BSSAN
+                                  # a ranker on its own
     mining_guard: float = 0.9  # false-negative guard: drop a mined caption whose first-stage text vector has cosine
                                # > this with one of the anchor image's own captions (Flickr8K has near-duplicate
                                # captions), and a mined image whose image vector has cosine > this with the anchor's
@@ -198,6 +202,8 @@ class TrainConfig:
         if self.lr_decay_every and self.schedule is Schedule.COSINE:
             raise InputError(f"TrainConfig.lr_decay_every {self.lr_decay_every}: a step decay goes with schedule=step "
                              f"(or constant), got schedule=cosine")
+        if self.residual_weight < 0 or (self.residual_weight > 0 and not self.first_stage):
+            raise InputError(f"TrainConfig.residual_weight {self.residual_weight}: expected >= 0, and a first_stage when > 0")
         if self.mined_fraction > 0 and not self.first_stage:
             raise InputError(f"TrainConfig.mined_fraction {self.mined_fraction}: mining needs first_stage "
                              f"(a dual-encoder checkpoint directory); got none")

@@ -139,6 +139,7 @@ class GroupedBatch:
     pair_image: Tensor    # [N_pair] row of regions/objects
     pair_text: Tensor     # [N_pair] row of words/lengths
     kinds: int            # 1 (positives) + number of negative kinds; N_pair = kinds * N_pos
+    first_stage: Tensor | None = None  # [N_pair] the first stage's cosine of each pair (with a first stage)
 
     def __len__(self) -> int:
         return int(self.caption_ids.shape[0])
@@ -184,7 +185,7 @@ class ImageBatches:
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's permutation of image indices (with mining: grouped by first-stage neighbours)."""
         permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
-        return permutation if self.mining is None else self.mining.group_order(permutation)
+        return permutation if self.mining is None or self.mining.fraction <= 0 else self.mining.group_order(permutation)
 
     def batch_pairs(self, epoch: int, index: int, order: np.ndarray | None = None) -> int:
         """Positive pairs of batch `index` (for progress counts) without reading features."""
@@ -207,7 +208,7 @@ class ImageBatches:
         texts, pair_image, pair_text = [captions], [local], [np.arange(len(captions))]
         if self.negative_captions:
             negatives = sample_negative_captions(self.caption_image, rng, anchors=captions)
-            if self.mining is not None:  # a share of them from the first stage's top-k of the anchor image
+            if self.mining is not None and self.mining.fraction > 0:  # a share from the first stage's top-k of the anchor
                 mined, use = self.mining.pick_captions(images[local], rng)
                 negatives = np.where(use, mined, negatives)
             texts.append(negatives)
@@ -216,17 +217,24 @@ class ImageBatches:
         if self.negative_images:
             picks = rng.integers(0, len(images) - 1, size=len(captions))
             picks = picks + (picks >= local)  # another image of the batch
-            if self.mining is not None:  # a share: the batch image the first stage ranks highest for the caption
+            if self.mining is not None and self.mining.fraction > 0:  # a share: the batch image the first stage ranks highest
                 hardest = self.mining.hardest_in_batch(captions, local, images)
                 use = (rng.random(len(captions)) < self.mining.fraction) & (hardest >= 0)
                 picks = np.where(use, hardest, picks)
             pair_image.append(picks)
             pair_text.append(np.arange(len(captions)))
         regions, objects = read_images(self.split, images)
-        words, lengths = read_captions(self.split, self.word_set, np.concatenate(texts), self.lengths)
+        text_ids = np.concatenate(texts)  # [N_txt] split caption index of each text row
+        words, lengths = read_captions(self.split, self.word_set, text_ids, self.lengths)
+        kinds = len(pair_image)
+        pair_image, pair_text = np.concatenate(pair_image), np.concatenate(pair_text)
+        first = None
+        if self.mining is not None:  # the first stage's cosine of each pair (residual training)
+            first = torch.from_numpy(np.einsum("nk,nk->n", self.mining.image_vectors[images[pair_image]],
+                                               self.mining.text_vectors[text_ids[pair_text]]).astype(np.float32))
         return GroupedBatch(torch.from_numpy(images), torch.from_numpy(captions), regions, objects, words, lengths,
-                            torch.from_numpy(np.concatenate(pair_image)), torch.from_numpy(np.concatenate(pair_text)),
-                            kinds=len(pair_image))
+                            torch.from_numpy(pair_image), torch.from_numpy(pair_text), kinds=kinds,
+                            first_stage=first)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,7 +112,13 @@ def bssan_grouped_step(model: BSSAN, batch: GroupedBatch, config: TrainConfig, e
     y, y_prime = model.forward_pairs(batch.regions, batch.objects, batch.words, batch.lengths,
                                      batch.pair_image, batch.pair_text, negative=batch.negative)
     groups = [(y[k * n:(k + 1) * n], y_prime[k * n:(k + 1) * n]) for k in range(batch.kinds)]
-    return bssan_loss(model, groups[0], groups[1:], config.margin, config.reduction).total
+    loss = bssan_loss(model, groups[0], groups[1:], config.margin, config.reduction).total
+    if config.residual_weight > 0:  # the product's view: the same pairs with the frozen first stage added
+        shift = config.residual_weight * batch.first_stage  # [N_pair]
+        fused = [(g[0] + shift[k * n:(k + 1) * n], g[1] + shift[k * n:(k + 1) * n]) for k, g in enumerate(groups)]
+        terms = bssan_loss(model, fused[0], fused[1:], config.margin, config.reduction)
+        loss = loss + terms.total - model.config.effective_reg_weight * terms.reg  # L_reg counted once
+    return loss
 
 
 def dual_encoder_step(model: DualEncoder, batch: Batch, config: TrainConfig, epoch: int = 0) -> torch.Tensor:
@@ -343,7 +349,7 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
 
     grouped = kind is ModelKind.BSSAN and train_config.batch_images > 0 and not train_config.hardest_negatives
     if grouped:
-        mining = first_stage.mining(train_config) if first_stage is not None and train_config.mined_fraction > 0 else None
+        mining = first_stage.mining(train_config) if first_stage is not None else None
         batches = ImageBatches(train_split, train_config.word_set, train_config.batch_images, train_config.seed,
                                negative_images=train_config.negative_images, mining=mining)
     else:

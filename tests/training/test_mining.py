@@ -112,3 +112,30 @@ def test_a_mined_run_selects_through_the_two_stage_protocol_and_records_the_fusi
     saved = json.loads((tmp_path / "bssan" / "best" / FUSION).read_text())
     Fusion.from_dict(saved)
     assert saved["first_stage_sha256"] and store  # recorded for export
+
+
+def test_residual_training_adds_the_first_stage_to_a_second_hinge(tmp_path, train_store):
+    torch.manual_seed(0)
+    dual = tmp_path / "dual"
+    train(train_store, dual, ModelKind.DUAL_ENCODER, dual_encoder_preset("demo"),
+          TrainConfig(epochs=1, batch_size=32, lr=5e-3), progress=False, plot=False)
+    store = FeatureStore(train_store)
+    config = TrainConfig(epochs=1, batch_images=6, negative_images=True, first_stage=str(dual / "best"), residual_weight=2.0)
+    mining = FirstStage.load(dual / "best", store, tmp_path).mining(config)
+    batches = ImageBatches(store.split("train"), "glove50", 6, seed=0, negative_images=True, mining=mining)
+    batch = batches.batch(0, 0)
+    assert batch.first_stage.shape == batch.pair_image.shape
+    images = batch.image_ids.numpy()[batch.pair_image.numpy()]
+    i = 3
+    text_row = batch.pair_text[i].item()
+    caption = batch.caption_ids[text_row].item() if text_row < len(batch) else None
+    if caption is not None:
+        assert batch.first_stage[i].item() == pytest.approx(float(mining.image_vectors[images[i]] @ mining.text_vectors[caption]), abs=1e-5)
+    from training.train import bssan_grouped_step
+    from training.model import BSSAN
+    model = BSSAN(preset("demo"))
+    plain = bssan_grouped_step(model, batch, TrainConfig(batch_images=6, negative_images=True))
+    residual = bssan_grouped_step(model, batch, config)
+    assert residual.item() > plain.item()  # a second, non-negative hinge term
+    with pytest.raises(Exception, match="residual_weight"):
+        TrainConfig(residual_weight=1.0)
