@@ -23,7 +23,9 @@ from engine.errors import InputError
 
 INDEX_KINDS = ("flat", "hnsw")
 DEFAULT_HNSW_M = 32  # links per node (FAISS's usual value); recall and speed at 1M: benchmarks/load_test.py
-DEFAULT_EF_CONSTRUCTION = 40  # build cost grows ~linearly with it: 100k x 512 took 64 s at 80 on 2 loaded cores
+# Graph quality vs build time: at 1M x 512 synthetic vectors, 40 gave recall@100 0.78-0.90 (efSearch 64-512) after a
+# 14 min build on 2 loaded cores; build time grows ~linearly with it (benchmarks/load_test.py, results/serve/).
+DEFAULT_EF_CONSTRUCTION = 100
 DEFAULT_EF_SEARCH = 128  # candidates kept per query; must be >= k (raised to k per search when smaller)
 
 
