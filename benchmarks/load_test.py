@@ -12,6 +12,8 @@ Parts (each writes its section of OUT/load_test.json; the plot is OUT/load_test.
 - vectors: the first stage alone on a synthetic index of --vectors unit vectors (a mixture of
   Gaussian clusters in the artifact's shortlist dimension; vectors only, no images): exact
   (IndexFlatIP) vs HNSW at several efSearch, recall@100 against exact and ms per query.
+- service: the same queries without HTTP, one thread, batches of 1, 4 and 16 (what micro-batching
+  hands the scorer): wall and CPU ms per query.
 - durability: searches and adds at once, the server killed (SIGKILL) mid-burst, restarted: every
   acknowledged add must be in the gallery.
 
@@ -45,7 +47,7 @@ from engine.files import package_versions, write_json_atomic
 
 WORK = REPO_ROOT / "build" / "load-test"
 FLICKR8K = REPO_ROOT.parent / "shared" / "data" / "flickr8k"
-PARTS = ("gallery", "vectors", "durability")
+PARTS = ("gallery", "service", "vectors", "durability")
 SERVE_LIBRARIES = ("fastapi", "uvicorn", "faiss-cpu", "httpx", "onnxruntime", "numpy")
 KEY = "load-test-key-0123456789abcdef"
 
@@ -229,6 +231,45 @@ def run_gallery(args, artifact: Path) -> dict:
     top = max(args.clients)
     if ("on", top) in by and ("off", top) in by and by[("off", top)]["requests_per_s"]:
         report[f"speedup_at_{top}_clients"] = round(by[("on", top)]["requests_per_s"] / by[("off", top)]["requests_per_s"], 2)
+    return report
+
+
+def run_service(args, artifact: Path) -> dict:
+    """The service without HTTP or concurrency: one thread calls search_texts with batches of 1, 4 and 16
+    queries (what the micro-batcher hands it), wall and CPU time per query. Sequential, so on a shared
+    machine the process's share of the cores stays the same across batch sizes."""
+    import shutil
+    import tempfile
+
+    from engine.runtime import Scorer
+    from engine.serve.gallery import Gallery
+    from engine.serve.service import SearchService, TextQuery
+
+    snapshot = WORK / f"index-{args.gallery_size}-{artifact.name}" / "snapshot"
+    if not snapshot.is_dir():
+        raise SystemExit(f"{snapshot}: run the gallery part first (it indexes the gallery)")
+    texts = caption_pool(args.captions, 2000)
+    report = {"gallery_images": args.gallery_size, "top_k": 10, "rerank_k": 100, "points": []}
+    with tempfile.TemporaryDirectory(prefix="bssan-load-") as folder, \
+            Scorer.load(artifact, backend="onnxruntime-cpu", threads=args.threads) as scorer:
+        shutil.copytree(snapshot, Path(folder) / "snapshot")
+        gallery = Gallery.open(folder, scorer.fingerprint, scorer.cache_precision)
+        service = SearchService(scorer, gallery)
+        service.search_texts([TextQuery(t) for t in texts[:4]])  # warm-up
+        used = 4
+        for batch in (1, 4, 16):
+            rounds = max(1, 32 // batch)
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(rounds):
+                service.search_texts([TextQuery(t) for t in texts[used:used + batch]])
+                used += batch
+            queries = rounds * batch
+            point = {"batch": batch, "queries": queries,
+                     "wall_ms_per_query": round(1000 * (time.perf_counter() - wall) / queries, 1),
+                     "cpu_ms_per_query": round(1000 * (time.process_time() - cpu) / queries, 1),
+                     "load_average_1min": round(os.getloadavg()[0], 2)}
+            print(f"service batch {batch}: {point['wall_ms_per_query']} ms/query wall, {point['cpu_ms_per_query']} ms CPU", flush=True)
+            report["points"].append(point)
     return report
 
 
@@ -444,7 +485,7 @@ def main(argv=None) -> int:
     report.update({"machine": machine_info(args.threads), "libraries": package_versions(SERVE_LIBRARIES),
                    "load_average_at_start": list(os.getloadavg())})
     artifact = args.model
-    if artifact is None and set(args.parts) & {"gallery", "durability"}:
+    if artifact is None and set(args.parts) & {"gallery", "service", "durability"}:
         artifact = build_random_artifact(WORK / "artifact", args.assets)
         report["model"] = {"artifact": str(artifact), "weights": "random, at the reference model's sizes (scores meaningless)"}
     elif artifact is not None:
@@ -453,6 +494,8 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         if part == "gallery":
             report["gallery"] = run_gallery(args, artifact)
+        elif part == "service":
+            report["service"] = run_service(args, artifact)
         elif part == "vectors":
             dim = json.loads((artifact / "manifest.json").read_text())["dims"]["shortlist_dim"] if artifact else 512
             report["vectors"] = run_vectors(args, dim)

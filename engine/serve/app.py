@@ -46,7 +46,7 @@ from engine.serve.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, MicroB
 from engine.serve.errors import Forbidden, NotFound, RequestError, TooLarge, Unauthorized, Unsupported
 from engine.serve.gallery import check_image_id
 from engine.serve.metrics import ServiceMetrics
-from engine.serve.service import ImageQuery, Limits, SearchService, TextQuery
+from engine.serve.service import ImageQuery, Limits, TextQuery
 from engine.text import tokenize
 
 log = logging.getLogger("engine.serve")
@@ -326,7 +326,7 @@ def create_app(config: ServeConfig, state=None) -> FastAPI:
         with tempfile.TemporaryDirectory(prefix="bssan-upload-") as folder:
             path = Path(folder) / f"upload{suffix}"
             path.write_bytes(data)
-            [result] = [await svc().image_batcher.submit(ImageQuery(path, top_k, rerank_k, attention))]
+            result = await svc().image_batcher.submit(ImageQuery(path, top_k, rerank_k, attention))
         return result
 
     @app.post("/v1/score", summary="BSSAN scores of explicit (gallery image id, caption) pairs, attention on request")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -190,3 +189,16 @@ def test_read_only_without_a_key(serve_artifact, gallery_dir, tmp_path, serve_ph
         assert_error(response, 403, "X-API-Key: this server is read-only")
         assert_error(ro.post("/v1/captions", files={"image": (photo.name, photo.read_bytes(), "image/png")}), 400, "captions:")
         assert json.loads(ro.get("/v1/info").text)["writes"] is False
+
+
+def test_an_internal_error_is_a_500_without_traceback(client, monkeypatch):
+    service = client.app.state.holder["state"].service
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nTraceback (most recent call last): secret internals")
+
+    monkeypatch.setattr(service, "score_pairs", broken)
+    response = client.post("/v1/score", json={"pairs": [{"image_id": "chelsea.png", "caption": "a cat"}]})
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error (logged by the server)"}
+    assert client.get("/healthz").status_code == 200
