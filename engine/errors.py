@@ -28,6 +28,20 @@ class ImageError(InputError):
     """An image file cannot be decoded or has an unusable size."""
 
 
+class CaptionError(InputError):
+    """One caption of a list cannot be encoded. `index`: its 0-based position in the list given, so a
+    caller that knows where each caption came from re-raises naming the file and line; `reason`: the
+    message without the position."""
+
+    def __init__(self, reason: str, index: int | None = None):
+        super().__init__(reason if index is None else f"caption {index} (0-based) of the list given: {reason}")
+        self.reason, self.index = reason, index
+
+
+class ClosedError(BssanError, RuntimeError):
+    """A Scorer (or its runner) was used after close()."""
+
+
 class ArtifactError(BssanError):
     """A model artifact directory is missing files, has wrong hashes, or a newer format version."""
 

@@ -7,6 +7,15 @@ write-then-rename, so a reader never sees half a file or half a directory:
     write_bytes_atomic(path, data); write_text_atomic(path, text); write_json_atomic(path, payload)
     replace_directory(tmp_dir, target)     # swap a finished sibling temp dir into place
     settle_directory(target)               # undo a swap interrupted between its two renames
+    with exclusive_lock(path, "..."):      # one writer per output (flock: dropped by the OS even on kill -9)
+    remove_stale_temps(path)               # `.<name>.tmp-<pid>` left by a writer killed mid-write
+
+With fsync (the default of the byte and text writers), the file AND its folder are fsynced, so after
+a power loss the new name points at the whole new content, never at an empty file.
+
+Fault injection (tests): every write point (a temp file written, a rename, a journal step) calls
+`write_point()`; with BSSAN_KILL_AT_WRITE=N in the environment the process SIGKILLs itself at
+its N-th write point, so a test can kill a command at every point in turn (tests/engine/test_reliability.py).
 """
 
 from __future__ import annotations
@@ -16,7 +25,25 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
+
+from engine.errors import InputError
+
+KILL_AT_WRITE_ENV = "BSSAN_KILL_AT_WRITE"
+_write_points = 0
+
+
+def write_point() -> None:
+    """A point where a kill leaves a partly written output; SIGKILL here when it is the N-th of
+    BSSAN_KILL_AT_WRITE=N (a real kill -9: no finally block, no atexit runs)."""
+    global _write_points
+    target = os.environ.get(KILL_AT_WRITE_ENV)
+    if not target:
+        return
+    _write_points += 1
+    if _write_points == int(target):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -39,6 +66,20 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(handle.fileno())
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder, so a rename inside it survives a power loss (a no-op where folders cannot be opened)."""
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, fsync: bool = True):
     """Yield a temp path beside `path`; when the block ends without an error, the temp file is
@@ -50,9 +91,59 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True):
         yield tmp
         if fsync:
             fsync_file(tmp)
+        write_point()
         os.replace(tmp, path)
+        if fsync:
+            fsync_dir(path.parent)
+        write_point()
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Delete `.<name>.tmp-<pid>` files beside `path` that a killed writer left. Call it only while
+    holding the output's exclusive lock: then no other writer can be using them."""
+    path = Path(path)
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: str | os.PathLike, busy: str, error: type[Exception] | None = None, remove: bool = False):
+    """Hold an exclusive flock on `lock_file` (created) for the block; the OS drops it when the process
+    dies, even by kill -9, so a lock is never stale. Another holder: `error(busy)` (default InputError,
+    a one-line user error). Without fcntl (not POSIX) there is no lock: keep to one writer.
+    remove=True deletes the lock file when the block ends (still holding the lock; a process that
+    opened the deleted file sees that its file is no longer the one at the path and opens it anew)."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    while True:
+        handle = open(lock_file, "a")
+        if fcntl is None:
+            break
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise (error or InputError)(busy) from None
+        try:
+            if os.stat(lock_file).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # removed by the previous holder after we opened it: lock the new file
+    try:
+        yield handle
+    finally:
+        if remove:
+            lock_file.unlink(missing_ok=True)
+        handle.close()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
@@ -109,9 +200,14 @@ def replace_directory(tmp: str | os.PathLike, directory: str | os.PathLike, fsyn
         for path in tmp.rglob("*"):
             if path.is_file():
                 fsync_file(path)
+    write_point()
     if directory.exists():
         os.replace(directory, directory.with_name(f".{directory.name}.old"))
+        write_point()
     os.replace(tmp, directory)
+    if fsync:
+        fsync_dir(directory.parent)
+    write_point()
     settle_directory(directory)
 
 
