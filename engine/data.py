@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.cli import command
+from engine.cli import ArgumentParser, command
 from engine.errors import DataError
 from engine.files import file_sha256
 
@@ -106,12 +106,28 @@ def _read_text(path: Path, what: str) -> list[str]:
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                lines.append(raw.decode("utf-8").rstrip("\r\n"))
+                text = raw.decode("utf-8").rstrip("\r\n")
+                lines.append(text.removeprefix("\ufeff") if number == 1 else text)  # a byte-order mark is not text
             except UnicodeDecodeError as exc:
                 raise DataError(
                     f"{path.name} line {number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); expected UTF-8 text"
                 ) from None
     return lines
+
+
+def image_files(folder: Path) -> tuple[list[Path], int]:
+    """(image files of a folder sorted by name, hidden files skipped). A name with an image suffix is an
+    image, a broken symbolic link included (reading it reports it, never a silent skip); a hidden name
+    (`.x.jpg`, macOS `._x.jpg` sidecars) is not an image: skipped and counted, the caller says so."""
+    paths, hidden = [], 0
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not (path.is_file() or (path.is_symlink() and not path.exists())):
+            continue
+        if path.name.startswith("."):
+            hidden += 1
+            continue
+        paths.append(path)
+    return paths, hidden
 
 
 def _existing_files(images_dir: Path) -> set[str]:
@@ -219,11 +235,14 @@ def read_folder(images_dir: str | Path, captions_path: str | Path | None = None,
     one (engine/store.py caption_image); captions that describe no image are ranked straight from a text
     file with `python -m engine.score --captions FILE`. Images without captions are kept (a gallery)."""
     images_dir = Path(images_dir)
-    names = sorted(n for n in _existing_files(images_dir) if Path(n).suffix.lower() in IMAGE_SUFFIXES
-                   and (images_dir / n).is_file())
+    _existing_files(images_dir)  # the folder exists
+    paths, hidden = image_files(images_dir)
+    names = [path.name for path in paths]
     if not names:
         raise DataError(f"{images_dir}: no image file ({', '.join(sorted(IMAGE_SUFFIXES))}); expected a folder of images")
     report = _Report()
+    if hidden:
+        report.add("hidden file", f"{images_dir}: {hidden} hidden files with an image suffix (e.g. macOS ._ sidecars) are not images; skipped")
     captions: dict[str, list[str]] = {name: [] for name in names}
     sources = {}
     if captions_path is not None:
@@ -328,9 +347,7 @@ def read_caption_lines(path: str | Path) -> list[str]:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Read a dataset and print its split sizes and quirks.")
+    parser = ArgumentParser(description="Read a dataset and print its split sizes and quirks.")
     parser.add_argument("path", help="Flickr8K folder (captions.txt + split lists) or a Karpathy JSON file")
     parser.add_argument("--images", help="images folder (default: PATH/images for Flickr8K)")
     args = parser.parse_args(argv)

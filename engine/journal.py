@@ -5,14 +5,24 @@ size, threads, budget), the encoded caches, the score arrays (memory-mapped .npy
 (the units done). A unit's arrays are flushed before progress.json lists it (written atomically),
 so a listed unit is on disk; after kill -9 the same command skips the listed units. Units are fixed
 (UNIT_IMAGES rows of the score matrix, or UNIT_QUERIES re-ranked queries) and every pair call is
-made the same way again, so the resumed output is byte-identical. A journal of another run is
-discarded with a note. Without --out there is no journal (nothing is written).
+made the same way again (the batch plan depends on the inputs and options only, never on the
+process's memory), so the resumed output is byte-identical. A journal of another run is discarded
+with a note; progress.json carries the digest of its run's key too, so progress of another run is
+never trusted. run.json and progress.json are fsynced with their folder: after a power loss the
+journal lists only units that are on disk. Without --out there is no journal (nothing is written).
 
-For tests, STOP_AFTER_ENV=N makes the process SIGKILL itself after N journaled units: a real kill -9.
+One writer per output: `.<out name>.lock` beside it is flocked while the command runs (the OS drops
+the lock even on kill -9); a second command on the same --out is refused with one line. Holding it,
+the command deletes `.<out name>.tmp-<pid>` files a killed writer left.
+
+For tests, STOP_AFTER_ENV=N makes the process SIGKILL itself after N journaled units: a real kill -9;
+engine.files' BSSAN_KILL_AT_WRITE=N kills it at its N-th write point (every journal step below is one).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -25,15 +35,29 @@ from tqdm import tqdm
 
 from engine.cache import CaptionCache, ImageCache
 from engine.runtime import Scorer
-from engine.files import write_json_atomic
+from engine.files import exclusive_lock, remove_stale_temps, write_json_atomic, write_point
 
 UNIT_IMAGES = 8  # exhaustive: image rows of the score matrix per journaled unit (~40k pairs at 5,000 captions)
 UNIT_QUERIES = 256  # shortlist: re-ranked queries per journaled unit
 STOP_AFTER_ENV = "BSSAN_SCORE_STOP_AFTER"
 JOURNAL_VERSION = 2  # 2: exhaustive units hold BSSAN MS (fused afterwards), shortlist units their MS too
-BAR_INTERVAL = 1.0 if sys.stderr.isatty() else 30.0  # into a log file: a line per 30 s, not one per update  # part of the run key: a journal of another layout is discarded, never reused
+BAR_INTERVAL = 1.0 if sys.stderr.isatty() else 30.0  # into a log file: a line per 30 s, not one per update
 
 
+@contextlib.contextmanager
+def output_lock(out: Path | None):
+    """The one-writer lock of --out (nothing without --out); stale temp files of --out removed under it."""
+    if out is None:
+        yield
+        return
+    busy = f"--out {out}: another engine.score process is writing this output; wait for it to finish or use another --out"
+    with exclusive_lock(out.with_name(f".{out.name}.lock"), busy, remove=True):
+        remove_stale_temps(out)
+        yield
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 class Journal:
@@ -55,10 +79,18 @@ class Journal:
                 shutil.rmtree(self.dir)
         if not self.dir.is_dir():
             self.dir.mkdir(parents=True)
-            write_json_atomic(run, key)
+            write_point()
+            write_json_atomic(run, key, fsync=True)
         progress = self.dir / "progress.json"
         if progress.is_file():
-            self.done = set(json.loads(progress.read_text(encoding="utf-8"))["done"])
+            try:
+                recorded = json.loads(progress.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                recorded = None
+            if not isinstance(recorded, dict) or recorded.get("run") != key_digest(key):
+                print(f"note: {progress} is not this run's; recomputing its units", file=sys.stderr)
+            else:
+                self.done = set(recorded["done"])
 
     def cache(self, name: str, cls, encode, expect: str):
         """A cache saved in the journal (loaded), or `encode()` saved there."""
@@ -84,13 +116,15 @@ class Journal:
             for array in arrays:
                 if isinstance(array, np.memmap):
                     array.flush()
-            write_json_atomic(self.dir / "progress.json", {"done": sorted(self.done)})
+            write_point()
+            write_json_atomic(self.dir / "progress.json", {"run": key_digest(self.key), "done": sorted(self.done)}, fsync=True)
         self.units_this_run += 1
         if self.stop_after and self.units_this_run >= self.stop_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def remove(self) -> None:
         if self.dir is not None:
+            write_point()
             shutil.rmtree(self.dir, ignore_errors=True)
 
 

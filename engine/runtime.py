@@ -17,12 +17,15 @@ length (sorted, then cut into blocks, each padded only to its own longest captio
 recurrence runs that many steps); `buckets=False` keeps the given order and pads every block to
 the longest caption of the whole set (same scores, more work: a test checks both agree).
 
-Memory: `memory_budget_mb` bounds the process's resident memory during a scoring call: what it
-holds when the call starts (RSS: interpreter, sessions, caches; memory-mapped caches counted in
-full), the output, and the working set of one pair call (`working_bytes`: the call's rows and
+Memory: `memory_budget_mb` bounds the process's planned memory during a scoring call: a fixed
+PROCESS_BASE_MB for the interpreter and the sessions, the caches (every array, in memory or
+mapped), the output, and the working set of one pair call (`working_bytes`: the call's rows and
 the graphs' intermediates, x PAIR_OVERHEAD). Calls shrink until that fits; if even one pair does
-not fit, InputError says how much is needed. Encoding holds the cache being filled plus one batch.
-The budget is per call: calls made from several threads at once each plan with all of it.
+not fit, InputError says how much is needed. The plan is a function of the inputs and options
+only (never of the live RSS), so a resumed or repeated run makes the same calls and its scores are
+bit-identical. `check_budget` refuses a budget too small for a gallery before anything is encoded.
+Encoding holds the cache being filled plus one batch. The budget is per call: calls made from
+several threads at once each plan with all of it.
 
 Shortlist (`shortlist_k`): the artifact's shortlist graphs (a dual encoder) give unit vectors;
 the first stage ranks by dot product, then BSSAN re-scores only the top shortlist_k per query.
@@ -57,6 +60,10 @@ from engine.graphs import FLOAT_DTYPE, GRAPHS, pair_bytes
 from engine.ranking import BSSAN_ALONE, Fusion
 
 DEFAULT_MEMORY_BUDGET_MB = 2048
+# What the process holds besides caches and outputs (interpreter, numpy, onnxruntime, the artifact's
+# sessions): RSS measured 101 MB after loading the reference artifact on ORT CPU (fp32), 122 MB int8.
+# A constant, not the live RSS: the batch plan must not depend on the moment (resume is bit-identical).
+PROCESS_BASE_MB = 128
 DEFAULT_PAIRS_PER_CALL = 512  # pairs per call: 1010 pairs/s at 500 vs 686 at 100, 989 at 2000 (flickr8k preset, 2 loaded cores)
 # score_pairs: an image with this many pairs gets calls of its own (one image row: no regions_values gather);
 # fewer are pooled across images and sorted by caption length. Measured at the flickr8k preset (2 loaded
@@ -90,13 +97,18 @@ def process_rss_bytes() -> int | None:
 
 
 def resident_bytes(images: ImageCache, captions: CaptionCache) -> int:
-    """What a scoring call starts from: the process's RSS now (interpreter, sessions, in-memory caches)
-    plus the memory-mapped cache arrays, which scoring pages in; without /proc, the caches alone."""
+    """What a scoring call starts from, planned from the inputs only: PROCESS_BASE_MB plus every cache
+    array (in memory or memory-mapped: scoring pages them in). Never the live RSS, which differs run to run."""
     arrays = [*images.arrays.values(), *captions.arrays.values()]
-    rss = process_rss_bytes()
-    if rss is None:
-        return sum(a.nbytes for a in arrays)
-    return rss + sum(a.nbytes for a in arrays if isinstance(a, np.memmap))
+    return PROCESS_BASE_MB * 2**20 + sum(a.nbytes for a in arrays)
+
+
+def check_rows(rows: np.ndarray, count: int, what: str) -> np.ndarray:
+    """`rows` as int64, each in [0, count); InputError naming `what` otherwise (a negative row would wrap silently)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= count):
+        raise InputError(f"{what}: expected rows in [0, {count}), got [{rows.min()}, {rows.max()}]")
+    return rows
 
 
 def progress_bar(progress: "bool | tqdm", total: int):
@@ -117,10 +129,11 @@ class Scorer(Encoder):
 
     def __init__(self, artifact: Artifact, runner: Runner, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
                  pairs_per_call: int = DEFAULT_PAIRS_PER_CALL, buckets: bool = True, fusion: bool | Fusion = True):
-        if pairs_per_call < 1:
-            raise InputError(f"pairs per call (batch size) {pairs_per_call}: expected at least 1")
-        if memory_budget_mb <= 0:
-            raise InputError(f"memory budget {memory_budget_mb} MB: expected a positive number")
+        if isinstance(pairs_per_call, bool) or not isinstance(pairs_per_call, (int, np.integer)) or pairs_per_call < 1:
+            raise InputError(f"pairs per call (batch size) {pairs_per_call!r}: expected an integer >= 1")
+        if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float, np.number)) \
+                or not np.isfinite(memory_budget_mb) or memory_budget_mb <= 0:
+            raise InputError(f"memory budget {memory_budget_mb!r} MB: expected a finite number > 0")
         super().__init__(artifact, runner)
         self.memory_budget_mb, self.pairs_per_call, self.buckets = memory_budget_mb, pairs_per_call, buckets
         weights = artifact.score_weights
@@ -157,6 +170,7 @@ class Scorer(Encoder):
         self.close()
 
     def close(self) -> None:
+        """Release the sessions; any later scoring call raises ClosedError (engine.errors)."""
         self.runner.close()
 
     @property
@@ -181,6 +195,21 @@ class Scorer(Encoder):
         graph = PAIR_OVERHEAD * (pairs * (w2r + o2w) * item + gathered)
         return int((image_rows * image_row + pairs * caption_row) * item + graph)
 
+    def cache_row_bytes(self, words: int) -> tuple[int, int]:
+        """(bytes of one image's cache row, of one caption's at `words` words): what the caches hold per item."""
+        d = self.dims
+        get = lambda k: d.get(k, 0)  # noqa: E731
+        item = np.dtype(FLOAT_DTYPE[self.cache_precision]).itemsize
+        image_row = get("region_count") * (get("word_dim") + get("w2r_values")) + get("object_count") * (get("o2w_hidden") + get("o2w_first"))
+        caption_row = words * (get("word_dim") + get("w2r_gates") + get("o2w_hidden"))
+        return image_row * item, caption_row * item
+
+    def check_budget(self, n_images: int, n_captions: int, output_bytes: int = 0, words: int = 1) -> None:
+        """Before encoding anything: InputError when the budget cannot hold the caches of `n_images` x
+        `n_captions` (captions of at least `words` words), `output_bytes` and one pair call."""
+        image_row, caption_row = self.cache_row_bytes(words)
+        self._fit(1, 1, words, PROCESS_BASE_MB * 2**20 + n_images * image_row + n_captions * caption_row + output_bytes)
+
     def _fit(self, pairs: int, image_rows: int, words: int, resident: int) -> int:
         """The largest number of pairs per call <= `pairs` whose working set fits the memory budget."""
         budget = self.memory_budget_mb * 2**20 - resident
@@ -188,8 +217,8 @@ class Scorer(Encoder):
             pairs //= 2
         if self.working_bytes(1, 1, words) > budget:
             need = (resident + self.working_bytes(1, 1, words)) / 2**20
-            raise InputError(f"memory budget {self.memory_budget_mb:g} MB: the process, its caches and the output take "
-                             f"{resident / 2**20:.0f} MB; expected a budget of at least {need:.0f} MB")
+            raise InputError(f"memory budget {self.memory_budget_mb:g} MB: the process ({PROCESS_BASE_MB} MB planned), its caches "
+                             f"and the output take {resident / 2**20:.0f} MB; expected a budget of at least {need:.0f} MB")
         return pairs
 
     @property
@@ -230,8 +259,8 @@ class Scorer(Encoder):
         One image row per call (its regions_values shared by every pair: no gather) x a bucket of
         up to pairs_per_call captions."""
         self._check_caches(images, captions)
-        image_rows = np.arange(len(images)) if image_rows is None else np.asarray(image_rows, dtype=np.int64)
-        caption_rows = np.arange(len(captions)) if caption_rows is None else np.asarray(caption_rows, dtype=np.int64)
+        image_rows = np.arange(len(images)) if image_rows is None else check_rows(image_rows, len(images), "image_rows")
+        caption_rows = np.arange(len(captions)) if caption_rows is None else check_rows(caption_rows, len(captions), "caption_rows")
         out = np.empty((len(image_rows), len(caption_rows)), dtype=np.float32)
         if not out.size:
             return out
@@ -326,7 +355,8 @@ class Scorer(Encoder):
         self.require_shortlist()
         query_vectors, other = ((images.arrays["image_vectors"], captions.arrays["text_vectors"]) if direction == "i2t"
                                 else (captions.arrays["text_vectors"], images.arrays["image_vectors"]))
-        queries = np.arange(len(query_vectors)) if queries is None else np.asarray(queries)
+        queries = (np.arange(len(query_vectors)) if queries is None
+                   else check_rows(queries, len(query_vectors), f"queries ({'image' if direction == 'i2t' else 'caption'} rows)"))
         out = np.empty((len(queries), k), dtype=np.int64)
         step = max(1, int(2**26 // max(1, len(other))))  # <= 256 MB of similarities at a time
         for start in range(0, len(queries), step):
@@ -343,7 +373,8 @@ class Scorer(Encoder):
         if direction not in DIRECTIONS:
             raise InputError(f"direction {direction!r}: expected one of {list(DIRECTIONS)}")
         n_query, n_other = (len(images), len(captions)) if direction == "i2t" else (len(captions), len(images))
-        queries = np.arange(n_query) if queries is None else np.asarray(queries, dtype=np.int64)
+        queries = (np.arange(n_query) if queries is None
+                   else check_rows(queries, n_query, f"queries ({'image' if direction == 'i2t' else 'caption'} rows)"))
         if not 1 <= k <= n_other:
             raise InputError(f"k={k}: expected 1..{n_other} (the {'captions' if direction == 'i2t' else 'images'} to rank)")
         if shortlist_k is not None and not k <= shortlist_k <= n_other:

@@ -14,10 +14,14 @@ Inputs. --images: a folder (its image files, sorted by name; ids = file names), 
 (its --split: ids = image names; its captions are used when no --captions/--query is given).
 --captions: one caption a line (ids FILE:LINE), or Flickr8K's token format `image#n<TAB>caption`
 (ids image#n; captions of images outside the gallery are dropped, with a note). --query: t2i.
+A folder's hidden files (`.x.jpg`, macOS `._x.jpg` sidecars) are skipped with a note; a broken symbolic
+link is an image that cannot be read (an error naming it); a list naming one image twice is refused.
 
 Output (--out): one line per query, i2t queries (images) first, then t2i queries (captions):
     .jsonl  {"direction", "query", "text" (t2i), "ranked": [ids], "scores": [float32 as text], "texts" (i2t)}
     .tsv    direction <TAB> query <TAB> id_1 <TAB> score_1 <TAB> id_2 <TAB> score_2 ...
+            (one line per query whatever the ids hold: backslash, tab, newline and carriage return
+            inside a field are written as \\, \t, \n and \r)
 Without --out the rankings are printed for people; with --evaluate (captions carrying image
 ids, the same number per image) the metrics JSON (engine.metrics, plus the shortlist's recall
 in shortlist mode) goes to stdout.
@@ -25,11 +29,14 @@ in shortlist mode) goes to stdout.
 Resumable (engine/journal.py): with --out, the caches and the scores are journaled in
 `.<out name>.partial/` beside it, in fixed units; after kill -9 the same command continues from
 the first unfinished unit and ends with byte-identical output. The result is written to a temp
-file, fsynced and renamed over --out: a previous result is replaced whole or not at all.
+file, fsynced and renamed over --out: a previous result is replaced whole or not at all. One command
+per --out at a time (a second is refused); a run that ends in an error removes its journal.
 
 Bad input (missing or corrupt image, empty or word-less caption line, non-UTF-8 text, bad
---top-k, unknown backend, an artifact of another format version, ...) prints one line naming
-the file, line or value, what was expected and what was got, and exits 2.
+--top-k, unknown backend, an artifact of another format version, an --out that cannot be
+written, a --memory-budget-mb too small for the gallery, ...) prints one line naming the file,
+line or value, what was expected and what was got, and exits 2; numbers and --out are checked
+before any work. Ctrl-C: "interrupted; rerun the same command to continue", exit 130.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -47,11 +55,12 @@ import numpy as np
 from engine.backends import Backend
 from engine.cache import CaptionCache, ImageCache
 from engine.data import FLICKR_LINE, IMAGE_SUFFIXES, _read_text
-from engine.cli import command
-from engine.errors import DataError, ImageError, InputError
+from engine.cli import ArgumentParser, check_output_file, command, positive_float, positive_int
+from engine.data import image_files
+from engine.errors import BssanError, CaptionError, DataError, ImageError, InputError
 from engine.files import write_text_atomic
 from engine.graphs import PRECISIONS
-from engine.journal import JOURNAL_VERSION, UNIT_IMAGES, UNIT_QUERIES, Journal, score_exhaustive, score_shortlist
+from engine.journal import JOURNAL_VERSION, UNIT_IMAGES, UNIT_QUERIES, Journal, output_lock, score_exhaustive, score_shortlist
 from engine.metrics import format_metrics
 from engine.ranking import first_stage_recall, two_stage_metrics
 from engine.runtime import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PAIRS_PER_CALL, Scorer, rank_rows
@@ -59,11 +68,6 @@ from engine.store import MANIFEST_NAME, STORE_FORMAT, FeatureStore
 from engine.text import tokenize
 
 DEFAULT_TOP_K = 10
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, like every other user error
-        raise InputError(f"{self.prog}: {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +92,9 @@ def read_images(arg: Path, split: str, root: Path | None = None) -> tuple[object
         digest = json.dumps({"store": str(arg.resolve()), "split": store.manifest["splits"][split]}, sort_keys=True)
         return features, features.image_names, hashlib.sha256(digest.encode()).hexdigest()
     if arg.is_dir():
-        paths = sorted(p for p in arg.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths, hidden = image_files(arg)
+        if hidden:
+            print(f"note: {arg}: skipped {hidden} hidden files with an image suffix (e.g. macOS ._ sidecars)", file=sys.stderr)
         if not paths:
             raise ImageError(f"{arg}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); expected a folder of images")
         ids = [p.name for p in paths]
@@ -96,10 +102,14 @@ def read_images(arg: Path, split: str, root: Path | None = None) -> tuple[object
         lines = _read_text(arg, "image list")
         while lines and not lines[-1].strip():
             lines.pop()
-        paths, ids = [], []
+        paths, ids, first_line = [], [], {}
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 raise DataError(f"{arg.name} line {number}: empty line; expected one image path per line")
+            if line.strip() in first_line:
+                raise DataError(f"{arg.name} line {number}: {line.strip()!r} is listed again (first at line "
+                                f"{first_line[line.strip()]}); expected each image once")
+            first_line[line.strip()] = number
             path = (arg.parent if root is None else root) / line.strip()
             if not path.is_file():
                 raise ImageError(f"{arg.name} line {number}: image {str(path)!r} not found; expected an existing image file")
@@ -111,19 +121,22 @@ def read_images(arg: Path, split: str, root: Path | None = None) -> tuple[object
         raise ImageError(f"--images {arg}: not found; expected an image folder, a list file or a feature store")
     digest = hashlib.sha256()
     for image_id, path in zip(ids, paths):
+        if not path.is_file():
+            raise ImageError(f"{path}: broken symbolic link (to {os.readlink(path)!r}); expected an image file")
         digest.update(f"{image_id}\t{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
     return paths, ids, digest.hexdigest()
 
 
-def read_captions(path: Path, gallery: list[str] | None) -> tuple[list[str], list[str], list[str]]:
-    """(texts, ids, image ids) of a captions file, one per line or Flickr8K token format."""
+def read_captions(path: Path, gallery: list[str] | None) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(texts, ids, image ids, where) of a captions file, one per line or Flickr8K token format;
+    where: "FILE line N" of each caption, for errors found later (e.g. too many word pieces)."""
     lines = _read_text(path, "captions file")
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
         raise DataError(f"{path}: no captions; expected one caption per line")
     token_format = FLICKR_LINE.match(lines[0]) is not None
-    texts, ids, image_ids = [], [], []
+    texts, ids, image_ids, wheres = [], [], [], []
     for number, line in enumerate(lines, start=1):
         where = f"{path.name} line {number}"
         if token_format:
@@ -140,6 +153,7 @@ def read_captions(path: Path, gallery: list[str] | None) -> tuple[list[str], lis
         texts.append(text)
         ids.append(caption_id)
         image_ids.append(image_id)
+        wheres.append(where)
     if token_format and gallery is not None:
         keep = set(gallery)
         chosen = [i for i, image in enumerate(image_ids) if image in keep]
@@ -147,8 +161,8 @@ def read_captions(path: Path, gallery: list[str] | None) -> tuple[list[str], lis
             raise DataError(f"{path}: no caption names an image of the gallery; expected captions of the --images")
         if len(chosen) < len(texts):
             print(f"note: {path.name}: kept {len(chosen)} of {len(texts)} captions, those of the {len(gallery)} gallery images", file=sys.stderr)
-        texts, ids, image_ids = ([values[i] for i in chosen] for values in (texts, ids, image_ids))
-    return texts, ids, image_ids
+        texts, ids, image_ids, wheres = ([values[i] for i in chosen] for values in (texts, ids, image_ids, wheres))
+    return texts, ids, image_ids, wheres
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,12 +214,20 @@ def _number(value: float) -> str:
     return str(np.float32(value))  # shortest text that reads back as the same float32
 
 
+TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def tsv_field(value) -> str:
+    """A field that cannot break a TSV line (ids are file names: any character but / and NUL)."""
+    return str(value).translate(TSV_ESCAPES)
+
+
 def format_results(fmt: str, results: list[dict]) -> str:
     lines = []
     for r in results:
         if fmt == ".tsv":
-            clean = [str(x).replace("\t", " ").replace("\n", " ") for x in (r["direction"], r["query"])]
-            pairs = [f"{str(i).replace(chr(9), ' ')}\t{_number(s)}" for i, s in zip(r["ranked"], r["scores"])]
+            clean = [tsv_field(x) for x in (r["direction"], r["query"])]
+            pairs = [f"{tsv_field(i)}\t{_number(s)}" for i, s in zip(r["ranked"], r["scores"])]
             lines.append("\t".join(clean + pairs))
         else:
             record = {k: v for k, v in r.items() if k != "scores"}
@@ -224,7 +246,7 @@ def check_k(name: str, value: int | None, sizes: list[int]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m engine.score", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m engine.score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="artifact directory (python -m export)")
     parser.add_argument("--images", type=Path, help="image folder, image list file, or feature store")
     parser.add_argument("--image-root", type=Path, help="folder the lines of an --images LIST are relative to (default: the list's)")
@@ -239,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "from (the artifact records its weights' sha256, not its path)")
     parser.add_argument("--shortlist-checkpoint", type=Path, help="--backend torch: the dual-encoder checkpoint of the shortlist graphs")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_PAIRS_PER_CALL, help="pairs per pair-graph call")
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: the backend's)")
-    parser.add_argument("--memory-budget-mb", type=float, default=DEFAULT_MEMORY_BUDGET_MB)
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_PAIRS_PER_CALL, help="pairs per pair-graph call")
+    parser.add_argument("--threads", type=positive_int, help="intra-op threads (default: the backend's)")
+    parser.add_argument("--memory-budget-mb", type=positive_float, default=DEFAULT_MEMORY_BUDGET_MB)
     parser.add_argument("--out", type=Path, help="results .jsonl or .tsv (written atomically; resumable)")
     parser.add_argument("--evaluate", action="store_true", help="print retrieval metrics (captions must carry image ids)")
     parser.add_argument("--no-fusion", action="store_true", help="score BSSAN alone, ignoring the artifact's fusion weights "
@@ -257,6 +279,7 @@ class Inputs:
     image_digest: str
     texts: list[str] | None  # None: the store split's own captions
     caption_ids: list[str] | None
+    caption_wheres: list[str] | None  # where each caption came from ("FILE line N", "--query N"), for errors
     caption_images: list[str]  # the image id each caption describes ("" when unknown)
     caption_digest: str
 
@@ -271,36 +294,32 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
         paths, texts, owners = demo_gallery()
         images, image_ids, image_digest = paths, [p.name for p in paths], "demo:" + ",".join(p.name for p in paths)
         texts, caption_ids, caption_images = texts, [f"{image}#{owners[:k].count(image)}" for k, image in enumerate(owners)], owners
+        wheres = [f"demo caption {k + 1}" for k in range(len(texts))]
     else:
         if args.images is None:
             raise InputError("--images: missing; expected an image folder, an image list file or a feature store")
         images, image_ids, image_digest = read_images(args.images, args.split, args.image_root)
-        texts = caption_ids = caption_images = None
+        texts = caption_ids = caption_images = wheres = None
     if args.query:
         texts, caption_ids, caption_images = list(args.query), [f"query:{i + 1}" for i in range(len(args.query))], [""] * len(args.query)
+        wheres = [f"--query {i + 1}" for i in range(len(args.query))]
         for text in texts:
             if not tokenize(text):
                 raise InputError(f"--query {text!r}: no word; expected at least one word")
     elif args.captions is not None:
-        texts, caption_ids, caption_images = read_captions(args.captions, image_ids)
+        texts, caption_ids, caption_images, wheres = read_captions(args.captions, image_ids)
     elif texts is None and isinstance(images, list):
         raise InputError("--captions FILE or --query TEXT: missing; expected captions to rank (or a feature store as --images)")
     if texts is None:  # a store's own captions: its image of each caption
         names = images.image_names
         caption_images = [names[i] for i in np.asarray(images.caption_image).tolist()]
+        wheres = [f"{args.images} split {args.split} caption {k + 1}" for k in range(len(caption_images))]
     digest = hashlib.sha256(json.dumps([texts, caption_ids, caption_images, image_digest]).encode()).hexdigest()
-    return Inputs(images, image_ids, image_digest, texts, caption_ids, caption_images, digest)
+    return Inputs(images, image_ids, image_digest, texts, caption_ids, wheres, caption_images, digest)
 
 
 def check_options(args: argparse.Namespace, inputs: Inputs, directions: list[str]) -> dict[str, int]:
-    """Numbers and files of the options; returns the items each direction ranks."""
-    if args.batch_size < 1 or (args.threads is not None and args.threads < 1) or args.memory_budget_mb <= 0:
-        raise InputError(f"--batch-size {args.batch_size} / --threads {args.threads} / --memory-budget-mb {args.memory_budget_mb}: "
-                         f"expected positive values")
-    if args.out is not None and args.out.suffix not in (".jsonl", ".tsv"):
-        raise InputError(f"--out {args.out}: expected a file name ending in .jsonl or .tsv")
-    if args.out is not None and args.out.is_dir():
-        raise InputError(f"--out {args.out}: is a directory; expected a file path")
+    """Numbers and files of the options (the parser checked each number's range); returns the items each direction ranks."""
     n_captions = len(inputs.texts) if inputs.texts is not None else inputs.images.num_captions
     sizes = {"i2t": n_captions, "t2i": len(inputs.image_ids)}
     check_k("--top-k", args.top_k, list(sizes.values()))
@@ -320,9 +339,20 @@ def run(args: argparse.Namespace) -> int:
         args.direction = args.direction or "both"
     if args.model is None:
         raise InputError("--model: missing; expected an artifact directory (or --demo)")
+    if args.out is not None:  # before any work: a result that cannot be written is known now
+        if args.out.suffix not in (".jsonl", ".tsv"):
+            raise InputError(f"--out {args.out}: expected a file name ending in .jsonl or .tsv")
+        check_output_file(args.out)
+    with output_lock(args.out):
+        return score(args, start)
+
+
+def score(args: argparse.Namespace, start: float) -> int:
+    """The command's work, holding the --out lock."""
     inputs = read_inputs(args)
     directions = ["i2t", "t2i"] if args.direction == "both" else [args.direction or ("t2i" if args.query else "i2t")]
     sizes = check_options(args, inputs, directions)
+    order = per = None
     if args.evaluate:  # before any work: captions must name gallery images, the same number each
         order, owner, per = evaluation_order(inputs.image_ids, inputs.caption_images,
                                              inputs.caption_ids or [str(i) for i in range(sizes["i2t"])])
@@ -335,47 +365,68 @@ def run(args: argparse.Namespace) -> int:
               f"fusion {scorer.fusion.to_dict()}", file=sys.stderr)
         if args.shortlist_k is not None:
             scorer.require_shortlist()
+        n_captions = sizes["i2t"]
+        scorer.check_budget(len(inputs.image_ids), n_captions, n_captions * len(inputs.image_ids) * 4 if args.shortlist_k is None else 0)
         key = {"version": JOURNAL_VERSION, "artifact": scorer.fingerprint, "backend": scorer.runner.backend.value,
                "precision": args.precision, "threads": args.threads, "batch_size": args.batch_size,
                "memory_budget_mb": args.memory_budget_mb, "shortlist_k": args.shortlist_k, "directions": directions,
                "units": [UNIT_IMAGES, UNIT_QUERIES], "images": inputs.image_digest, "captions": inputs.caption_digest,
                "fusion": scorer.fusion.to_dict()}
         journal = Journal(args.out, key)
-        images = journal.cache("images", ImageCache, lambda: scorer.encode_images(inputs.images, inputs.image_ids, progress=True),
-                               scorer.fingerprint)
-        captions = journal.cache("captions", CaptionCache, lambda: scorer.encode_captions(
-            inputs.images if inputs.texts is None else inputs.texts, inputs.caption_ids, inputs.caption_images, progress=True),
-            scorer.fingerprint)
-        ranked, scores = {}, {}
-        if args.shortlist_k is None:
-            bssan = score_exhaustive(scorer, images, captions, journal)  # MS [N_img, N_cap]
-            matrix = (scorer.fusion.apply(scorer.first_stage(images, captions, np.arange(len(images)), np.arange(len(captions))), bssan)
-                      if scorer.fuses else bssan)
-            for d in directions:
-                ranked[d], scores[d] = rank_rows(matrix if d == "i2t" else matrix.T, min(args.top_k or DEFAULT_TOP_K, sizes[d]))
-        else:
-            bssan = {}
-            for d in directions:
-                ranked[d], scores[d], hits = score_shortlist(scorer, images, captions, d, min(args.shortlist_k, sizes[d]), journal)
-                queries = np.repeat(np.arange(len(ranked[d])), ranked[d].shape[1])
-                image_rows, caption_rows = (queries, ranked[d].reshape(-1)) if d == "i2t" else (ranked[d].reshape(-1), queries)
-                bssan.update(zip(zip(image_rows.tolist(), caption_rows.tolist()), hits.reshape(-1).tolist()))
-        results = [record for d in directions
-                   for record in query_records(d, images, captions, ranked[d], scores[d], min(args.top_k or DEFAULT_TOP_K, sizes[d]))]
-        metrics = evaluate(scorer, images, captions, order, per, args.shortlist_k, bssan) if args.evaluate else None
-        if args.out is not None:
-            write_text_atomic(args.out, format_results(args.out.suffix, results))
-            journal.remove()
-            print(f"{args.out}: {len(results)} queries", file=sys.stderr)
-        elif not args.evaluate:
-            print_results(results)
-        if metrics is not None:
-            print(format_metrics(metrics) if "rsum" in metrics else json.dumps(metrics), file=sys.stderr)
-            print(json.dumps({**metrics, "mode": "exhaustive" if args.shortlist_k is None else "shortlist",
-                              "images": len(images), "captions": len(captions), "captions_per_image": per,
-                              "backend": scorer.runner.backend.value, "precision": args.precision,
-                              "seconds": round(time.perf_counter() - start, 1)}))
+        try:
+            return score_with_journal(args, start, scorer, inputs, sizes, directions, journal, order, per)
+        except BssanError:
+            journal.remove()  # a run that ends in a user error cannot be resumed: rerunning needs other input
+            raise
+
+
+def score_with_journal(args: argparse.Namespace, start: float, scorer: Scorer, inputs: Inputs, sizes: dict[str, int],
+                       directions: list[str], journal: Journal, order: np.ndarray | None, per: int | None) -> int:
+    """Encode (or load from the journal), score in journaled units, write the output."""
+    images = journal.cache("images", ImageCache, lambda: scorer.encode_images(inputs.images, inputs.image_ids, progress=True),
+                           scorer.fingerprint)
+    captions = journal.cache("captions", CaptionCache, lambda: encode_captions(scorer, inputs), scorer.fingerprint)
+    ranked, scores = {}, {}
+    if args.shortlist_k is None:
+        bssan = score_exhaustive(scorer, images, captions, journal)  # MS [N_img, N_cap]
+        matrix = (scorer.fusion.apply(scorer.first_stage(images, captions, np.arange(len(images)), np.arange(len(captions))), bssan)
+                  if scorer.fuses else bssan)
+        for d in directions:
+            ranked[d], scores[d] = rank_rows(matrix if d == "i2t" else matrix.T, min(args.top_k or DEFAULT_TOP_K, sizes[d]))
+    else:
+        bssan = {}
+        for d in directions:
+            ranked[d], scores[d], hits = score_shortlist(scorer, images, captions, d, min(args.shortlist_k, sizes[d]), journal)
+            queries = np.repeat(np.arange(len(ranked[d])), ranked[d].shape[1])
+            image_rows, caption_rows = (queries, ranked[d].reshape(-1)) if d == "i2t" else (ranked[d].reshape(-1), queries)
+            bssan.update(zip(zip(image_rows.tolist(), caption_rows.tolist()), hits.reshape(-1).tolist()))
+    results = [record for d in directions
+               for record in query_records(d, images, captions, ranked[d], scores[d], min(args.top_k or DEFAULT_TOP_K, sizes[d]))]
+    metrics = evaluate(scorer, images, captions, order, per, args.shortlist_k, bssan) if args.evaluate else None
+    if args.out is not None:
+        write_text_atomic(args.out, format_results(args.out.suffix, results))
+        journal.remove()
+        print(f"{args.out}: {len(results)} queries", file=sys.stderr)
+    elif not args.evaluate:
+        print_results(results)
+    if metrics is not None:
+        print(format_metrics(metrics) if "rsum" in metrics else json.dumps(metrics), file=sys.stderr)
+        print(json.dumps({**metrics, "mode": "exhaustive" if args.shortlist_k is None else "shortlist",
+                          "images": len(images), "captions": len(captions), "captions_per_image": per,
+                          "backend": scorer.runner.backend.value, "precision": args.precision,
+                          "seconds": round(time.perf_counter() - start, 1)}))
     return 0
+
+
+def encode_captions(scorer: Scorer, inputs: Inputs) -> CaptionCache:
+    """The captions through the scorer; an error about one caption names its file and line."""
+    try:
+        return scorer.encode_captions(inputs.images if inputs.texts is None else inputs.texts, inputs.caption_ids,
+                                      inputs.caption_images, progress=True)
+    except CaptionError as exc:
+        if inputs.caption_wheres is None or exc.index is None or not 0 <= exc.index < len(inputs.caption_wheres):
+            raise
+        raise CaptionError(f"{inputs.caption_wheres[exc.index]}: {exc.reason}") from None
 
 
 def query_records(direction: str, images: ImageCache, captions: CaptionCache, ranked: np.ndarray, scores: np.ndarray,
@@ -402,13 +453,9 @@ def print_results(results: list[dict]) -> None:
             print(f"  {rank:2d}. {value:8.4f}  {item}")
 
 
-@command
+@command(interrupted="interrupted; rerun the same command to continue")
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(build_parser().parse_args(argv))
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -100,23 +100,24 @@ def test_attention_equals_the_training_model(scorer, caches, split, tiny_checkpo
         assert_close(hit["word_to_region"].sum(axis=1), np.ones(lengths[n]), 1e-5, "softmax rows")
 
 
-def test_memory_budget_bounds_blocks_and_refuses_what_cannot_fit(tiny_artifact, caches, matrix, monkeypatch):
-    import engine.runtime
+def test_memory_budget_bounds_blocks_and_refuses_what_cannot_fit(tiny_artifact, caches, matrix):
+    from engine.runtime import PROCESS_BASE_MB, resident_bytes
 
     images, captions = caches
-    rss = 300 * 2**20
-    monkeypatch.setattr(engine.runtime, "process_rss_bytes", lambda: rss)  # a fixed process size: a deterministic plan
-    start = rss + matrix.nbytes
+    start = resident_bytes(images, captions) + matrix.nbytes  # the plan: inputs only, never the live RSS
+    assert start == PROCESS_BASE_MB * 2**20 + sum(a.nbytes for c in caches for a in c.arrays.values()) + matrix.nbytes
     with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1) as scorer:
         assert scorer._fit(512, 1, captions.max_length, start) == 512  # the default budget holds a full call
         tight_mb = (start + scorer.working_bytes(1, 4, captions.max_length)) / 2**20
     with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, memory_budget_mb=tight_mb) as tight:
         assert tight._fit(512, 1, captions.max_length, start) == 4  # calls shrank to fit
         assert_close(tight.score_matrix(images, captions), matrix, 1e-6, "tight budget")
-    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, memory_budget_mb=250) as starved:
-        with pytest.raises(InputError, match=r"memory budget 250 MB: the process, its caches and the output take 300 MB; "
-                                             r"expected a budget of at least 300 MB"):
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, memory_budget_mb=100) as starved:
+        with pytest.raises(InputError, match=rf"memory budget 100 MB: the process \({PROCESS_BASE_MB} MB planned\), its caches "
+                                             rf"and the output take {start / 2**20:.0f} MB; expected a budget of at least"):
             starved.score_matrix(images, captions)
+        with pytest.raises(InputError, match=r"memory budget 100 MB: .* expected a budget of at least"):
+            starved.check_budget(10**6, 5 * 10**6)  # refused before anything is encoded
 
 
 @pytest.mark.parametrize("precision,tolerance", [("fp16", 0.05), ("int8", 0.1)])
