@@ -15,7 +15,11 @@ Per caption: THE tokenizer (engine/text) -> lengths, and one words_<set> array p
   the batch index is appended to STORE/<split>/progress.json. After kill -9, the same command
   continues from the first unfinished batch. A word set is computed into `words_<set>.partial`
   and renamed when complete, so a half-written set is never visible. One writer per store:
-  STORE/.lock is held while the command runs, and a second one is refused.
+  STORE/.lock is held while the command runs, and a second one is refused; holding it, the
+  command deletes temp files a killed writer left. Progress files are fsynced with their folder.
+  Ctrl-C prints "interrupted; rerun the same command to continue" and exits 130.
+- Checked before any work: every number (--batch-size, --boxes, --threads, --max-words >= 1,
+  --min-score in [0, 1]) at parse time, and --out (a folder that can be written).
 - Deterministic: same inputs and assets give the same bytes (ONNX Runtime CPU and OpenCV DNN give
   bit-equal outputs run to run, for any thread count or batch split; checked here).
 - Content-hashed: each split records the sha256 of its image files and of its captions; a rerun
@@ -28,7 +32,7 @@ Per caption: THE tokenizer (engine/text) -> lengths, and one words_<set> array p
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import enum
 import hashlib
 import importlib.metadata
@@ -43,15 +47,15 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from engine.cli import command
+from engine.cli import ArgumentParser, check_output_dir, command, positive_int, unit_float
 from engine.data import FOLDER_SPLIT, Dataset, read_flickr8k, read_folder, read_karpathy
 from engine.detect import DEFAULT_MIN_SCORE, OnnxDetector, SsdMobileNetV2, padding_boxes, select_boxes
-from engine.errors import AssetError, DataError, StoreError
-from engine.files import file_sha256, write_json_atomic
+from engine.errors import AssetError, CaptionError, DataError, InputError, StoreError
+from engine.files import exclusive_lock, file_sha256, write_json_atomic, write_point
 from engine.store import MANIFEST_NAME, StoreWriter, check_finite
 from engine.text import DEFAULT_ASSETS_DIR, MAX_WORDS, load_word_features, tokenize_all
 from engine.vision import (
-    MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ObjectFeatures, RegionBackbone, load_batch, regions_from_feature_map,
+    EXIF_ORIENTATION, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ObjectFeatures, RegionBackbone, load_batch, regions_from_feature_map,
 )
 
 DEFAULT_BACKBONE = "efficientnet-lite0-7x7"  # the asset stem written by python -m export.backbones
@@ -89,6 +93,15 @@ class ExtractConfig:
     threads: int = 2  # this machine's core count; ONNX Runtime and OpenCV both use it
     backend: str = "onnxruntime-cpu"  # the graphs' ONNX Runtime provider (engine.backends.onnxruntime.session_backend)
     cache_dir: Path | None = None  # word-vector cache (engine/text); None = its default
+
+    def __post_init__(self) -> None:
+        """The library's check of what the command line checks at parse time: a bad number never runs."""
+        for name in ("boxes_per_image", "max_words", "batch_size", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"ExtractConfig.{name}={value!r}: expected an integer >= 1")
+        if not (isinstance(self.min_score, (int, float)) and 0.0 <= self.min_score <= 1.0):
+            raise InputError(f"ExtractConfig.min_score={self.min_score!r}: expected a number in [0, 1]")
 
 
 @dataclass
@@ -163,7 +176,7 @@ class Extractor:
             "boxes_per_image": self.config.boxes_per_image,
             "max_words": self.config.max_words,
             "image_loading": {
-                "min_side": MIN_IMAGE_SIDE, "max_pixels": MAX_IMAGE_PIXELS, "exif_orientation": "ignored",
+                "min_side": MIN_IMAGE_SIDE, "max_pixels": MAX_IMAGE_PIXELS, "exif_orientation": EXIF_ORIENTATION,
                 "transparency": "composited on white",
                 "bad_image": "zero regions and objects, padding boxes, objects_real 0, listed in splits.<split>.bad_images",
             },
@@ -242,12 +255,13 @@ def extract_images(writer: StoreWriter, split: str, paths: list[Path], digest: s
             arrays["boxes"][rows], arrays["objects_real"][rows] = boxes, real
             for array in arrays.values():
                 array.flush()
+            write_point()
             for i, reason in bad.items():
                 name = paths[rows.start + i].name
                 progress["bad"][name] = reason.replace(str(paths[rows.start + i].parent) + os.sep, "")
                 tqdm.write(f"bad image: {reason}", file=sys.stderr)
             progress["done"].append(b)
-            write_json_atomic(progress_path, progress)  # after the flush: a listed batch is on disk
+            write_json_atomic(progress_path, progress, fsync=True)  # after the flush: a listed batch is on disk
             computed += rows.stop - rows.start
             bar.update(rows.stop - rows.start)
             bar.set_postfix(bad=len(progress["bad"]), refresh=False)
@@ -268,7 +282,12 @@ def extract_words(writer: StoreWriter, split: str, captions: list[str], lengths:
     vectors = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(captions), max_words, word_set.dim))
     oov = total = 0
     for start in progress_bar(iterable=range(0, len(captions), WORD_CHUNK), desc=f"{split} words {word_set.name}", unit="chunk"):
-        chunk = word_set.encode(captions[start:start + WORD_CHUNK], max_words)
+        try:
+            chunk = word_set.encode(captions[start:start + WORD_CHUNK], max_words)
+        except CaptionError as exc:  # its index counts from the chunk: name the split's caption and its image
+            if exc.index is None:
+                raise
+            raise CaptionError(f"split {split} caption {start + exc.index} ({captions[start + exc.index][:60]!r}): {exc.reason}") from None
         if not np.array_equal(chunk.lengths, lengths[start:start + WORD_CHUNK]):
             raise StoreError(f"{word_set.name}: word counts differ from engine.text.tokenize for captions {start}..; expected one tokenizer")
         check_finite(chunk.vectors, f"{split} words_{word_set.name} of captions {start}..")
@@ -276,7 +295,9 @@ def extract_words(writer: StoreWriter, split: str, captions: list[str], lengths:
         oov, total = oov + chunk.oov, total + chunk.total
     vectors.flush()
     del vectors
+    write_point()
     os.replace(partial, path)
+    write_point()
     return {"features": _identity(word_set.describe()), "oov_words": oov, "words": total, "oov_rate": oov / max(total, 1)}
 
 
@@ -329,26 +350,22 @@ def extract_split(writer: StoreWriter, split: str, dataset: Dataset, extractor: 
     return SplitReport(len(names), computed, bad_images, mean_real, {n: s["oov_rate"] for n, s in word_sets.items()})
 
 
+@contextlib.contextmanager
 def lock_store(root: Path):
-    """An exclusive lock on STORE/.lock for this process's lifetime (the OS drops it even on kill -9).
-
-    Two writers would each keep their own progress list and redo each other's batches."""
-    root.mkdir(parents=True, exist_ok=True)
-    handle = open(root / LOCK_NAME, "a")
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no advisory locks; the user keeps to one writer
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise StoreError(f"{root}: another engine.features process is writing this store; wait for it to finish or use another --out") from None
-    return handle
+    """An exclusive lock on STORE/.lock while the block runs (the OS drops it even on kill -9), with the
+    temp files of a killed writer removed. Two writers would each keep their own progress list and redo
+    each other's batches."""
+    busy = f"{root}: another engine.features process is writing this store; wait for it to finish or use another --out"
+    with exclusive_lock(root / LOCK_NAME, busy, StoreError):
+        for stale in list(root.glob(".*.tmp-*")) + list(root.glob("*/.*.tmp-*")):  # left by a writer killed mid-write
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+        yield
 
 
 def extract(config: ExtractConfig, observe: ObserveBatch | None = None) -> dict[str, SplitReport]:
     """Run the extraction (or the part of it not done yet); `observe(split, batch)` is called after each stored batch."""
+    check_output_dir(config.out)
     dataset = read_dataset(config)
     for warning in dataset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -358,9 +375,9 @@ def extract(config: ExtractConfig, observe: ObserveBatch | None = None) -> dict[
         return {split: extract_split(writer, split, dataset, extractor, observe) for split in config.splits}
 
 
-@command
+@command(interrupted="interrupted; rerun the same command to continue")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.features", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m engine.features", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, required=True, help="folder of the image files")
     parser.add_argument("--captions", type=Path, help="captions.txt (flickr8k, split_*.txt beside it), a Karpathy JSON, or "
                         "for --format folder an optional file of '<image file><TAB><caption>' lines")
@@ -370,12 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS_DIR, help="graphs from python -m export.backbones / export.text")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="asset stem: efficientnet-lite0-7x7, efficientnet-lite0-14x14, vgg19-14x14")
     parser.add_argument("--detector-onnx", type=Path, help="a Faster R-CNN ONNX file instead of SSD-MobileNet-v2 (I/O: engine/detect.py)")
-    parser.add_argument("--boxes", type=int, default=DEFAULT_BOXES, help="P, boxes per image")
-    parser.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE, help="detector score for a box to count as real")
+    parser.add_argument("--boxes", type=positive_int, default=DEFAULT_BOXES, help="P, boxes per image")
+    parser.add_argument("--min-score", type=unit_float, default=DEFAULT_MIN_SCORE, help="detector score for a box to count as real")
     parser.add_argument("--word-features", nargs="+", default=["glove50"], help="glove50, minilm, or a GloVe/word2vec text file")
-    parser.add_argument("--max-words", type=int, default=MAX_WORDS)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-words", type=positive_int, default=MAX_WORDS)
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
     fmt = CaptionFormat(args.format)
     splits = tuple(args.splits or ((FOLDER_SPLIT,) if fmt is CaptionFormat.FOLDER else ("train", "dev", "test")))

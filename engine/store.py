@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import StoreError
-from engine.files import write_json_atomic
+from engine.files import write_json_atomic, write_text_atomic
 
 STORE_FORMAT = "bssan-feature-store"
 STORE_VERSION = 1
@@ -234,7 +234,7 @@ class StoreWriter:
                 )
         else:
             self.manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, "extractor": extractor, "splits": {}}
-            write_json_atomic(manifest_path, self.manifest)
+            write_json_atomic(manifest_path, self.manifest, fsync=True)
 
     def open_array(self, split: str, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A writable memory map for `name`, created zero-filled or reopened if it exists with the same shape."""
@@ -254,15 +254,11 @@ class StoreWriter:
         for i, line in enumerate(lines):
             if "\n" in line or "\r" in line:
                 raise StoreError(f"{name} entry {i}: contains a line break; expected one line per entry")
-        path = self.root / split / f"{name}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(self.root / split / f"{name}.txt", "".join(line + "\n" for line in lines))
 
     def finish_split(self, split: str, info: dict) -> None:
         """Record a complete split in the manifest: `info` holds counts, shapes and input hashes."""
         arrays = sorted(p.stem for p in (self.root / split).glob("*.npy"))
         shapes = {name: list(np.load(self.root / split / f"{name}.npy", mmap_mode="r").shape) for name in arrays}
         self.manifest["splits"][split] = {**info, "shapes": shapes}
-        write_json_atomic(self.root / MANIFEST_NAME, self.manifest)
+        write_json_atomic(self.root / MANIFEST_NAME, self.manifest, fsync=True)

@@ -11,8 +11,9 @@ preprocessing is applied; training and export read it from here.
     regions = regions_from_feature_map(feature_map)                 # [B, R=h*w, C]
     objects = ObjectFeatures.from_manifest("build/assets/roi_align.json").run(feature_map, boxes)
 
-Image loading: EXIF orientation is ignored (pixels are taken as stored, so the result never
-depends on metadata), grayscale / palette / CMYK / 16-bit grayscale become RGB, transparent
+Image loading: EXIF orientation is applied (a phone photo stored sideways with an Orientation tag
+is scored upright, as a viewer shows it and a search user expects; EXIF_ORIENTATION is recorded
+in every store's extractor record), grayscale / palette / CMYK / 16-bit grayscale become RGB, transparent
 pixels are composited on white, and the image is stretched to the backbone's square size
 (Flickr8K's images are already 224x224 stretched, so 224 is a no-op there). Files that cannot
 be decoded, are truncated, or are too small or too large raise `ImageError` with one line
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from engine.backends.onnxruntime import open_session  # noqa: F401  (THE session factory; re-exported)
 from engine.errors import AssetError, ImageError, InputError
@@ -47,6 +48,7 @@ MIN_IMAGE_SIDE = 16  # below this an image is an icon or a tracking pixel: no la
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; decoding more costs >190 MB per image and is likely a bomb
 RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 WHITE = (255, 255, 255, 255)
+EXIF_ORIENTATION = "applied"  # the store's extractor record says so (stores made before recorded "ignored")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             if width * height > MAX_IMAGE_PIXELS:
                 raise ImageError(f"{path}: image is {width}x{height} px ({width * height:,} pixels); expected at most {MAX_IMAGE_PIXELS:,}")
             opened.load()  # decodes now, so a truncated file fails here rather than later
-            return _to_rgb(opened, path)
+            return _to_rgb(_upright(opened), path)
     except ImageError:
         raise
     except FileNotFoundError as exc:
@@ -108,6 +110,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"{path}: cannot decode image ({reason}); expected a readable JPEG/PNG/... file") from exc
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as its EXIF Orientation tag says it is viewed (rotated / mirrored); unchanged without the tag."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError):  # an unreadable EXIF block: the pixels as stored
+        return image
 
 
 def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
