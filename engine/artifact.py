@@ -32,7 +32,7 @@ from pathlib import Path
 from engine.errors import ArtifactError
 from engine.files import file_sha256
 from engine.graphs import GRAPHS, GraphSpec
-from engine.manifest import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST_NAME, ArtifactManifest  # noqa: F401
+from engine.manifest import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST_NAME, ArtifactManifest, manifest_digest  # noqa: F401
 from engine.ranking import Fusion
 
 TENSORRT_DIR = "tensorrt"
@@ -105,7 +105,10 @@ def read_manifest(root: str | os.PathLike) -> dict:
     if version > ARTIFACT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {version} is newer than this engine reads "
                             f"({ARTIFACT_VERSION}); upgrade bssan-engine")
-    ArtifactManifest.from_dict(manifest, where=str(path))  # the schema: one line naming a bad field
+    info = ArtifactManifest.from_dict(manifest, where=str(path))  # the schema: one line naming a bad field
+    if info.manifest_sha256 is not None and manifest_digest(manifest) != info.manifest_sha256:
+        raise ArtifactError(f"{path}: content differs from its manifest_sha256; the manifest was edited after export "
+                            f"(a changed dim or weight would silently change every score); re-export the artifact")
     return manifest
 
 

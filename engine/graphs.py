@@ -114,6 +114,29 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    def check_declared_io(self, inputs, outputs, dims: dict[str, int], precision: str, where: str) -> None:
+        """A loaded graph's own I/O (onnxruntime NodeArgs: .name, .shape, .type) against this declaration and
+        the manifest's dims: names, element types, ranks and static sizes. ArtifactError naming the tensor
+        otherwise (a graph swapped for another, or a manifest dim edited), at load, not at the first call."""
+        from engine.errors import ArtifactError
+
+        ort_type = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)", np.dtype(np.int64): "tensor(int64)"}
+        for kind, declared, got in (("inputs", self.inputs, inputs), ("outputs", self.outputs, outputs)):
+            names = [arg.name for arg in got]
+            if sorted(names) != sorted(t.name for t in declared) and not (kind == "outputs" and {t.name for t in declared} <= set(names)):
+                raise ArtifactError(f"{where}: {kind} {names}; expected {[t.name for t in declared]} (graph {self.name!r} of "
+                                    f"engine/graphs.py): the file is not this artifact's {self.name} graph; re-export it")
+            by_name = {arg.name: arg for arg in got}
+            for spec in declared:
+                arg = by_name[spec.name]
+                want_type = ort_type[spec.numpy_dtype(precision)]
+                want = spec.shape(dims)
+                shape = list(arg.shape or [])
+                if arg.type != want_type or len(shape) != len(want) or any(
+                        isinstance(w, int) and isinstance(g, int) and g != w for w, g in zip(want, shape)):
+                    raise ArtifactError(f"{where}: {spec.name} is {arg.type} {shape}; expected {want_type} {list(want)} "
+                                        f"(engine/graphs.py with the manifest's dims): the graph and manifest.json disagree; re-export it")
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """{tensor: {axis: name}} for every dynamic axis: torch.onnx.export's `dynamic_axes`."""
         return {t.name: {i: d for i, d in enumerate(t.dims) if d in DYNAMIC_AXES}

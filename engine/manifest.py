@@ -28,10 +28,16 @@ Fields (format version 2; version 1 artifacts load too, without attention biases
     preprocessing  the feature store's extractor record (or null); word_features  the word set's record (or null)
     assets       {name: {"graph": "assets/<name>.onnx", "manifest": "assets/<name>.json", "kind"}}
     parity_max_abs_diff, fp16_recurrence, int8_scope, exporter, tensorrt: export records (not read by the engine)
+    manifest_sha256  sha256 of the manifest's own content (`manifest_digest`: every field but this one and
+                 "tensorrt", which the TensorRT builder fills in later); checked at load, so a hand-edited
+                 field (dims.max_words 30 -> 5 would silently change rankings) is refused. Absent in
+                 artifacts exported before it existed: those load unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -45,6 +51,13 @@ ARTIFACT_VERSION = 2  # 2: model.attention_biases, model.checkpoint by hash, fus
 MANIFEST_NAME = "manifest.json"
 BRANCHES = ("w2r", "o2w")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+UNHASHED_FIELDS = ("manifest_sha256", "tensorrt")  # the digest itself; the TensorRT record, written after export
+
+
+def manifest_digest(data: dict) -> str:
+    """sha256 of a manifest's JSON content without UNHASHED_FIELDS (canonical: sorted keys, no spaces)."""
+    content = {k: v for k, v in data.items() if k not in UNHASHED_FIELDS}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +195,7 @@ class ArtifactManifest:
     exporter: dict = field(default_factory=dict)
     tensorrt: dict = field(default_factory=dict)
     format: str = ARTIFACT_FORMAT
+    manifest_sha256: str | None = None  # None: an artifact exported before the digest existed
 
     @property
     def word_set(self) -> str:
@@ -196,6 +210,7 @@ class ArtifactManifest:
         if version > ARTIFACT_VERSION:
             raise ArtifactError(f"{where}: artifact format version {version} is newer than this engine reads "
                                 f"({ARTIFACT_VERSION}); upgrade bssan-engine")
+        recorded = top.get("manifest_sha256", lambda v: isinstance(v, str) and bool(_SHA256.match(v)), "a sha256 (64 hex digits)")
         model = ModelRecord.from_fields(top.sub("model"))
         dims_fields = top.sub("dims")
         dims = {}
@@ -252,6 +267,7 @@ class ArtifactManifest:
             int8_scope=top.get("int8_scope", _is_str, "a string or null"),
             exporter=top.get("exporter", _is_dict, "an object", {}),
             tensorrt=top.get("tensorrt", _is_dict, "an object", {}),
+            manifest_sha256=recorded,
         )
 
     def to_dict(self) -> dict:
@@ -263,4 +279,10 @@ class ArtifactManifest:
             "int8_scope": self.int8_scope, "files": self.files, "fusion": self.fusion.to_dict(),
             "preprocessing": self.preprocessing, "word_features": self.word_features, "assets": self.assets,
             "exporter": self.exporter, "tensorrt": self.tensorrt,
+            **({"manifest_sha256": self.manifest_sha256} if self.manifest_sha256 else {}),
         }
+
+    def sealed(self) -> dict:
+        """to_dict() with manifest_sha256 set to the digest of its content: what the exporter writes."""
+        data = {k: v for k, v in self.to_dict().items() if k != "manifest_sha256"}
+        return {**data, "manifest_sha256": manifest_digest(data)}

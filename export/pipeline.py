@@ -312,7 +312,7 @@ def _export_artifact(options: ExportOptions) -> dict:
             assets=assets,
             exporter={"opset": OPSET, "exporter": EXPORTER, "parity_tolerance": PARITY_TOLERANCE, "versions": _versions()},
             tensorrt={"status": "not built"},
-        ).to_dict()
+        ).sealed()  # manifest_sha256: a later hand edit is refused at load
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         load_artifact(tmp)  # what the engine will do: hashes, versions, ONNX structure
         bar.update(1)

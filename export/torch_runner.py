@@ -91,6 +91,7 @@ class TorchRunner(Runner):
 
     def close(self) -> None:
         self.modules = {}
+        super().close()
 
     def _infer(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch, spec = self.torch, GRAPHS[name]

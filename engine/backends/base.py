@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.errors import ArtifactError, InputError
+from engine.errors import ArtifactError, ClosedError, InputError
 from engine.graphs import FLOAT_DTYPE, GRAPHS, PRECISIONS
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class Runner:
     """Base of every backend: validation in `infer`, computation in `_infer`."""
 
     backend: Backend
+    closed = False  # set by close(): infer() then raises ClosedError instead of a backend's KeyError
 
     def __init__(self, artifact: Artifact, precision: str = "fp32", threads: int | None = None):
         if threads is not None and threads < 1:
@@ -94,7 +95,7 @@ class Runner:
         self.close()
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
     def has_graph(self, name: str) -> bool:
         return name in self.precisions
@@ -104,6 +105,9 @@ class Runner:
         return np.dtype(FLOAT_DTYPE[self.precisions[name]])
 
     def infer(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.closed:
+            raise ClosedError(f"{self.backend.value} runner of {self.artifact.root}: used after close(); "
+                              f"expected calls inside its `with` block (load a new Scorer to score again)")
         if name not in self.precisions:
             raise ArtifactError(f"{self.artifact.root}: no graph {name!r}; the artifact has {sorted(self.precisions)}")
         GRAPHS[name].check_inputs(feeds, self.artifact.dims, self.precisions[name])

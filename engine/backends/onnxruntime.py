@@ -76,9 +76,13 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(artifact, precision, threads)
         self.sessions = {name: open_session(artifact.graph_path(name, graph_prec), self.backend, threads)
                          for name, graph_prec in self.precisions.items()}
+        for name, session in self.sessions.items():  # a swapped graph or an edited dim: refused now, not mid-run
+            GRAPHS[name].check_declared_io(session.get_inputs(), session.get_outputs(), artifact.dims, self.precisions[name],
+                                           str(artifact.graph_path(name, self.precisions[name])))
 
     def close(self) -> None:
         self.sessions = {}
+        super().close()
 
     def _infer(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = GRAPHS[name]

@@ -124,6 +124,7 @@ class TensorRTRunner(Runner):
 
     def close(self) -> None:
         self.contexts, self.engines = {}, {}
+        super().close()
         if getattr(self, "stream", None) is not None:
             self.cudart.cudaStreamDestroy(self.stream)
             self.stream = None
