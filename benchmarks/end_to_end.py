@@ -24,7 +24,6 @@ lengths.npy, else the raw captions through the project tokenizer, else the histo
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import DEFAULT_THREADS, REPO_ROOT, machine_info, write_json_atomic
-from engine.cli import command
+from engine.cli import ArgumentParser, command, nonnegative_int, positive_int
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "reference"
 DEFAULT_SHORTLIST = REPO_ROOT / "models" / "reference-shortlist"  # a dual encoder (quickstart.sh's convention)
@@ -273,19 +272,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the legacy exporter's C++ shape-inference warnings
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.end_to_end", description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="exported on the fly when --artifact has no manifest")
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--images", type=int, default=1000, help="images of the split (with their captions) in the protocol")
+    parser.add_argument("--images", type=positive_int, default=1000, help="images of the split (with their captions) in the protocol")
     parser.add_argument("--split", default="test", help="store split (dev: a real-data run before the test split exists)")
-    parser.add_argument("--shortlist", type=int, nargs="+", default=list(SHORTLIST_KS))
+    parser.add_argument("--shortlist", type=positive_int, nargs="+", default=list(SHORTLIST_KS))
     parser.add_argument("--precision", nargs="+", choices=("fp32", "fp16", "int8"), default=["fp32", "int8"])
-    parser.add_argument("--extraction-images", type=int, default=48)
-    parser.add_argument("--synthetic-images", type=int, default=0,
+    parser.add_argument("--extraction-images", type=nonnegative_int, default=48)
+    parser.add_argument("--synthetic-images", type=nonnegative_int, default=0,
                         help="without model or store: time the protocol on this many random images of a random-weight model")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bssan-e2e-") as work:

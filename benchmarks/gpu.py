@@ -38,6 +38,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from benchmarks.common import machine_info, write_json_atomic  # noqa: E402
 from benchmarks.flops import factored_pair_flops, total_flops  # noqa: E402
+from engine.cli import ArgumentParser, command, positive_float  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FULL = {"preset": "paper", "lengths": (30, 12, 8, 20), "batches": (4096, 1024, 16384, 256), "square": 8192, "copy_mb": 2048,
@@ -302,12 +303,13 @@ def _tensorrt_section(args, config, device, out_of_time) -> dict:
     return results
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, required=True, help="report, rewritten after every point")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="demo preset, tiny sweep: the CPU dry run")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new points after this many seconds")
+    parser.add_argument("--budget-s", type=positive_float, default=420.0, help="stop starting new points after this many seconds")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "fp16", "bf16"])
     parser.add_argument("--no-cuda-graphs", action="store_true")
     args = parser.parse_args(argv)

@@ -22,7 +22,6 @@ in "protocol_pairs_per_s": pairs / (images x image_s + captions x caption_s + pa
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from benchmarks.common import DEFAULT_THREADS, machine_info, set_threads, time_round_robin, write_json_atomic
 from benchmarks.flops import factored_pair_flops, flops_by_precision, peak_fraction, reference_pair_flops, total_flops
 from benchmarks.scorers import SCORER_NAMES, Scorer, export_graphs, make_scorer, random_inputs, random_model
+from engine.cli import ArgumentParser, command, positive_int
 
 PROTOCOL_IMAGES, PROTOCOL_CAPTIONS = 1000, 5000  # the 1K-image test protocol, 5 captions per image
 SPEED_SCORERS = ("paper-eager", "factored-eager", "torch-bf16", "ort-fp32", "ort-int8-recurrence", "ort-int8-projection")
@@ -198,18 +198,19 @@ def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, 
     return result
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.peak import format_peaks, measure_peaks
     from training.config import PRESETS, preset
 
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the legacy exporter's C++ shape-inference warnings
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.pair_scoring", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.pair_scoring", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable; default flickr8k")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[12, 30])
-    parser.add_argument("--batches", type=int, nargs="+", default=[64])
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[12, 30])
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[64])
     parser.add_argument("--scorers", nargs="+", choices=SCORER_NAMES, default=list(SPEED_SCORERS))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     presets = args.preset or ["flickr8k"]

@@ -15,13 +15,12 @@ Exit 0 when every check passes, 1 when one fails, 2 on a user error (missing dir
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from engine.cli import command
+from engine.cli import ArgumentParser, command, positive_int
 
 RANK_TAU = 0.9  # fp16 / int8 rank agreement with fp32 (random weights); measured ~0.97-0.999 here
 
@@ -62,11 +61,11 @@ def check_artifact(artifact_dir: Path, model_dir: Path, images: int = 3, caption
 @command
 def main(argv: list[str] | None = None) -> int:
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
     parser.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR", help="the checkpoint it was exported from")
-    parser.add_argument("--images", type=int, default=3)
-    parser.add_argument("--captions", type=int, default=24)
+    parser.add_argument("--images", type=positive_int, default=3)
+    parser.add_argument("--captions", type=positive_int, default=24)
     args = parser.parse_args(argv)
     if args.images < 1 or args.captions < 2:
         print("error: --images must be >= 1 and --captions >= 2", file=sys.stderr)

@@ -21,13 +21,13 @@ the denominator of each benchmark's "fraction of peak".
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import DEFAULT_THREADS, machine_info, time_calls, write_json_atomic
+from engine.cli import ArgumentParser, command, positive_int
 
 SQUARE = 1024
 MIN_SECONDS = 0.3  # per kernel and shape: long enough for a stable median on a shared machine
@@ -199,11 +199,12 @@ def format_peaks(report: dict) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
-    parser.add_argument("--rows", type=int, default=256, help="rows of the recurrence GEMM (pairs per call)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 1024], help="W2R hidden sizes H")
+    parser = ArgumentParser(prog="python -m benchmarks.peak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS)
+    parser.add_argument("--rows", type=positive_int, default=256, help="rows of the recurrence GEMM (pairs per call)")
+    parser.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 1024], help="W2R hidden sizes H")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.rows < 1 or min(args.hidden) < 1:

@@ -11,10 +11,11 @@ agreement vs fp32, and the end-to-end protocol times with R@1 when measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from engine.cli import ArgumentParser, command
 
 MARKERS = "osD^v<>p*h"
 
@@ -161,8 +162,9 @@ def write_plots(report: dict, out: Path) -> list[Path]:
     return paths + ([end_to_end] if end_to_end else [])
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.plots", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.plots", description=__doc__.split("\n\n")[0])
     parser.add_argument("report", type=Path, help="JSON written by python -m benchmarks.run")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)

@@ -19,7 +19,6 @@ ranking needs no 5,000 x 5,000 matrix; scipy is not a dependency.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import DEFAULT_THREADS, machine_info, set_threads, time_calls, write_json_atomic
+from engine.cli import ArgumentParser, command, positive_int
 
 TOP_K = 10
 TAU_BLOCK = 512  # rows of the sign matrix per step: 512 x N int8
@@ -146,21 +146,22 @@ def artifact_precision(artifact_dir: Path, store_root: Path, images: int, thread
     return out
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.end_to_end import flickr8k_test_lengths
     from benchmarks.peak import measure_peaks
     from training.config import PRESETS, preset
 
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the legacy exporter's C++ shape-inference warnings
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.precision", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.precision", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="flickr8k")
-    parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--captions", type=int, default=256)
+    parser.add_argument("--images", type=positive_int, default=4)
+    parser.add_argument("--captions", type=positive_int, default=256)
     parser.add_argument("--artifact", type=Path, default=None, help="also compare an artifact's precisions on --store")
     parser.add_argument("--store", type=Path, default=None)
     parser.add_argument("--split", default="test", help="store split of the artifact comparison")
-    parser.add_argument("--artifact-images", type=int, default=100, help="images (and their captions) of the artifact comparison")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    parser.add_argument("--artifact-images", type=positive_int, default=100, help="images (and their captions) of the artifact comparison")
+    parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.images < 1 or args.captions < 2:

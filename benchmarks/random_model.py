@@ -11,11 +11,10 @@ An existing OUT_DIR is replaced only if it is a random-weight checkpoint of the 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from engine.cli import command
+from engine.cli import ArgumentParser, command, nonnegative_int, positive_int
 
 RANDOM_LABEL = {"weights": "random", "note": "benchmarks.random_model: NOT a trained model; scores are meaningless"}
 
@@ -42,11 +41,11 @@ def write_random_model(out: Path, preset_name: str = "demo", max_words: int = 30
 @command
 def main(argv: list[str] | None = None) -> int:
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.random_model", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.random_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, metavar="OUT_DIR")
     parser.add_argument("--preset", choices=("demo", "flickr8k", "paper"), default="demo")
-    parser.add_argument("--max-words", type=int, default=30, help="30 as the paper; the demo preset's own is 8")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-words", type=positive_int, default=30, help="30 as the paper; the demo preset's own is 8")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     args = parser.parse_args(argv)
     path = write_random_model(args.out, args.preset, args.max_words, args.seed)
     print(f"{path}: RANDOM-WEIGHT {args.preset} BSSAN checkpoint (seed {args.seed}); not a trained model")

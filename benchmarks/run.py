@@ -21,7 +21,6 @@ The 2 cores are shared: the JSON records the load average at the start and the e
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from benchmarks.end_to_end import (  # noqa: E402
     DEFAULT_ARTIFACT, DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_STORE, SHORTLIST_KS, flickr8k_test_lengths, print_end_to_end,
     run_end_to_end, store_has_test,
 )
-from engine.cli import command  # noqa: E402
+from engine.cli import ArgumentParser, command  # noqa: E402
 
 SPEEDUP_FACTORED = 2.0  # target 1: factored ORT fp32 vs the paper as written, padded to 30
 SPEEDUP_BEST = 15.0  # target 2: best CPU path on real caption lengths
@@ -233,7 +232,7 @@ def print_summary(report: dict) -> None:
 @command
 def main(argv: list[str] | None = None) -> int:
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset that finishes in < 5 minutes on 2 cores")
     parser.add_argument("--json", type=Path, required=True, help="the report (written atomically)")
     parser.add_argument("--plots", type=Path, default=None, help="PNG directory (default: OUT-plots beside the JSON)")

@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from engine.cli import ArgumentParser, command
 
 
 def machine_line(report: dict) -> str:
@@ -96,8 +97,9 @@ def markdown(report: dict) -> str:
     return "\n".join(parts)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.tables", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.tables", description=__doc__.split("\n\n")[0])
     parser.add_argument("report", type=Path)
     args = parser.parse_args(argv)
     try:

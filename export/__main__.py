@@ -10,11 +10,10 @@ engine/artifact.py for the layout. User errors print one line and exit 2.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from engine.cli import command
+from engine.cli import ArgumentParser, command
 from engine.graphs import PRECISIONS
 from engine.text import DEFAULT_ASSETS_DIR
 from export.precision import DEFAULT_INT8_SCOPE, INT8_SCOPES
@@ -22,7 +21,7 @@ from export.precision import DEFAULT_INT8_SCOPE, INT8_SCOPES
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="BSSAN checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="artifact directory (replaced atomically if it is one)")
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"],

@@ -28,7 +28,6 @@ output goes into the manifest and must be under PARITY_TOLERANCE.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
 import json
@@ -44,7 +43,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from engine.assets import graph_fingerprint
-from engine.cli import command
+from engine.cli import ArgumentParser, command
 from engine.errors import AssetError
 from engine.files import write_json_atomic
 from engine.vision import (
@@ -329,7 +328,7 @@ def export_all(out: Path, grid: int = DEFAULT_GRID, vgg19_weights: Path | None =
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.backbones", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m export.backbones", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="asset folder, e.g. build/assets")
     parser.add_argument("--grid", type=int, choices=GRIDS, default=DEFAULT_GRID, help="EfficientNet region grid: 7 (224 px) or 14 (448 px)")
     parser.add_argument("--vgg19-weights", type=Path, help="torchvision vgg19 state-dict file (.pth) for the paper's backbone")

@@ -22,7 +22,6 @@ selects which weight MatMuls are quantized: "recurrence" (h W_hh^T inside the Lo
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.cli import command
+from engine.cli import ArgumentParser, command, positive_int
 from engine.errors import InputError
 from engine.graphs import FLOAT_DTYPE, GRAPHS
 
@@ -266,16 +265,16 @@ def measure_recall(artifact_dir: Path, store: Path, word_set: str, images: int, 
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.precision", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m export.precision", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", action="append", choices=("demo", "flickr8k", "paper"), default=[],
                         help="int8 speed/error of a random-weight model of this preset (repeatable)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[12, 30])
-    parser.add_argument("--threads", type=int, default=BENCH_THREADS)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[12, 30])
+    parser.add_argument("--threads", type=positive_int, default=BENCH_THREADS)
     parser.add_argument("--work", type=Path, help="directory for the measured graphs (with --preset)")
     parser.add_argument("--artifact", type=Path, help="with --store: R@K of this artifact per precision")
     parser.add_argument("--store", type=Path, help="feature store whose test split is scored (with --artifact)")
     parser.add_argument("--word-set", default="glove50")
-    parser.add_argument("--images", type=int, default=100, help="test images scored (with all their captions)")
+    parser.add_argument("--images", type=positive_int, default=100, help="test images scored (with all their captions)")
     parser.add_argument("--out", type=Path, required=True, help="JSON report (a PNG plot beside it for --preset)")
     args = parser.parse_args(argv)
     if not args.preset and not (args.artifact and args.store):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.cli import command
+from engine.cli import ArgumentParser, command
 from engine.errors import ArtifactError
 from engine.text import (
     MINILM_DIM, MINILM_DYNAMIC_AXES, MINILM_INPUTS, MINILM_JSON, MINILM_ONNX, MINILM_OUTPUT,
@@ -132,9 +132,7 @@ def export_minilm(out_dir: str | Path, tolerance: float = PARITY_TOLERANCE) -> P
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Export all-MiniLM-L6-v2 to ONNX for engine.text.MiniLMWords.")
+    parser = ArgumentParser(description="Export all-MiniLM-L6-v2 to ONNX for engine.text.MiniLMWords.")
     parser.add_argument("--out", type=Path, default=DEFAULT_ASSETS_DIR, help=f"assets folder (default {DEFAULT_ASSETS_DIR})")
     args = parser.parse_args(argv)
     path = export_minilm(args.out)
