@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import DEFAULT_THREADS, REPO_ROOT, machine_info, write_json_atomic
-from engine.cli import ArgumentParser, command, nonnegative_int, positive_int
+from engine.cli import ArgumentParser, command, nonnegative_int, output_file, positive_int
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "reference"
 DEFAULT_SHORTLIST = REPO_ROOT / "models" / "reference-shortlist"  # a dual encoder (quickstart.sh's convention)
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic-images", type=nonnegative_int, default=0,
                         help="without model or store: time the protocol on this many random images of a random-weight model")
     parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS)
-    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--json", type=output_file, required=True)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bssan-e2e-") as work:
         report = run_end_to_end(args.artifact, args.model, args.store, args.data, args.images, tuple(args.shortlist),

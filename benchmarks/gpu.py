@@ -38,7 +38,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from benchmarks.common import machine_info, write_json_atomic  # noqa: E402
 from benchmarks.flops import factored_pair_flops, total_flops  # noqa: E402
-from engine.cli import ArgumentParser, command, positive_float  # noqa: E402
+from engine.cli import ArgumentParser, command, output_file, positive_float  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FULL = {"preset": "paper", "lengths": (30, 12, 8, 20), "batches": (4096, 1024, 16384, 256), "square": 8192, "copy_mb": 2048,
@@ -306,7 +306,7 @@ def _tensorrt_section(args, config, device, out_of_time) -> dict:
 @command
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, required=True, help="report, rewritten after every point")
+    parser.add_argument("--json", type=output_file, required=True, help="report, rewritten after every point")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="demo preset, tiny sweep: the CPU dry run")
     parser.add_argument("--budget-s", type=positive_float, default=420.0, help="stop starting new points after this many seconds")

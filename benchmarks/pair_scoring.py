@@ -34,7 +34,7 @@ from tqdm import tqdm
 from benchmarks.common import DEFAULT_THREADS, machine_info, set_threads, time_round_robin, write_json_atomic
 from benchmarks.flops import factored_pair_flops, flops_by_precision, peak_fraction, reference_pair_flops, total_flops
 from benchmarks.scorers import SCORER_NAMES, Scorer, export_graphs, make_scorer, random_inputs, random_model
-from engine.cli import ArgumentParser, command, positive_int
+from engine.cli import ArgumentParser, command, output_file, positive_int
 
 PROTOCOL_IMAGES, PROTOCOL_CAPTIONS = 1000, 5000  # the 1K-image test protocol, 5 captions per image
 SPEED_SCORERS = ("paper-eager", "factored-eager", "torch-bf16", "ort-fp32", "ort-int8-recurrence", "ort-int8-projection")
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scorers", nargs="+", choices=SCORER_NAMES, default=list(SPEED_SCORERS))
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS)
-    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--json", type=output_file, required=True)
     args = parser.parse_args(argv)
     presets = args.preset or ["flickr8k"]
     for name in presets:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import DEFAULT_THREADS, machine_info, time_calls, write_json_atomic
-from engine.cli import ArgumentParser, command, positive_int
+from engine.cli import ArgumentParser, command, output_file, positive_int
 
 SQUARE = 1024
 MIN_SECONDS = 0.3  # per kernel and shape: long enough for a stable median on a shared machine
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS)
     parser.add_argument("--rows", type=positive_int, default=256, help="rows of the recurrence GEMM (pairs per call)")
     parser.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 1024], help="W2R hidden sizes H")
-    parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.add_argument("--json", type=output_file, default=None, help="write the report here")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.rows < 1 or min(args.hidden) < 1:
         print("error: --threads, --rows and --hidden must be positive", file=sys.stderr)

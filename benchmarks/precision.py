@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import DEFAULT_THREADS, machine_info, set_threads, time_calls, write_json_atomic
-from engine.cli import ArgumentParser, command, positive_int
+from engine.cli import ArgumentParser, command, output_file, positive_int
 
 TOP_K = 10
 TAU_BLOCK = 512  # rows of the sign matrix per step: 512 x N int8
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="store split of the artifact comparison")
     parser.add_argument("--artifact-images", type=positive_int, default=100, help="images (and their captions) of the artifact comparison")
     parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS)
-    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--json", type=output_file, required=True)
     args = parser.parse_args(argv)
     if args.images < 1 or args.captions < 2:
         print("error: --images must be >= 1 and --captions >= 2", file=sys.stderr)

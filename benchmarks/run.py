@@ -37,7 +37,7 @@ from benchmarks.end_to_end import (  # noqa: E402
     DEFAULT_ARTIFACT, DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_STORE, SHORTLIST_KS, flickr8k_test_lengths, print_end_to_end,
     run_end_to_end, store_has_test,
 )
-from engine.cli import ArgumentParser, command  # noqa: E402
+from engine.cli import ArgumentParser, command, output_file  # noqa: E402
 
 SPEEDUP_FACTORED = 2.0  # target 1: factored ORT fp32 vs the paper as written, padded to 30
 SPEEDUP_BEST = 15.0  # target 2: best CPU path on real caption lengths
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset that finishes in < 5 minutes on 2 cores")
-    parser.add_argument("--json", type=Path, required=True, help="the report (written atomically)")
+    parser.add_argument("--json", type=output_file, required=True, help="the report (written atomically)")
     parser.add_argument("--plots", type=Path, default=None, help="PNG directory (default: OUT-plots beside the JSON)")
     parser.add_argument("--presets", nargs="+", choices=("demo", "flickr8k", "paper"), default=None)
     parser.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)

@@ -103,6 +103,24 @@ def unit_float(text: str) -> float:
     return value
 
 
+def output_file(text: str) -> Path:
+    """An argparse type: a file path that can be written (check_output_file), refused at parse time."""
+    try:
+        check_output_file(Path(text), "")
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+    return Path(text)
+
+
+def output_dir(text: str) -> Path:
+    """An argparse type: a folder that can be written or created (check_output_dir), refused at parse time."""
+    try:
+        check_output_dir(Path(text), "")
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+    return Path(text)
+
+
 def check_output_file(path: Path, option: str = "--out") -> None:
     """Refuse, before any work, an output file that cannot be written: a folder, a parent that is a file,
     a folder without write permission. The parent may not exist yet (it is created)."""

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.cli import ArgumentParser, command, positive_int
+from engine.cli import ArgumentParser, command, output_file, positive_int
 from engine.errors import InputError
 from engine.graphs import FLOAT_DTYPE, GRAPHS
 
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, help="feature store whose test split is scored (with --artifact)")
     parser.add_argument("--word-set", default="glove50")
     parser.add_argument("--images", type=positive_int, default=100, help="test images scored (with all their captions)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON report (a PNG plot beside it for --preset)")
+    parser.add_argument("--out", type=output_file, required=True, help="JSON report (a PNG plot beside it for --preset)")
     args = parser.parse_args(argv)
     if not args.preset and not (args.artifact and args.store):
         parser.error("expected --preset (int8 speed) and/or --artifact with --store (R@K per precision)")
