@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.cli import command
+from engine.cli import ArgumentParser, command, positive_int
 from engine.errors import ArtifactError, AssetError, ImageError, InputError
 from engine.files import write_bytes_atomic
 from engine.text import DEFAULT_ASSETS_DIR, WordFeatureSet, load_word_features, tokenize
@@ -389,14 +389,14 @@ def attention_maps(config: AttentionMapsConfig, word_set: WordFeatureSet | None 
 
 @command
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.attention_maps", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m training.attention_maps", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="a BSSAN checkpoint directory (e.g. models/reference)")
     parser.add_argument("--image", type=Path, required=True, help="any image file (JPEG, PNG, ...)")
     parser.add_argument("--caption", required=True, help="the caption text")
     parser.add_argument("--out", type=Path, required=True, help=f"folder for {', '.join(OUTPUTS)}")
     parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS_DIR, help="graphs of python -m export.backbones / export.text")
     parser.add_argument("--force", action="store_true", help="replace existing outputs (atomically)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     written = attention_maps(AttentionMapsConfig(args.checkpoint, args.image, args.caption, args.out, args.assets, args.force, args.threads))

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.cli import command
+from engine.cli import ArgumentParser, command
 from engine.errors import InputError, StoreError
 from engine.files import atomic_path, write_json_atomic
 from engine.metrics import format_metrics, retrieval_metrics
@@ -270,7 +270,7 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--scores", type=Path, help="a saved score matrix .npy [N_images, N_captions]")
     source.add_argument("--checkpoint", type=Path, help="a checkpoint directory (training.train's RUN/best)")

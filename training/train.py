@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from engine.cli import command
+from engine.cli import ArgumentParser, command, nonnegative_float, nonnegative_int, positive_float, positive_int
 from engine.errors import DivergenceError, InputError
 from engine.metrics import format_metrics, retrieval_metrics
 from engine.files import atomic_path, write_json_atomic
@@ -500,7 +500,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, TrainConfig]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, required=True, help="feature store directory (python -m engine.features)")
     parser.add_argument("--out", type=Path, required=True, help="run directory: best/, last/, run.json, curves.png")
     parser.add_argument("--model-kind", choices=[k.value for k in ModelKind], default=ModelKind.BSSAN.value)
@@ -510,15 +510,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="optimisation recipe: default (AdamW, mean hinges, warm-up + cosine) or paper (SGD 0.01, summed hinges)")
     parser.add_argument("--word-set", help="words_<set>.npy of the store to read (default: TrainConfig's glove50)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model or train config field")
-    parser.add_argument("--epochs", type=int, help="number of epochs (may change between resumes)")
-    parser.add_argument("--seed", type=int, help="seed of initialisation, shuffling and negatives")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (resume with the same number for bit-equal results)")
-    parser.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS", help="save last/ at least this often")
-    parser.add_argument("--save-every-batches", type=int, default=0, metavar="N", help="also save last/ every N batches")
-    parser.add_argument("--stop-after-batches", type=int, default=0, metavar="N",
+    parser.add_argument("--epochs", type=positive_int, help="number of epochs (may change between resumes)")
+    parser.add_argument("--seed", type=nonnegative_int, help="seed of initialisation, shuffling and negatives")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (resume with the same number for bit-equal results)")
+    parser.add_argument("--save-every", type=positive_float, default=60.0, metavar="SECONDS", help="save last/ at least this often")
+    parser.add_argument("--save-every-batches", type=nonnegative_int, default=0, metavar="N", help="also save last/ every N batches")
+    parser.add_argument("--stop-after-batches", type=nonnegative_int, default=0, metavar="N",
                         help="debug: stop after N batches as if killed (exit code 3), to test resuming")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--wait-for-dev", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--wait-for-dev", type=nonnegative_float, default=0.0, metavar="SECONDS",
                         help="start while the store's dev split is still being extracted; wait up to this long for it at each epoch's end")
     return parser.parse_args(argv)
 
