@@ -40,7 +40,7 @@ import numpy as np
 
 from engine.artifact import Artifact
 from engine.errors import ArtifactError, InputError
-from engine.files import replace_directory, settle_directory, temp_sibling
+from engine.files import remove_dead_temps, replace_directory, settle_directory, temp_sibling
 
 CACHE_VERSION = 1
 CACHE_FORMATS = {"image": "bssan-image-cache", "caption": "bssan-caption-cache"}
@@ -65,6 +65,7 @@ def _write_dir_atomic(directory: Path, files: dict[str, np.ndarray], meta: dict)
     if directory.exists() and not (directory / CACHE_JSON).is_file():
         raise InputError(f"{directory}: exists and is not a cache directory; expected a new path or a cache to replace")
     directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(directory)  # the temp folder of a save killed mid-write
     tmp = temp_sibling(directory)
     if tmp.exists():
         shutil.rmtree(tmp)

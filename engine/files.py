@@ -9,6 +9,7 @@ write-then-rename, so a reader never sees half a file or half a directory:
     settle_directory(target)               # undo a swap interrupted between its two renames
     with exclusive_lock(path, "..."):      # one writer per output (flock: dropped by the OS even on kill -9)
     remove_stale_temps(path)               # `.<name>.tmp-<pid>` left by a writer killed mid-write
+    remove_dead_temps(path)                # the same without a lock: those whose process is gone
 
 With fsync (the default of the byte and text writers), the file AND its folder are fsynced, so after
 a power loss the new name points at the whole new content, never at an empty file.
@@ -107,6 +108,31 @@ def remove_stale_temps(path: str | os.PathLike) -> None:
     if path.parent.is_dir():
         for stale in path.parent.glob(f".{path.name}.tmp-*"):
             if stale.is_file():
+                stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by another user (or unknowable): keep its files
+    return True
+
+
+def remove_dead_temps(path: str | os.PathLike) -> None:
+    """Delete `.<name>.tmp-<pid>` files and folders beside `path` whose process no longer runs (a writer
+    killed mid-write): safe without a lock, since a live writer's temp is never touched."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
                 stale.unlink(missing_ok=True)
 
 

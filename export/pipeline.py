@@ -30,7 +30,7 @@ from tqdm import tqdm
 from engine.artifact import ARTIFACT_FORMAT, MANIFEST_NAME, TENSORRT_DIR, file_entry, load_artifact
 from engine.assets import add_fingerprints
 from engine.errors import ArtifactError, BackendUnavailableError, InputError
-from engine.files import file_sha256, package_versions, replace_directory
+from engine.files import file_sha256, package_versions, remove_dead_temps, replace_directory
 from engine.manifest import ArtifactManifest, ModelRecord
 from engine.ranking import BSSAN_ALONE, Fusion
 from engine.graphs import GRAPHS, PRECISIONS, graph_file
@@ -253,6 +253,7 @@ def _export_artifact(options: ExportOptions) -> dict:
     dims = graph_dims(model, shortlist)
     store = _store_case(options, checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(out)  # the work folder of an export killed mid-way (hundreds of MB)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     graphs_dir = tmp / "graphs"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from engine.cli import command
@@ -52,3 +54,21 @@ def test_command_maps_user_errors_to_one_line_and_exit_code(capsys):
     with pytest.raises(KeyError):
         buggy([])
     assert command(lambda argv=None: 0)() == 0 and issubclass(InputError, Exception)
+
+
+def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from engine.files import remove_dead_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    (tmp_path / f".out.jsonl.tmp-{dead_pid}").write_text("half a result")
+    (tmp_path / f".artifact.tmp-{dead_pid}").mkdir()
+    (tmp_path / f".artifact.tmp-{dead_pid}" / "graph.onnx").write_bytes(b"x")
+    live = tmp_path / f".out.jsonl.tmp-{os.getppid()}"  # the parent of this process is alive
+    live.write_text("being written")
+    remove_dead_temps(tmp_path / "out.jsonl")
+    remove_dead_temps(tmp_path / "artifact")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]

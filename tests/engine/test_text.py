@@ -146,6 +146,15 @@ def test_minilm_one_vector_per_word(minilm):
     assert (unknown.oov, unknown.total) == (1, 3)
 
 
+def test_minilm_too_many_word_pieces_is_a_caption_error_with_its_index(minilm):
+    from engine.errors import CaptionError
+
+    monster = " ".join(["xqzvpneumonoultramicroscopicsilicovolcanoconiosisqzx" * 3] * 30)  # 30 words, > 512 pieces
+    with pytest.raises(CaptionError, match=r"MiniLM word pieces; expected at most 512") as caught:
+        minilm.encode(["a dog runs .", monster])
+    assert caught.value.index == 1  # engine.score names the file and line from it (tests/engine/test_reliability.py)
+
+
 def test_minilm_batching_and_padding_do_not_change_vectors(minilm):
     captions = ["A dog runs .", "A very long caption about a man who rides a red bicycle down a busy street", "Cats ."]
     together = minilm.encode(captions)
