@@ -250,3 +250,20 @@ def test_a_journal_of_another_run_is_discarded(capsys, tmp_path, tiny_artifact):
     reference = tmp_path / "reference.jsonl"
     assert run(capsys, "--model", tiny_artifact, "--images", store, "--out", reference)[0] == 0
     assert out.read_bytes() == reference.read_bytes()
+
+
+def test_torch_backend_takes_the_checkpoints_the_artifact_records_by_hash(capsys, tiny_artifact, tiny_store, tiny_checkpoints):
+    def torch_run(*extra):
+        code = main([str(a) for a in ("--model", tiny_artifact, "--images", tiny_store, "--evaluate", "--threads", "1",
+                                      "--backend", "torch", *extra)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = torch_run()
+    assert code == 2 and err.count("\n") == 1 and "pass checkpoint=DIR" in err
+    code, out, err = torch_run("--checkpoint", tiny_checkpoints["bssan"], "--shortlist-checkpoint", tiny_checkpoints["shortlist"])
+    assert code == 0, err
+    torch_metrics = json.loads(out.strip().splitlines()[-1])
+    code, out, err = run(capsys, "--model", tiny_artifact, "--images", tiny_store, "--evaluate")
+    assert code == 0 and torch_metrics["backend"] == "torch"
+    assert torch_metrics["rsum"] == pytest.approx(json.loads(out.strip().splitlines()[-1])["rsum"], abs=0.1)
