@@ -87,15 +87,6 @@ class Ranking:
     bssan: np.ndarray | None = None  # [Q, k] float32 BSSAN MS of the hits (equal to scores when the scorer does not fuse)
 
 
-def process_rss_bytes() -> int | None:
-    """Resident set size of this process now (Linux /proc/self/statm), or None where unknown."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
 def resident_bytes(images: ImageCache, captions: CaptionCache) -> int:
     """What a scoring call starts from, planned from the inputs only: PROCESS_BASE_MB plus every cache
     array (in memory or memory-mapped: scoring pages them in). Never the live RSS, which differs run to run."""
@@ -185,15 +176,14 @@ class Scorer(Encoder):
         d = self.dims
         get = lambda k: d.get(k, 0)  # noqa: E731  (single-branch artifacts lack the other branch's dims)
         item = np.dtype(FLOAT_DTYPE[self.cache_precision]).itemsize
-        image_row = get("region_count") * (get("word_dim") + get("w2r_values")) + get("object_count") * (get("o2w_hidden") + get("o2w_first"))
-        caption_row = words * (get("word_dim") + get("w2r_gates") + get("o2w_hidden"))
+        image_row, caption_row = self.cache_row_bytes(words)
         w2r = (get("region_count") * get("word_dim") + words * get("word_dim") + 2 * words * get("region_count")
                + words * get("w2r_values") + 2 * words * get("w2r_gates")) if "w2r_gates" in d else 0
         gathered = pair_bytes(d, pairs, 0, self.cache_precision) if "w2r_gates" in d and image_rows > 1 else 0
         o2w = (2 * get("object_count") * get("o2w_hidden") + words * get("o2w_hidden") + 2 * get("object_count") * words
                + 3 * get("object_count") * get("o2w_first")) if "o2w_hidden" in d else 0
         graph = PAIR_OVERHEAD * (pairs * (w2r + o2w) * item + gathered)
-        return int((image_rows * image_row + pairs * caption_row) * item + graph)
+        return int(image_rows * image_row + pairs * caption_row + graph)
 
     def cache_row_bytes(self, words: int) -> tuple[int, int]:
         """(bytes of one image's cache row, of one caption's at `words` words): what the caches hold per item."""

@@ -72,3 +72,16 @@ def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     remove_dead_temps(tmp_path / "out.jsonl")
     remove_dead_temps(tmp_path / "artifact")
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+
+
+def test_an_fsynced_write_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.path.isdir(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else None)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    write_json_atomic(tmp_path / "progress.json", {"done": [1]}, fsync=True)
+    assert len(synced) == 2 and synced[1] in (True, None)  # the file, then the folder holding its new name
