@@ -26,7 +26,6 @@ The load generator runs on the same (shared, 2-core) machine as the server: the 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -43,6 +42,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from benchmarks.common import REPO_ROOT, machine_info
+from engine.cli import ArgumentParser, command, positive_float, positive_int
 from engine.files import package_versions, write_json_atomic
 
 WORK = REPO_ROOT / "build" / "load-test"
@@ -414,8 +414,10 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [p for p in ("gallery", "vectors") if p in report]
-    fig, axes = plt.subplots(1, 2 * len(panels) if "gallery" in panels else 1, figsize=(6 * (2 * len(panels)), 4.2), squeeze=False)
+    columns = (2 if "gallery" in report else 0) + (1 if "hnsw" in report.get("vectors", {}) else 0)
+    if not columns:
+        return
+    fig, axes = plt.subplots(1, columns, figsize=(6 * columns, 4.2), squeeze=False)
     axes = list(axes[0])
     if "gallery" in report:
         g = report["gallery"]
@@ -451,31 +453,32 @@ def plot(report: dict, path: Path) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.load_test", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks.load_test", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "serve")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--model", type=Path, help="artifact (default: a random-weight one at the reference sizes)")
     p.add_argument("--assets", type=Path, default=REPO_ROOT / "build" / "assets", help="backbone/MiniLM assets for the default model")
     p.add_argument("--images", type=Path, default=FLICKR8K / "images")
     p.add_argument("--captions", type=Path, default=FLICKR8K / "captions.txt")
-    p.add_argument("--gallery-size", type=int, default=500)
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=int, default=200, help="requests per point at most")
-    p.add_argument("--seconds", type=float, default=30, help="seconds per point at most")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--vectors", type=int, default=1_000_000)
-    p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--clusters", type=int, default=1000)
-    p.add_argument("--spread", type=float, default=1.0, help="within-cluster noise norm relative to the centre (1.0: cos ~0.5)")
-    p.add_argument("--hnsw-m", type=int)
-    p.add_argument("--ef-construction", type=int)
-    p.add_argument("--ef-search", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
-    p.add_argument("--build-seconds", type=float, default=3600, help="give up building HNSW after this long")
-    p.add_argument("--durability-adds", type=int, default=30, help="kill -9 after this many acknowledged adds ...")
-    p.add_argument("--durability-seconds", type=float, default=120, help="... or after this long")
+    p.add_argument("--gallery-size", type=positive_int, default=500)
+    p.add_argument("--clients", type=positive_int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=positive_int, default=200, help="requests per point at most")
+    p.add_argument("--seconds", type=positive_float, default=30, help="seconds per point at most")
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--vectors", type=positive_int, default=1_000_000)
+    p.add_argument("--queries", type=positive_int, default=200)
+    p.add_argument("--clusters", type=positive_int, default=1000)
+    p.add_argument("--spread", type=positive_float, default=1.0, help="within-cluster noise norm relative to the centre (1.0: cos ~0.5)")
+    p.add_argument("--hnsw-m", type=positive_int)
+    p.add_argument("--ef-construction", type=positive_int)
+    p.add_argument("--ef-search", type=positive_int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
+    p.add_argument("--build-seconds", type=positive_float, default=3600, help="give up building HNSW after this long")
+    p.add_argument("--durability-adds", type=positive_int, default=30, help="kill -9 after this many acknowledged adds ...")
+    p.add_argument("--durability-seconds", type=positive_float, default=120, help="... or after this long")
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)

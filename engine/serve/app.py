@@ -42,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import BssanError, ImageError
-from engine.serve.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, MicroBatcher
+from engine.serve.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, DEFAULT_WORKERS, MicroBatcher
 from engine.serve.errors import Forbidden, NotFound, RequestError, TooLarge, Unauthorized, Unsupported
 from engine.serve.gallery import check_image_id
 from engine.serve.metrics import ServiceMetrics
@@ -71,6 +71,7 @@ class ServeConfig:
     batching: bool = True
     max_batch: int = DEFAULT_MAX_BATCH
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    batch_workers: int = DEFAULT_WORKERS
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
     progress: bool = True
@@ -196,9 +197,9 @@ def create_app(config: ServeConfig, state=None) -> FastAPI:
         holder["state"] = svc
         metrics.attach(svc)
         svc.text_batcher = MicroBatcher(svc.service.search_texts, config.max_batch, config.max_wait_ms, config.batching,
-                                        on_batch=metrics.observe_batch)
+                                        on_batch=metrics.observe_batch, workers=config.batch_workers)
         svc.image_batcher = MicroBatcher(svc.service.rank_captions, config.max_batch, config.max_wait_ms, config.batching,
-                                         on_batch=metrics.observe_batch)
+                                         on_batch=metrics.observe_batch, workers=config.batch_workers)
         await svc.text_batcher.start()
         await svc.image_batcher.start()
         svc.start_indexing()
@@ -305,7 +306,8 @@ def create_app(config: ServeConfig, state=None) -> FastAPI:
         return {"model": str(config.model), "fingerprint": s.scorer.fingerprint[:12], "backend": s.scorer.runner.reason,
                 "gallery": len(s.gallery), "captions": len(s.service.captions) if s.service.captions is not None else 0,
                 "first_stage": {"kind": config.index_kind, "hnsw_m": config.hnsw_m, "ef_search": config.ef_search},
-                "batching": {"enabled": config.batching, "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms},
+                "batching": {"enabled": config.batching, "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms,
+                             "workers": config.batch_workers},
                 "limits": vars(config.limits), "writes": config.api_key is not None, "ready": s.ready}
 
     # ---- reading

@@ -7,7 +7,9 @@
 
 The first request of a batch waits at most `max_wait_ms` for others (or until `max_batch` are
 there); then the whole batch runs in ONE call of `run_batch(items) -> results` on a worker
-thread, while the next batch gathers. Requests that arrive during a call join the next batch,
+thread, while the next batch gathers. `workers` batches may run at once (default 2: one gathers
+and encodes while the other is in the pair graphs; on a shared machine a lone worker thread also
+gets a small share of the cores against other processes' threads). Requests that arrive during a call join the next batch,
 so under load batches fill without waiting. If a batched call raises, its items are re-run one
 by one, so one bad request (an image that fails to decode) fails only itself.
 
@@ -24,33 +26,35 @@ from typing import Any, Callable
 
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_WAIT_MS = 5.0  # a text query costs ~20-60 ms at K=100 on 2 cores: 5 ms more wait is small beside it
+DEFAULT_WORKERS = 2
 
 
 class MicroBatcher:
     def __init__(self, run_batch: Callable[[list], list], max_batch: int = DEFAULT_MAX_BATCH,
                  max_wait_ms: float = DEFAULT_MAX_WAIT_MS, enabled: bool = True,
-                 on_batch: Callable[[int, float], None] | None = None):
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError(f"max_batch {max_batch}, max_wait_ms {max_wait_ms}: expected >= 1 and >= 0")
+                 on_batch: Callable[[int, float], None] | None = None, workers: int = DEFAULT_WORKERS):
+        if max_batch < 1 or max_wait_ms < 0 or workers < 1:
+            raise ValueError(f"max_batch {max_batch}, max_wait_ms {max_wait_ms}, workers {workers}: expected >= 1, >= 0, >= 1")
         self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1000
-        self.enabled, self.on_batch = enabled, on_batch
+        self.enabled, self.on_batch, self.workers = enabled, on_batch, workers
         self.queue: asyncio.Queue | None = None
-        self.worker: asyncio.Task | None = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="microbatch") if enabled else None
+        self.tasks: list[asyncio.Task] = []
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="microbatch") if enabled else None
         self.waiting = 0  # requests submitted and not yet running: the queue depth metric
         self.running = 0
 
     async def start(self) -> None:
-        if self.enabled and self.worker is None:
+        if self.enabled and not self.tasks:
             self.queue = asyncio.Queue()
-            self.worker = asyncio.create_task(self._work())
+            self.tasks = [asyncio.create_task(self._work()) for _ in range(self.workers)]
 
     async def stop(self) -> None:
-        """Run what is queued, then stop the worker."""
-        if self.worker is not None:
-            await self.queue.put(None)  # sentinel after everything queued
-            await self.worker
-            self.worker = None
+        """Run what is queued, then stop the workers."""
+        if self.tasks:
+            for _ in self.tasks:
+                await self.queue.put(None)  # one sentinel per worker, after everything queued
+            await asyncio.gather(*self.tasks)
+            self.tasks = []
         if self.executor is not None:
             self.executor.shutdown(wait=True)
 
@@ -67,7 +71,7 @@ class MicroBatcher:
                 self.running -= 1
                 if self.on_batch is not None:
                     self.on_batch(1, time.perf_counter() - start)
-        if self.worker is None:
+        if not self.tasks:
             raise RuntimeError("MicroBatcher.submit before start() (or after stop())")
         future = loop.create_future()
         self.waiting += 1
@@ -115,10 +119,12 @@ class MicroBatcher:
                     break
                 batch.append(nxt)
             self.waiting -= len(batch)
-            self.running = len(batch)
+            self.running += len(batch)
             start = time.perf_counter()
-            results = await loop.run_in_executor(self.executor, self._run_batch_safely, [item for item, _ in batch])
-            self.running = 0
+            try:
+                results = await loop.run_in_executor(self.executor, self._run_batch_safely, [item for item, _ in batch])
+            finally:
+                self.running -= len(batch)
             if self.on_batch is not None:
                 self.on_batch(len(batch), time.perf_counter() - start)
             for (_, future), result in zip(batch, results):

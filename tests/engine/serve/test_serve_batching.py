@@ -74,7 +74,7 @@ def test_concurrent_submits_share_calls_and_keep_order():
         return [f"result {i}" for i in items]
 
     async def main():
-        batcher = MicroBatcher(run, max_batch=4, max_wait_ms=50)
+        batcher = MicroBatcher(run, max_batch=4, max_wait_ms=50, workers=1)
         await batcher.start()
         results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
         await batcher.stop()
