@@ -46,7 +46,6 @@ from export.validate import (
 RECURRENT_GRAPHS = {"w2r_pair": "pipeline.w2r", "o2w_text": "pipeline.o2w", "shortlist_text": "shortlist.text_vectors"}
 INT8_CHECK_CAPTIONS = 64  # captions of the random 1-image grid on which int8 scores are compared with fp32
 LIBRARIES = ("torch", "onnx", "onnxruntime", "numpy", "bssan-engine")
-FUSION_JSON = "fusion.json"  # in the BSSAN checkpoint directory: fusion weights tuned against a dual encoder
 
 
 @dataclass
@@ -92,22 +91,16 @@ def read_fusion(model_dir: Path, shortlist_dir: Path | None) -> Fusion:
     {"first_stage_weight", "bssan_weight", "first_stage_sha256": sha256 of that dual encoder's weights file}.
     It binds the BSSAN model to THAT first stage: export needs --shortlist with the same weights.
     No fusion.json: BSSAN alone (0, 1)."""
-    from training.checkpoint import WEIGHTS
+    from training.checkpoint import FUSION, WEIGHTS, read_fusion as read_fusion_record
 
-    path = Path(model_dir) / FUSION_JSON
-    if not path.is_file():
-        return BSSAN_ALONE
+    path = Path(model_dir) / FUSION
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
-    try:
-        fusion = Fusion.from_dict(record, where=str(path))
+        recorded = read_fusion_record(model_dir)
     except InputError as exc:
         raise ArtifactError(str(exc)) from None
-    want = record.get("first_stage_sha256")
-    if not isinstance(want, str):
-        raise ArtifactError(f"{path}: first_stage_sha256: expected the sha256 of the dual encoder's {WEIGHTS}, got {want!r}")
+    if recorded is None:
+        return BSSAN_ALONE
+    fusion, want = recorded
     if shortlist_dir is None:
         raise ArtifactError(f"{path}: fusion weights tuned with a first stage ({want[:12]}); expected --shortlist "
                             f"with that dual-encoder checkpoint")

@@ -323,6 +323,28 @@ def load_train_state(directory: str | os.PathLike) -> dict | None:
         raise ArtifactError(f"{path}: corrupt resume state ({type(exc).__name__})") from exc
 
 
+FUSION = "fusion.json"  # beside a BSSAN checkpoint: the fusion tuned on dev with a first stage (training.evaluate --tune-fusion)
+
+
+def read_fusion(directory: str | os.PathLike):
+    """(Fusion, first_stage_sha256) of DIRECTORY/fusion.json, or None without one. The record binds the
+    BSSAN model to the first stage it was tuned with (sha256 of that dual encoder's weights file)."""
+    from engine.ranking import Fusion
+
+    path = Path(directory) / FUSION
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}); expected a fusion record") from None
+    fusion = Fusion.from_dict(record, where=str(path))
+    want = record.get("first_stage_sha256")
+    if not isinstance(want, str):
+        raise InputError(f"{path}: first_stage_sha256: expected the sha256 of the dual encoder's {WEIGHTS}, got {want!r}")
+    return fusion, want
+
+
 def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint directory; one-line ArtifactError naming the file if anything is off."""
     directory = Path(directory)

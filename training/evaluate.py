@@ -157,7 +157,6 @@ def rescore_pairs(model: nn.Module, split: SplitFeatures, word_set: str, image_i
     return out
 
 
-FUSION = "fusion.json"  # beside a BSSAN checkpoint: the fusion tuned on dev with a first stage (export reads it)
 FUSION_GRID = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # bssan weights tried, in units of std(first)/std(bssan)
 
 
@@ -182,18 +181,12 @@ def tune_two_stage(model: nn.Module, split: SplitFeatures, word_set: str, first:
 
 
 def fusion_of(checkpoint: str | os.PathLike, first_stage_sha256: str) -> Fusion | None:
-    """The fusion recorded beside a BSSAN checkpoint (fusion.json, tuned on dev by training.train) if it was
-    tuned with this first stage (same weights hash); None otherwise."""
-    path = Path(checkpoint) / FUSION
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: corrupt JSON ({exc}); expected a fusion record") from exc
-    if record.get("first_stage_sha256") != first_stage_sha256:
-        return None
-    return Fusion.from_dict(record, where=str(path))
+    """The fusion recorded beside a BSSAN checkpoint if it was tuned with this first stage (same weights
+    hash); None otherwise."""
+    from training.checkpoint import read_fusion
+
+    recorded = read_fusion(checkpoint)
+    return recorded[0] if recorded is not None and recorded[1] == first_stage_sha256 else None
 
 
 def evaluate_two_stage(checkpoint: str | os.PathLike, shortlist: str | os.PathLike, store: str | os.PathLike,
@@ -241,6 +234,8 @@ def tune_fusion_for(checkpoint: str | os.PathLike, shortlist: str | os.PathLike,
     CHECKPOINT/fusion.json; returns the fused metrics with the record."""
     from engine.files import file_sha256
     from training.checkpoint import ModelKind, load_checkpoint
+
+    from training.checkpoint import FUSION
 
     path = Path(checkpoint) / FUSION
     if path.exists() and not force:

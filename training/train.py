@@ -45,12 +45,12 @@ from engine.metrics import format_metrics, retrieval_metrics
 from engine.files import atomic_path, write_json_atomic
 from engine.store import FeatureStore
 from training.baseline import DUAL_ENCODER_PRESETS, DualEncoder, dual_encoder_loss, dual_encoder_preset
-from training.checkpoint import (WEIGHTS, ModelKind, build_model, load_train_state, load_weights, save_checkpoint)
+from training.checkpoint import (FUSION, WEIGHTS, ModelKind, build_model, load_train_state, load_weights, save_checkpoint)
 from training.config import (PRESETS, RECIPES, Optimizer, Schedule, TrainConfig, input_sizes_of_split, preset, recipe,
                              replace_strict, with_input_sizes)
 from training.data import Batch, GroupedBatch, ImageBatches, PairBatches, input_scales
 from engine.ranking import FIRST_STAGE_ALONE, two_stage_metrics
-from training.evaluate import FUSION, captions_per_image_of, score_split, tune_two_stage
+from training.evaluate import captions_per_image_of, score_split, tune_two_stage
 from training.loss import bssan_loss, hardest_in_batch
 from training.model import BSSAN
 
