@@ -20,6 +20,7 @@ from pathlib import Path
 # (row, label, run directory of the BSSAN model it scores or None, note)
 ROWS = [
     ("test_dual", "first stage alone: dual encoder, exhaustive", "dual", ""),
+    ("test_dual_e1", "the first stage after 1 epoch (the ablations' first stage and the mining source)", "dual", "epoch 1 of the same run"),
     ("test_alone_all", "BSSAN alone, exhaustive (every pair, no fusion)", "bssan", "engine, ONNX Runtime CPU fp32"),
     ("test_alone_k100", "BSSAN alone re-ranking the first stage's top-100 (no fusion)", "bssan", ""),
     ("test_product_k20", "**product: top-20 re-ranked, fused (engine.score's default)**", "bssan", "fusion tuned on dev"),
@@ -93,14 +94,14 @@ def plot_dev_curves(runs: dict[str, dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    for name, record in runs.items():
+    for index, (name, record) in enumerate(runs.items()):
         dev = record.get("dev") or []
         if not dev:
             continue
         epochs = [d["epoch"] for d in dev]
-        axes[0].plot(epochs, [d["rsum"] for d in dev], marker="o", label=name)
+        axes[0].plot(epochs, [d["rsum"] for d in dev], marker="o", label=name, color=f"C{index}")
         if any(d["fused_rsum"] for d in dev):
-            axes[1].plot(epochs, [d["fused_rsum"] for d in dev], marker="o", label=name)
+            axes[1].plot(epochs, [d["fused_rsum"] for d in dev], marker="o", label=name, color=f"C{index}")
     axes[0].set(xlabel="epoch", ylabel="dev rsum", title="dev rsum: dual encoder exhaustive; BSSAN alone re-ranking top-20")
     axes[1].set(xlabel="epoch", ylabel="dev rsum", title="dev rsum of the product (top-20, fusion tuned per epoch)")
     for ax in axes:
@@ -117,8 +118,9 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("/work/runs"))
     parser.add_argument("--out", type=Path, default=Path("results/flickr8k"))
     parser.add_argument("--bssan-run", default="bssan", help="run directory name of the reference BSSAN")
+    parser.add_argument("--evals", default="eval", help="folder (under --runs) of the evaluation JSON and GNU time files")
     args = parser.parse_args(argv)
-    runs, evals = args.runs, args.runs / "eval"
+    runs, evals = args.runs, args.runs / args.evals
     trainings = {"dual": training_record(runs / "dual"), "bssan": training_record(runs / args.bssan_run)}
     header = ("| model | i2t R@1 | R@5 | R@10 | medr | meanr | t2i R@1 | R@5 | R@10 | medr | meanr | rsum | notes |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
