@@ -321,6 +321,7 @@ def extract_split(writer: StoreWriter, split: str, dataset: Dataset, extractor: 
                  if old_sets.get(name, {}).get("features") != _identity(word_set.describe())
                  or not has_arrays(split_dir, {f"words_{name}": (len(captions), config.max_words, word_set.dim)})]
     if images_done and captions_done and not sets_todo:
+        (split_dir / PROGRESS_NAME).unlink(missing_ok=True)  # a run killed after finishing the split, before this
         return SplitReport(len(names), bad_images=previous["bad_images"], mean_real_boxes=previous["mean_real_boxes"],
                            oov={n: s["oov_rate"] for n, s in old_sets.items()}, up_to_date=True)
     if previous:  # the split is being rewritten in place: unlist it first, so no reader trusts half of it
