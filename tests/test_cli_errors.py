@@ -10,7 +10,6 @@ import importlib
 import pytest
 
 BAD_NUMBERS = {"positive": ["0", "-3", "ten", "nan", "inf"]}
-OWNED_ELSEWHERE = "not this module's owner: reported for issue 15 (plain argparse usage block, or a traceback)"
 
 
 def cases(tmp) -> list[tuple[str, list[str]]]:
@@ -79,14 +78,14 @@ def cases(tmp) -> list[tuple[str, list[str]]]:
     return result
 
 
-OTHERS = [  # modules whose owners are not issue 15's: expected to pass once they adopt engine.cli
+OTHERS = [  # the CLIs of the training, serving and load-test owners
     ("training.train", ["--no-such-option"]),
     ("training.train", ["--store", "s", "--out", "o", "--epochs", "-1"]),
     ("training.train", ["--store", "s", "--out", "o", "--threads", "0"]),
     ("training.train", ["--store", "s", "--out", "o", "--save-every", "nan"]),
     ("training.evaluate", []),
     ("training.evaluate", ["--scores", "s.npy", "--captions-per-image", "0"]),
-    ("training.attention_maps", ["--threads", "0"]),
+    ("training.attention_maps", ["--checkpoint", "c", "--image", "i", "--caption", "x", "--out", "o", "--threads", "0"]),
     ("engine.serve.__main__", ["--model", "m", "--max-body-mb", "nan"]),
     ("engine.serve.__main__", ["--model", "m", "--max-wait-ms", "-1"]),
     ("benchmarks.load_test", ["--no-such-option"]),
@@ -118,11 +117,10 @@ def test_every_cli_refuses_bad_options_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("module,argv", OTHERS, ids=[f"{m} {' '.join(a)}" for m, a in OTHERS])
-def test_cli_of_other_owners(module, argv, capsys):
+def test_cli_of_training_serving_and_load_test(module, argv, capsys):
     pytest.importorskip("torch", reason="training CLIs import torch")
     if module == "engine.serve.__main__":
         pytest.importorskip("fastapi", reason="engine.serve needs the serve extra")
     code, err = run_main(module, argv, capsys)
     lines = [line for line in err.splitlines() if line.strip()]
-    if not (code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err):
-        pytest.xfail(f"{OWNED_ELSEWHERE}: exit {code}, {err.strip().splitlines()[-1] if err.strip() else 'no stderr'}")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (code, err)
