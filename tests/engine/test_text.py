@@ -149,7 +149,8 @@ def test_minilm_one_vector_per_word(minilm):
 def test_minilm_too_many_word_pieces_is_a_caption_error_with_its_index(minilm):
     from engine.errors import CaptionError
 
-    monster = " ".join(["xqzvpneumonoultramicroscopicsilicovolcanoconiosisqzx" * 3] * 30)  # 30 words, > 512 pieces
+    # 30 words of 82 letters, ~80 pieces each (a word over 100 characters would be one [UNK] piece)
+    monster = " ".join("qx" + "zq" * 40 + "abcdefghijklmnopqrstuvwxyz"[i % 26] for i in range(30))
     with pytest.raises(CaptionError, match=r"MiniLM word pieces; expected at most 512") as caught:
         minilm.encode(["a dog runs .", monster])
     assert caught.value.index == 1  # engine.score names the file and line from it (tests/engine/test_reliability.py)
