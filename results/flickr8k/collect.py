@@ -28,6 +28,9 @@ ROWS = [
     ("test_engine_fp32_k20", "product K=20 through engine.score, fp32", "bssan", "engine, ONNX Runtime CPU"),
     ("test_engine_fp16_k20", "product K=20 through engine.score, fp16 graphs", "bssan", "engine, ONNX Runtime CPU"),
     ("test_engine_int8_k20", "product K=20 through engine.score, int8 recurrence", "bssan", "engine, ONNX Runtime CPU"),
+    ("o2w_test_product_k20", "product with an O2W-only BSSAN (10 epochs, best 6): top-20, fused", "bssan-o2w", "not the reference; fusion tuned on dev"),
+    ("o2w_test_product_k100", "product with the O2W-only BSSAN: top-100, fused", "bssan-o2w", "not the reference"),
+    ("o2w_test_alone_k100", "O2W-only BSSAN alone re-ranking the top-100", "bssan-o2w", "not the reference"),
 ]
 ABLATIONS = ["full", "w2r", "o2w", "no_reg", "uniform", "no_mining", "tanh", "no_scaling", "paper_recipe"]
 ABLATION_NAMES = {"full": "full (the recipe)", "w2r": "W2R only", "o2w": "O2W only", "no_reg": "full, no L_reg",
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--evals", default="eval", help="folder (under --runs) of the evaluation JSON and GNU time files")
     args = parser.parse_args(argv)
     runs, evals = args.runs, args.runs / args.evals
-    trainings = {"dual": training_record(runs / "dual"), "bssan": training_record(runs / args.bssan_run)}
+    trainings = {"dual": training_record(runs / "dual"), "bssan": training_record(runs / args.bssan_run),
+                 "bssan-o2w": training_record(runs / "bssan-o2w")}
     header = ("| model | i2t R@1 | R@5 | R@10 | medr | meanr | t2i R@1 | R@5 | R@10 | medr | meanr | rsum | notes |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [header]
@@ -143,7 +147,7 @@ def main(argv=None) -> int:
                 (args.out / f"abl_{name}_{kind}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
             lines.append(fmt_row(f"{ABLATION_NAMES[name]}: {suffix}", metrics))
     (args.out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    curves = {"dual encoder": trainings["dual"], "BSSAN (reference)": trainings["bssan"]}
+    curves = {"dual encoder": trainings["dual"], "BSSAN (reference)": trainings["bssan"], "O2W-only (final first stage)": trainings["bssan-o2w"]}
     curves |= {f"ablation {n}": training_record(runs / f"abl-{n}") for n in ABLATIONS}
     plot_dev_curves({k: v for k, v in curves.items() if v}, args.out / "dev_curves.png")
     print("\n".join(lines))
