@@ -36,18 +36,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.errors import InputError
-from training.config import Reduction, _from_dict, _to_dict
+from training.config import DEMO_INPUTS, FLICKR8K_INPUTS, PAPER_INPUTS, Reduction, _from_dict, _to_dict
 
 
 @dataclass
 class DualEncoderConfig:
-    # --- input sizes (a feature store fixes these; training.config.with_input_sizes applies) ---
-    region_count: int = 196
-    region_dim: int = 512
-    object_count: int = 10
-    object_dim: int = 4096
-    word_dim: int = 300
-    max_words: int = 30
+    # --- input sizes (a feature store fixes these; training.config.with_input_sizes applies; defaults: PAPER_INPUTS) ---
+    region_count: int = PAPER_INPUTS["region_count"]
+    region_dim: int = PAPER_INPUTS["region_dim"]
+    object_count: int = PAPER_INPUTS["object_count"]
+    object_dim: int = PAPER_INPUTS["object_dim"]
+    word_dim: int = PAPER_INPUTS["word_dim"]
+    max_words: int = PAPER_INPUTS["max_words"]
     # --- encoders ---
     embed_dim: int = 1024      # K: VSE++'s joint space size
     text_hidden: int = 1024    # GRU hidden per direction (VSE++)
@@ -72,14 +72,12 @@ def _flickr8k() -> DualEncoderConfig:
     # Input sizes of the offline features (EfficientNet-Lite0 7x7x1280, 10 objects x 1280, GloVe 50).
     # K = 512 and GRU 512: an epoch of ~30,000 captions costs ~3 x 30k x 2 x 3L(E+H)H ~ 2 TFLOP,
     # seconds on 2 cores, and 1.6 M GRU weights per direction is as many as BSSAN's LSTM at H=256.
-    return DualEncoderConfig(region_count=49, region_dim=1280, object_count=10, object_dim=1280, word_dim=50,
-                             max_words=30, embed_dim=512, text_hidden=512)
+    return DualEncoderConfig(**FLICKR8K_INPUTS, embed_dim=512, text_hidden=512)
 
 
 def _demo() -> DualEncoderConfig:
     # Tiny, for tests; matches tests/conftest.py build_store's default sizes.
-    return DualEncoderConfig(region_count=9, region_dim=16, object_count=4, object_dim=16, word_dim=12, max_words=8,
-                             embed_dim=8, text_hidden=8)
+    return DualEncoderConfig(**DEMO_INPUTS, embed_dim=8, text_hidden=8)
 
 
 DUAL_ENCODER_PRESETS = {"paper": DualEncoderConfig, "flickr8k": _flickr8k, "demo": _demo}

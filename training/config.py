@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, TypeVar, get_type_hints
 
 from engine.errors import InputError
+from engine.text import MAX_WORDS
 
 
 class Variant(str, enum.Enum):
@@ -49,15 +50,29 @@ class Reduction(str, enum.Enum):
     MEAN = "mean"  # batch-size independent; makes lr not depend on batch_size
 
 
+# The input sizes of the named feature settings: ONE table, used by ModelConfig's and DualEncoderConfig's
+# defaults and presets (a feature store then fixes them: with_input_sizes).
+PAPER_INPUTS = dict(region_count=196,  # D: 14x14 grid of VGG-19 conv5_4
+                    region_dim=512,    # M
+                    object_count=10,   # P: top-10 detector proposals
+                    object_dim=4096,   # Q: fc7 of the detector's box head
+                    word_dim=300,      # E: GloVe 300d
+                    max_words=MAX_WORDS)  # L: captions longer than 30 tokens are truncated (paper; engine.text)
+FLICKR8K_INPUTS = dict(region_count=49, region_dim=1280,  # EfficientNet-Lite0 last map at 224 px: 7x7 x 1280
+                       object_count=10, object_dim=1280,  # 10 detector boxes, RoIAlign on that same map, pooled
+                       word_dim=50, max_words=MAX_WORDS)  # GloVe 6B 50d (a minilm store gives 384)
+DEMO_INPUTS = dict(region_count=9, region_dim=16, object_count=4, object_dim=16, word_dim=12, max_words=8)  # tests/conftest.py
+
+
 @dataclass
 class ModelConfig:
-    # --- input sizes (a feature store fixes these; see with_input_sizes) ---
-    region_count: int = 196    # D: 14x14 grid of VGG-19 conv5_4
-    region_dim: int = 512      # M
-    object_count: int = 10     # P: top-10 detector proposals
-    object_dim: int = 4096     # Q: fc7 of the detector's box head
-    word_dim: int = 300        # E: GloVe 300d
-    max_words: int = 30        # L: captions longer than 30 tokens are truncated (paper)
+    # --- input sizes (a feature store fixes these; see with_input_sizes; defaults: PAPER_INPUTS) ---
+    region_count: int = PAPER_INPUTS["region_count"]
+    region_dim: int = PAPER_INPUTS["region_dim"]
+    object_count: int = PAPER_INPUTS["object_count"]
+    object_dim: int = PAPER_INPUTS["object_dim"]
+    word_dim: int = PAPER_INPUTS["word_dim"]
+    max_words: int = PAPER_INPUTS["max_words"]
     # --- W2R (spatial) ---
     w2r_hidden: int = 1024                     # LSTM hidden size H (paper)
     w2r_mlp: tuple[int, ...] = (1024, 512, 128, 1)  # Table I, each number one Linear's output width
@@ -242,9 +257,7 @@ def _paper() -> ModelConfig:
 
 def _flickr8k() -> ModelConfig:
     return ModelConfig(
-        region_count=49, region_dim=1280,   # EfficientNet-Lite0 last map at 224 px: 7x7 x 1280
-        object_count=10, object_dim=1280,   # 10 detector boxes, RoIAlign on that same map, pooled
-        word_dim=50, max_words=30,          # GloVe 6B 50d
+        **FLICKR8K_INPUTS,
         # Hidden sizes for 2-core CPU training on ~30,000 positive pairs per epoch. Measured (CPU, 1 thread,
         # machine loaded, image-grouped batches of 25 images, synthetic store of these shapes): W2R H=256 ->
         # 31 positive pairs/s, H=128 -> 64 (2.1x: the recurrence is 4*L*H^2 per pair and G = R W_ih_u^T is
@@ -263,14 +276,12 @@ def _flickr8k() -> ModelConfig:
 
 def _demo() -> ModelConfig:
     # Tiny, for tests and smoke runs; matches tests/conftest.py build_store's default sizes.
-    return ModelConfig(region_count=9, region_dim=16, object_count=4, object_dim=16, word_dim=12, max_words=8,
-                       w2r_hidden=8, w2r_mlp=(8, 1), o2w_hidden=6, o2w_mlp=(6, 1))
+    return ModelConfig(**DEMO_INPUTS, w2r_hidden=8, w2r_mlp=(8, 1), o2w_hidden=6, o2w_mlp=(6, 1))
 
 
 def _flickr8k_paper() -> ModelConfig:
     # The flickr8k sizes with the paper's model as written: tanh attention, raw inputs, uniform negative attention, delta 0.01.
-    return ModelConfig(region_count=49, region_dim=1280, object_count=10, object_dim=1280, word_dim=50, max_words=30,
-                       w2r_hidden=128, w2r_mlp=(128, 64, 1), o2w_hidden=64, o2w_mlp=(64, 32, 1))
+    return ModelConfig(**FLICKR8K_INPUTS, w2r_hidden=128, w2r_mlp=(128, 64, 1), o2w_hidden=64, o2w_mlp=(64, 32, 1))
 
 
 PRESETS = {"paper": _paper, "flickr8k": _flickr8k, "flickr8k-paper": _flickr8k_paper, "demo": _demo}
