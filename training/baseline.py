@@ -36,18 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.errors import InputError
-from training.config import DEMO_INPUTS, FLICKR8K_INPUTS, PAPER_INPUTS, Reduction, _from_dict, _to_dict
+from training.config import DEMO_INPUTS, FLICKR8K_INPUTS, InputSizes, Reduction, _from_dict, _to_dict
 
 
 @dataclass
-class DualEncoderConfig:
-    # --- input sizes (a feature store fixes these; training.config.with_input_sizes applies; defaults: PAPER_INPUTS) ---
-    region_count: int = PAPER_INPUTS["region_count"]
-    region_dim: int = PAPER_INPUTS["region_dim"]
-    object_count: int = PAPER_INPUTS["object_count"]
-    object_dim: int = PAPER_INPUTS["object_dim"]
-    word_dim: int = PAPER_INPUTS["word_dim"]
-    max_words: int = PAPER_INPUTS["max_words"]
+class DualEncoderConfig(InputSizes):  # region_count ... max_words: training.config.InputSizes
     # --- encoders ---
     embed_dim: int = 1024      # K: VSE++'s joint space size
     text_hidden: int = 1024    # GRU hidden per direction (VSE++)

@@ -65,14 +65,19 @@ DEMO_INPUTS = dict(region_count=9, region_dim=16, object_count=4, object_dim=16,
 
 
 @dataclass
-class ModelConfig:
-    # --- input sizes (a feature store fixes these; see with_input_sizes; defaults: PAPER_INPUTS) ---
+class InputSizes:
+    """The six input sizes every model config starts with (a feature store fixes them: with_input_sizes)."""
+
     region_count: int = PAPER_INPUTS["region_count"]
     region_dim: int = PAPER_INPUTS["region_dim"]
     object_count: int = PAPER_INPUTS["object_count"]
     object_dim: int = PAPER_INPUTS["object_dim"]
     word_dim: int = PAPER_INPUTS["word_dim"]
     max_words: int = PAPER_INPUTS["max_words"]
+
+
+@dataclass
+class ModelConfig(InputSizes):
     # --- W2R (spatial) ---
     w2r_hidden: int = 1024                     # LSTM hidden size H (paper)
     w2r_mlp: tuple[int, ...] = (1024, 512, 128, 1)  # Table I, each number one Linear's output width
