@@ -165,19 +165,21 @@ def two_stage_ranks(first: np.ndarray | None, rescore: Rescore | None, k: int | 
     if fusion.uses_bssan:
         if rescore is None:
             raise InputError("two_stage_ranks: the fusion uses BSSAN; expected a rescore function, got none")
-        image_index, text_index = candidate_pairs(first, k, shape)
+        masks = {direction: candidate_mask(first, k, direction, shape) for direction in DIRECTIONS}  # each once
+        image_index, text_index = np.nonzero(masks["i2t"] | masks["t2i"])  # every re-ranked pair, once
         bssan = np.asarray(rescore(image_index, text_index), dtype=np.float64)
         if bssan.shape != image_index.shape or not np.isfinite(bssan).all():
             raise InputError(f"rescore: expected {len(image_index)} finite scores, got shape {list(bssan.shape)}"
                              f"{'' if bssan.shape != image_index.shape else ' with non-finite values'}")
-    else:  # the first stage alone: nothing to re-score
-        image_index, text_index = np.nonzero(np.ones(shape, dtype=bool))
+    else:  # the first stage alone: nothing to re-score, every pair ordered by it
+        everything = np.ones(shape, dtype=bool)
+        masks = {direction: everything for direction in DIRECTIONS}
+        image_index, text_index = np.nonzero(everything)
         bssan = None
     fused = fused_matrix(first, image_index, text_index, bssan, fusion, shape)
     ranks = {}
     for direction in DIRECTIONS:
-        mask = candidate_mask(first, k, direction, shape) if fusion.uses_bssan else np.ones(shape, dtype=bool)
-        order = ordering_matrix(first, fused, mask)
+        order = ordering_matrix(first, fused, masks[direction])
         ranks[direction] = (image_to_text_ranks(order, captions_per_image) if direction == "i2t"
                             else text_to_image_ranks(order, captions_per_image))
     return ranks

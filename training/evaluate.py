@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.cli import ArgumentParser, command
+from engine.cli import ArgumentParser, command, positive_int
 from engine.errors import InputError, StoreError
 from engine.files import atomic_path, write_json_atomic
 from engine.metrics import format_metrics, retrieval_metrics
@@ -254,14 +254,7 @@ def tune_fusion_for(checkpoint: str | os.PathLike, shortlist: str | os.PathLike,
 
 
 def _k(text: str) -> int | None:
-    return None if text == "all" else _positive(text)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+    return None if text == "all" else positive_int(text)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -269,14 +262,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--scores", type=Path, help="a saved score matrix .npy [N_images, N_captions]")
     source.add_argument("--checkpoint", type=Path, help="a checkpoint directory (training.train's RUN/best)")
-    parser.add_argument("--captions-per-image", type=_positive, help="with --scores: captions per image (required)")
-    parser.add_argument("--folds", type=_positive, default=1, help="average over this many equal folds of images (COCO 5-fold 1K: 5)")
+    parser.add_argument("--captions-per-image", type=positive_int, help="with --scores: captions per image (required)")
+    parser.add_argument("--folds", type=positive_int, default=1, help="average over this many equal folds of images (COCO 5-fold 1K: 5)")
     parser.add_argument("--store", type=Path, help="with --checkpoint: the feature store")
     parser.add_argument("--split", default="test", help="with --checkpoint: the store split (default test)")
     parser.add_argument("--json", type=Path, help="write the metrics here (atomically)")
     parser.add_argument("--save-scores", type=Path, help="with --checkpoint: also save the score matrix .npy here")
-    parser.add_argument("--batch-images", type=_positive, help="images per scoring block (default: the model's)")
-    parser.add_argument("--batch-captions", type=_positive, help="captions per scoring block (default: the model's)")
+    parser.add_argument("--batch-images", type=positive_int, help="images per scoring block (default: the model's)")
+    parser.add_argument("--batch-captions", type=positive_int, help="captions per scoring block (default: the model's)")
     parser.add_argument("--shortlist", type=Path, help="with --checkpoint: a dual-encoder checkpoint whose top-K pairs the model re-scores")
     parser.add_argument("--shortlist-k", type=_k, default=100, help="with --shortlist: K per query, or 'all' (default 100)")
     parser.add_argument("--tune-fusion", action="store_true",
@@ -284,7 +277,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "CHECKPOINT/fusion.json (replacing one needs --force)")
     parser.add_argument("--no-fusion", action="store_true",
                         help="with --shortlist: rank by BSSAN alone (default: the fusion tuned on dev, fusion.json)")
-    parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--force", action="store_true", help="replace existing --json / --save-scores files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

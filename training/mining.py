@@ -3,7 +3,7 @@
     from training.mining import FirstStage
     first = FirstStage.load("runs/dual/best", store, run_dir)     # embeds the train split once (cached)
     mining = first.mining(train_config)                          # -> training.data.ImageBatches(mining=...)
-    scores = first.scores(store.split("dev"), "minilm")          # [N_img, N_cap] cosines (dev protocol)
+    scores = first.scores(store.split("dev"))                    # [N_img, N_cap] cosines (dev protocol)
 
 BSSAN re-ranks the first stage's top K at test time: near-duplicate scenes it never meets among random
 negatives. Training negatives are therefore drawn, for a share `mined_fraction` of the picks, from the
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from engine.errors import InputError
-from engine.files import file_sha256
+from engine.files import atomic_path, file_sha256
 
 BLOCK = 512  # anchors per similarity block: 512 x 30,000 float32 = 61 MB
 NEIGHBOUR_GROUP = 5  # with mining, an image batch is built of groups of this many first-stage neighbours, so the
@@ -72,9 +72,6 @@ class Mining:
     def pick_captions(self, images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """For anchors of `images` [N]: (mined caption [N] or -1, use_mined [N] bool), drawn with rng."""
         return self._pick(self.captions_of_image, images, rng)
-
-    def pick_images(self, captions: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        return self._pick(self.images_of_caption, captions, rng)
 
     def _pick(self, table: np.ndarray, anchors: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         rows = table[anchors]  # [N, k]
@@ -142,16 +139,15 @@ def image_neighbours(image_vectors: np.ndarray, k: int) -> np.ndarray:
 class FirstStage:
     """A dual-encoder checkpoint with its train-split vectors (cached in the BSSAN run directory)."""
 
-    def __init__(self, directory: Path, checkpoint, image_vectors: np.ndarray, text_vectors: np.ndarray,
-                 caption_image: np.ndarray, cache_dir: Path):
-        self.directory, self.checkpoint = directory, checkpoint
-        self.weights_sha256 = file_sha256(directory / "weights.pt")
+    def __init__(self, directory: Path, checkpoint, weights_sha256: str, image_vectors: np.ndarray,
+                 text_vectors: np.ndarray, caption_image: np.ndarray, cache_dir: Path):
+        self.directory, self.checkpoint, self.weights_sha256 = directory, checkpoint, weights_sha256
         self.image_vectors, self.text_vectors, self.caption_image = image_vectors, text_vectors, caption_image
         self.cache_dir = cache_dir
         self._dev_scores: dict[str, np.ndarray] = {}
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, store, run_dir: Path, progress: bool = False) -> "FirstStage":
+    def load(cls, directory: str | os.PathLike, store, run_dir: Path) -> "FirstStage":
         from training.checkpoint import ModelKind, load_checkpoint
 
         directory = Path(directory)
@@ -170,11 +166,10 @@ class FirstStage:
                 images, texts = data["images"], data["texts"]
         else:
             images, texts = embed_split(checkpoint.model, split, word_set)
-            tmp = cache.with_name(f".{cache.name}.tmp")
-            with open(tmp, "wb") as handle:
+            with atomic_path(cache) as tmp, open(tmp, "wb") as handle:  # a handle: np.savez would append .npz
                 np.savez(handle, images=images, texts=texts)
-            os.replace(tmp, cache)
-        return cls(directory, checkpoint, images, texts, np.asarray(split.caption_image, dtype=np.int64), Path(run_dir))
+        return cls(directory, checkpoint, weights, images, texts, np.asarray(split.caption_image, dtype=np.int64),
+                   Path(run_dir))
 
     def mining(self, config) -> Mining:
         key = hashlib.sha256(f"{self.weights_sha256}:{config.mining_k}:{config.mining_guard}".encode()).hexdigest()[:12]
@@ -185,14 +180,12 @@ class FirstStage:
         else:
             captions, images = mine(self.image_vectors, self.text_vectors, self.caption_image, config.mining_k,
                                     config.mining_guard)
-            tmp = cache.with_name(f".{cache.name}.tmp")
-            with open(tmp, "wb") as handle:
+            with atomic_path(cache) as tmp, open(tmp, "wb") as handle:
                 np.savez(handle, captions_of_image=captions, images_of_caption=images)
-            os.replace(tmp, cache)
         return Mining(captions, images, config.mined_fraction, self.image_vectors, self.text_vectors, config.mining_guard,
                       image_neighbours(self.image_vectors, NEIGHBOUR_GROUP * 2))
 
-    def scores(self, split, word_set: str) -> np.ndarray:
+    def scores(self, split) -> np.ndarray:
         """First-stage cosines [N_img, N_cap] of a split (cached per split name for the run)."""
         if split.name not in self._dev_scores:
             images, texts = embed_split(self.checkpoint.model, split, self.checkpoint.train_config.word_set)

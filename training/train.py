@@ -41,7 +41,8 @@ from torch import nn
 
 from engine.cli import ArgumentParser, command, nonnegative_float, nonnegative_int, positive_float, positive_int
 from engine.errors import DivergenceError, InputError
-from engine.metrics import format_metrics, retrieval_metrics
+from engine.metrics import format_metrics
+from engine.ranking import FIRST_STAGE_ALONE, two_stage_metrics
 from engine.files import atomic_path, write_json_atomic
 from engine.store import FeatureStore
 from training.baseline import DUAL_ENCODER_PRESETS, DualEncoder, dual_encoder_loss, dual_encoder_preset
@@ -49,7 +50,6 @@ from training.checkpoint import (FUSION, WEIGHTS, ModelKind, build_model, load_t
 from training.config import (PRESETS, RECIPES, Optimizer, Schedule, TrainConfig, input_sizes_of_split, preset, recipe,
                              replace_strict, with_input_sizes)
 from training.data import Batch, GroupedBatch, ImageBatches, PairBatches, input_scales
-from engine.ranking import FIRST_STAGE_ALONE, two_stage_metrics
 from training.evaluate import captions_per_image_of, score_split, tune_two_stage
 from training.loss import bssan_loss, hardest_in_batch
 from training.model import BSSAN
@@ -283,7 +283,7 @@ def dev_evaluation(model: nn.Module, dev_split, config: TrainConfig, images: int
         scores = score_split(model, dev_split, config.word_set, images=images, progress=progress)
         dev = two_stage_metrics(scores, None, None, per, FIRST_STAGE_ALONE)
         return dev, dev["rsum"], None
-    first = first_stage.scores(dev_split, config.word_set)  # [N_img, N_cap]
+    first = first_stage.scores(dev_split)  # [N_img, N_cap]
     alone, record = tune_two_stage(model, dev_split, config.word_set, first, config.dev_k, progress)
     record.update(first_stage=str(first_stage.directory), first_stage_sha256=first_stage.weights_sha256)
     # the fused dev rsum moves by ~1 between late epochs (the weight is re-tuned each time), so BSSAN alone counts a
@@ -331,14 +331,13 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
     first_stage = None
     if kind is ModelKind.BSSAN and train_config.first_stage:
         from training.mining import FirstStage
-        first_stage = FirstStage.load(train_config.first_stage, store, out, progress=progress)
+        first_stage = FirstStage.load(train_config.first_stage, store, out)
     if kind is ModelKind.BSSAN and hasattr(model, "set_input_scales"):
         model.set_input_scales(input_scales(train_split, train_config.word_set))  # before the initial copy: part of w0
     initial_path = out / INITIAL_WEIGHTS
     if not initial_path.is_file():  # the weights before the first step, for parameter_movement at the end
-        tmp = out / f".{INITIAL_WEIGHTS}.tmp"
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, initial_path)
+        with atomic_path(initial_path) as tmp:
+            torch.save(model.state_dict(), tmp)
     optimizer = build_optimizer(model, train_config)
     pos = Position()
     state = load_train_state(out / "last") if (out / "last").is_dir() else None

@@ -86,6 +86,16 @@ def rerank(scores: np.ndarray, top_k: int) -> np.ndarray:
     return order[:top_k]
 
 
+def reranked_per_query(scores: np.ndarray, candidates: list, queries: list):
+    """Yield (i, query, its candidates' scores, their top_k order) for the queries whose candidate lists
+    were scored one after the other in `scores` (one shared pair call for the whole batch)."""
+    start = 0
+    for i, query in enumerate(queries):
+        own = scores[start:start + len(candidates[i])]
+        start += len(candidates[i])
+        yield i, query, own, rerank(own, query.top_k)
+
+
 class SearchService:
     """One Scorer, one Gallery, an optional caption collection with its own flat FAISS index."""
 
@@ -125,11 +135,8 @@ class SearchService:
             return [{"query": q.text, "results": []} for q in queries]
         pairs = np.concatenate([np.stack([c, np.full(len(c), i)], axis=1) for i, c in enumerate(candidates)]).astype(np.int64)  # [N, 2] (slot, query)
         scores = self._score(view, captions, pairs) if len(pairs) else np.zeros(0, np.float32)
-        out, start = [], 0
-        for i, q in enumerate(queries):
-            own = scores[start:start + len(candidates[i])]
-            start += len(candidates[i])
-            order = rerank(own, q.top_k)
+        out = []
+        for i, q, own, order in reranked_per_query(scores, candidates, queries):
             slots = candidates[i][order]
             hits = [{"id": view.ids[s], "score": float(own[o]), "first_stage": float(firsts[i][o])} for s, o in zip(slots, order)]
             if q.attention and len(slots):
@@ -154,11 +161,8 @@ class SearchService:
                 candidates[i], firsts[i] = row[row >= 0], d[row >= 0]
         pairs = np.concatenate([np.stack([np.full(len(c), i), c], axis=1) for i, c in enumerate(candidates)]).astype(np.int64)  # (image, caption row)
         scores = self._score(images, self.captions, pairs)
-        out, start = [], 0
-        for i, q in enumerate(queries):
-            own = scores[start:start + len(candidates[i])]
-            start += len(candidates[i])
-            order = rerank(own, q.top_k)
+        out = []
+        for i, q, own, order in reranked_per_query(scores, candidates, queries):
             rows = candidates[i][order]
             hits = [{"caption": self.captions.texts[r], "id": self.captions.ids[r], "score": float(own[o]),
                      "first_stage": float(firsts[i][o])} for r, o in zip(rows, order)]

@@ -111,7 +111,8 @@ def test_a_mined_run_selects_through_the_two_stage_protocol_and_records_the_fusi
         assert record["dev"]["protocol"]["k"] == 5
     saved = json.loads((tmp_path / "bssan" / "best" / FUSION).read_text())
     Fusion.from_dict(saved)
-    assert saved["first_stage_sha256"] and store  # recorded for export
+    from engine.files import file_sha256
+    assert saved["first_stage_sha256"] == file_sha256(dual / "best" / "weights.pt")  # binds it to this first stage
 
 
 def test_residual_training_adds_the_first_stage_to_a_second_hinge(tmp_path, train_store):
@@ -126,11 +127,9 @@ def test_residual_training_adds_the_first_stage_to_a_second_hinge(tmp_path, trai
     batch = batches.batch(0, 0)
     assert batch.first_stage.shape == batch.pair_image.shape
     images = batch.image_ids.numpy()[batch.pair_image.numpy()]
-    i = 3
-    text_row = batch.pair_text[i].item()
-    caption = batch.caption_ids[text_row].item() if text_row < len(batch) else None
-    if caption is not None:
-        assert batch.first_stage[i].item() == pytest.approx(float(mining.image_vectors[images[i]] @ mining.text_vectors[caption]), abs=1e-5)
+    i = 3  # a positive pair: its text row is one of the batch's own captions
+    caption = batch.caption_ids[batch.pair_text[i].item()].item()
+    assert batch.first_stage[i].item() == pytest.approx(float(mining.image_vectors[images[i]] @ mining.text_vectors[caption]), abs=1e-5)
     from training.train import bssan_grouped_step
     from training.model import BSSAN
     model = BSSAN(preset("demo"))

@@ -137,7 +137,7 @@ def test_runs_log_gradient_norms_clipping_and_parameter_movement(tmp_path, train
     assert set(movement) == {name for name, _ in build_model(ModelKind.BSSAN, preset("demo").to_dict())[0].named_parameters()}
     # every tensor moved; the scalar bias of each MLP's last layer cancels in the hinge's differences
     assert all(m["absolute_change"] > 0 for m in movement.values() if m["numel"] > 1)
-    assert all(m["correlation"] is None or -1.0 <= m["correlation"] <= 1.0 for m in movement.values())
+    assert movement["w2r.attn_weight"]["correlation"] < 0.9999  # the attention matrix trained: not its init
     assert json.loads((tmp_path / "run" / "movement.json").read_text()) == movement
 
 
