@@ -5,6 +5,7 @@
 
 Endpoints (JSON unless said):
     GET  /                      the search page (engine/serve/static/index.html)
+    GET  /docs                  Swagger UI, its assets served by this process (/docs-static/): works offline
     GET  /healthz               200 while the process serves
     GET  /readyz                200 once the gallery folder is indexed; 503 with the progress before
     GET  /metrics               Prometheus text: request latency histogram, queue depth, pairs scored, gallery size
@@ -37,6 +38,7 @@ from pathlib import Path
 from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,6 +53,7 @@ from engine.text import tokenize
 
 log = logging.getLogger("engine.serve")
 STATIC = Path(__file__).resolve().parent / "static"
+DOCS_STATIC = "/docs-static"  # Swagger UI's JavaScript, CSS and favicon (no CDN)
 IMAGE_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
 
 
@@ -210,8 +213,11 @@ def create_app(config: ServeConfig, state=None) -> FastAPI:
             await svc.image_batcher.stop()
             await run_in_threadpool(svc.close)
 
-    app = FastAPI(title="BSSAN image-text search", version="1", lifespan=lifespan,
-                  description="Text -> images and image -> captions with a FAISS first stage and BSSAN re-ranking.")
+    # /docs is Swagger UI served from this process (fastapi-offline's bundled swagger-ui 5 assets under
+    # DOCS_STATIC): the page works without internet (FastAPI's default loads them from a CDN).
+    app = FastAPIOffline(title="BSSAN image-text search", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                         static_url=DOCS_STATIC, swagger_ui_parameters={"validatorUrl": None},
+                         description="Text -> images and image -> captions with a FAISS first stage and BSSAN re-ranking.")
     metrics = ServiceMetrics()
     checks_holder: dict = {}
 

@@ -70,6 +70,20 @@ def test_health_info_and_openapi(client):
     assert "text/html" in client.get("/").headers["content-type"]
 
 
+def test_docs_page_needs_no_internet(client):
+    """/docs is Swagger UI whose script, style and favicon this server serves itself (no CDN)."""
+    import re
+
+    html = client.get("/docs").text
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", html)
+    assert len(assets) >= 3 and all(a.startswith("/docs-static/") for a in assets), assets
+    assert "https://" not in html and "http://" not in html, html
+    for asset in assets:
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.content) > 1000, asset
+    assert b"SwaggerUIBundle" in client.get("/docs-static/swagger-ui-bundle.js").content
+
+
 def test_search_ranks_gallery_images(client):
     body = client.post("/v1/search", json={"text": "a cat with green eyes", "top_k": 3, "rerank_k": 4}).json()
     hits = body["results"]

@@ -72,6 +72,30 @@ def test_search_results_attention_and_upload(server, serve_photos, tmp_path):
     check_screenshot(shot.read_bytes(), heatmap)
 
 
+def test_docs_page_renders_offline(server):
+    """Swagger UI at /docs renders every endpoint with all traffic outside the server refused."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            outside = []
+
+            def only_the_server(route):
+                if route.request.url.startswith(server.url + "/"):
+                    return route.continue_()
+                outside.append(route.request.url)
+                return route.abort()
+
+            page.route("**/*", only_the_server)
+            page.goto(server.url + "/docs")
+            page.wait_for_selector(".opblock-summary-path", timeout=20000)
+            shown = {e.inner_text().replace("\u200b", "") for e in page.query_selector_all(".opblock-summary-path")}
+            assert {"/v1/search", "/v1/captions", "/v1/score", "/healthz"} <= shown, shown
+            assert not outside, outside
+        finally:
+            browser.close()
+
+
 def check_screenshot(png: bytes, heatmap_png: bytes) -> None:
     from PIL import Image
 
