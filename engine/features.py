@@ -40,16 +40,19 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from engine.cli import ArgumentParser, check_output_dir, command, positive_int, unit_float
 from engine.data import FOLDER_SPLIT, Dataset, read_flickr8k, read_folder, read_karpathy
-from engine.detect import DEFAULT_MIN_SCORE, OnnxDetector, SsdMobileNetV2, padding_boxes, select_boxes
+from engine.detect import (
+    DEFAULT_MIN_SCORE, SSD_ONNX_STEM, OnnxDetector, SsdMobileNetV2, SsdMobileNetV2Onnx, find_ssd_onnx, padding_boxes, select_boxes,
+)
 from engine.errors import AssetError, CaptionError, DataError, InputError, StoreError
 from engine.files import exclusive_lock, file_sha256, write_json_atomic, write_point
 from engine.store import MANIFEST_NAME, StoreWriter, check_finite
@@ -62,6 +65,7 @@ DEFAULT_BACKBONE = "efficientnet-lite0-7x7"  # the asset stem written by python 
 DEFAULT_BOXES = 10  # the paper's P: top-10 detector boxes per image
 DEFAULT_BATCH = 16  # images per graph call: larger gains nothing on 2 cores, costs resume granularity
 WORD_CHUNK = 1024  # captions per word-feature call (MiniLM batches inside)
+DETECTOR_RUNTIMES = ("auto", "onnxruntime", "opencv")
 PROGRESS_NAME = "progress.json"
 LOCK_NAME = ".lock"
 # describe() keys that are local paths, not content (the content is identified by sha256 fields)
@@ -85,6 +89,9 @@ class ExtractConfig:
     assets: Path = DEFAULT_ASSETS_DIR
     backbone: str = DEFAULT_BACKBONE
     detector_onnx: Path | None = None  # a Faster R-CNN ONNX file instead of SSD (see engine/detect.py)
+    # SSD's runtime: "auto" = ONNX Runtime when <assets>/ssd-mobilenet-v2-coco.json exists (python -m export.detector;
+    # ~4x faster, same boxes within 1e-5), else OpenCV DNN with a note; "onnxruntime" or "opencv" to insist on one
+    detector_runtime: str = "auto"
     boxes_per_image: int = DEFAULT_BOXES
     min_score: float = DEFAULT_MIN_SCORE
     word_features: tuple[str, ...] = ("glove50",)
@@ -102,6 +109,8 @@ class ExtractConfig:
                 raise InputError(f"ExtractConfig.{name}={value!r}: expected an integer >= 1")
         if not (isinstance(self.min_score, (int, float)) and 0.0 <= self.min_score <= 1.0):
             raise InputError(f"ExtractConfig.min_score={self.min_score!r}: expected a number in [0, 1]")
+        if self.detector_runtime not in DETECTOR_RUNTIMES:
+            raise InputError(f"ExtractConfig.detector_runtime={self.detector_runtime!r}: expected one of {DETECTOR_RUNTIMES}")
 
 
 @dataclass
@@ -158,10 +167,7 @@ class Extractor:
         self.config = config
         self.backbone = RegionBackbone.from_manifest(config.assets / f"{config.backbone}.json", config.threads, config.backend)
         self.objects = ObjectFeatures.from_manifest(config.assets / "roi_align.json", config.threads, config.backend)
-        self.detector = (
-            OnnxDetector(config.detector_onnx, config.min_score, config.threads, config.backend) if config.detector_onnx
-            else SsdMobileNetV2(config.min_score, config.threads)
-        )
+        self.detector = make_detector(config)
         self.word_sets = {}
         for name in config.word_features:
             word_set = load_word_features(name, config.assets, config.cache_dir, config.backend)
@@ -183,21 +189,83 @@ class Extractor:
             "runtime": {"onnxruntime": importlib.metadata.version("onnxruntime"), "numpy": np.__version__},
         }
 
-    def images(self, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
-        """A batch of image files -> regions [B, R, C], objects [B, P, C], boxes [B, P, 4], real [B], bad {i: reason}."""
-        count = self.config.boxes_per_image
+    def load(self, paths: list[Path]) -> LoadedBatch:
+        """The CPU work before the graphs (decode, backbone preprocessing, the detector's resize); runs in the
+        loader thread of `images_pipelined` while the previous batch is in the graphs."""
         batch, decoded, bad = load_batch(paths, self.backbone.preprocessing)
         good = [i for i, image in enumerate(decoded) if image is not None]
-        boxes = np.tile(padding_boxes(count), (len(paths), 1, 1))  # [B, P, 4]
-        real = np.zeros(len(paths), dtype=np.int16)
-        for i, found in zip(good, self.detector.detect([np.asarray(decoded[i]) for i in good])):
-            boxes[i], real[i] = select_boxes(found, count)
-        feature_map = self.backbone.run(batch)  # [B, C, h, w]
+        rgb = [np.asarray(decoded[i]) for i in good]
+        pixels = (np.stack([self.detector.prepare(image) for image in rgb]) if rgb else None) \
+            if isinstance(self.detector, SsdMobileNetV2Onnx) else rgb
+        return LoadedBatch(len(paths), batch, good, pixels, bad)
+
+    def infer(self, loaded: LoadedBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+        """A loaded batch through the detector, backbone and RoIAlign graphs (see `images`)."""
+        count = self.config.boxes_per_image
+        boxes = np.tile(padding_boxes(count), (loaded.size, 1, 1))  # [B, P, 4]
+        real = np.zeros(loaded.size, dtype=np.int16)
+        if loaded.good:
+            found_all = (self.detector.run_prepared(loaded.detector_input) if isinstance(self.detector, SsdMobileNetV2Onnx)
+                         else self.detector.detect(loaded.detector_input))
+            for i, found in zip(loaded.good, found_all):
+                boxes[i], real[i] = select_boxes(found, count)
+        feature_map = self.backbone.run(loaded.images)  # [B, C, h, w]
         objects = self.objects.run(feature_map, boxes)  # [B, P, C]
         regions = regions_from_feature_map(feature_map)  # [B, R, C]
-        for i in bad:
+        for i in loaded.bad:
             regions[i], objects[i] = 0.0, 0.0
-        return regions, objects, boxes, real, bad
+        return regions, objects, boxes, real, loaded.bad
+
+    def images(self, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+        """A batch of image files -> regions [B, R, C], objects [B, P, C], boxes [B, P, 4], real [B], bad {i: reason}."""
+        return self.infer(self.load(paths))
+
+    def images_pipelined(self, batches: Iterable[list[Path]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]]:
+        """`images` of each batch in turn, the next batch decoded (one loader thread) while this one is in the
+        graphs; the same outputs as `images`, batch by batch. A consumer that stops early (an exception, a
+        break) leaves at most one batch loaded in vain."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bssan-load") as pool:
+            pending = None
+            try:
+                for paths in batches:
+                    future = pool.submit(self.load, list(paths))
+                    if pending is not None:
+                        yield self.infer(pending.result())
+                    pending = future
+                if pending is not None:
+                    yield self.infer(pending.result())
+                    pending = None
+            finally:
+                if pending is not None:
+                    pending.cancel()
+
+
+@dataclass
+class LoadedBatch:
+    """A batch after `Extractor.load`: what the graphs need, nothing decoded twice."""
+
+    size: int
+    images: np.ndarray  # float32 [B, 3, S, S], the backbone's input (zeros for a bad image)
+    good: list[int]  # indices of the images that could be read
+    detector_input: object  # uint8 [G, 300, 300, 3] for the ONNX SSD, else the RGB arrays of the good images
+    bad: dict[int, str]
+
+
+def make_detector(config: ExtractConfig):
+    """The detector `config` asks for: a user's ONNX file, else SSD through ONNX Runtime (the converted graph
+    in the assets folder) or OpenCV DNN, per `config.detector_runtime` (module docstring of engine/detect.py)."""
+    if config.detector_onnx:
+        return OnnxDetector(config.detector_onnx, config.min_score, config.threads, config.backend)
+    manifest = find_ssd_onnx(config.assets)
+    if config.detector_runtime == "opencv" or (config.detector_runtime == "auto" and manifest is None):
+        if config.detector_runtime == "auto":
+            print(f"note: {config.assets}/{SSD_ONNX_STEM}.json not found: the SSD detector runs on OpenCV DNN (~4x slower, "
+                  f"same boxes); build it with python -m export.detector --out {config.assets}", file=sys.stderr)
+        return SsdMobileNetV2(config.min_score, config.threads)
+    if manifest is None:
+        raise AssetError(f"{config.assets}/{SSD_ONNX_STEM}.json: not found; expected the converted SSD graph "
+                         f"(python -m export.detector --out {config.assets}) for detector runtime onnxruntime")
+    return SsdMobileNetV2Onnx(manifest, config.min_score, config.threads, config.backend)
 
 
 def rerunnable_extractor(extractor: dict, where, instead: str) -> tuple[dict, dict]:
@@ -245,10 +313,11 @@ def extract_images(writer: StoreWriter, split: str, paths: list[Path], digest: s
     todo = [b for b in range((len(paths) + batch_size - 1) // batch_size) if b not in done]
     already = len(paths) - sum(min(batch_size, len(paths) - b * batch_size) for b in todo)
     computed = 0
-    with progress_bar(total=len(paths), initial=already, desc=f"{split} images", unit="img") as bar:
-        for b in todo:
-            rows = slice(b * batch_size, min((b + 1) * batch_size, len(paths)))
-            regions, objects, boxes, real, bad = extractor.images(paths[rows])
+    rows_of = [slice(b * batch_size, min((b + 1) * batch_size, len(paths))) for b in todo]
+    computed_batches = extractor.images_pipelined(paths[rows] for rows in rows_of)  # next batch decoded meanwhile
+    with progress_bar(total=len(paths), initial=already, desc=f"{split} images", unit="img") as bar, \
+            contextlib.closing(computed_batches):
+        for b, rows, (regions, objects, boxes, real, bad) in zip(todo, rows_of, computed_batches):
             check_finite(regions, f"{split} regions of batch {b}")
             check_finite(objects, f"{split} objects of batch {b}")
             arrays["regions"][rows], arrays["objects"][rows] = regions, objects

