@@ -137,6 +137,15 @@ class ModelConfig(InputSizes):
         return _to_dict(self)
 
 
+class LossKind(str, enum.Enum):
+    """How BSSAN's scores of a positive and its negatives become a loss (image-grouped batches)."""
+
+    HINGE = "hinge"        # eq. 7 / 17: max(0, margin - Y(pos) + Y(neg)) per negative (the paper's)
+    LISTWISE = "listwise"  # softmax cross-entropy of the positive against its negatives of one kind (captions of
+                           # other images; other images), per branch: a re-ranker trained on groups of the first
+                           # stage's candidates (localized contrastive estimation, Gao et al. 2021)
+
+
 class Optimizer(str, enum.Enum):
     SGD = "sgd"      # the paper's: SGD with momentum
     ADAMW = "adamw"  # the default recipe: per-parameter step sizes, so the LSTM, the attention and the MLPs all move
@@ -200,6 +209,10 @@ class TrainConfig:
     mining_guard: float = 0.9  # false-negative guard: drop a mined caption whose first-stage text vector has cosine
                                # > this with one of the anchor image's own captions (Flickr8K has near-duplicate
                                # captions), and a mined image whose image vector has cosine > this with the anchor's
+    negatives_per_kind: int = 1  # image-grouped batches: negatives of each kind per positive (captions of other images;
+                                 # with negative_images, other images of the batch); distinct within a positive's list
+    loss: LossKind = LossKind.HINGE  # listwise: cross-entropy over the positive and its negatives_per_kind negatives
+    list_temperature: float = 0.1  # listwise: logits = score / this
 
     def __post_init__(self) -> None:
         if self.margin < 0 or self.lr <= 0 or not 0 <= self.momentum < 1 or self.grad_clip < 0:
@@ -224,6 +237,13 @@ class TrainConfig:
                              f"(or constant), got schedule=cosine")
         if self.residual_weight < 0 or (self.residual_weight > 0 and not self.first_stage):
             raise InputError(f"TrainConfig.residual_weight {self.residual_weight}: expected >= 0, and a first_stage when > 0")
+        if self.negatives_per_kind < 1 or self.list_temperature <= 0:
+            raise InputError(f"TrainConfig: expected negatives_per_kind >= 1 and list_temperature > 0, "
+                             f"got {self.negatives_per_kind} and {self.list_temperature}")
+        if (self.loss is LossKind.LISTWISE or self.negatives_per_kind > 1) and (self.batch_images == 0 or self.hardest_negatives):
+            raise InputError(f"TrainConfig: loss={self.loss.value} with negatives_per_kind={self.negatives_per_kind} "
+                             f"needs image-grouped batches of sampled negatives; expected batch_images >= 2 and hardest_negatives false, "
+                             f"got batch_images={self.batch_images}, hardest_negatives={self.hardest_negatives}")
         if self.mined_fraction > 0 and not self.first_stage:
             raise InputError(f"TrainConfig.mined_fraction {self.mined_fraction}: mining needs first_stage "
                              f"(a dual-encoder checkpoint directory); got none")

@@ -140,6 +140,7 @@ class GroupedBatch:
     pair_text: Tensor     # [N_pair] row of words/lengths
     kinds: int            # 1 (positives) + number of negative kinds; N_pair = kinds * N_pos
     first_stage: Tensor | None = None  # [N_pair] the first stage's cosine of each pair (with a first stage)
+    caption_kinds: int = 1  # how many of the negative kinds are captions (they come first; the rest are images)
 
     def __len__(self) -> int:
         return int(self.caption_ids.shape[0])
@@ -158,8 +159,9 @@ class ImageBatches:
     batch (epoch, index) is a pure function of the seed, like PairBatches."""
 
     def __init__(self, split: SplitFeatures, word_set: str, batch_images: int, seed: int,
-                 negative_captions: bool = True, negative_images: bool = False, mining=None):
+                 negative_captions: bool = True, negative_images: bool = False, mining=None, negatives_per_kind: int = 1):
         self.split, self.word_set, self.batch_images, self.seed = split, word_set, batch_images, seed
+        self.negatives_per_kind = negatives_per_kind  # m negatives of each kind per positive (m kinds of each)
         self.negative_captions, self.negative_images = negative_captions, negative_images
         self.mining = mining  # training.mining.Mining: first-stage hard negatives and neighbour-grouped batches
         self.caption_image = np.asarray(split.caption_image, dtype=np.int64)  # [N_cap]
@@ -206,7 +208,10 @@ class ImageBatches:
         local = np.repeat(np.arange(len(images)), [len(g) for g in groups])  # [N_pos] row of each positive's image
         rng = np.random.default_rng([self.seed, epoch, index])
         texts, pair_image, pair_text = [captions], [local], [np.arange(len(captions))]
-        if self.negative_captions:
+        m = self.negatives_per_kind
+        if m > 1:
+            self._negative_lists(images, captions, local, rng, texts, pair_image, pair_text)
+        elif self.negative_captions:
             negatives = sample_negative_captions(self.caption_image, rng, anchors=captions)
             if self.mining is not None and self.mining.fraction > 0:  # a share from the first stage's top-k of the anchor
                 mined, use = self.mining.pick_captions(images[local], rng)
@@ -214,7 +219,7 @@ class ImageBatches:
             texts.append(negatives)
             pair_image.append(local)
             pair_text.append(len(captions) + np.arange(len(captions)))
-        if self.negative_images:
+        if self.negative_images and m == 1:
             picks = rng.integers(0, len(images) - 1, size=len(captions))
             picks = picks + (picks >= local)  # another image of the batch
             if self.mining is not None and self.mining.fraction > 0:  # a share: the batch image the first stage ranks highest
@@ -234,7 +239,41 @@ class ImageBatches:
                                                self.mining.text_vectors[text_ids[pair_text]]).astype(np.float32))
         return GroupedBatch(torch.from_numpy(images), torch.from_numpy(captions), regions, objects, words, lengths,
                             torch.from_numpy(pair_image), torch.from_numpy(pair_text), kinds=kinds,
-                            first_stage=first)
+                            first_stage=first, caption_kinds=m if self.negative_captions else 0)
+
+    def _negative_lists(self, images: np.ndarray, captions: np.ndarray, local: np.ndarray, rng: np.random.Generator,
+                        texts: list, pair_image: list, pair_text: list) -> None:
+        """negatives_per_kind = m > 1: m caption kinds, then (negative_images) m image kinds, appended in place.
+        Captions: a positive's m negatives are other images' captions; mined ones (a share
+        mined_fraction, distinct, from the first stage's list of the anchor image) fill their slots first, the
+        rest are uniform. Images: m distinct other images of the batch; with mining, each of the first stage's m
+        highest in-batch images is kept with probability mined_fraction, uniform other images fill the rest."""
+        n, m = len(captions), self.negatives_per_kind
+        if self.negative_captions:
+            lists = np.stack([sample_negative_captions(self.caption_image, rng, anchors=captions) for _ in range(m)], 1)
+            if self.mining is not None and self.mining.fraction > 0:
+                mined = self.mining.pick_caption_lists(images[local], m, rng)  # [n, m], -1 where not used
+                lists = np.where(mined >= 0, mined, lists)
+            for j in range(m):
+                texts.append(lists[:, j])
+                pair_image.append(local)
+                pair_text.append(len(texts[0]) * (len(texts) - 1) + np.arange(n))
+        if self.negative_images:
+            others = len(images) - 1
+            if others < m:
+                raise StoreError(f"{self.split.root / self.split.name}: negatives_per_kind={m} images need batches of "
+                                 f"more than {m} images, got {len(images)}")
+            keys = rng.random((n, len(images)))  # uniform order of the other images per positive
+            if self.mining is not None and self.mining.fraction > 0:
+                ranked = self.mining.ranked_in_batch(captions, local, images, m)  # [n, m] or -1
+                use = (rng.random((n, m)) < self.mining.fraction) & (ranked >= 0)
+                rows = np.repeat(np.arange(n)[:, None], m, axis=1)
+                keys[rows[use], ranked[use]] = -1.0  # the kept mined images come first
+            keys[np.arange(n), local] = np.inf  # never the own image
+            picks = np.argsort(keys, axis=1, kind="stable")[:, :m]  # [n, m] distinct other images
+            for j in range(m):
+                pair_image.append(picks[:, j])
+                pair_text.append(np.arange(n))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,6 +79,35 @@ def bssan_loss(model: nn.Module, positive: Scores, negatives: Sequence[Scores], 
     return LossTerms(total=total, w2r=l1, o2w=l2, reg=reg)
 
 
+def listwise(positive: Tensor, negatives: Sequence[Tensor], temperature: float,
+             reduction: Reduction = Reduction.MEAN) -> Tensor:
+    """Softmax cross-entropy of each positive against its negatives: -log softmax([pos, neg_1..neg_m] / T)[0],
+    summed or averaged over the positives; positive [N], each negative [N]."""
+    logits = torch.stack([positive, *negatives], dim=1) / temperature  # [N, 1 + m]
+    terms = -torch.log_softmax(logits, dim=1)[:, 0]
+    return terms.sum() if reduction is Reduction.SUM else terms.mean()
+
+
+def bssan_listwise_loss(model: nn.Module, positive: Scores, caption_negatives: Sequence[Scores],
+                        image_negatives: Sequence[Scores], temperature: float,
+                        reduction: Reduction = Reduction.MEAN) -> LossTerms:
+    """L = w_Y (CE_captions(Y) + CE_images(Y)) + w_Y' (the same on Y') + delta L_reg: each branch's positive
+    against its caption negatives in one softmax, and against its image negatives in another (an empty kind
+    adds nothing). The negatives are the first stage's candidates (training.data.ImageBatches with
+    negatives_per_kind > 1), so BSSAN learns to order the lists it will re-rank."""
+    if not caption_negatives and not image_negatives:
+        raise InputError("bssan_listwise_loss: expected at least one kind of negative scores, got none")
+    losses = []
+    for branch in (0, 1):
+        terms = [listwise(positive[branch], [neg[branch] for neg in kind], temperature, reduction)
+                 for kind in (caption_negatives, image_negatives) if kind]
+        losses.append(sum(terms))
+    reg = weight_penalty(model)
+    w_y, w_yp = model.config.branch_weights
+    total = w_y * losses[0] + w_yp * losses[1] + model.config.effective_reg_weight * reg
+    return LossTerms(total=total, w2r=losses[0], o2w=losses[1], reg=reg)
+
+
 def hardest_in_batch(grid: Scores, same_image: Tensor, negative_images: bool = False) -> tuple[Scores, list[Scores]]:
     """Positives and hardest negatives from a batch grid (BSSAN.forward_grid).
 

@@ -69,6 +69,27 @@ class Mining:
         best = sims.argmax(axis=1)
         return np.where(np.isfinite(sims[np.arange(len(captions)), best]), best, -1)
 
+    def ranked_in_batch(self, captions: np.ndarray, own: np.ndarray, images: np.ndarray, m: int) -> np.ndarray:
+        """[N, m]: for each caption, the batch rows of the m other images the first stage scores highest for it
+        (near-duplicates of the own image skipped), best first; -1 where fewer remain."""
+        vectors = self.image_vectors[images]  # [B, K]
+        sims = self.text_vectors[captions] @ vectors.T  # [N, B]
+        near = (vectors @ vectors.T)[own] > self.guard  # [N, B]: includes the own image (cosine 1)
+        sims[near] = -np.inf
+        sims[np.arange(len(captions)), own] = -np.inf
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :m]  # [N, m]
+        return np.where(np.isfinite(np.take_along_axis(sims, order, axis=1)), order, -1)
+
+    def pick_caption_lists(self, images: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+        """[N, m]: for anchors of `images` [N], m DISTINCT mined captions drawn uniformly from each anchor's valid
+        list (fewer when the list is shorter: -1 pads), each kept with probability `fraction` (else -1)."""
+        rows = self.captions_of_image[images]  # [N, k], valid entries first
+        keys = rng.random(rows.shape)
+        keys[rows < 0] = np.inf  # invalid entries sort last
+        picked = np.take_along_axis(rows, np.argsort(keys, axis=1)[:, :m], axis=1)  # [N, m]
+        keep = rng.random(picked.shape) < self.fraction
+        return np.where(keep & (picked >= 0), picked, -1)
+
     def pick_captions(self, images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """For anchors of `images` [N]: (mined caption [N] or -1, use_mined [N] bool), drawn with rng."""
         return self._pick(self.captions_of_image, images, rng)

@@ -47,11 +47,11 @@ from engine.files import atomic_path, write_json_atomic
 from engine.store import FeatureStore
 from training.baseline import DUAL_ENCODER_PRESETS, DualEncoder, dual_encoder_loss, dual_encoder_preset
 from training.checkpoint import (FUSION, WEIGHTS, ModelKind, build_model, load_train_state, load_weights, save_checkpoint)
-from training.config import (PRESETS, RECIPES, Optimizer, Schedule, TrainConfig, input_sizes_of_split, preset, recipe,
+from training.config import (PRESETS, RECIPES, LossKind, Optimizer, Schedule, TrainConfig, input_sizes_of_split, preset, recipe,
                              replace_strict, with_input_sizes)
 from training.data import Batch, GroupedBatch, ImageBatches, PairBatches, input_scales
 from training.evaluate import captions_per_image_of, score_split, tune_two_stage
-from training.loss import bssan_loss, hardest_in_batch
+from training.loss import LossTerms, bssan_listwise_loss, bssan_loss, hardest_in_batch
 from training.model import BSSAN
 
 RUN_CONFIG = "run.json"
@@ -112,11 +112,19 @@ def bssan_grouped_step(model: BSSAN, batch: GroupedBatch, config: TrainConfig, e
     y, y_prime = model.forward_pairs(batch.regions, batch.objects, batch.words, batch.lengths,
                                      batch.pair_image, batch.pair_text, negative=batch.negative)
     groups = [(y[k * n:(k + 1) * n], y_prime[k * n:(k + 1) * n]) for k in range(batch.kinds)]
-    loss = bssan_loss(model, groups[0], groups[1:], config.margin, config.reduction).total
+
+    def loss_of(scores: list) -> LossTerms:
+        if config.loss is LossKind.LISTWISE:  # one softmax over the caption negatives, one over the image negatives
+            split = 1 + batch.caption_kinds
+            return bssan_listwise_loss(model, scores[0], scores[1:split], scores[split:], config.list_temperature,
+                                       config.reduction)
+        return bssan_loss(model, scores[0], scores[1:], config.margin, config.reduction)
+
+    loss = loss_of(groups).total
     if config.residual_weight > 0:  # the product's view: the same pairs with the frozen first stage added
         shift = config.residual_weight * batch.first_stage  # [N_pair]
         fused = [(g[0] + shift[k * n:(k + 1) * n], g[1] + shift[k * n:(k + 1) * n]) for k, g in enumerate(groups)]
-        terms = bssan_loss(model, fused[0], fused[1:], config.margin, config.reduction)
+        terms = loss_of(fused)
         loss = loss + terms.total - model.config.effective_reg_weight * terms.reg  # L_reg counted once
     return loss
 
@@ -151,9 +159,12 @@ def check_run_dir(out: Path, run_config: dict) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: corrupt JSON ({exc}); expected a training.train run config") from exc
     diffs = []
+    train_defaults = TrainConfig().to_dict()  # a run.json older than a train field ran with its default
     for section in ("kind", "store", "model", "train"):
         old, new = existing.get(section), run_config[section]
         if isinstance(new, dict) and isinstance(old, dict):
+            if section == "train":
+                old = {**{k: v for k, v in train_defaults.items() if k not in old}, **old}
             diffs += [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                       if old.get(k) != new.get(k) and not (section == "train" and k in RESUMABLE_CHANGES)]
         elif old != new:
@@ -352,7 +363,8 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
     if grouped:
         mining = first_stage.mining(train_config) if first_stage is not None else None
         batches = ImageBatches(train_split, train_config.word_set, train_config.batch_images, train_config.seed,
-                               negative_images=train_config.negative_images, mining=mining)
+                               negative_images=train_config.negative_images, mining=mining,
+                               negatives_per_kind=train_config.negatives_per_kind)
     else:
         batches = PairBatches(train_split, train_config.word_set, train_config.batch_size, train_config.seed,
                               negative_captions=kind is ModelKind.BSSAN and not train_config.hardest_negatives,

@@ -138,3 +138,58 @@ def test_residual_training_adds_the_first_stage_to_a_second_hinge(tmp_path, trai
     assert residual.item() > plain.item()  # a second, non-negative hinge term
     with pytest.raises(Exception, match="residual_weight"):
         TrainConfig(residual_weight=1.0)
+
+
+def test_negative_lists_hold_m_distinct_mined_captions_and_ranked_batch_images(tmp_path, tiny_store, dual_checkpoint):
+    store = FeatureStore(tiny_store)
+    config = TrainConfig(first_stage=str(dual_checkpoint), mined_fraction=1.0, mining_k=5, mining_guard=0.99)
+    mining = FirstStage.load(dual_checkpoint, store, tmp_path).mining(config)
+    split = store.split("train")
+    m = 3
+    batches = ImageBatches(split, "glove50", 6, seed=0, negative_images=True, mining=mining, negatives_per_kind=m)
+    batch = batches.batch(0, 0)
+    n, images = len(batch), batch.image_ids.numpy()
+    assert batch.kinds == 1 + 2 * m and batch.caption_kinds == m and batch.pair_image.shape == ((1 + 2 * m) * n,)
+    local = batch.pair_image[:n].numpy()
+    own = images[local]
+    caption_image = np.asarray(split.caption_image)
+    words = np.asarray(split.words("glove50"))
+    text_ids = [_row_of_words(words, batch.words[r].numpy(), int(batch.lengths[r])) for r in range(len(batch.words))]
+    mined = mining.captions_of_image[own]  # [n, k]
+    for p in range(n):
+        negs = [text_ids[batch.pair_text[(1 + j) * n + p].item()] for j in range(m)]
+        assert all(caption_image[c] != own[p] for c in negs)  # other images' captions
+        valid = mined[p][mined[p] >= 0]
+        assert len(set(negs) & set(valid.tolist())) == min(m, len(valid))  # fraction 1: the list fills the slots, distinct
+        picked = images[[batch.pair_image[(1 + m + j) * n + p].item() for j in range(m)]]
+        assert len(set(picked.tolist())) == m and own[p] not in picked  # m distinct other images of the batch
+        ranked = mining.ranked_in_batch(batch.caption_ids.numpy()[p:p + 1], local[p:p + 1], images, m)[0]
+        assert set(images[ranked[ranked >= 0]].tolist()) <= set(picked.tolist())  # the first stage's highest first
+    assert torch.equal(batches.batch(0, 0).pair_image, batch.pair_image)  # a pure function of (seed, epoch, batch)
+
+
+def _row_of_words(words, row, length):
+    """The split caption index whose word vectors equal `row` (first `length` words)."""
+    return int(np.flatnonzero((words[:, :length] == row[:length]).all(axis=(1, 2)))[0])
+
+
+def test_listwise_training_runs_and_its_loss_is_a_cross_entropy(tmp_path, train_store):
+    torch.manual_seed(0)
+    dual = tmp_path / "dual"
+    train(train_store, dual, ModelKind.DUAL_ENCODER, dual_encoder_preset("demo"),
+          TrainConfig(epochs=1, batch_size=32, lr=5e-3), progress=False, plot=False)
+    config = TrainConfig(epochs=2, batch_images=6, negative_images=True, lr=5e-3, first_stage=str(dual / "best"),
+                         mined_fraction=0.5, mining_k=5, dev_k=5, negatives_per_kind=3, loss="listwise")
+    metrics = train(train_store, tmp_path / "bssan", ModelKind.BSSAN, preset("demo"), config, progress=False, plot=False)
+    losses = [record["loss"] for record in metrics["dev"]]
+    assert losses[1] < losses[0] and all(np.isfinite(losses))
+    assert losses[0] < 2 * np.log(1 + 3) * 2  # two softmaxes per branch of 1 + 3 entries, two branches: ~chance at most
+    with pytest.raises(Exception, match="negatives_per_kind"):
+        TrainConfig(negatives_per_kind=2)  # needs image-grouped batches
+
+
+def test_listwise_loss_by_hand():
+    from training.loss import listwise
+    pos, negs = torch.tensor([1.0, 0.0]), [torch.tensor([0.0, 0.0]), torch.tensor([-1.0, 2.0])]
+    expected = [-np.log(np.exp(10) / (np.exp(10) + 1 + np.exp(-10))), -np.log(1 / (1 + 1 + np.exp(20)))]
+    assert listwise(pos, negs, 0.1).item() == pytest.approx(np.mean(expected), rel=1e-5)
