@@ -6,8 +6,9 @@
     await batcher.stop()                      # finishes what is queued, then stops
 
 The first request of a batch waits at most `max_wait_ms` for others (or until `max_batch` are
-there); then the whole batch runs in ONE call of `run_batch(items) -> results` on a worker
-thread, while the next batch gathers. `workers` batches may run at once (default 2: one gathers
+there), but only when other requests are in flight (queued or running): a lone request (one
+client) runs at once, without the wait. Then the whole batch runs in ONE call of
+`run_batch(items) -> results` on a worker thread, while the next batch gathers. `workers` batches may run at once (default 2: one gathers
 and encodes while the other is in the pair graphs; on a shared machine a lone worker thread also
 gets a small share of the cores against other processes' threads). Requests that arrive during a call join the next batch,
 so under load batches fill without waiting. If a batched call raises, its items are re-run one
@@ -107,11 +108,17 @@ class MicroBatcher:
             if first is None:
                 break
             batch = [first]
-            deadline = loop.time() + self.max_wait
+            # others in flight (running, or queued behind this one): wait a little for a fuller batch; else go now
+            wait = self.max_wait if self.running or self.waiting > 1 else 0.0
+            deadline = loop.time() + wait
             while len(batch) < self.max_batch:
                 try:
-                    nxt = self.queue.get_nowait() if self.queue.qsize() else await asyncio.wait_for(
-                        self.queue.get(), max(0.0, deadline - loop.time()))
+                    if self.queue.qsize():
+                        nxt = self.queue.get_nowait()
+                    elif wait <= 0:
+                        break
+                    else:
+                        nxt = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
                 except asyncio.TimeoutError:
                     break
                 if nxt is None:

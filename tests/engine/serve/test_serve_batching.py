@@ -102,6 +102,35 @@ def test_the_wait_is_bounded_and_batching_can_be_off():
         assert result == 42 and elapsed < 0.5
 
 
+def test_a_lone_request_does_not_wait_but_a_busy_batcher_gathers():
+    calls = []
+
+    def run(items):
+        calls.append(list(items))
+        time.sleep(0.05 if items[0] == "slow" else 0)
+        return list(items)
+
+    async def main():
+        batcher = MicroBatcher(run, max_batch=8, max_wait_ms=400, workers=2)
+        await batcher.start()
+        start = time.perf_counter()
+        await batcher.submit("alone")  # nothing else in flight: no 400 ms wait
+        alone = time.perf_counter() - start
+        slow = asyncio.ensure_future(batcher.submit("slow"))  # runs at once on one worker ...
+        await asyncio.sleep(0.01)
+        start = time.perf_counter()
+        late = await asyncio.gather(batcher.submit("b"), batcher.submit("c"))  # ... so these wait and share a call
+        gathered = time.perf_counter() - start
+        await slow
+        await batcher.stop()
+        return alone, gathered, late
+
+    alone, gathered, late = asyncio.run(main())
+    assert late == ["b", "c"]
+    assert alone < 0.2, alone
+    assert calls == [["alone"], ["slow"], ["b", "c"]] and gathered >= 0.35, (calls, gathered)
+
+
 def test_one_bad_request_fails_alone():
     def run(items):
         if "bad" in items:
