@@ -1,6 +1,6 @@
 """`python -m engine.serve`: parse the command line, then run the app under uvicorn.
 
-    python -m engine.serve --model ARTIFACT --gallery DIR [--index DIR] [--captions FILE]
+    python -m engine.serve --model ARTIFACT --gallery DIR [--index DIR] [--import-store STORE] [--captions FILE]
         [--host 127.0.0.1] [--port 8080] [--backend onnxruntime-cpu] [--precision fp32] [--threads 2]
         [--index-kind flat|hnsw] [--hnsw-m 32] [--ef-search 128]
         [--batching on|off] [--max-batch 16] [--max-wait-ms 5] [--batch-workers 2]
@@ -8,7 +8,8 @@
         [--max-body-mb 10] [--max-image-mp 40] [--max-caption-chars 1000] [--max-top-k 100] [--max-rerank-k 1000]
 
 The gallery folder's images are indexed on the first start (progress bar; resumable: kill it and
-start it again), into --index (default DIR/.bssan-index). SIGINT/SIGTERM: in-flight requests
+start it again), into --index (default DIR/.bssan-index); --import-store takes the images a feature
+store holds from their stored features instead (engine/serve/state.py). SIGINT/SIGTERM: in-flight requests
 finish, the gallery is checkpointed, then the process exits. Bad arguments print one line, exit 2.
 """
 
@@ -35,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--model", type=Path, required=True, help="artifact directory (python -m export), with shortlist graphs")
     p.add_argument("--gallery", type=Path, help="folder of images, indexed on the first start")
     p.add_argument("--index", type=Path, help="gallery index folder (default: GALLERY/.bssan-index)")
+    p.add_argument("--import-store", type=Path, help="feature store (python -m engine.features) of the model's pipeline: the gallery "
+                   "folder's images it holds are encoded from its features on the first start (minutes for thousands)")
     p.add_argument("--captions", type=Path, help="caption collection for image -> captions: one caption a line")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=positive_int, default=8080)
@@ -73,7 +76,7 @@ def config_from_args(args):
             raise InputError(f"--api-key-file {args.api_key_file}: key of {len(key)} characters; expected at least 16")
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=int(args.max_image_mp * 1e6),
                     max_caption_chars=args.max_caption_chars, max_top_k=args.max_top_k, max_rerank_k=args.max_rerank_k)
-    return ServeConfig(model=args.model, gallery=args.gallery, index_dir=args.index, captions=args.captions,
+    return ServeConfig(model=args.model, gallery=args.gallery, index_dir=args.index, import_store=args.import_store, captions=args.captions,
                        backend=args.backend, precision=args.precision, threads=args.threads, index_kind=args.index_kind,
                        hnsw_m=args.hnsw_m, ef_search=args.ef_search, batching=args.batching == "on",
                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batch_workers=args.batch_workers,

@@ -64,6 +64,7 @@ class ServeConfig:
     model: Path
     gallery: Path | None = None
     index_dir: Path | None = None  # default: <gallery>/.bssan-index
+    import_store: Path | None = None  # a feature store whose features of the gallery's images are imported (engine/serve/state.py)
     captions: Path | None = None
     backend: str = "onnxruntime-cpu"
     precision: str = "fp32"

@@ -90,6 +90,25 @@ def test_close_checkpoints_and_snapshot_every(tmp_path):
     assert len(open_gallery(tmp_path)) == 7
 
 
+def test_put_rows_is_one_durable_snapshot(tmp_path):
+    g = open_gallery(tmp_path)
+    g.put([("a.jpg", row("a.jpg", 0), None)])
+    many = [row(f"{i}.jpg", i + 10) for i in range(5)] + [row("a.jpg", 99)]  # a.jpg replaced
+    batch = ImageCache([r.ids[0] for r in many], {k: np.concatenate([r.arrays[k] for r in many]) for k in many[0].arrays},
+                       FINGERPRINT, "fp32")
+    g.put_rows(batch)
+    assert g.log_records == 0 and (tmp_path / "log.bin").stat().st_size == 0  # in the snapshot, not the log
+    reopened = open_gallery(tmp_path)  # no close: the snapshot alone holds them
+    assert contents(reopened).keys() == {"a.jpg", *(f"{i}.jpg" for i in range(5))}
+    assert np.array_equal(contents(reopened)["a.jpg"], row("a.jpg", 99).arrays["image_vectors"][0])
+    twice = ImageCache(["x.jpg", "x.jpg"], {k: np.concatenate([v, v]) for k, v in row("x.jpg", 1).arrays.items()}, FINGERPRINT, "fp32")
+    with pytest.raises(InputError, match="listed twice"):
+        reopened.put_rows(twice)
+    other = ImageCache(["y.jpg"], row("y.jpg", 1).arrays, "e" * 64, "fp32")
+    with pytest.raises(InputError, match="expected ffffffffffff"):
+        reopened.put_rows(other)
+
+
 def test_compaction_keeps_search_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(gallery_module, "COMPACT_FRACTION", 0.2)
     monkeypatch.setattr(gallery_module, "COMPACT_MIN", 10)
