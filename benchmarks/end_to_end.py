@@ -15,8 +15,9 @@ Each part that lacks its input is skipped with the reason in the JSON and on std
   from THE ranking protocol (engine.ranking.two_stage_metrics, with the artifact's fusion). The
   shortlist needs shortlist graphs in the artifact (a dual encoder exported with --shortlist);
   without them that part is skipped.
-- Extraction: engine.features.Extractor.images (decode, detector, backbone, RoIAlign) on the
-  first `images` test images after a warm-up batch; images/s.
+- Extraction: engine.features.Extractor.images_pipelined (decode, detector, backbone, RoIAlign; the
+  path of python -m engine.features) on the first `images` test images after a warm-up batch;
+  images/s (per stage, before/after and parity: benchmarks/extraction.py).
 
 `flickr8k_test_lengths` gives the caption lengths the speed benchmarks use: the store's test
 lengths.npy, else the raw captions through the project tokenizer, else the histogram below.
@@ -168,7 +169,9 @@ def retrieval_timing(artifact: Path, store: Path, images: int, shortlist_ks: tup
 
 
 def extraction_rate(data: Path, images: int, assets: Path | None = None, threads: int = DEFAULT_THREADS) -> dict:
-    """images/s of engine.features' per-image path (decode, detect, backbone, RoIAlign) on test images."""
+    """images/s of engine.features' image path (decode, SSD, backbone, RoIAlign: `Extractor.images_pipelined`, as
+    `python -m engine.features` runs it) on test images after a warm-up batch. Per stage and against the old
+    OpenCV-DNN path: benchmarks/extraction.py."""
     from engine.data import read_flickr8k
     from engine.features import DEFAULT_BATCH, ExtractConfig, Extractor
     from engine.text import DEFAULT_ASSETS_DIR
@@ -181,11 +184,12 @@ def extraction_rate(data: Path, images: int, assets: Path | None = None, threads
     extractor.images(paths[:4])  # warm-up: sessions, detector, first allocations
     timed = paths[DEFAULT_BATCH: DEFAULT_BATCH + images] or paths[:images]
     start = time.perf_counter()
-    for i in range(0, len(timed), DEFAULT_BATCH):
-        extractor.images(timed[i:i + DEFAULT_BATCH])
+    for _ in extractor.images_pipelined([timed[i:i + DEFAULT_BATCH] for i in range(0, len(timed), DEFAULT_BATCH)]):
+        pass
     seconds = time.perf_counter() - start
-    return {"images": len(timed), "batch": DEFAULT_BATCH, "seconds": seconds, "images_per_s": len(timed) / seconds,
-            "backbone": extractor.backbone.describe().get("name", config.backbone)}
+    return {"images": len(timed), "batch": DEFAULT_BATCH, "workers": extractor.workers, "seconds": seconds,
+            "images_per_s": len(timed) / seconds, "backbone": extractor.backbone.describe().get("name", config.backbone),
+            "detector": extractor.detector.describe()["runtime"], "load_average_at_end": list(os.getloadavg())}
 
 
 def synthetic_setup(preset_name: str, images: int, captions_per_image: int, work: Path, seed: int = 0) -> tuple[Path, Path]:

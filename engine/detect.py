@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import threading
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -132,6 +133,7 @@ class SsdMobileNetV2:
         self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
         self.min_score = min_score
         self.threads = threads
+        self._lock = threading.Lock()  # the net keeps state between setInput and forward: one call at a time
 
     def detect(self, images: list[np.ndarray]) -> list[Detections]:
         if not images:
@@ -140,8 +142,9 @@ class SsdMobileNetV2:
         cv2 = _cv2()
         # The images are RGB already, which is what the TF graph was trained on: no channel swap.
         blob = cv2.dnn.blobFromImages(images, 1.0, (SSD_INPUT_SIZE, SSD_INPUT_SIZE), swapRB=False, crop=False)
-        self.net.setInput(blob)
-        rows = self.net.forward().reshape(-1, 7)  # [1, 1, N, 7] -> [N, 7]: image, class, score, x1, y1, x2, y2
+        with self._lock:
+            self.net.setInput(blob)
+            rows = self.net.forward().reshape(-1, 7)  # [1, 1, N, 7] -> [N, 7]: image, class, score, x1, y1, x2, y2
         image_of_row = rows[:, 0].astype(np.int64)
         return [
             _clean(rows[image_of_row == i, 3:7], rows[image_of_row == i, 2], rows[image_of_row == i, 1], self.min_score)

@@ -10,7 +10,8 @@ Per image: load + preprocess (engine/vision), detect boxes (engine/detect; top P
 backbone graph gives the feature map -> regions [R, C], the RoIAlign graph gives objects [P, C].
 Per caption: THE tokenizer (engine/text) -> lengths, and one words_<set> array per word-feature set.
 
-- Batched, with a tqdm bar (images/s, ETA).
+- Batched, with a tqdm bar (images/s, ETA); --threads worker threads each take a whole batch (decode, SSD
+  through ONNX Runtime, backbone, RoIAlign), one more batch queued (benchmarks/extraction.py measures it).
 - Resumable: arrays are memory maps filled batch by batch; after each batch they are flushed and
   the batch index is appended to STORE/<split>/progress.json. After kill -9, the same command
   continues from the first unfinished batch. A word set is computed into `words_<set>.partial`
@@ -32,6 +33,7 @@ Per caption: THE tokenizer (engine/text) -> lengths, and one words_<set> array p
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import hashlib
@@ -66,6 +68,7 @@ DEFAULT_BOXES = 10  # the paper's P: top-10 detector boxes per image
 DEFAULT_BATCH = 16  # images per graph call: larger gains nothing on 2 cores, costs resume granularity
 WORD_CHUNK = 1024  # captions per word-feature call (MiniLM batches inside)
 DETECTOR_RUNTIMES = ("auto", "onnxruntime", "opencv")
+GRAPH_THREADS = 1  # intra-op threads per graph session: the parallelism is ExtractConfig.threads workers
 PROGRESS_NAME = "progress.json"
 LOCK_NAME = ".lock"
 # describe() keys that are local paths, not content (the content is identified by sha256 fields)
@@ -97,7 +100,8 @@ class ExtractConfig:
     word_features: tuple[str, ...] = ("glove50",)
     max_words: int = MAX_WORDS
     batch_size: int = DEFAULT_BATCH
-    threads: int = 2  # this machine's core count; ONNX Runtime and OpenCV both use it
+    threads: int = 2  # this machine's core count: worker threads, each running whole batches through one-thread
+    # graph sessions (bit-equal to any other split; ~1.5x the images/s of 2 intra-op threads, measured); OpenCV DNN's threads
     backend: str = "onnxruntime-cpu"  # the graphs' ONNX Runtime provider (engine.backends.onnxruntime.session_backend)
     cache_dir: Path | None = None  # word-vector cache (engine/text); None = its default
 
@@ -165,8 +169,9 @@ class Extractor:
 
     def __init__(self, config: ExtractConfig):
         self.config = config
-        self.backbone = RegionBackbone.from_manifest(config.assets / f"{config.backbone}.json", config.threads, config.backend)
-        self.objects = ObjectFeatures.from_manifest(config.assets / "roi_align.json", config.threads, config.backend)
+        self.workers = config.threads
+        self.backbone = RegionBackbone.from_manifest(config.assets / f"{config.backbone}.json", GRAPH_THREADS, config.backend)
+        self.objects = ObjectFeatures.from_manifest(config.assets / "roi_align.json", GRAPH_THREADS, config.backend)
         self.detector = make_detector(config)
         self.word_sets = {}
         for name in config.word_features:
@@ -216,28 +221,39 @@ class Extractor:
             regions[i], objects[i] = 0.0, 0.0
         return regions, objects, boxes, real, loaded.bad
 
-    def images(self, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
-        """A batch of image files -> regions [B, R, C], objects [B, P, C], boxes [B, P, 4], real [B], bad {i: reason}."""
+    def images_serial(self, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+        """`images` in the calling thread only."""
         return self.infer(self.load(paths))
 
+    def images(self, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+        """A batch of image files -> regions [B, R, C], objects [B, P, C], boxes [B, P, 4], real [B], bad {i: reason}.
+        Cut into `threads` contiguous parts run side by side (the graphs give bit-equal outputs for any split)."""
+        parts = min(self.workers, len(paths))
+        if parts <= 1:
+            return self.images_serial(paths)
+        bounds = np.linspace(0, len(paths), parts + 1).round().astype(int)
+        with ThreadPoolExecutor(max_workers=parts, thread_name_prefix="bssan-images") as pool:
+            results = list(pool.map(self.images_serial, [paths[a:b] for a, b in zip(bounds[:-1], bounds[1:])]))
+        bad = {int(start) + i: reason for start, result in zip(bounds, results) for i, reason in result[4].items()}
+        return (*(np.concatenate([result[k] for result in results]) for k in range(4)), bad)
+
     def images_pipelined(self, batches: Iterable[list[Path]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]]:
-        """`images` of each batch in turn, the next batch decoded (one loader thread) while this one is in the
-        graphs; the same outputs as `images`, batch by batch. A consumer that stops early (an exception, a
-        break) leaves at most one batch loaded in vain."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bssan-load") as pool:
-            pending = None
+        """`images` of each batch, in order, with `threads` batches in the graphs at once (each on one worker
+        thread: decode, detector, backbone, RoIAlign) and one more queued, so no core waits while the caller
+        stores a batch. The same outputs as `images`, batch by batch. A consumer that stops early (an
+        exception, a break) waits for the batches in flight, which are dropped."""
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="bssan-images") as pool:
+            pending: collections.deque = collections.deque()
             try:
                 for paths in batches:
-                    future = pool.submit(self.load, list(paths))
-                    if pending is not None:
-                        yield self.infer(pending.result())
-                    pending = future
-                if pending is not None:
-                    yield self.infer(pending.result())
-                    pending = None
+                    pending.append(pool.submit(self.images_serial, list(paths)))
+                    if len(pending) > self.workers:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
             finally:
-                if pending is not None:
-                    pending.cancel()
+                for future in pending:
+                    future.cancel()
 
 
 @dataclass
@@ -255,7 +271,7 @@ def make_detector(config: ExtractConfig):
     """The detector `config` asks for: a user's ONNX file, else SSD through ONNX Runtime (the converted graph
     in the assets folder) or OpenCV DNN, per `config.detector_runtime` (module docstring of engine/detect.py)."""
     if config.detector_onnx:
-        return OnnxDetector(config.detector_onnx, config.min_score, config.threads, config.backend)
+        return OnnxDetector(config.detector_onnx, config.min_score, GRAPH_THREADS, config.backend)
     manifest = find_ssd_onnx(config.assets)
     if config.detector_runtime == "opencv" or (config.detector_runtime == "auto" and manifest is None):
         if config.detector_runtime == "auto":
@@ -265,7 +281,7 @@ def make_detector(config: ExtractConfig):
     if manifest is None:
         raise AssetError(f"{config.assets}/{SSD_ONNX_STEM}.json: not found; expected the converted SSD graph "
                          f"(python -m export.detector --out {config.assets}) for detector runtime onnxruntime")
-    return SsdMobileNetV2Onnx(manifest, config.min_score, config.threads, config.backend)
+    return SsdMobileNetV2Onnx(manifest, config.min_score, GRAPH_THREADS, config.backend)
 
 
 def rerunnable_extractor(extractor: dict, where, instead: str) -> tuple[dict, dict]:
