@@ -92,46 +92,65 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def summarize(times: list[float], cpu: list[float] | None = None) -> dict:
+    """Per-call statistics of wall times (and the process's CPU time per call, every thread of it):
+    {"median_s", "p90_s", "min_s", "max_s", "p25_s", "cpu_median_s", "calls", "times_s"}."""
+    array = np.asarray(times)
+    out = {"median_s": float(np.median(array)), "p90_s": float(np.percentile(array, 90)), "min_s": float(array.min()),
+           "max_s": float(array.max()), "p25_s": float(np.percentile(array, 25)), "calls": len(times),
+           "times_s": [round(t, 6) for t in times]}
+    if cpu:
+        out["cpu_median_s"] = float(np.median(cpu))
+    return out
+
+
 def time_calls(call: Callable[[], object], repeats: int, warmup: int = 1, min_seconds: float = 0.0,
                max_seconds: float = float("inf"), min_calls: int = 3) -> dict:
     """Run `call` warmup times untimed, then `repeats` timed times (more while the total is under
     `min_seconds`), stopping early once `min_calls` calls took `max_seconds` together (slow
-    variants); {"median_s", "p90_s", "min_s", "calls", "times_s"} per call."""
+    variants); summarize() of the per-call times."""
     for _ in range(warmup):
         call()
     times: list[float] = []
+    cpu: list[float] = []
     while len(times) < repeats or sum(times) < min_seconds:
         if len(times) >= min_calls and sum(times) >= max_seconds:
             break
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         call()
         times.append(time.perf_counter() - start)
-    array = np.asarray(times)
-    return {"median_s": float(np.median(array)), "p90_s": float(np.percentile(array, 90)), "min_s": float(array.min()),
-            "calls": len(times), "times_s": [round(t, 6) for t in times]}
+        cpu.append(time.process_time() - start_cpu)
+    return summarize(times, cpu)
 
 
 def time_round_robin(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, max_seconds: float = float("inf"),
-                     min_calls: int = 3) -> dict[str, dict]:
+                     min_calls: int = 3, min_seconds: float = 0.0) -> dict[str, dict]:
     """time_calls for several competitors at once, one call of each in turn per round, so that a
-    change of load on a shared machine hits all of them alike. A competitor stops early once it
-    has min_calls calls taking max_seconds together. {name: time_calls-style dict}."""
+    change of load on a shared machine hits all of them alike. At least `repeats` rounds, more while
+    any competitor has timed less than `min_seconds`; a competitor stops early once it has `min_calls`
+    calls taking `max_seconds` together. {name: summarize() dict}, plus "load" per round under "_rounds"."""
     for _ in range(warmup):
         for call in calls.values():
             call()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    loads = []
+    rounds = 0
+    while rounds < repeats or any(sum(v) < min_seconds and not (len(v) >= min_calls and sum(v) >= max_seconds)
+                                  for v in times.values()):
+        rounds += 1
         for name, call in calls.items():
             if len(times[name]) >= min_calls and sum(times[name]) >= max_seconds:
                 continue
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             call()
             times[name].append(time.perf_counter() - start)
-    out = {}
-    for name, values in times.items():
-        array = np.asarray(values)
-        out[name] = {"median_s": float(np.median(array)), "p90_s": float(np.percentile(array, 90)), "min_s": float(array.min()),
-                     "calls": len(values), "times_s": [round(t, 6) for t in values]}
+            cpu[name].append(time.process_time() - start_cpu)
+        loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+        if rounds >= 10 * max(repeats, 1) + 100:  # a competitor that never reaches min_seconds (bounded anyway)
+            break
+    out: dict = {name: summarize(values, cpu[name]) for name, values in times.items()}
+    out["_rounds"] = {"rounds": rounds, "load_1min": loads}
     return out
 
 

@@ -117,7 +117,7 @@ def _lookup_rescore(scorer, image_cache, caption_cache, table: dict):
 
 
 def retrieval_timing(artifact: Path, store: Path, images: int, shortlist_ks: tuple[int, ...], precision: str = "fp32",
-                     threads: int = DEFAULT_THREADS, progress: bool = True, split_name: str = "test") -> dict:
+                     threads: int | None = None, progress: bool = True, split_name: str = "test") -> dict:
     """Wall times and R@K of the exhaustive protocol and of each shortlist k, on the first `images` images of a split."""
     from engine.ranking import two_stage_metrics
     from engine.runtime import Scorer
@@ -130,6 +130,7 @@ def retrieval_timing(artifact: Path, store: Path, images: int, shortlist_ks: tup
     n_cap = n_img * cpi
     out = {"precision": precision, "split": split_name, "images": n_img, "captions": n_cap, "captions_per_image": cpi}
     with Scorer.load(artifact, backend="onnxruntime-cpu", precision=precision, threads=threads) as scorer:
+        out["scorer"] = scorer.runner.describe()
         word_set = scorer.artifact.manifest.get("word_features", {}).get("name", "glove50")
         start = time.perf_counter()
         image_cache = scorer.encode_image_features(split.regions[:n_img], split.objects[:n_img])
@@ -236,9 +237,71 @@ def synthetic_setup(preset_name: str, images: int, captions_per_image: int, work
     return artifact, work / "random-store"
 
 
+def path_check(artifact: Path, store: Path, images: int, split_name: str = "test", threads: int | None = None,
+               rounds: int = 3, record: bool = True) -> dict:
+    """The engine's two validated scoring paths (grid graphs, pair graphs) on the first `images` images of a store split
+    and their captions, through engine.runtime.Scorer as a user runs it (threads=None: every core): the wall time of
+    the exhaustive score_matrix of each, in interleaved rounds, max |score diff| and whether R@K (BSSAN alone,
+    engine.ranking's protocol) are identical. With `record`, the faster path is recorded for this machine and
+    artifact (engine.paths), so that `Scorer(path="auto")` and `engine.score` take it."""
+    from engine.paths import record_choice
+    from engine.ranking import BSSAN_ALONE, two_stage_metrics
+    from engine.runtime import Scorer
+    from engine.store import FeatureStore
+    from training.evaluate import captions_per_image_of
+
+    split = FeatureStore(store).split(split_name)
+    cpi = captions_per_image_of(split)
+    n_img = min(images, split.num_images)
+    n_cap = n_img * cpi
+    from engine.errors import InputError
+
+    scorers = {"pair": Scorer.load(artifact, backend="onnxruntime-cpu", threads=threads, path="pair")}
+    try:
+        scorers["grid"] = Scorer.load(artifact, backend="onnxruntime-cpu", threads=threads, path="grid")
+    except InputError as exc:  # an artifact exported before grid graphs existed
+        scorers["pair"].close()
+        return {"skipped": str(exc)}
+    out: dict = {"images": n_img, "captions": n_cap, "source": f"{store} {split_name}", "threads": threads}
+    try:
+        any_scorer = scorers["grid"]
+        word_set = any_scorer.artifact.manifest.get("word_features", {}).get("name", "glove50")
+        image_cache = any_scorer.encode_image_features(split.regions[:n_img], split.objects[:n_img])
+        caption_cache = any_scorer.encode_word_features(split.words(word_set)[:n_cap], split.lengths[:n_cap])
+        seconds: dict[str, list[float]] = {p: [] for p in scorers}
+        matrices = {}
+        for _ in range(rounds):
+            for path, scorer in scorers.items():
+                start = time.perf_counter()
+                matrices[path] = scorer.score_matrix(image_cache, caption_cache, fuse=False)
+                seconds[path].append(time.perf_counter() - start)
+        metrics = {p: two_stage_metrics(None, lambda i, t, m=m: m[i, t], None, cpi, BSSAN_ALONE, shape=m.shape)
+                   for p, m in matrices.items()}
+        out["seconds"] = seconds
+        out["pairs_per_s"] = {p: n_img * n_cap / float(np.median(v)) for p, v in seconds.items()}
+        out["metrics"] = {p: {d: metrics[p][d] for d in ("i2t", "t2i")} for p in metrics}
+        out["max_abs_diff"] = float(np.abs(matrices["grid"] - matrices["pair"]).max())
+        out["identical_recall"] = all(metrics["grid"][d][k] == metrics["pair"][d][k] for d in ("i2t", "t2i")
+                                      for k in ("r1", "r5", "r10"))
+        faster = min(out["pairs_per_s"], key=lambda p: -out["pairs_per_s"][p])
+        out["faster"] = faster
+        reason = (f"python -m benchmarks.run measured on this machine "
+                  f"{time.strftime('%Y-%m-%d', time.gmtime())}: grid {out['pairs_per_s']['grid']:.0f} vs pair "
+                  f"{out['pairs_per_s']['pair']:.0f} pairs/s, median of {rounds} interleaved {n_img} x {n_cap} passes")
+        out["reason"] = reason
+        if record and out["identical_recall"]:
+            written = record_choice(any_scorer.fingerprint, any_scorer.runner, faster, reason, out["pairs_per_s"])
+            out["recorded_in"] = str(written) if written else "not recorded (BSSAN_PATHS=off)"
+    finally:
+        for scorer in scorers.values():
+            scorer.close()
+    return out
+
+
 def run_end_to_end(artifact: Path | None, model: Path, store: Path, data: Path, images: int, shortlist_ks: tuple[int, ...],
                    precisions: tuple[str, ...], extraction_images: int, work: Path, threads: int,
-                   synthetic_images: int = 0, synthetic_preset: str = "flickr8k", split: str = "test") -> dict:
+                   synthetic_images: int = 0, synthetic_preset: str = "flickr8k", split: str = "test",
+                   scorer_threads: int | None = None, path_images: int = 100) -> dict:
     """Every part whose inputs exist; the others as {"skipped": reason}. Without the reference model or
     the store, `synthetic_images` > 0 times the same protocol on a random-weight model (synthetic_setup)."""
     report: dict = {}
@@ -258,13 +321,15 @@ def run_end_to_end(artifact: Path | None, model: Path, store: Path, data: Path, 
                 "note": f"TIMING ONLY: random-weight {synthetic_preset} BSSAN and dual encoder on random features of that "
                         f"preset's shapes, Flickr8K test caption lengths; R@K are chance level and mean nothing",
                 "preset": synthetic_preset,
-                "runs": [retrieval_timing(random_artifact, random_store, synthetic_images, shortlist_ks, p, threads, progress=False)
+                "runs": [retrieval_timing(random_artifact, random_store, synthetic_images, shortlist_ks, p, scorer_threads, progress=False)
                          for p in precisions]}
             for run in report["synthetic_retrieval"]["runs"]:
                 run["projected_1k_x_5k_exhaustive_s"] = PROTOCOL_PAIRS / run["exhaustive"]["pairs_per_s"]
         return report
+    # the grid and the pair path on real features: same R@K, which is faster here (recorded: engine.paths)
+    report["ranking_check"] = path_check(resolved, store, path_images, split, scorer_threads)
     report["retrieval"] = {"artifact": how, "split": split,
-                           "runs": [retrieval_timing(resolved, store, images, shortlist_ks, p, threads, split_name=split)
+                           "runs": [retrieval_timing(resolved, store, images, shortlist_ks, p, scorer_threads, split_name=split)
                                     for p in precisions]}
     report["resolved_artifact"] = str(resolved)
     return report
@@ -304,6 +369,13 @@ def print_end_to_end(report: dict) -> None:
     extraction = report["extraction"]
     print(f"feature extraction: {extraction['images_per_s']:.2f} images/s ({extraction['images']} images)"
           if "images_per_s" in extraction else f"feature extraction: SKIPPED ({extraction['skipped']})")
+    check = report.get("ranking_check")
+    if check and "skipped" not in check:
+        print(f"scoring paths on {check['images']} x {check['captions']} ({check['source']}): grid {check['pairs_per_s']['grid']:.0f} "
+              f"vs pair {check['pairs_per_s']['pair']:.0f} pairs/s, max |score diff| {check['max_abs_diff']:.2g}, "
+              f"R@K identical: {check['identical_recall']}; faster: {check['faster']} ({check.get('recorded_in', 'not recorded')})")
+    elif check:
+        print(f"scoring paths: SKIPPED ({check['skipped']})")
     retrieval = report["retrieval"]
     if "skipped" in retrieval:
         print(f"end-to-end retrieval: SKIPPED ({retrieval['skipped']})")

@@ -13,9 +13,12 @@ benchmarks/flops.py (the paper-as-written model always runs max_words = 30 W2R s
 fraction of peak is the roofline floor (each stage's GEMMs at the measured peak of its precision)
 over the measured time. "max_abs_diff_vs_paper" checks that every scorer gives the baseline's scores.
 
-`real_length_pass` scores one image against captions whose lengths follow Flickr8K test
-(bucketed: sorted by length, blocks of B captions, each sliced to its longest caption), the
-baseline padding every caption to 30, and times the whole pass of each scorer.
+`real_length_pass` scores REAL_IMAGES image rows against captions whose lengths follow Flickr8K
+test (bucketed: sorted by length, fixed blocks of `real_block` captions, each sliced to its longest
+caption), the baseline padding every caption to 30, and times the whole pass of each scorer in
+interleaved rounds (min / median / max and the process CPU time per pass are reported).
+Every scorer runs on `threads` intra-op threads (default 1: ratios per core) except `engine`, which runs
+as a user gets it (engine.runtime.Scorer, threads=None: concurrent one-thread calls on every core).
 Cache costs (image and caption graphs) are timed once and amortised over the 1K x 5K protocol
 in "protocol_pairs_per_s": pairs / (images x image_s + captions x caption_s + pairs / pair rate).
 """
@@ -37,7 +40,9 @@ from benchmarks.scorers import SCORER_NAMES, Scorer, export_graphs, make_scorer,
 from engine.cli import ArgumentParser, command, output_file, positive_int
 
 PROTOCOL_IMAGES, PROTOCOL_CAPTIONS = 1000, 5000  # the 1K-image test protocol, 5 captions per image
-SPEED_SCORERS = ("paper-eager", "factored-eager", "torch-bf16", "ort-fp32", "ort-int8-recurrence", "ort-int8-projection")
+SPEED_SCORERS = ("paper-eager", "factored-eager", "torch-bf16", "ort-fp32-pair", "ort-fp32", "ort-int8-recurrence",
+                 "ort-int8-projection", "engine")
+REAL_IMAGES = 2  # image rows of the real-length pass: the engine runs its calls on every core (one image row per call)
 
 
 @dataclass
@@ -48,8 +53,10 @@ class SweepConfig:
     min_calls: int = 3  # timed calls per point at least
     max_seconds: float = 4.0  # per point: a slow scorer stops after min_calls calls past this
     scorers: tuple[str, ...] = SPEED_SCORERS
-    threads: int = DEFAULT_THREADS
+    threads: int = 1  # intra-op threads of every scorer but `engine` (which runs as a user gets it: threads=None)
     seed: int = 0
+    real_block: int = 256  # captions per call in the real-length pass, every scorer (fixed: no batch choice to flip)
+    real_min_seconds: float = 3.0  # real-length pass: rounds continue until every scorer has this much timed
 
 
 def stage_flops(scorer: Scorer, config, length: int) -> dict:
@@ -66,7 +73,9 @@ def measure(scorer: Scorer, config, rows: np.ndarray, lengths: np.ndarray, peaks
     seconds_per_pair = timing["median_s"] / len(rows)
     split = flops_by_precision(stages, scorer.precision_of)
     return {"pairs_per_s": len(rows) / timing["median_s"], "latency_median_s": timing["median_s"],
-            "latency_p90_s": timing["p90_s"], "calls": timing["calls"], "flops_per_pair": flops,
+            "latency_p90_s": timing["p90_s"], "latency_min_s": timing["min_s"], "latency_max_s": timing["max_s"],
+            "pairs_per_cpu_s": len(rows) / timing["cpu_median_s"] if timing.get("cpu_median_s") else None,
+            "calls": timing["calls"], "flops_per_pair": flops,
             "gflops_per_s": flops / seconds_per_pair / 1e9, "flops_per_pair_by_precision": split,
             "fraction_of_peak": peak_fraction(split, peaks, seconds_per_pair), "precision_of": scorer.precision_of or "fp32"}
 
@@ -99,9 +108,9 @@ def sweep_preset(preset_name: str, sweep: SweepConfig, peaks_report: dict, work:
     model = random_model(preset_name, sweep.seed)
     route = "gates" if model.w2r.pair_gathers_gates else "regions"
     names, skipped = usable_scorers(sweep.scorers, peaks_report, route)
-    precisions = tuple(n[4:] for n in names if n.startswith("ort-"))
+    precisions = tuple(dict.fromkeys(n[4:].replace("fp32-pair", "fp32") for n in names if n.startswith("ort-")))
     graphs = export_graphs(model, work / preset_name, precisions) if precisions else {}
-    scorers = [make_scorer(n, model, graphs, sweep.threads) for n in names]
+    scorers = [make_scorer(n, model, graphs, sweep.threads, work=work / preset_name) for n in names]
     lengths = [n for n in sweep.lengths if n <= model.config.max_words]  # a preset with max_words < 30 (demo) skips the rest
     result = {"preset": preset_name, "config": model.config.to_dict(), "weights": f"random (seed {sweep.seed})",
               "ort_pair_graph_values": route, "skipped": skipped, "lengths": lengths, "points": [], "cache_seconds": {}}
@@ -126,6 +135,9 @@ def sweep_preset(preset_name: str, sweep: SweepConfig, peaks_report: dict, work:
                 result["points"].append(point)
             bar.update(len(scorers))
     bar.close()
+    result["engine_reason"] = next((s.reason for s in scorers if s.name == "engine"), None)
+    for scorer in scorers:
+        getattr(scorer, "close", lambda: None)()
     return result
 
 
@@ -140,61 +152,71 @@ def best_batches(result: dict, length: int) -> dict[str, int]:
 
 
 def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, peaks_report: dict, work: Path,
-                     block: int = 256, block_of: dict[str, int] | None = None, progress: bool = True) -> dict:
-    """One image x len(lengths) captions of real lengths, every scorer, whole pass timed (median of repeats).
-    Captions are sorted by length and cut into blocks of `block` captions per call (or each scorer's own
-    `block_of[name]`, e.g. its best batch of the sweep: best_batches); each block is sliced to its longest
-    caption (a bucket), except for the paper-as-written scorer, which pads every caption to 30."""
+                     progress: bool = True, images: int = REAL_IMAGES) -> dict:
+    """`images` image rows x len(lengths) captions of real lengths, every scorer, whole pass timed in interleaved
+    rounds (at least sweep.repeats, more until each scorer has sweep.real_min_seconds timed; a slow scorer stops
+    after 3 passes past sweep.max_seconds * 2). Captions are sorted by length and cut into blocks of
+    sweep.real_block captions per call, each sliced to its longest caption (a bucket), except for the
+    paper-as-written scorer, which pads every caption to 30. The same blocks for every scorer: no batch choice."""
     set_threads(sweep.threads)
     peaks = peaks_report["peak"]
+    one_thread = peaks_report.get("peak_1thread", peaks)
     model = random_model(preset_name, sweep.seed)
     route = "gates" if model.w2r.pair_gathers_gates else "regions"
     names, skipped = usable_scorers(sweep.scorers, peaks_report, route)
-    precisions = tuple(n[4:] for n in names if n.startswith("ort-"))
+    precisions = tuple(dict.fromkeys(n[4:].replace("fp32-pair", "fp32") for n in names if n.startswith("ort-")))
     graphs = export_graphs(model, work / preset_name, precisions) if precisions else {}
     inputs = random_inputs(model.config, lengths, seed=sweep.seed + 1000)
     order = np.argsort(lengths, kind="stable")
-    result = {"preset": preset_name, "captions": int(len(lengths)), "skipped": skipped,
-              "mean_length": float(np.mean(lengths)), "scorers": {}}
+    blocks = [order[i:i + sweep.real_block] for i in range(0, len(order), sweep.real_block)]  # buckets: sorted runs
+    result = {"preset": preset_name, "captions": int(len(lengths)), "images": images, "block": sweep.real_block,
+              "threads": sweep.threads, "skipped": skipped, "mean_length": float(np.mean(lengths)), "scorers": {}}
     prepared = {}
     for name in names:
-        size = (block_of or {}).get(name, block)
-        blocks = [order[i:i + size] for i in range(0, len(order), size)]  # buckets: sorted runs of `size` captions
-        scorer = make_scorer(name, model, graphs, sweep.threads)
+        scorer = make_scorer(name, model, graphs, sweep.threads, work=work / preset_name)
         cache = scorer.prepare(inputs)
-        scorer.score(blocks[-1])  # warm-up on the longest bucket: first-call allocations are not part of a pass
-        prepared[name] = (scorer, blocks, cache, np.empty(len(lengths), np.float32))
-
-    repeats = max(1, sweep.repeats // 2)
-    bar = tqdm(total=len(names) * repeats, desc=f"real lengths {preset_name}", unit="pass", disable=not progress)
+        scores = np.empty((images, len(lengths)), np.float32)
+        scorer.score_pass(blocks[-1:], 1, np.empty((1, len(lengths)), np.float32))  # warm-up: sessions, first allocations
+        prepared[name] = (scorer, cache, scores)
+    bar = tqdm(desc=f"real lengths {preset_name}", unit="pass", disable=not progress)
 
     def whole_pass(name: str) -> None:
-        scorer, blocks, _, scores = prepared[name]
-        for rows in blocks:
-            scores[rows] = scorer.score(rows)
+        scorer, _, scores = prepared[name]
+        scorer.score_pass(blocks, images, scores)
         bar.update(1)
 
-    timings = time_round_robin({name: (lambda name=name: whole_pass(name)) for name in names}, repeats=repeats,
-                               warmup=0, max_seconds=sweep.max_seconds * 2, min_calls=1)
+    timings = time_round_robin({name: (lambda name=name: whole_pass(name)) for name in names}, repeats=max(3, sweep.repeats),
+                               warmup=0, max_seconds=sweep.max_seconds * 2, min_calls=3, min_seconds=sweep.real_min_seconds)
     bar.close()
-    baseline_scores = prepared[names[0]][3]
+    result["rounds"] = timings.pop("_rounds")
+    baseline_scores = prepared[names[0]][2]
+    pairs = images * len(lengths)
     for name in names:
-        scorer, blocks, cache, scores = prepared[name]
+        scorer, cache, scores = prepared[name]
         timing = timings[name]
         split: dict[str, float] = {}
         for rows in blocks:  # each bucket runs its longest caption's steps
             for precision, value in flops_by_precision(stage_flops(scorer, model.config, int(lengths[rows].max())),
                                                        scorer.precision_of).items():
                 split[precision] = split.get(precision, 0.0) + value * len(rows) / len(lengths)
-        flops = sum(split.values()) * len(lengths)
-        pairs_per_s = len(lengths) / timing["median_s"]
+        flops = sum(split.values()) * pairs
+        pairs_per_s = pairs / timing["median_s"]
+        every_core = name == "engine"  # the engine uses every core; every other scorer one thread (sweep.threads)
         result["scorers"][name] = {
-            "block": len(blocks[0]), "pass_s": timing["median_s"], "pass_p90_s": timing["p90_s"], "calls": timing["calls"],
-            "pairs_per_s": pairs_per_s, "protocol_pairs_per_s": protocol_rate(pairs_per_s, cache), "flops_per_pair": flops / len(lengths),
+            "block": sweep.real_block, "pass_s": timing["median_s"], "pass_p90_s": timing["p90_s"], "pass_min_s": timing["min_s"],
+            "pass_max_s": timing["max_s"], "pass_cpu_s": timing.get("cpu_median_s"), "calls": timing["calls"],
+            "pairs_per_s": pairs_per_s, "pairs_per_s_min": pairs / timing["max_s"], "pairs_per_s_max": pairs / timing["min_s"],
+            "pairs_per_cpu_s": pairs / timing["cpu_median_s"] if timing.get("cpu_median_s") else None,
+            "protocol_pairs_per_s": protocol_rate(pairs_per_s, cache), "flops_per_pair": flops / pairs,
             "gflops_per_s": flops / timing["median_s"] / 1e9, "flops_per_pair_by_precision": split,
-            "fraction_of_peak": peak_fraction(split, peaks, timing["median_s"] / len(lengths)),
+            "threads": "engine default (every core)" if every_core else sweep.threads,
+            "peak_used": "peak" if every_core or sweep.threads > 1 else "peak_1thread",
+            "fraction_of_peak": peak_fraction(split, peaks if every_core or sweep.threads > 1 else one_thread, timing["median_s"] / pairs),
             "precision_of": scorer.precision_of or "fp32",
             "max_abs_diff_vs_paper": float(np.abs(scores - baseline_scores).max()) if names[0] == "paper-eager" else None}
+        if name == "engine":
+            result["scorers"][name]["reason"] = scorer.reason
+        getattr(scorer, "close", lambda: None)()
     return result
 
 

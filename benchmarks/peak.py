@@ -21,6 +21,7 @@ the denominator of each benchmark's "fraction of peak".
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -157,45 +158,84 @@ def choose_threads(candidates: tuple[int, ...]) -> dict:
     return {"threads": best, "geomean_flops_per_s": rates, "shape": list(shape)}
 
 
-def measure_peaks(hidden_sizes: tuple[int, ...] = (256, 1024), rows: int = 256, threads: int = DEFAULT_THREADS,
-                  square: bool = True, progress: bool = True) -> dict:
-    """{"shapes": [...], "kernels": [{kernel, precision, shape, flops_per_s, median_s}], "peak": {precision: FLOP/s},
-    "peak_kernel": {precision: "kernel at shape"}, "bf16_probe": probe_bf16()} measured with `threads` threads.
+PEAK_ROWS = 256  # rows of the recurrence GEMM in every peak measurement (fixed: the peak is measured the same way each run)
+
+
+def _ort_concurrent_rate(rows: int, inner: int, cols: int, workers: int) -> dict:
+    """`workers` one-thread ONNX Runtime MatMul sessions run at once (the engine's concurrent pair calls): aggregate FLOP/s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sessions = [_ort_matmul_session("MatMul", rows, inner, cols, 1) for _ in range(workers)]
+    calls = 8  # per worker and timed call: long enough that thread hand-off is noise
+
+    def work(k: int) -> None:
+        session, feed = sessions[k]
+        for _ in range(calls):
+            session.run(None, feed)
+
+    with ThreadPoolExecutor(workers) as pool:
+        timing = time_calls(lambda: list(pool.map(work, range(workers))), repeats=5, warmup=1, min_seconds=MIN_SECONDS,
+                            max_seconds=MAX_SECONDS)
+    return {"flops_per_s": _rate(2.0 * rows * inner * cols * calls * workers, timing), "median_s": timing["median_s"]}
+
+
+def measure_peaks(hidden_sizes: tuple[int, ...] = (256, 1024), rows: int = PEAK_ROWS, threads: int = DEFAULT_THREADS,
+                  square: bool = False, progress: bool = True) -> dict:
+    """The machine's matmul peak per precision, measured the same way each time: every kernel at the recurrence
+    shapes [rows, H, 4H] (and 1024^3 with `square`) with ONE thread, then ONNX Runtime MatMul fp32 with `threads`
+    intra-op threads and as `threads` concurrent one-thread sessions (how the engine runs pair calls).
+    {"shapes", "kernels": [{kernel, precision, threads, shape, flops_per_s, median_s}], "peak": {precision: FLOP/s
+    on every thread}, "peak_1thread": {precision: FLOP/s on one thread}, "peak_kernel", "bf16_probe"}.
     Without native bf16 the bf16 kernel is measured at the probe shape only (emulated: seconds per GEMM)."""
     from tqdm import tqdm
 
     from benchmarks.common import set_threads
 
-    set_threads(threads)
     shapes = [(rows, h, 4 * h) for h in hidden_sizes] + ([(SQUARE, SQUARE, SQUARE)] if square else [])
+    set_threads(1)
     probe = probe_bf16()
-    rows_out, peak, where = [], {}, {}
+    rows_out, peak, one, where = [], {}, {}, {}
+
+    def keep(row: dict) -> None:
+        rows_out.append(row)
+        precision, rate = row["precision"], row["flops_per_s"]
+        if rate > peak.get(precision, 0.0):
+            peak[precision], where[precision] = rate, f"{row['kernel']} at {row['shape']}, {row['threads']} thread(s)"
+        if row["threads"] == 1 and rate > one.get(precision, 0.0):
+            one[precision] = rate
+
     if not probe["native"]:
-        rows_out.append({"kernel": "torch.matmul bf16", "precision": "bf16", "shape": probe["shape"],
-                         "flops_per_s": probe["bf16_flops_per_s"], "note": "emulated: no native bf16 matmul on this CPU"})
-        peak["bf16"], where["bf16"] = probe["bf16_flops_per_s"], f"torch.matmul bf16 at {probe['shape']} (emulated)"
-    bar = tqdm(total=len(shapes) * len(KERNELS), desc="matmul peak", unit="kernel", disable=not progress)
+        keep({"kernel": "torch.matmul bf16", "precision": "bf16", "threads": 1, "shape": probe["shape"],
+              "flops_per_s": probe["bf16_flops_per_s"], "note": "emulated: no native bf16 matmul on this CPU"})
+    multi = threads > 1
+    bar = tqdm(total=len(shapes) * (len(KERNELS) + 2 * multi), desc="matmul peak", unit="kernel", disable=not progress)
     for shape in shapes:
         for name, precision, how in KERNELS:
             if precision == "bf16" and not probe["native"]:
                 bar.update(1)
                 continue
-            measured = how(*shape, threads)
-            rows_out.append({"kernel": name, "precision": precision, "shape": list(shape), **measured})
-            if measured["flops_per_s"] > peak.get(precision, 0.0):
-                peak[precision], where[precision] = measured["flops_per_s"], f"{name} at {list(shape)}"
+            own = os.cpu_count() if name.startswith("numpy") else 1  # numpy's BLAS runs its own threads (all cores)
+            keep({"kernel": name, "precision": precision, "threads": own, "shape": list(shape), **how(*shape, 1)})
             bar.update(1)
+        if multi:
+            keep({"kernel": "onnxruntime MatMul fp32", "precision": "fp32", "threads": threads, "shape": list(shape),
+                  **_ort_rate("MatMul", *shape, threads)})
+            keep({"kernel": f"onnxruntime MatMul fp32, {threads} concurrent 1-thread sessions", "precision": "fp32",
+                  "threads": threads, "shape": list(shape), **_ort_concurrent_rate(*shape, threads)})
+            bar.update(2)
     bar.close()
-    return {"threads": threads, "shapes": [list(s) for s in shapes], "kernels": rows_out, "peak": peak, "peak_kernel": where,
-            "bf16_probe": probe}
+    set_threads(threads)
+    return {"threads": threads, "shapes": [list(s) for s in shapes], "kernels": rows_out, "peak": peak, "peak_1thread": one,
+            "peak_kernel": where, "bf16_probe": probe}
 
 
 def format_peaks(report: dict) -> str:
     lines = [f"matmul peak ({report['threads']} threads):"]
     for row in report["kernels"]:
-        lines.append(f"  {row['kernel']:<40} {str(row['shape']):<20} {row['flops_per_s'] / 1e9:8.1f} G(FL)OP/s")
+        lines.append(f"  {row['kernel']:<58} x{row.get('threads', 1)} {str(row['shape']):<18} {row['flops_per_s'] / 1e9:8.1f} G(FL)OP/s")
     for precision, value in report["peak"].items():
-        lines.append(f"  peak {precision}: {value / 1e9:.1f} G(FL)OP/s ({report['peak_kernel'][precision]})")
+        lines.append(f"  peak {precision}: {value / 1e9:.1f} G(FL)OP/s ({report['peak_kernel'][precision]}); "
+                     f"one thread {report.get('peak_1thread', {}).get(precision, 0.0) / 1e9:.1f}")
     return "\n".join(lines)
 
 
@@ -203,14 +243,14 @@ def format_peaks(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m benchmarks.peak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS)
-    parser.add_argument("--rows", type=positive_int, default=256, help="rows of the recurrence GEMM (pairs per call)")
+    parser.add_argument("--rows", type=positive_int, default=PEAK_ROWS, help="rows of the recurrence GEMM (pairs per call)")
     parser.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 1024], help="W2R hidden sizes H")
     parser.add_argument("--json", type=output_file, default=None, help="write the report here")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.rows < 1 or min(args.hidden) < 1:
         print("error: --threads, --rows and --hidden must be positive", file=sys.stderr)
         return 2
-    report = measure_peaks(tuple(args.hidden), args.rows, args.threads)
+    report = measure_peaks(tuple(args.hidden), args.rows, args.threads, square=True)
     print(format_peaks(report))
     if args.json is not None:
         write_json_atomic(args.json, {"machine": machine_info(args.threads), "peak": report})

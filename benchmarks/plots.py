@@ -53,7 +53,22 @@ def plot_throughput(report: dict, out: Path) -> list[Path]:
             for i, scorer in enumerate(_scorers(result["points"])):
                 rows = sorted((p for p in result["points"] if p["scorer"] == scorer and p[fixed_name] == fixed),
                               key=lambda p: p[axis_name])
-                ax.plot([p[axis_name] for p in rows], [p["pairs_per_s"] for p in rows], marker=MARKERS[i % len(MARKERS)], label=scorer)
+                x, y = [p[axis_name] for p in rows], [p["pairs_per_s"] for p in rows]
+                if rows and "latency_min_s" in rows[0]:  # error bars: the slowest and the fastest call
+                    low = [p["pairs_per_s"] - p["batch"] / p["latency_max_s"] for p in rows]
+                    high = [p["batch"] / p["latency_min_s"] - p["pairs_per_s"] for p in rows]
+                    ax.errorbar(x, y, yerr=[low, high], marker=MARKERS[i % len(MARKERS)], label=scorer, capsize=2)
+                else:
+                    ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], label=scorer)
+            factored = sorted((p for p in result["points"] if p["scorer"] == "ort-fp32" and p[fixed_name] == fixed),
+                              key=lambda p: p[axis_name])
+            peak = report.get("peak", {})
+            if axis_name == "length" and factored and peak.get("peak", {}).get("fp32"):
+                for key, style, what in (("peak", "--", "every core"), ("peak_1thread", ":", "one thread")):
+                    value = peak.get(key, {}).get("fp32")
+                    if value:  # the roofline: the measured fp32 GEMM peak over the factored pair step's FLOPs
+                        ax.plot([p["length"] for p in factored], [value / p["flops_per_pair"] for p in factored], style,
+                                color="black", label=f"peak fp32 {value / 1e9:.0f} GFLOP/s ({what}) / FLOPs per pair")
             ax.set_yscale("log")
             if axis_name == "batch":
                 ax.set_xscale("log", base=2)

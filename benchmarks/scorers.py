@@ -15,7 +15,12 @@ Scorers (every one computes MS = Y + lambda Y' of the same model on the same inp
   encode_texts, score_grid_cached); the caption rows are sliced to their longest caption.
 - torch-bf16: factored-eager under torch.autocast("cpu", bfloat16).
 - ort-<precision>: the exported ONNX graphs (export/graphs.py, export/onnx_export.py) on ONNX
-  Runtime CPU: image and text graphs once, then w2r_pair + o2w_pair with pairs [(0, r)].
+  Runtime CPU: image and text graphs once, then the grid graphs w2r_grid + o2w_grid (one image row, nothing
+  gathered; fp32 only), else w2r_pair + o2w_pair with pairs [(0, r)]. ort-fp32-pair: the fp32 pair graphs
+  even where grid graphs exist (the engine's path before issue 14).
+- engine: engine.runtime.Scorer on an artifact of the same model (export.pipeline, fp32), as a user gets
+  it: its own scoring path choice, threads=None (every CPU: concurrent one-thread calls), caption blocks
+  built by the caches. `score_pass` scores several image rows x every caption (score_grid).
   Precisions: fp32; fp16 (fp16 graphs, recurrence kept fp32: ORT CPU inserts casts, no fp16
   arithmetic); int8-recurrence / int8-projection (quantize_dynamic QInt8 of h W_hh^T, and also of
   u W_ih_u^T where the graph has it; export/precision.py).
@@ -35,7 +40,7 @@ import numpy as np
 from engine.graphs import GRAPHS
 
 ORT_PRECISIONS = ("fp32", "fp16", "int8-recurrence", "int8-projection")
-SCORER_NAMES = ("paper-eager", "factored-eager", "torch-bf16", *(f"ort-{p}" for p in ORT_PRECISIONS))
+SCORER_NAMES = ("paper-eager", "factored-eager", "torch-bf16", *(f"ort-{p}" for p in ORT_PRECISIONS), "ort-fp32-pair", "engine")
 
 
 @dataclass
@@ -107,6 +112,12 @@ class Scorer:
     def score(self, rows: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def score_pass(self, blocks: list[np.ndarray], images: int, out: np.ndarray) -> None:
+        """`images` image rows (copies of the one image) x every caption, block by block: out [images, captions]."""
+        for i in range(images):
+            for rows in blocks:
+                out[i, rows] = self.score(rows)
+
 
 class PaperEager(Scorer):
     name = "paper-eager"
@@ -171,17 +182,20 @@ class FactoredEager(Scorer):
 
 
 class OrtScorer(Scorer):
-    def __init__(self, model, graphs: dict[str, dict[str, Path]], precision: str, threads: int):
+    def __init__(self, model, graphs: dict[str, dict[str, Path]], precision: str, threads: int, grid: bool = True):
         from export.validate import open_session
 
-        self.name = f"ort-{precision}"
+        self.name = f"ort-{precision}" + ("" if grid or precision != "fp32" else "-pair")
         self.precision = precision
         self.weights = model.config.branch_weights
         self.route = "gates" if model.w2r is not None and model.w2r.pair_gathers_gates else "regions"
         float_graphs = graphs["fp16" if precision == "fp16" else "fp32"]
         chosen = {**float_graphs, **graphs.get(precision, {})}
         self.dtype = np.float16 if precision == "fp16" else np.float32
+        if not grid or precision != "fp32":  # grid graphs are fp32 only (engine.graphs.GRID_PRECISIONS)
+            chosen = {name: path for name, path in chosen.items() if GRAPHS[name].stage != "grid"}
         self.sessions = {name: open_session(path, threads) for name, path in chosen.items()}
+        self.grid = all(f"{b}_grid" in self.sessions for b in ("w2r", "o2w") if f"{b}_pair" in self.sessions)
         if precision.startswith("int8-") and "w2r_pair" in graphs.get(precision, {}):
             self.precision_of = {"w2r.recurrence": "int8"}
             if precision == "int8-projection" and self.route == "regions":
@@ -215,18 +229,70 @@ class OrtScorer(Scorer):
         available["pairs"] = np.stack([np.zeros(len(rows), np.int64), np.arange(len(rows), dtype=np.int64)], axis=1)  # [N, 2]
         total = np.zeros(len(rows), np.float32)
         for branch, weight in zip(("w2r", "o2w"), self.weights):
-            name = f"{branch}_pair"
+            name = f"{branch}_grid" if self.grid else f"{branch}_pair"
             if name in self.sessions and weight:
                 feeds = {n: available[n] for n in GRAPHS[name].input_names}
                 total += weight * self.sessions[name].run(None, feeds)[0]
         return total
 
 
-def make_scorer(name: str, model, graphs: dict[str, dict[str, Path]] | None = None, threads: int = 2) -> Scorer:
+class EngineScorer(Scorer):
+    """engine.runtime.Scorer as a user loads it (threads=None, path auto) on an fp32 artifact of the model."""
+
+    name = "engine"
+
+    def __init__(self, model, work: Path, threads: int | None = None):
+        from engine.runtime import Scorer as EngineRuntime
+        from export.pipeline import ExportOptions, export_artifact
+        from training.checkpoint import save_checkpoint
+        from training.config import TrainConfig
+
+        self.route = "gates" if model.w2r is not None and model.w2r.pair_gathers_gates else "regions"
+        artifact = work / "engine-artifact"
+        if not (artifact / "manifest.json").is_file():
+            save_checkpoint(work / "engine-checkpoint", model, TrainConfig(), metrics={"weights": "random"})
+            export_artifact(ExportOptions(model_dir=work / "engine-checkpoint", out=artifact, precisions=("fp32",),
+                                          tensorrt="off", assets_dir=None, progress=False))
+        self.engine = EngineRuntime.load(artifact, backend="onnxruntime-cpu", threads=threads)
+        self.reason = self.engine.runner.reason
+
+    def prepare(self, inputs: Inputs) -> dict:
+        self.inputs = inputs
+        start = time.perf_counter()
+        self.image_cache = self.engine.encode_image_features(inputs.regions, inputs.objects)
+        image_s = time.perf_counter() - start
+        start = time.perf_counter()
+        self.caption_cache = self.engine.encode_word_features(inputs.words, inputs.lengths)
+        return {"image_s": image_s, "caption_s": (time.perf_counter() - start) / len(inputs.lengths)}
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        self.engine.pairs_per_call = max(len(rows), 1)
+        return self.engine.score_grid(self.image_cache, self.caption_cache, caption_rows=rows, fuse=False)[0]
+
+    def score_pass(self, blocks: list[np.ndarray], images: int, out: np.ndarray) -> None:
+        self.engine.pairs_per_call = max(len(blocks[0]), 1)
+        gallery = self.image_cache.rows(np.zeros(images, np.int64))  # the one image, `images` times
+        from engine.cache import ImageCache
+
+        cache = ImageCache([f"copy{i}" for i in range(images)], gallery, self.image_cache.fingerprint, self.image_cache.precision)
+        out[:] = self.engine.score_grid(cache, self.caption_cache, fuse=False)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def make_scorer(name: str, model, graphs: dict[str, dict[str, Path]] | None = None, threads: int = 2,
+                work: Path | None = None, engine_threads: int | None = None) -> Scorer:
     if name == "paper-eager":
         return PaperEager(model)
     if name in ("factored-eager", "torch-bf16"):
         return FactoredEager(model, bf16=name == "torch-bf16")
+    if name == "engine":
+        if work is None:
+            raise ValueError("scorer engine: needs a work directory (its artifact is exported there)")
+        return EngineScorer(model, work, engine_threads)
+    if name == "ort-fp32-pair":
+        return OrtScorer(model, graphs or {}, "fp32", threads, grid=False)
     if name.startswith("ort-") and name[4:] in ORT_PRECISIONS:
         if graphs is None or name[4:] not in graphs:
             raise ValueError(f"scorer {name}: its graphs were not exported (have {sorted(graphs or {})})")

@@ -29,6 +29,9 @@ H2=o2w_hidden):
                 (Bi-LSTM over the real words, directions averaged; zero past each length)
     o2w_pair    objects_attn, objects_mlp (image-cache rows), states, lengths (caption-cache rows),
                 pairs [pairs, 2] -> scores [pairs]  Y' (eq. 9-14)
+    w2r_grid    regions_attn, regions_values [1, ...] (ONE image row), words, gates_words, lengths
+                -> scores [captions]  Y of that image with every caption row (optional, fp32)
+    o2w_grid    objects_attn, objects_mlp [1, ...], states, lengths -> scores [captions]  Y' (optional, fp32)
     shortlist_image  regions [images, D, M], objects [images, P, Q] -> image_vectors [images, K]
     shortlist_text   words [captions, words, E], lengths [captions] -> text_vectors [captions, K]
                      (the dual-encoder baseline; unit vectors, score = dot product)
@@ -56,6 +59,12 @@ several image rows each pair gathers its image's regions_values, 4 * D * V bytes
 the paper preset gathers R rather than G, whose 3.2 MB per pair would need 13 GB for 4,096
 pairs). So score exhaustive grids one image row per call; use several image rows for a
 text-to-image re-rank (1 caption x k images). `pair_bytes(dims, n_pairs, words)` bounds a call.
+
+Grid graphs (w2r_grid, o2w_grid) compute the pair graphs' one-image case (pairs = (0, r) for
+every caption row r) without a pair index: no Gather of cache rows, no If, and W2R's attention
+runs inside the recurrence step (one GEMM [attn_t, h] x [G; W_hh] per word), so no [pairs, words,
+4H] intermediate is made. They are validated against the same torch modules as the pair graphs
+(export/validate.py) and are used by the runtime for grid blocks when present at the run's precision.
 
 Attention is the test-time rule (softmax) in every graph; the training-only uniform rule
 for negatives is not exported. The final score MS = w2r_weight * Y + o2w_weight * Y' is
@@ -202,6 +211,16 @@ GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (
                _t("objects_mlp", IMAGES, "object_count", "o2w_first"),
                _t("states", CAPTIONS, WORDS, "o2w_hidden"), _LENGTHS, _PAIRS),
               (_SCORES,)),
+    # One image x many captions (a grid block): the pair graphs' one-image case with nothing gathered
+    # (optional: an artifact without them scores grids through the pair graphs; fp32 only).
+    GraphSpec("w2r_grid", "w2r", "grid",
+              (_t("regions_attn", 1, "region_count", "word_dim"), _t("regions_values", 1, "region_count", "w2r_values"),
+               _WORDS, _t("gates_words", CAPTIONS, WORDS, "w2r_gates"), _LENGTHS),
+              (_t("scores", CAPTIONS, dtype="float32"),)),
+    GraphSpec("o2w_grid", "o2w", "grid",
+              (_t("objects_attn", 1, "object_count", "o2w_hidden"), _t("objects_mlp", 1, "object_count", "o2w_first"),
+               _t("states", CAPTIONS, WORDS, "o2w_hidden"), _LENGTHS),
+              (_t("scores", CAPTIONS, dtype="float32"),)),
     GraphSpec("shortlist_image", "shortlist", "image", (_REGIONS, _OBJECTS),
               (_t("image_vectors", IMAGES, "shortlist_dim", dtype="float32"),)),
     GraphSpec("shortlist_text", "shortlist", "text", (_WORDS, _LENGTHS),
@@ -209,6 +228,8 @@ GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (
 )}
 
 BSSAN_GRAPHS = tuple(n for n, g in GRAPHS.items() if g.branch != "shortlist")
+GRID_GRAPHS = tuple(n for n, g in GRAPHS.items() if g.stage == "grid")
+GRID_PRECISIONS = ("fp32",)  # the exporter writes grid graphs at these precisions only
 SHORTLIST_GRAPHS = tuple(n for n, g in GRAPHS.items() if g.branch == "shortlist")
 
 

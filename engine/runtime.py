@@ -8,7 +8,9 @@
         ranking = scorer.top_k(images, captions, k=5, direction="i2t", shortlist_k=100, attention=True)
         for query, hits, values in zip(ranking.queries, ranking.indices, ranking.scores): ...
 
-Scoring runs the artifact's pair graphs (engine/graphs.py) on cache rows and a pair index.
+Scoring runs the artifact's pair graphs (engine/graphs.py) on cache rows and a pair index, or, for
+one-image blocks, its grid graphs (no pair index, nothing gathered) when the artifact has them: the
+scoring path (`path`, see Scorer.choose_path; the choice and its reason end `runner.reason`).
 Grids (score_matrix, exhaustive top_k): ONE image row x a bucket of up to `batch_size` captions
 per call, so the image's regions_values are shared by every pair instead of gathered per pair.
 Pair lists (score_pairs, shortlist re-ranks): an image with many pairs gets calls of its own,
@@ -45,6 +47,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +73,11 @@ DEFAULT_PAIRS_PER_CALL = 512  # pairs per call: 1010 pairs/s at 500 vs 686 at 10
 # fewer are pooled across images and sorted by caption length. Measured at the flickr8k preset (2 loaded
 # cores): i2t re-rank of 100 candidates 1184 pairs/s pooled vs 344 in single-image calls of 100 pairs.
 SINGLE_ROW_PAIRS = 256
+# With grid graphs a one-image call gathers nothing and pays only the call's fixed cost, so smaller groups go
+# to one-image calls too (benchmarks/README.md: "Scoring paths").
+SINGLE_ROW_PAIRS_GRID = 32
+PATHS = ("auto", "grid", "pair")  # Scorer path: the graphs that score a one-image block (see Scorer.choose_path)
+MIN_SPLIT_PAIRS = 32  # score_pairs cuts calls in halves (down to this many pairs) until every concurrent worker has one
 PAIR_OVERHEAD = 1.5  # allocator slack over a pair call's listed intermediates: at 512 pairs, flickr8k preset, 392 MB
 # estimated vs 358 MB measured (peak RSS minus the RSS before the first call)
 DIRECTIONS = ("i2t", "t2i")
@@ -119,7 +128,8 @@ class Scorer(Encoder):
     """An artifact, a runner, and the scoring plan (pairs per call, buckets, memory budget)."""
 
     def __init__(self, artifact: Artifact, runner: Runner, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-                 pairs_per_call: int = DEFAULT_PAIRS_PER_CALL, buckets: bool = True, fusion: bool | Fusion = True):
+                 pairs_per_call: int = DEFAULT_PAIRS_PER_CALL, buckets: bool = True, fusion: bool | Fusion = True,
+                 path: str = "auto"):
         if isinstance(pairs_per_call, bool) or not isinstance(pairs_per_call, (int, np.integer)) or pairs_per_call < 1:
             raise InputError(f"pairs per call (batch size) {pairs_per_call!r}: expected an integer >= 1")
         if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float, np.number)) \
@@ -139,17 +149,58 @@ class Scorer(Encoder):
         if self.fusion.uses_first_stage and not self.has_shortlist:
             raise InputError(f"{artifact.root}: fusion {self.fusion.to_dict()} uses the first stage, but the runner has no "
                              f"shortlist graphs; expected an artifact exported with --shortlist (or fusion=False)")
+        self.path, self.path_reason = self.choose_path(path)
+        runner.reason = f"{runner.reason}; scoring path: {self.path_reason}"
+        # pair/grid calls in flight at once (engine/backends/onnxruntime.py: one intra-op thread per call on the CPU)
+        self.concurrent_calls = max(1, int(getattr(runner, "concurrent_calls", 1)))
+        if self.concurrent_calls > 1:
+            runner.reason += f"; {self.concurrent_calls} pair calls at once, 1 intra-op thread each"
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+
+    def grid_available(self) -> tuple[bool, str]:
+        """(True, "") when every branch's grid graph runs here at the precision of its pair graph, else (False, why not)."""
+        missing = [f"{b}_grid" for b, _ in self.branches if not self.runner.has_graph(f"{b}_grid")]
+        if missing:
+            return False, f"the artifact has no {', '.join(missing)} at precision {self.runner.precision} for this backend"
+        other = [f"{b}_grid" for b, _ in self.branches
+                 if self.runner.precisions[f"{b}_grid"] != self.runner.precisions[f"{b}_pair"]]
+        if other:
+            return False, f"{', '.join(other)} run at another precision than the pair graphs"
+        return True, ""
+
+    def choose_path(self, path: str = "auto") -> tuple[str, str]:
+        """(path, reason): "grid" scores one-image blocks with the grid graphs (engine/graphs.py: no gathers, no If,
+        attention inside the recurrence step), "pair" with the pair graphs. auto: what `python -m benchmarks.run`
+        measured fastest for this artifact on this machine (engine.paths), else grid when the artifact has it."""
+        if path not in PATHS:
+            raise InputError(f"path {path!r}: expected one of {list(PATHS)}")
+        has_grid, why_not = self.grid_available()
+        if path == "grid" and not has_grid:
+            raise InputError(f"path 'grid': {why_not}; re-export the artifact (python -m export) or use path='pair'")
+        if path != "auto":
+            return path, f"{path} (requested)"
+        if not has_grid:
+            return "pair", f"pair graphs ({why_not})"
+        from engine.paths import recorded_choice
+
+        recorded = recorded_choice(self.fingerprint, self.runner)
+        if recorded is not None:
+            return recorded["path"], f"{recorded['path']} graphs ({recorded['reason']})"
+        return "grid", ("grid graphs (they do a subset of the pair graphs' work: no gathers, no If; "
+                        "python -m benchmarks.run measures both on this machine and records the faster)")
 
     @classmethod
     def load(cls, artifact_dir: str | os.PathLike, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
              memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, batch_size: int = DEFAULT_PAIRS_PER_CALL,
-             buckets: bool = True, fusion: bool | Fusion = True, **runner_options) -> "Scorer":
+             buckets: bool = True, fusion: bool | Fusion = True, path: str = "auto", **runner_options) -> "Scorer":
         """Load and verify an artifact directory and open its graphs on `backend` (see engine/backends/).
-        fusion: True applies the artifact's fusion weights (manifest "fusion") in every mode; False scores BSSAN alone."""
+        fusion: True applies the artifact's fusion weights (manifest "fusion") in every mode; False scores BSSAN alone.
+        path: "auto" (see choose_path; `runner.reason` ends with the choice and why), "grid" or "pair"."""
         artifact = load_artifact(artifact_dir)
         runner = open_runner(artifact, backend, precision, threads, **runner_options)
         try:
-            return cls(artifact, runner, memory_budget_mb, batch_size, buckets, fusion)
+            return cls(artifact, runner, memory_budget_mb, batch_size, buckets, fusion, path)
         except BaseException:
             runner.close()
             raise
@@ -161,8 +212,26 @@ class Scorer(Encoder):
         self.close()
 
     def close(self) -> None:
-        """Release the sessions; any later scoring call raises ClosedError (engine.errors)."""
+        """Release the sessions and the call workers; any later scoring call raises ClosedError (engine.errors)."""
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
         self.runner.close()
+
+    def _run_calls(self, calls: list, run, workers: int) -> None:
+        """run(call) for every call, up to `workers` at once (in order and inline when one worker or one call).
+        Each call writes its own output rows; an exception in any call is raised here."""
+        if min(workers, len(calls)) <= 1 or self.runner.closed:  # closed: the first call raises ClosedError
+            for call in calls:
+                run(call)
+            return
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.concurrent_calls, thread_name_prefix="bssan-pairs")
+            executor = self._executor
+        for _ in executor.map(run, calls):
+            pass
 
     @property
     def has_shortlist(self) -> bool:
@@ -200,9 +269,16 @@ class Scorer(Encoder):
         image_row, caption_row = self.cache_row_bytes(words)
         self._fit(1, 1, words, PROCESS_BASE_MB * 2**20 + n_images * image_row + n_captions * caption_row + output_bytes)
 
-    def _fit(self, pairs: int, image_rows: int, words: int, resident: int) -> int:
-        """The largest number of pairs per call <= `pairs` whose working set fits the memory budget."""
+    def _plan_workers(self, words: int, resident: int) -> int:
+        """Concurrent calls the budget holds: concurrent_calls, fewer when their smallest working sets do not fit."""
         budget = self.memory_budget_mb * 2**20 - resident
+        one = max(1, self.working_bytes(1, 1, words))
+        return int(max(1, min(self.concurrent_calls, budget // one)))
+
+    def _fit(self, pairs: int, image_rows: int, words: int, resident: int, workers: int = 1) -> int:
+        """The largest number of pairs per call <= `pairs` whose working set, times `workers` calls at once,
+        fits the memory budget."""
+        budget = (self.memory_budget_mb * 2**20 - resident) / workers
         while pairs > 1 and self.working_bytes(min(image_rows, pairs), pairs, words) > budget:
             pairs //= 2
         if self.working_bytes(1, 1, words) > budget:
@@ -234,6 +310,16 @@ class Scorer(Encoder):
             total = weight * y if total is None else total + weight * y
         return total.astype(np.float32, copy=False)
 
+    def _grid_scores(self, image_feeds: dict, caption_feeds: dict) -> np.ndarray:
+        """MS [B_txt] of ONE image row (image_feeds) with every caption row of caption_feeds, through the grid graphs."""
+        total = None
+        available = {**image_feeds, **caption_feeds}
+        for branch, weight in self.branches:
+            spec = GRAPHS[f"{branch}_grid"]
+            y = self.runner.infer(spec.name, {n: available[n] for n in spec.input_names})["scores"]
+            total = weight * y if total is None else total + weight * y
+        return total.astype(np.float32, copy=False)
+
     def _caption_groups(self, captions: CaptionCache, rows: np.ndarray, size: int) -> list[tuple[np.ndarray, int]]:
         """(caption rows, padded words) of each block: length-sorted buckets, or the given order padded to the longest."""
         if self.buckets:
@@ -255,17 +341,29 @@ class Scorer(Encoder):
         if not out.size:
             return out
         resident = resident_bytes(images, captions) + out.nbytes
-        block = self._fit(min(len(caption_rows), self.pairs_per_call), 1, captions.max_length, resident)
+        workers = self._plan_workers(captions.max_length, resident)
+        block = self._fit(min(len(caption_rows), self.pairs_per_call), 1, captions.max_length, resident, workers)
         column = np.empty(len(captions), dtype=np.int64)
         column[caption_rows] = np.arange(len(caption_rows))  # caption row -> output column
         groups = self._caption_groups(captions, caption_rows, block)
+        grid = self.path == "grid"
         with progress_bar(progress, out.size) as bar:
-            for rows, width in groups:
-                caption_feeds = captions.block(rows, width)
+            def score_block(rows: np.ndarray, caption_feeds: dict, images_of_block: range) -> None:
                 pairs = np.stack([np.zeros(len(rows), np.int64), np.arange(len(rows))], axis=1)  # [B_txt, 2]
-                for i, image in enumerate(image_rows):
-                    out[i, column[rows]] = self._pair_scores(images.rows(image[None]), caption_feeds, pairs)
+                for i in images_of_block:
+                    image_feeds = images.rows(image_rows[i:i + 1])
+                    out[i, column[rows]] = (self._grid_scores(image_feeds, caption_feeds) if grid
+                                            else self._pair_scores(image_feeds, caption_feeds, pairs))
                     bar.update(len(rows))
+
+            if len(image_rows) >= workers:  # each caption block once; its image rows spread over the workers
+                for rows, width in groups:
+                    caption_feeds = captions.block(rows, width)
+                    self._run_calls([range(i, i + 1) for i in range(len(image_rows))],
+                                    lambda one: score_block(rows, caption_feeds, one), workers)
+            else:  # few image rows (a query): the caption blocks spread over the workers
+                self._run_calls(groups, lambda group: score_block(group[0], captions.block(*group), range(len(image_rows))),
+                                workers)
         if fuse and self.fuses:
             out = self.fusion.apply(self.first_stage(images, captions, image_rows, caption_rows), out)
         return out
@@ -284,8 +382,9 @@ class Scorer(Encoder):
     def score_pairs(self, images: ImageCache, captions: CaptionCache, pairs: np.ndarray, progress: bool = False,
                     fuse: bool = True) -> np.ndarray:
         """Scores [N] (MS, fused as in score_grid) of pairs [N, 2] = (image row, caption row). Pairs are grouped by image: an image with
-        at least SINGLE_ROW_PAIRS pairs is scored one image row per call (no gather); the rest are
-        pooled, sorted by caption length (buckets), several image rows per call."""
+        at least SINGLE_ROW_PAIRS pairs (SINGLE_ROW_PAIRS_GRID on the grid path) is scored one image row per call
+        (no gather; its grid graphs on the grid path); the rest are pooled, sorted by caption length (buckets),
+        several image rows per call."""
         self._check_caches(images, captions)
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         for column, n, what in ((0, len(images), "image"), (1, len(captions), "caption")):
@@ -296,35 +395,50 @@ class Scorer(Encoder):
             return out
         resident = resident_bytes(images, captions) + out.nbytes + pairs.nbytes
         width = None if self.buckets else captions.max_length
-        calls = self._pair_calls(images, captions, pairs, resident)
+        workers = self._plan_workers(captions.max_length, resident)
+        calls = self._pair_calls(images, captions, pairs, resident, workers)
         with progress_bar(progress, len(pairs)) as bar:
-            for chosen in calls:
+            def run(chosen: np.ndarray) -> None:
                 image_rows, image_pos = np.unique(pairs[chosen, 0], return_inverse=True)
                 caption_rows, caption_pos = np.unique(pairs[chosen, 1], return_inverse=True)
-                local = np.stack([image_pos.reshape(-1), caption_pos.reshape(-1)], axis=1)  # [n, 2]
-                out[chosen] = self._pair_scores(images.rows(image_rows), captions.block(caption_rows, width), local)
+                if self.path == "grid" and len(image_rows) == 1:  # one image row: its grid graph, nothing gathered
+                    out[chosen] = self._grid_scores(images.rows(image_rows), captions.block(caption_rows, width))[caption_pos.reshape(-1)]
+                else:
+                    local = np.stack([image_pos.reshape(-1), caption_pos.reshape(-1)], axis=1)  # [n, 2]
+                    out[chosen] = self._pair_scores(images.rows(image_rows), captions.block(caption_rows, width), local)
                 bar.update(len(chosen))
+
+            self._run_calls(calls, run, workers)
         if fuse and self.fuses:
             out = self.fusion.apply(self.pair_first_stage(images, captions, pairs), out)
         return out
 
-    def _pair_calls(self, images: ImageCache, captions: CaptionCache, pairs: np.ndarray, resident: int) -> list[np.ndarray]:
-        """Indices into `pairs` of each call (see score_pairs)."""
+    def _pair_calls(self, images: ImageCache, captions: CaptionCache, pairs: np.ndarray, resident: int,
+                    workers: int = 1) -> list[np.ndarray]:
+        """Indices into `pairs` of each call (see score_pairs); with several workers, calls are cut in halves
+        (down to MIN_SPLIT_PAIRS pairs) until each worker has one."""
         lengths = captions.lengths[pairs[:, 1]] if self.buckets else np.zeros(len(pairs), np.int64)
         order = np.lexsort((lengths, pairs[:, 0]))  # by image, then caption length
         starts = np.flatnonzero(np.diff(pairs[order, 0], prepend=-1))
-        single = self._fit(self.pairs_per_call, 1, captions.max_length, resident)
+        single = self._fit(self.pairs_per_call, 1, captions.max_length, resident, workers)
         calls, pooled = [], []
+        threshold = SINGLE_ROW_PAIRS_GRID if self.path == "grid" else SINGLE_ROW_PAIRS
         for group in np.split(order, starts[1:]):
-            if len(group) >= SINGLE_ROW_PAIRS:
+            if len(group) >= threshold:
                 calls += [group[s:s + single] for s in range(0, len(group), single)]
             else:
                 pooled.append(group)
         if pooled:
             rest = np.concatenate(pooled)
             rest = rest[np.argsort(lengths[rest], kind="stable")]
-            several = self._fit(self.pairs_per_call, self.pairs_per_call, captions.max_length, resident)
+            several = self._fit(self.pairs_per_call, self.pairs_per_call, captions.max_length, resident, workers)
             calls += [rest[s:s + several] for s in range(0, len(rest), several)]
+        while 0 < len(calls) < workers:  # fewer calls than workers: halve the largest while it is big enough
+            largest = max(range(len(calls)), key=lambda c: len(calls[c]))
+            if len(calls[largest]) < 2 * MIN_SPLIT_PAIRS:
+                break
+            half = len(calls[largest]) // 2
+            calls[largest:largest + 1] = [calls[largest][:half], calls[largest][half:]]
         return calls
 
     def _check_caches(self, images: ImageCache, captions: CaptionCache) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -264,6 +265,128 @@ class O2WPair(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Grid graphs: one image row x many caption rows, nothing gathered (engine/graphs.py "w2r_grid", "o2w_grid")
+
+
+class W2RGrid(nn.Module):
+    """w2r_grid: the one-image case of W2RPair (pairs (0, r) for every caption row r), as torch for parity and the
+    torch backend. Its ONNX graph is written by `onnx_model` (not traced): the attention of word t runs inside
+    the recurrence step, and the step is ONE Gemm [a_t, h] x [G; W_hh^T] + gates_words[:, t], so the graph holds
+    no [captions, words, 4H] intermediate, no Gather of cache rows and no If; h of every step is a Loop scan
+    output and each caption's last one is gathered once at the end."""
+
+    def __init__(self, pair: W2RPair):
+        super().__init__()
+        self.pair = pair
+
+    def forward(self, regions_attn: Tensor, regions_values: Tensor, words: Tensor, gates_words: Tensor,
+                lengths: Tensor) -> Tensor:
+        n = words.shape[0]
+        pairs = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n)], dim=1)
+        return self.pair(regions_attn, regions_values, words, gates_words, lengths, pairs)
+
+    def onnx_model(self, opset: int):
+        """The graph as an onnx.ModelProto (fp32), inputs and outputs as engine/graphs.py declares them."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        pair = self.pair
+        if pair.attn_bias.dtype != torch.float32 or pair.recurrence_dtype != torch.float32:
+            raise ValueError("w2r_grid is written at fp32 only (engine.graphs.GRID_PRECISIONS)")
+        hidden = pair.weight_hh_t.shape[0]
+        inits: list = []
+
+        def const(name: str, value) -> str:
+            inits.append(numpy_helper.from_array(np.asarray(value), name))
+            return name
+
+        def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+            nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+            return output
+
+        nodes: list = []
+        axis0 = const("axis0", np.array([0], np.int64))
+        keys_t = node("Transpose", [node("Squeeze", ["regions_attn", axis0], "keys")], "keys_t", perm=[1, 0])  # [E, D]
+        values = node("Squeeze", ["regions_values", axis0], "values")  # [D, V]
+        if not pair.gathers_gates:  # regions mode: G = R W_ih_u^T once per call (shared by every pair)
+            values = node("MatMul", [values, const("input_weight_u_t", pair.input_weight_u_t.numpy())], "gates_regions")
+        step_weight = node("Concat", [values, const("weight_hh_t", pair.weight_hh_t.numpy())], "step_weight", axis=0)  # [D+H, 4H]
+        one = const("one", np.array(1, np.int64))
+        steps = node("ReduceMax", ["lengths"], "steps", keepdims=0)
+        count = node("Gather", [node("Shape", ["words"], "words_shape"), axis0], "count", axis=0)  # [1]
+        h0 = node("ConstantOfShape", [node("Concat", [count, const("hidden", np.array([hidden], np.int64))], "state_shape",
+                                            axis=0)], "h0", value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+        body: list = []
+
+        def step(op: str, inputs: list[str], outputs: list[str] | str, **attrs):
+            outputs = [outputs] if isinstance(outputs, str) else outputs
+            body.append(helper.make_node(op, inputs, outputs, name=f"step_{outputs[0]}", **attrs))
+            return outputs[0] if len(outputs) == 1 else outputs
+
+        logits = step("MatMul", [step("Gather", ["words", "t"], "word_t", axis=1), keys_t], "logits_t")  # [N, D]
+        bias = float(pair.attn_bias)
+        if bias != 0.0 or pair.bounded:
+            logits = step("Add", [logits, const("attn_bias", pair.attn_bias.numpy())], "biased_t")
+        if pair.bounded:
+            logits = step("Tanh", [logits], "bounded_t")
+        attn = step("Softmax", [logits], "attn_t", axis=-1)  # [N, D]
+        gates = step("Gemm", [step("Concat", [attn, "h_in"], "attn_h", axis=1), step_weight,
+                              step("Gather", ["gates_words", "t"], "gates_words_t", axis=1)], "gates_t")  # [N, 4H]
+        i, f, g, o = step("Split", [gates], ["gate_i", "gate_f", "gate_g", "gate_o"], axis=1)  # nn.LSTM's gate order
+        c = step("Add", [step("Mul", [step("Sigmoid", [f], "sig_f"), "c_in"], "fc"),
+                         step("Mul", [step("Sigmoid", [i], "sig_i"), step("Tanh", [g], "tanh_g")], "ig")], "c_out")
+        step("Mul", [step("Sigmoid", [o], "sig_o"), step("Tanh", [c], "tanh_c")], "h_out")
+        step("Identity", ["cond_in"], "cond_out")
+        step("Identity", ["h_out"], "h_scan")
+        value = lambda name, dtype: helper.make_tensor_value_info(name, dtype, None)  # noqa: E731
+        loop_body = helper.make_graph(
+            body, "w2r_step", [helper.make_tensor_value_info("t", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                               value("h_in", TensorProto.FLOAT), value("c_in", TensorProto.FLOAT)],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), value("h_out", TensorProto.FLOAT), value("c_out", TensorProto.FLOAT),
+             value("h_scan", TensorProto.FLOAT)])
+        nodes.append(helper.make_node("Loop", [steps, "", h0, h0], ["h_last", "c_last", "h_all"], name="recurrence", body=loop_body))
+        # h of each caption's last real step: row (length - 1) * N + n of h_all [steps * N, H]
+        n = node("Squeeze", [count, axis0], "n")
+        rows = node("Add", [node("Mul", [node("Sub", ["lengths", one], "last"), n], "last_block"),
+                            node("Range", [const("start", np.array(0, np.int64)), n, one], "caption_rows")], "last_rows")
+        h = node("Gather", [node("Reshape", ["h_all", const("flat_h", np.array([-1, hidden], np.int64))], "h_flat"), rows],
+                 "h", axis=0)  # [N, H]
+        for k in range(pair.mlp.depth):
+            weight, bias_k = pair.mlp.layer(k)
+            if k:
+                h = node("Tanh", [h], f"mlp_tanh{k}")
+            h = node("Gemm", [h, const(f"mlp_weight{k}", weight.t().contiguous().numpy()), const(f"mlp_bias{k}", bias_k.numpy())],
+                     f"mlp{k}")
+        node("Reshape", [h, const("flat", np.array([-1], np.int64))], "scores")
+        f32 = TensorProto.FLOAT
+        graph = helper.make_graph(nodes, "w2r_grid", [
+            helper.make_tensor_value_info("regions_attn", f32, None), helper.make_tensor_value_info("regions_values", f32, None),
+            helper.make_tensor_value_info("words", f32, None), helper.make_tensor_value_info("gates_words", f32, None),
+            helper.make_tensor_value_info("lengths", TensorProto.INT64, None)],
+            [helper.make_tensor_value_info("scores", f32, None)], initializer=inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+class O2WGrid(nn.Module):
+    """o2w_grid: the one-image case of O2WPair without gathers (traced: no loop). The logits are one GEMM
+    [N*L, H2] x [H2, P]; padding words are masked out of the softmax over words."""
+
+    def __init__(self, pair: O2WPair):
+        super().__init__()
+        self.pair = pair
+
+    def forward(self, objects_attn: Tensor, objects_mlp: Tensor, states: Tensor, lengths: Tensor) -> Tensor:
+        pair = self.pair
+        n, length, hidden = states.shape
+        logits = (states.reshape(n * length, hidden) @ objects_attn[0].t()).reshape(n, length, -1).transpose(1, 2)  # [N, P, L]
+        logits = logits + pair.attn_bias
+        logits = torch.tanh(logits) if pair.bounded else logits
+        real = torch.arange(length, device=states.device)[None, :] < lengths[:, None]  # [N, L]
+        attn = torch.softmax(logits.masked_fill(~real[:, None, :], float("-inf")), dim=-1)  # [N, P, L]
+        z = objects_mlp[0] + (attn @ states) @ pair.first_states_t  # [N, P, h1]
+        return pair.mlp.continue_from_first(z).mean(dim=1).float()
+
+
+# ---------------------------------------------------------------------------------------------
 # Shortlist (the dual-encoder baseline: training/baseline.py)
 
 
@@ -288,9 +411,10 @@ class ShortlistText(nn.Module):
 
 
 def build_graph_modules(model: BSSAN, dtype: torch.dtype = torch.float32, recurrence_fp32: bool = True,
-                        shortlist: nn.Module | None = None) -> dict[str, nn.Module]:
+                        shortlist: nn.Module | None = None, grid: bool = True) -> dict[str, nn.Module]:
     """{graph name: eval-mode module} for the model's branches (and the shortlist encoders of a
-    DualEncoder `shortlist`), ready to trace. `recurrence_fp32` only matters when dtype is float16."""
+    DualEncoder `shortlist`), ready to trace. `recurrence_fp32` only matters when dtype is float16.
+    `grid`: also the grid graphs' modules (w2r_grid, o2w_grid; fp32 only: engine.graphs.GRID_PRECISIONS)."""
     modules: dict[str, nn.Module] = {}
     model = model.folded()  # input scales and attention temperatures moved into the weights: no extra graph ops
     with torch.no_grad():
@@ -298,10 +422,14 @@ def build_graph_modules(model: BSSAN, dtype: torch.dtype = torch.float32, recurr
             modules["w2r_image"] = W2RImage(model, dtype)
             modules["w2r_text"] = W2RText(model, dtype)
             modules["w2r_pair"] = W2RPair(model, dtype, recurrence_fp32)
+            if grid and dtype == torch.float32:
+                modules["w2r_grid"] = W2RGrid(modules["w2r_pair"])
         if model.o2w is not None:
             modules["o2w_image"] = O2WImage(model, dtype)
             modules["o2w_text"] = O2WText(model, dtype, recurrence_fp32)
             modules["o2w_pair"] = O2WPair(model, dtype)
+            if grid and dtype == torch.float32:
+                modules["o2w_grid"] = O2WGrid(modules["o2w_pair"])
         if shortlist is not None:
             modules["shortlist_image"] = ShortlistImage(shortlist, dtype)
             modules["shortlist_text"] = ShortlistText(shortlist, dtype, recurrence_fp32)

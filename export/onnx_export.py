@@ -121,19 +121,40 @@ def export_graph(module: nn.Module, name: str, dims: dict[str, int], path: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with warnings.catch_warnings(), torch.no_grad(), drop_native_warnings():
-            # TracerWarnings about Python ints from tensors concern the shapes we declare dynamic,
-            # and check_graph_io below asserts that they are.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=OPSET,
-                              input_names=spec.input_names, output_names=spec.output_names,
-                              dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+        if hasattr(module, "onnx_model"):  # written node by node (export/graphs.py W2RGrid), not traced
+            import onnx
+
+            model = module.onnx_model(OPSET)
+            _declare_io(model, spec, dims, precision)
+            onnx.checker.check_model(model)
+            onnx.save(model, str(tmp))
+        else:
+            with warnings.catch_warnings(), torch.no_grad(), drop_native_warnings():
+                # TracerWarnings about Python ints from tensors concern the shapes we declare dynamic,
+                # and check_graph_io below asserts that they are.
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=OPSET,
+                                  input_names=spec.input_names, output_names=spec.output_names,
+                                  dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
         _complete_declaration(tmp, spec, dims, precision)
         check_graph_io(tmp, spec, dims, precision)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _declare_io(model, spec: GraphSpec, dims: dict[str, int], precision: str) -> None:
+    """Types and shapes of a hand-written graph's inputs and outputs, from the declaration (names match already)."""
+    from onnx import helper
+
+    codes = {v: k for k, v in _ONNX_DTYPES.items()}
+    for values, declared in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
+        by_name = {t.name: t for t in declared}
+        typed = [helper.make_tensor_value_info(v.name, codes[str(by_name[v.name].numpy_dtype(precision))],
+                                               list(by_name[v.name].shape(dims))) for v in values]
+        del values[:]
+        values.extend(typed)
 
 
 def _complete_declaration(path: Path, spec: GraphSpec, dims: dict[str, int], precision: str) -> None:

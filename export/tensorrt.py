@@ -235,6 +235,8 @@ def build_artifact_engines(artifact: Artifact, precisions: tuple[str, ...] = TEN
     gpu_name, capability = identity or device_identity()
     engines = {}
     for name in artifact.graph_names:
+        if GRAPHS[name].stage == "grid":  # the ONNX Runtime path's one-image graphs; TensorRT runs the pair graphs
+            continue
         for precision in precisions:
             if not artifact.has_graph(name, precision):
                 continue

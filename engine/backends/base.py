@@ -77,6 +77,8 @@ class Runner:
     """Base of every backend: validation in `infer`, computation in `_infer`."""
 
     backend: Backend
+    runs_grid_graphs = True  # False: this backend ignores the artifact's grid graphs (TensorRT: no plans built for them)
+    concurrent_calls = 1  # pair/grid calls the Scorer may run at once (the ONNX Runtime CPU runner: one per thread)
     closed = False  # set by close(): infer() then raises ClosedError instead of a backend's KeyError
 
     def __init__(self, artifact: Artifact, precision: str = "fp32", threads: int | None = None):
@@ -85,7 +87,10 @@ class Runner:
         self.artifact = artifact
         self.precision = precision
         self.threads = threads
-        self.precisions = {name: graph_precision(artifact, name, precision) for name in artifact.graph_names}
+        # Grid graphs (engine/graphs.py: optional, one-image blocks) run only at the run's own precision and
+        # where the backend runs them; without them the Scorer uses the pair graphs.
+        self.precisions = {name: graph_precision(artifact, name, precision) for name in artifact.graph_names
+                           if GRAPHS[name].stage != "grid" or (self.runs_grid_graphs and artifact.has_graph(name, precision))}
         self.reason = f"{self.backend.value} requested"
 
     def __enter__(self):
@@ -118,4 +123,5 @@ class Runner:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        return {"backend": self.backend.value, "precision": self.precision, "threads": self.threads, "reason": self.reason}
+        return {"backend": self.backend.value, "precision": self.precision, "threads": self.threads,
+                "concurrent_calls": self.concurrent_calls, "reason": self.reason}

@@ -67,14 +67,36 @@ def open_session(path: str | os.PathLike | bytes, backend: str | Backend = Backe
     return session
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
 class OnnxRuntimeRunner(Runner):
-    """One InferenceSession per graph on exactly one execution provider, opened at construction."""
+    """One InferenceSession per graph on exactly one execution provider, opened at construction.
+
+    On the CPU with `threads` > 1 (None: every CPU of the process), the pair and grid graphs get ONE intra-op
+    thread each and `concurrent_calls` = threads: the Scorer runs that many pair calls at once. A pair call is a
+    chain of small GEMMs and elementwise nodes (the W2R recurrence: one step per word); splitting each node over
+    threads costs a wake-up and a join per node, and on shared cores a spinning worker waits for a core someone
+    else holds. Measured on 2 shared cores (benchmarks/README.md, "Scoring paths"): 2 calls x 1 thread 10.0k
+    pairs/s, 1 call x 2 threads 4.8k, 1 call x 1 thread 7.9k. The image and text graphs (large GEMMs, called
+    once per item) keep `threads` intra-op threads. Results do not depend on it (each call computes the same)."""
 
     backend = Backend.ORT_CPU
 
     def __init__(self, artifact, precision: str = "fp32", threads: int | None = None):
         super().__init__(artifact, precision, threads)
-        self.sessions = {name: open_session(artifact.graph_path(name, graph_prec), self.backend, threads)
+        self.concurrent_calls, pair_threads = 1, threads
+        if self.backend is Backend.ORT_CPU:
+            cores = threads if threads is not None else cpu_count()
+            if cores > 1:
+                self.concurrent_calls, pair_threads = cores, 1
+        self.sessions = {name: open_session(artifact.graph_path(name, graph_prec), self.backend,
+                                            pair_threads if GRAPHS[name].stage in ("pair", "grid") else threads)
                          for name, graph_prec in self.precisions.items()}
         for name, session in self.sessions.items():  # a swapped graph or an edited dim: refused now, not mid-run
             GRAPHS[name].check_declared_io(session.get_inputs(), session.get_outputs(), artifact.dims, self.precisions[name],

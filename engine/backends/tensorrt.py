@@ -83,6 +83,8 @@ class TensorRTRunner(Runner):
     """Deserialized engine + execution context per graph; device buffers sized per call.
     NOT YET RUN ON HARDWARE (written against the TensorRT 10/11 and cuda-python documentation)."""
 
+    runs_grid_graphs = False  # export/tensorrt.py builds plans for the pair graphs only
+
     backend = Backend.TENSORRT
 
     def __init__(self, artifact: Artifact, precision: str = "fp32", threads: int | None = None):

@@ -12,7 +12,8 @@ from benchmarks.run import RunConfig
 
 TINY = RunConfig(presets=("demo",), lengths={"demo": (4, 8)}, batches=(2, 4), repeats=1, min_calls=1, max_seconds=0.1,
                  real_captions={"demo": 12}, precision_images=1, precision_captions=8, e2e_images=10,
-                 artifact_precision_images=10, extraction_images=0, synthetic_images=0, square_peak=False)
+                 artifact_precision_images=10, extraction_images=0, synthetic_images=0, square_peak=False, real_min_seconds=0.0,
+                 real_block=8)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +53,23 @@ def test_report_schema(quick_report):
 def test_targets_are_ratios_with_verdicts(quick_report, capsys):
     _, report = quick_report
     names = [t["target"] for t in report["targets"]]
-    assert len(names) == 3 and all(t["verdict"] in ("PASS", "FAIL", "UNVERIFIED") for t in report["targets"])
-    best = next(t for t in report["targets"] if t["target"].startswith("best CPU path"))
-    assert best["verdict"] != "PASS" or "identical to fp32" in best["detail"]  # no accuracy figure without a model
+    assert len(names) == 4 and all(t["verdict"] in ("PASS", "FAIL", "UNVERIFIED") for t in report["targets"])
+    engine = next(t for t in report["targets"] if t["target"].startswith("engine's path >= 2x factored-eager"))
+    assert engine["verdict"] != "PASS" and "NOT MEASURED" in engine["detail"]  # no ranking check without a model
+
+
+def test_real_length_pass_is_interleaved_with_its_spread_and_the_engine_as_users_run_it(quick_report):
+    _, report = quick_report
+    (real,) = report["real_lengths"]
+    assert real["images"] == 2 and real["block"] == TINY.real_block and real["rounds"]["rounds"] >= TINY.repeats
+    assert len(real["rounds"]["load_1min"]) == real["rounds"]["rounds"]
+    for name, row in real["scorers"].items():
+        assert row["pairs_per_s_min"] <= row["pairs_per_s"] <= row["pairs_per_s_max"] and row["pass_cpu_s"] > 0
+        assert row["block"] == TINY.real_block  # one fixed block for every scorer: no batch choice to flip
+    assert "scoring path: grid graphs" in real["scorers"]["engine"]["reason"]
+    assert real["scorers"]["engine"]["max_abs_diff_vs_paper"] < 1e-4 and real["scorers"]["ort-fp32"]["max_abs_diff_vs_paper"] < 1e-4
+    assert report["peak"]["peak_at_start"].keys() == report["peak"]["peak_at_end"].keys()  # measured the same way twice
+    assert {k["kernel"] for k in report["peak"]["kernels"]} == {k["kernel"] for k in report["peak"]["kernels_at_end"]}
 
 
 def test_plots_written(quick_report):
@@ -82,33 +97,49 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert "skipped" in report["tensorrt"] or "fp32" in report["tensorrt"]
 
 
-def _report(best_rate: float, r1_change: float | None, artifact_hidden: int = 128) -> dict:
-    config = {"region_count": 49, "region_dim": 1280, "object_count": 10, "object_dim": 1280, "word_dim": 50,
-              "w2r_hidden": 128, "o2w_hidden": 64}
+def _report(ort_rate: float, identical: bool | None, fraction: float = 0.5) -> dict:
     point = lambda scorer, rate, diff: {"scorer": scorer, "length": 30, "batch": 64, "pairs_per_s": rate,  # noqa: E731
                                         "protocol_pairs_per_s": rate, "max_abs_diff_vs_paper": diff}
-    real_row = lambda rate: {"pairs_per_s": rate, "protocol_pairs_per_s": rate, "fraction_of_peak": 0.5,  # noqa: E731
-                             "gflops_per_s": 10.0, "precision_of": {"w2r.recurrence": "int8"}}
-    artifact = {"skipped": "no model"} if r1_change is None else {
-        "images": 1000, "artifact": "a", "model_config": {**config, "w2r_hidden": artifact_hidden},
-        "precisions": {"int8": {"recall_change": {"i2t": {"r1": 0.1}, "t2i": {"r1": r1_change}}}}}
-    return {"pair_scoring": [{"preset": "flickr8k", "lengths": [30], "config": config,
+    real_row = lambda rate, **extra: {"pairs_per_s": rate, "protocol_pairs_per_s": rate, "fraction_of_peak": fraction,  # noqa: E731
+                                      "gflops_per_s": 10.0, "threads": 1, **extra}
+    check = ({"skipped": "no model"} if identical is None else
+             {"images": 100, "captions": 500, "source": "store", "max_abs_diff": 1e-7, "identical_recall": identical})
+    return {"pair_scoring": [{"preset": "flickr8k", "lengths": [30],
                               "points": [point("paper-eager", 100.0, 0.0), point("ort-fp32", 300.0, 1e-7)]}],
-            "real_lengths": [{"preset": "flickr8k", "mean_length": 10.8,
-                              "scorers": {"paper-eager": real_row(100.0), "ort-int8-recurrence": real_row(best_rate)}}],
-            "precision": {"artifact": artifact}}
+            "real_lengths": [{"preset": "flickr8k", "mean_length": 10.8, "images": 2, "captions": 1024,
+                              "scorers": {"paper-eager": real_row(100.0), "factored-eager": real_row(1000.0),
+                                          "ort-fp32": real_row(ort_rate), "engine": real_row(2 * ort_rate, reason="x; scoring path: grid")}}],
+            "peak": {"peak": {"fp32": 1e11}, "peak_kernel": {"fp32": "k"}},
+            "end_to_end": {"ranking_check": check}, "precision": {}}
 
 
-@pytest.mark.parametrize("best_rate, r1_change, hidden, verdict", [
-    (1600.0, 0.2, 128, "PASS"),        # 16x, R@1 within 0.3 of fp32
-    (1600.0, -0.4, 128, "FAIL"),       # fast enough, R@1 moved too much
-    (1400.0, 0.0, 128, "FAIL"),        # 14x
-    (1600.0, None, 128, "UNVERIFIED"),  # no reference model: accuracy not measured
-    (1600.0, 0.0, 256, "UNVERIFIED"),  # the reference model has other sizes than the preset measured
+@pytest.mark.parametrize("ort_rate, identical, verdicts", [
+    (3100.0, True, ("PASS", "PASS")),             # 3.1x factored-eager, 31x paper-eager, R@K identical
+    (3100.0, False, ("FAIL", "FAIL")),            # fast enough, but the grid path ranks differently
+    (2500.0, True, ("PASS", "FAIL")),             # 2.5x and 25x
+    (3100.0, None, ("UNVERIFIED", "UNVERIFIED")),  # no reference model: ranking not checked
 ])
-def test_target_verdicts(best_rate, r1_change, hidden, verdict):
-    rows = bench_run.evaluate_targets(_report(best_rate, r1_change, hidden), TINY)
-    first, best, peak = rows
+def test_target_verdicts(ort_rate, identical, verdicts):
+    rows = bench_run.evaluate_targets(_report(ort_rate, identical), TINY)
+    first, eager, paper, peak = rows
     assert first["verdict"] == "PASS" and first["ratio"] == pytest.approx(3.0)
-    assert best["verdict"] == verdict and best["ratio"] == pytest.approx(best_rate / 100.0)
-    assert peak["verdict"] == "FAIL" and peak["ratio"] == 0.5
+    assert (eager["verdict"], paper["verdict"]) == verdicts
+    assert eager["ratio"] == pytest.approx(ort_rate / 1000.0) and paper["ratio"] == pytest.approx(ort_rate / 100.0)
+    assert peak["verdict"] == "PASS" and peak["ratio"] == 0.5
+    assert bench_run.evaluate_targets(_report(3100.0, True, fraction=0.3), TINY)[3]["verdict"] == "FAIL"
+
+
+def test_compare_agrees_within_the_tolerance(tmp_path, capsys):
+    from benchmarks.compare import main
+
+    a, b = _report(3000.0, True), _report(3300.0, True)
+    for report, name in ((a, "a.json"), (b, "b.json")):
+        report.update({"machine": {"date_utc": "now", "load_average_at_start": [1.0]}, "load_average_at_end": [1.5]})
+        (tmp_path / name).write_text(json.dumps(report))
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0  # 10% apart
+    assert "PASS: 4/4 scorers agree within 15%" in capsys.readouterr().out
+    b["real_lengths"][0]["scorers"]["ort-fp32"]["pairs_per_s"] = 4000.0
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
+    assert "[DIFFER] flickr8k  ort-fp32" in capsys.readouterr().out
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "missing.json")]) == 2

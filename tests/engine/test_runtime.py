@@ -206,3 +206,53 @@ def test_encoding_image_files_from_several_threads(image_artifact, demo_photos):
             thread.join()
         for result in results:
             assert all(np.array_equal(result.arrays[k], serial.arrays[k]) for k in serial.arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring paths: grid graphs (one image row, nothing gathered) vs pair graphs
+
+
+def test_grid_and_pair_paths_agree_and_the_choice_is_said(tiny_artifact, caches, matrix, monkeypatch, tmp_path):
+    monkeypatch.setenv("BSSAN_PATHS", str(tmp_path / "paths.json"))
+    images, captions = caches
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1) as auto, \
+            Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, path="pair") as pair:
+        assert auto.path == "grid" and "scoring path: grid graphs" in auto.runner.reason
+        assert pair.path == "pair" and "pair (requested)" in pair.runner.reason
+        by_pair = pair.score_matrix(images, captions)
+        assert_close(matrix, by_pair, 1e-5, "grid vs pair path")
+        assert np.array_equal(rank_rows(matrix, 5)[0], rank_rows(by_pair, 5)[0])
+        rng = np.random.default_rng(1)  # one image with many pairs (grid call) and pooled pairs (pair graph)
+        pairs = np.concatenate([np.stack([np.full(60, 3), rng.integers(len(captions), size=60)], 1),
+                                np.stack([rng.integers(len(images), size=40), rng.integers(len(captions), size=40)], 1)])
+        assert_close(auto.score_pairs(images, captions, pairs), pair.score_pairs(images, captions, pairs), 1e-5, "pairs")
+        for direction in ("i2t", "t2i"):
+            got, want = (s.top_k(images, captions, 3, direction, shortlist_k=10) for s in (auto, pair))
+            assert np.array_equal(got.indices, want.indices), direction
+
+
+def test_grid_path_only_where_the_graphs_run_at_the_runs_precision(tiny_artifact, monkeypatch, tmp_path):
+    monkeypatch.setenv("BSSAN_PATHS", "off")
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, precision="int8") as int8:
+        assert int8.path == "pair" and "w2r_grid" not in int8.runner.precisions  # grid graphs are fp32 only
+        with pytest.raises(InputError, match="path 'grid': the artifact has no w2r_grid"):
+            int8.choose_path("grid")
+    with pytest.raises(InputError, match="path 'fastest': expected one of"):
+        Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, path="fastest")
+
+
+def test_a_recorded_machine_choice_is_used_and_a_broken_record_ignored(tiny_artifact, monkeypatch, tmp_path):
+    from engine.paths import record_choice, recorded_choice
+
+    record = tmp_path / "paths.json"
+    monkeypatch.setenv("BSSAN_PATHS", str(record))
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1) as scorer:
+        assert recorded_choice(scorer.fingerprint, scorer.runner) is None
+        record_choice(scorer.fingerprint, scorer.runner, "pair", "measured: pair 1.0 ms vs grid 2.0 ms")
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1) as scorer:
+        assert scorer.path == "pair" and "pair graphs (measured: pair 1.0 ms vs grid 2.0 ms)" in scorer.runner.reason
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=2) as scorer:  # another key: the default
+        assert scorer.path == "grid"
+    record.write_text("{not json")
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1) as scorer:
+        assert scorer.path == "grid"

@@ -43,7 +43,8 @@ def test_manifest(artifact):
     m = artifact.manifest
     assert m["precisions"] == ["fp32", "fp16", "int8"]
     assert set(m["graphs"]) == set(GRAPHS)
-    assert all(set(v) >= {"fp32", "fp16"} for v in m["graphs"].values())
+    assert all(set(v) >= {"fp32", "fp16"} for n, v in m["graphs"].items() if GRAPHS[n].stage != "grid")
+    assert all(set(v) == {"fp32"} for n, v in m["graphs"].items() if GRAPHS[n].stage == "grid")  # GRID_PRECISIONS
     assert [n for n, v in m["graphs"].items() if "int8" in v] == ["w2r_pair"]  # recurrence scope: o2w has none
     assert m["w2r_values"] == "regions"  # demo: 4H = 32 > M = 16
     assert m["dims"]["w2r_values"] == m["dims"]["region_dim"]
@@ -126,10 +127,11 @@ def test_w2r_both_value_modes(tmp_path, hidden):
     assert model.w2r.pair_gathers_gates == (hidden == 4)
     dims = graph_dims(model)
     modules = build_graph_modules(model)
-    assert set(modules) == {"w2r_image", "w2r_text", "w2r_pair"}  # an unbuilt branch exports nothing
+    assert set(modules) == {"w2r_image", "w2r_text", "w2r_pair", "w2r_grid"}  # an unbuilt branch exports nothing
     paths = {n: export_graph(m, n, dims, tmp_path / f"{n}.onnx", "fp32") for n, m in modules.items()}
     report = validate_bssan(model, modules, paths, dims)
     assert report["worst"]["pipeline.w2r"] <= PARITY_TOLERANCE
+    assert report["worst"]["w2r_grid.scores"] <= PARITY_TOLERANCE  # the hand-written grid graph vs W2RPair, both modes
 
 
 def test_parity_failure_lists_every_output(tmp_path, demo_model, artifact):
