@@ -2,6 +2,7 @@
 
     python -m engine.features --images DIR --captions FILE [--format flickr8k|karpathy]
         [--splits train dev test] --out STORE [--assets build/assets] [--word-features glove50 minilm]
+        [--detector-runtime auto|onnxruntime|opencv]
         [--batch-size N] [--threads N]
     python -m engine.features --format folder --images PHOTOS [--captions LINES] --out STORE   # no split lists:
         every image of PHOTOS is split "all"; LINES (optional) holds '<image file><TAB><caption>' lines
@@ -473,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS_DIR, help="graphs from python -m export.backbones / export.text")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="asset stem: efficientnet-lite0-7x7, efficientnet-lite0-14x14, vgg19-14x14")
     parser.add_argument("--detector-onnx", type=Path, help="a Faster R-CNN ONNX file instead of SSD-MobileNet-v2 (I/O: engine/detect.py)")
+    parser.add_argument("--detector-runtime", choices=DETECTOR_RUNTIMES, default="auto", help="SSD on ONNX Runtime (the graph of "
+                        "python -m export.detector in --assets; auto: when it is there) or on OpenCV DNN (same boxes, ~4x slower)")
     parser.add_argument("--boxes", type=positive_int, default=DEFAULT_BOXES, help="P, boxes per image")
     parser.add_argument("--min-score", type=unit_float, default=DEFAULT_MIN_SCORE, help="detector score for a box to count as real")
     parser.add_argument("--word-features", nargs="+", default=["glove50"], help="glove50, minilm, or a GloVe/word2vec text file")
@@ -484,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     splits = tuple(args.splits or ((FOLDER_SPLIT,) if fmt is CaptionFormat.FOLDER else ("train", "dev", "test")))
     config = ExtractConfig(
         images=args.images, captions=args.captions, out=args.out, format=fmt, splits=splits, assets=args.assets,
-        backbone=args.backbone, detector_onnx=args.detector_onnx, boxes_per_image=args.boxes, min_score=args.min_score,
+        backbone=args.backbone, detector_onnx=args.detector_onnx, detector_runtime=args.detector_runtime,
+        boxes_per_image=args.boxes, min_score=args.min_score,
         word_features=tuple(args.word_features), max_words=args.max_words, batch_size=args.batch_size, threads=args.threads,
     )
     start = time.perf_counter()
