@@ -12,6 +12,7 @@ PY=.venv/bin/python
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet -e '.[train,export,features,dev,serve]'
 [ -f build/assets/roi_align.json ] || "$PY" -m export.backbones --out build/assets
+[ -f build/assets/ssd-mobilenet-v2-coco.json ] || "$PY" -m export.detector --out build/assets  # older build/assets
 [ -f build/assets/minilm.onnx ] || "$PY" -m export.text --out build/assets
 # (re-)export when the artifact is missing or of an older format version than this engine writes
 if ! "$PY" -c "import json, sys; from engine.manifest import ARTIFACT_VERSION
