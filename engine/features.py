@@ -3,7 +3,7 @@
     python -m engine.features --images DIR --captions FILE [--format flickr8k|karpathy]
         [--splits train dev test] --out STORE [--assets build/assets] [--word-features glove50 minilm]
         [--detector-runtime auto|onnxruntime|opencv]
-        [--batch-size N] [--threads N]
+        [--batch-size N] [--threads N] [--ray [ADDRESS] [--ray-workers N]]   # --ray: image batches on Ray (docs/ray.md)
     python -m engine.features --format folder --images PHOTOS [--captions LINES] --out STORE   # no split lists:
         every image of PHOTOS is split "all"; LINES (optional) holds '<image file><TAB><caption>' lines
 
@@ -450,13 +450,15 @@ def lock_store(root: Path):
         yield
 
 
-def extract(config: ExtractConfig, observe: ObserveBatch | None = None) -> dict[str, SplitReport]:
-    """Run the extraction (or the part of it not done yet); `observe(split, batch)` is called after each stored batch."""
+def extract(config: ExtractConfig, observe: ObserveBatch | None = None,
+            make_extractor: Callable[[ExtractConfig], Extractor] = Extractor) -> dict[str, SplitReport]:
+    """Run the extraction (or the part of it not done yet); `observe(split, batch)` is called after each stored batch.
+    `make_extractor`: engine.distributed's RayExtractor runs the image batches on Ray (--ray), same store bytes."""
     check_output_dir(config.out)
     dataset = read_dataset(config)
     for warning in dataset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    extractor = Extractor(config)
+    extractor = make_extractor(config)
     with lock_store(config.out):
         writer = StoreWriter(config.out, extractor.describe())
         return {split: extract_split(writer, split, dataset, extractor, observe) for split in config.splits}
@@ -482,7 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-words", type=positive_int, default=MAX_WORDS)
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH)
     parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="image batches on a Ray cluster "
+                        "(HOST:PORT of its head, 'auto'; no ADDRESS: a local instance); same store bytes (docs/ray.md)")
+    parser.add_argument("--ray-workers", type=positive_int, help="--ray: actors of --threads CPUs each (default: as many as fit)")
     args = parser.parse_args(argv)
+    if args.ray is not None:  # before any work: Ray installed, the address reachable
+        from engine.distributed import check_ray
+
+        check_ray(args.ray)
     fmt = CaptionFormat(args.format)
     splits = tuple(args.splits or ((FOLDER_SPLIT,) if fmt is CaptionFormat.FOLDER else ("train", "dev", "test")))
     config = ExtractConfig(
@@ -492,7 +501,12 @@ def main(argv: list[str] | None = None) -> int:
         word_features=tuple(args.word_features), max_words=args.max_words, batch_size=args.batch_size, threads=args.threads,
     )
     start = time.perf_counter()
-    reports = extract(config)
+    if args.ray is not None:
+        from engine.distributed.features import extract_on_ray
+
+        reports = extract_on_ray(config, args.ray, args.ray_workers)
+    else:
+        reports = extract(config)
     seconds = time.perf_counter() - start
     for split, report in reports.items():
         oov = ", ".join(f"{name} OOV {rate:.2%}" for name, rate in report.oov.items())

@@ -132,25 +132,30 @@ class Journal:
 # Scoring in units
 
 
-def score_exhaustive(scorer: Scorer, images: ImageCache, captions: CaptionCache, journal: Journal) -> np.ndarray:
-    """BSSAN MS [N_img, N_cap] (not fused: the caller fuses it with the first stage when the scorer does)."""
+def score_exhaustive(scorer: Scorer, images: ImageCache, captions: CaptionCache, journal: Journal, pool=None) -> np.ndarray:
+    """BSSAN MS [N_img, N_cap] (not fused: the caller fuses it with the first stage when the scorer does).
+    `pool` (engine.distributed.score.ScorePool, --ray): the same units' score_grid calls made on Ray workers."""
     matrix = journal.array("scores", (len(images), len(captions)), np.float32)
     units = [(f"rows{start}", np.arange(start, min(start + UNIT_IMAGES, len(images)))) for start in range(0, len(images), UNIT_IMAGES)]
     done_pairs = sum(len(rows) for unit, rows in units if unit in journal.done) * len(captions)
+    todo = [(unit, rows) for unit, rows in units if unit not in journal.done]
     with tqdm(total=len(images) * len(captions), initial=done_pairs, desc="scoring", unit="pair", unit_scale=True,
               file=sys.stderr, mininterval=BAR_INTERVAL) as bar:
-        for unit, rows in units:
-            if unit in journal.done:
-                continue
-            matrix[rows] = scorer.score_grid(images, captions, image_rows=rows, progress=bar, fuse=False)  # MS; fused by the caller
+        results = (pool.score_grid([rows for _, rows in todo]) if pool is not None else
+                   (scorer.score_grid(images, captions, image_rows=rows, progress=bar, fuse=False) for _, rows in todo))
+        for (unit, rows), result in zip(todo, results):
+            matrix[rows] = result  # MS; fused by the caller
+            if pool is not None:
+                bar.update(result.size)
             journal.finish_unit(unit, matrix)
     return np.asarray(matrix)
 
 
 def score_shortlist(scorer: Scorer, images: ImageCache, captions: CaptionCache, direction: str, shortlist_k: int,
-                    journal: Journal) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    journal: Journal, pool=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ranked [Q, S], scores [Q, S], bssan [Q, S]): every query's shortlist re-ranked by the product score
-    (scores; BSSAN MS fused with the first stage per scorer.fusion) and the BSSAN MS of each."""
+    (scores; BSSAN MS fused with the first stage per scorer.fusion) and the BSSAN MS of each.
+    `pool` (engine.distributed.score.ScorePool, --ray): the same units' top_k calls made on Ray workers."""
     n_query = len(images) if direction == "i2t" else len(captions)
     ranked = journal.array(f"{direction}_ranked", (n_query, shortlist_k), np.int64)
     scores = journal.array(f"{direction}_scores", (n_query, shortlist_k), np.float32)
@@ -159,10 +164,13 @@ def score_shortlist(scorer: Scorer, images: ImageCache, captions: CaptionCache, 
     done_pairs = sum(len(rows) for unit, rows in units if unit in journal.done) * shortlist_k
     with tqdm(total=n_query * shortlist_k, initial=done_pairs, desc=f"re-ranking {direction}", unit="pair", unit_scale=True,
               file=sys.stderr, mininterval=BAR_INTERVAL) as bar:
-        for unit, rows in units:
-            if unit in journal.done:
-                continue
-            result = scorer.top_k(images, captions, shortlist_k, direction, queries=rows, shortlist_k=shortlist_k, progress=bar)
+        todo = [(unit, rows) for unit, rows in units if unit not in journal.done]
+        results = (pool.top_k(direction, shortlist_k, [rows for _, rows in todo]) if pool is not None else
+                   (scorer.top_k(images, captions, shortlist_k, direction, queries=rows, shortlist_k=shortlist_k, progress=bar)
+                    for _, rows in todo))
+        for (unit, rows), result in zip(todo, results):
             ranked[rows], scores[rows], bssan[rows] = result.indices, result.scores, result.bssan
+            if pool is not None:
+                bar.update(result.indices.size)
             journal.finish_unit(unit, ranked, scores, bssan)
     return np.asarray(ranked), np.asarray(scores), np.asarray(bssan)

@@ -4,7 +4,7 @@
         (--captions FILE | --query TEXT [--query TEXT ...]) [--direction i2t|t2i|both] [--top-k 10]
         [--shortlist-k K] [--backend auto|onnxruntime-cpu|onnxruntime-cuda|tensorrt|torch]
         [--precision fp32|fp16|int8] [--batch-size PAIRS] [--threads N] [--memory-budget-mb MB]
-        [--out results.jsonl|results.tsv] [--evaluate]
+        [--out results.jsonl|results.tsv] [--evaluate] [--ray [ADDRESS] [--ray-workers N]]   # --ray: docs/ray.md
     python -m engine.score --demo            # six photos shipped by scikit-image, captions from engine/demo.py
     python -m engine.score --model ARTIFACT --images flickr8k/split_test.txt --image-root flickr8k/images \
         --captions flickr8k/captions.txt --evaluate   # the Flickr8K test split from the image files
@@ -269,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-fusion", action="store_true", help="score BSSAN alone, ignoring the artifact's fusion weights "
                         "(manifest \"fusion\": first-stage cosine and BSSAN fused into the product score)")
     parser.add_argument("--demo", action="store_true", help="the embedded gallery (engine/demo.py) and reference model")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="encode and score on a Ray cluster "
+                        "(HOST:PORT of its head, 'auto'; no ADDRESS: a local instance); same output bytes (docs/ray.md)")
+    parser.add_argument("--ray-workers", type=positive_int, help="--ray: Scorer actors (default: as many as fit, "
+                        "--threads CPUs each, default 1)")
     return parser
 
 
@@ -339,6 +343,10 @@ def run(args: argparse.Namespace) -> int:
         args.direction = args.direction or "both"
     if args.model is None:
         raise InputError("--model: missing; expected an artifact directory (or --demo)")
+    if args.ray is not None:  # before any work: Ray installed, the address reachable
+        from engine.distributed import check_ray
+
+        check_ray(args.ray)
     if args.out is not None:  # before any work: a result that cannot be written is known now
         if args.out.suffix not in (".jsonl", ".tsv"):
             raise InputError(f"--out {args.out}: expected a file name ending in .jsonl or .tsv")
@@ -383,12 +391,16 @@ def score(args: argparse.Namespace, start: float) -> int:
 def score_with_journal(args: argparse.Namespace, start: float, scorer: Scorer, inputs: Inputs, sizes: dict[str, int],
                        directions: list[str], journal: Journal, order: np.ndarray | None, per: int | None) -> int:
     """Encode (or load from the journal), score in journaled units, write the output."""
-    images = journal.cache("images", ImageCache, lambda: scorer.encode_images(inputs.images, inputs.image_ids, progress=True),
-                           scorer.fingerprint)
+    pool = ray_pool(args) if args.ray is not None else None  # --ray: encoding and scoring units on Ray workers
+    images = journal.cache("images", ImageCache, lambda: scorer.encode_images(inputs.images, inputs.image_ids, progress=True)
+                           if pool is None else pool.encode_images(inputs.images, inputs.image_ids, scorer.fingerprint,
+                                                                   scorer.cache_precision), scorer.fingerprint)
     captions = journal.cache("captions", CaptionCache, lambda: encode_captions(scorer, inputs), scorer.fingerprint)
+    if pool is not None:
+        pool.use_caches(images, captions)
     ranked, scores = {}, {}
     if args.shortlist_k is None:
-        bssan = score_exhaustive(scorer, images, captions, journal)  # MS [N_img, N_cap]
+        bssan = score_exhaustive(scorer, images, captions, journal, pool)  # MS [N_img, N_cap]
         matrix = (scorer.fusion.apply(scorer.first_stage(images, captions, np.arange(len(images)), np.arange(len(captions))), bssan)
                   if scorer.fuses else bssan)
         for d in directions:
@@ -396,7 +408,7 @@ def score_with_journal(args: argparse.Namespace, start: float, scorer: Scorer, i
     else:
         bssan = {}
         for d in directions:
-            ranked[d], scores[d], hits = score_shortlist(scorer, images, captions, d, min(args.shortlist_k, sizes[d]), journal)
+            ranked[d], scores[d], hits = score_shortlist(scorer, images, captions, d, min(args.shortlist_k, sizes[d]), journal, pool)
             queries = np.repeat(np.arange(len(ranked[d])), ranked[d].shape[1])
             image_rows, caption_rows = (queries, ranked[d].reshape(-1)) if d == "i2t" else (ranked[d].reshape(-1), queries)
             bssan.update(zip(zip(image_rows.tolist(), caption_rows.tolist()), hits.reshape(-1).tolist()))
@@ -416,6 +428,17 @@ def score_with_journal(args: argparse.Namespace, start: float, scorer: Scorer, i
                           "backend": scorer.runner.backend.value, "precision": args.precision,
                           "seconds": round(time.perf_counter() - start, 1)}))
     return 0
+
+
+def ray_pool(args: argparse.Namespace):
+    """engine.distributed's pool of Scorers loaded as this command loads its own (--ray)."""
+    from engine.distributed.score import ScorePool
+
+    load = {"artifact_dir": args.model, "backend": args.backend, "precision": args.precision, "threads": args.threads,
+            "memory_budget_mb": args.memory_budget_mb, "batch_size": args.batch_size, "fusion": not args.no_fusion}
+    if args.backend == Backend.TORCH.value:
+        load.update(checkpoint=args.checkpoint, shortlist_checkpoint=args.shortlist_checkpoint)
+    return ScorePool(args.ray, args.ray_workers, load)
 
 
 def encode_captions(scorer: Scorer, inputs: Inputs) -> CaptionCache:
