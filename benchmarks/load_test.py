@@ -1,7 +1,8 @@
 """Load test of `python -m engine.serve` (127.0.0.1 only, bounded in requests and time; stops by itself).
 
     python -m benchmarks.load_test --out results/serve [--parts gallery vectors durability]
-        [--model ARTIFACT] [--images ../shared/data/flickr8k/images] [--gallery-size 500]
+        [--model ARTIFACT] [--images ../shared/data/flickr8k/images] [--gallery-size 500] [--import-store STORE]
+        [--threads 2] [--batch-workers 2] [--max-wait-ms 5]
         [--clients 1 4 16] [--requests 200] [--seconds 30] [--vectors 1000000] [--queries 200]
 
 Parts (each writes its section of OUT/load_test.json; the plot is OUT/load_test.png):
@@ -11,7 +12,8 @@ Parts (each writes its section of OUT/load_test.json; the plot is OUT/load_test.
   requests/s, errors. Each point stops after --requests requests or --seconds, whichever first.
 - vectors: the first stage alone on a synthetic index of --vectors unit vectors (a mixture of
   Gaussian clusters in the artifact's shortlist dimension; vectors only, no images): exact
-  (IndexFlatIP) vs HNSW at several efSearch, recall@100 against exact and ms per query.
+  (IndexFlatIP) vs the --approximate indexes (IVF at several nprobe, HNSW at several efSearch),
+  build time, recall@100 against exact and ms per query (one query at a time).
 - service: the same queries without HTTP, one thread, batches of 1, 4 and 16 (what micro-batching
   hands the scorer): wall and CPU ms per query.
 - durability: searches and adds at once, the server killed (SIGKILL) mid-burst, restarted: every
@@ -85,7 +87,7 @@ def build_random_artifact(out: Path, assets: Path) -> Path:
 
 
 def prepare_gallery(images: Path, size: int) -> Path:
-    """A folder of links to the first `size` photos (sorted by name) of `images`."""
+    """A folder of links to the first `size` photos (sorted by name) of `images` (all of them when there are fewer)."""
     folder = WORK / f"gallery-{size}"
     folder.mkdir(parents=True, exist_ok=True)
     photos = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:size]
@@ -203,20 +205,33 @@ async def drive(url: str, clients: int, requests: int, seconds: float, texts: li
 def run_gallery(args, artifact: Path) -> dict:
     folder = prepare_gallery(args.images, args.gallery_size)
     index = WORK / f"index-{args.gallery_size}-{artifact.name}"
-    texts = caption_pool(args.captions, 2000)
-    report = {"gallery_images": args.gallery_size, "top_k": 10, "rerank_k": 100, "points": []}
+    texts = caption_pool(args.captions, 40_000)
+    report = {"gallery_images": len(list(folder.iterdir())), "top_k": 10, "rerank_k": 100, "threads": args.threads,
+              "batch_workers": args.batch_workers, "max_wait_ms": args.max_wait_ms, "points": []}
+    if args.import_store is not None:
+        report["import_store"] = str(args.import_store)
+    used = 0  # every point sends captions no earlier point sent (nothing is answered from a warm cache)
     for batching in ("on", "off"):
-        server = Server(["--model", str(artifact), "--gallery", str(folder), "--index", str(index), "--batching", batching,
-                         "--threads", str(args.threads)], WORK / "server-gallery.log")
+        server_args = ["--model", str(artifact), "--gallery", str(folder), "--index", str(index), "--batching", batching,
+                       "--threads", str(args.threads), "--batch-workers", str(args.batch_workers),
+                       "--max-wait-ms", str(args.max_wait_ms)]
+        if args.import_store is not None:
+            server_args += ["--import-store", str(args.import_store)]
+        server = Server(server_args, WORK / "server-gallery.log")
         started = time.perf_counter()
         server.start()
         report.setdefault("first_ready_s", round(time.perf_counter() - started, 1))
+        with __import__("httpx").Client(base_url=server.url) as http:
+            report["gallery_images_served"] = http.get("/readyz").json()["gallery"]
         try:
             asyncio.run(drive(server.url, 2, 10, 60, texts[-50:], 10, 100))  # warm-up (not recorded)
             for clients in args.clients:
                 cpu = server.cpu_seconds()
-                point = asyncio.run(drive(server.url, clients, args.requests, args.seconds, texts, 10, 100))
+                load_before = os.getloadavg()[0]
+                point = asyncio.run(drive(server.url, clients, args.requests, args.seconds, texts[used:used + args.requests], 10, 100))
+                used += args.requests
                 point["batching"] = batching
+                point["load_average_1min_before"] = round(load_before, 2)
                 # what a request costs the server in CPU time: on a shared, saturated machine (wall-clock
                 # latency then measures the queue for the cores), this is the figure that carries over
                 point["server_cpu_ms_per_request"] = round(1000 * (server.cpu_seconds() - cpu) / max(1, point["ok"]), 1)
@@ -288,7 +303,7 @@ def synthetic_vectors(rng: np.random.Generator, centers: np.ndarray, count: int,
 def run_vectors(args, dim: int) -> dict:
     import faiss
 
-    from engine.serve.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_HNSW_M, VectorIndex
+    from engine.serve.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_HNSW_M, VectorIndex, ivf_lists
 
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -298,7 +313,8 @@ def run_vectors(args, dim: int) -> dict:
     queries = synthetic_vectors(rng, centers, args.queries, args.spread)
     k = 100
     report = {"vectors": args.vectors, "dim": dim, "clusters": args.clusters, "spread": args.spread, "queries": args.queries,
-              "k": k, "data": "synthetic: unit vectors around random cluster centres (vectors only, no images)"}
+              "k": k, "data": "synthetic: unit vectors around random cluster centres (vectors only, no images)",
+              "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
     exact = VectorIndex("flat", dim, threads=args.threads)
     started = time.perf_counter()
     exact.add(vectors)
@@ -310,25 +326,42 @@ def run_vectors(args, dim: int) -> dict:
     report["flat_ms_per_query"] = round(1000 * float(np.median(single)), 2)
     del exact
     print(f"vectors: exact {report['flat_ms_per_query']} ms/query", flush=True)
-    hnsw = VectorIndex("hnsw", dim, hnsw_m=args.hnsw_m or DEFAULT_HNSW_M, ef_construction=args.ef_construction or DEFAULT_EF_CONSTRUCTION,
-                       threads=args.threads)
-    started = time.perf_counter()
-    for start in range(0, len(vectors), 100_000):
-        hnsw.add(vectors[start:start + 100_000])
-        print(f"vectors: HNSW built {start + 100_000:,} in {time.perf_counter() - started:.0f} s", flush=True)
-        if time.perf_counter() - started > args.build_seconds:
-            raise SystemExit(f"HNSW build over --build-seconds {args.build_seconds}: stopped")
-    report["hnsw"] = {"m": args.hnsw_m or DEFAULT_HNSW_M, "ef_construction": hnsw.index.hnsw.efConstruction,
-                      "build_s": round(time.perf_counter() - started, 1), "points": []}
-    for ef in args.ef_search:
-        hnsw.ef_search = ef
-        labels, _ = hnsw.search(queries, k)
-        recall = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(labels, truth)]))
-        times = [timed(lambda q=q: hnsw.search(q[None], k)) for q in queries]
-        point = {"ef_search": ef, "recall_at_100": round(recall, 4), "ms_per_query_p50": round(1000 * float(np.median(times)), 3),
-                 "ms_per_query_p99": round(1000 * float(np.percentile(times, 99)), 3)}
-        print(f"vectors: HNSW ef {ef}: recall@100 {point['recall_at_100']}, {point['ms_per_query_p50']} ms/query", flush=True)
-        report["hnsw"]["points"].append(point)
+
+    def sweep(index, name: str, values: list[int], attribute: str) -> list[dict]:
+        points = []
+        for value in values:
+            setattr(index, attribute, value)
+            labels, _ = index.search(queries, k)
+            recall = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(labels, truth)]))
+            times = [timed(lambda q=q: index.search(q[None], k)) for q in queries]
+            point = {attribute: value, "recall_at_100": round(recall, 4), "ms_per_query_p50": round(1000 * float(np.median(times)), 3),
+                     "ms_per_query_p99": round(1000 * float(np.percentile(times, 99)), 3), "load_average_1min": round(os.getloadavg()[0], 2)}
+            print(f"vectors: {name} {attribute} {value}: recall@100 {point['recall_at_100']}, {point['ms_per_query_p50']} ms/query "
+                  f"(p99 {point['ms_per_query_p99']}), load {point['load_average_1min']}", flush=True)
+            points.append(point)
+        return points
+
+    if "ivf" in args.approximate:
+        nlist = args.ivf_lists or ivf_lists(len(vectors))
+        ivf = VectorIndex("ivf", dim, nlist=nlist, train_at=len(vectors), threads=args.threads)
+        started = time.perf_counter()
+        ivf.add(vectors)  # reaches train_at: k-means on a sample, then every vector to its list
+        report["ivf"] = {"nlist": nlist, "build_s": round(time.perf_counter() - started, 1), "points": []}
+        print(f"vectors: IVF {nlist} lists built in {report['ivf']['build_s']} s", flush=True)
+        report["ivf"]["points"] = sweep(ivf, "IVF", [p for p in args.nprobe if p <= nlist], "nprobe")
+        del ivf
+    if "hnsw" in args.approximate:
+        hnsw = VectorIndex("hnsw", dim, hnsw_m=args.hnsw_m or DEFAULT_HNSW_M, ef_construction=args.ef_construction or DEFAULT_EF_CONSTRUCTION,
+                           threads=args.threads)
+        started = time.perf_counter()
+        for start in range(0, len(vectors), 100_000):
+            hnsw.add(vectors[start:start + 100_000])
+            print(f"vectors: HNSW built {start + 100_000:,} in {time.perf_counter() - started:.0f} s", flush=True)
+            if time.perf_counter() - started > args.build_seconds:
+                raise SystemExit(f"HNSW build over --build-seconds {args.build_seconds}: stopped")
+        report["hnsw"] = {"m": args.hnsw_m or DEFAULT_HNSW_M, "ef_construction": hnsw.index.hnsw.efConstruction,
+                          "build_s": round(time.perf_counter() - started, 1), "points": []}
+        report["hnsw"]["points"] = sweep(hnsw, "HNSW", args.ef_search, "ef_search")
     return report
 
 
@@ -414,7 +447,9 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = (2 if "gallery" in report else 0) + (1 if "hnsw" in report.get("vectors", {}) else 0)
+    approximate = [(name, label, key) for name, label, key in (("ivf", "IVF (nprobe)", "nprobe"), ("hnsw", "HNSW (efSearch)", "ef_search"))
+                   if name in report.get("vectors", {})]
+    columns = (2 if "gallery" in report else 0) + (1 if approximate else 0)
     if not columns:
         return
     fig, axes = plt.subplots(1, columns, figsize=(6 * columns, 4.2), squeeze=False)
@@ -434,13 +469,16 @@ def plot(report: dict, path: Path) -> None:
             ax.set_xticks(sorted({p["clients"] for p in g["points"]}), labels=[str(c) for c in sorted({p["clients"] for p in g["points"]})])
             ax.grid(alpha=.3)
             ax.legend(fontsize=8)
-    if "vectors" in report and "hnsw" in report["vectors"]:
+    if approximate:
         v = report["vectors"]
         ax = axes[-1]
-        points = v["hnsw"]["points"]
-        ax.plot([p["ms_per_query_p50"] for p in points], [p["recall_at_100"] for p in points], marker="o", label="HNSW (efSearch)")
-        for p in points:
-            ax.annotate(str(p["ef_search"]), (p["ms_per_query_p50"], p["recall_at_100"]), fontsize=8)
+        for name, label, key in approximate:
+            points = v[name]["points"]
+            ax.plot([p["ms_per_query_p50"] for p in points], [p["recall_at_100"] for p in points], marker="o",
+                    label=f"{label}, build {v[name]['build_s']:.0f} s")
+            for p in points:
+                ax.annotate(str(p[key]), (p["ms_per_query_p50"], p["recall_at_100"]), fontsize=8)
+        ax.axvline(10, color="orange", ls=":", label="10 ms")
         ax.axvline(v["flat_ms_per_query"], color="grey", ls="--", label=f"exact: {v['flat_ms_per_query']} ms")
         ax.axhline(0.95, color="red", ls=":", label="recall 0.95")
         ax.set(xscale="log", xlabel="ms per query (1 query)", ylabel="recall@100 vs exact",
@@ -465,6 +503,10 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=positive_int, default=200, help="requests per point at most")
     p.add_argument("--seconds", type=positive_float, default=30, help="seconds per point at most")
     p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--batch-workers", type=positive_int, default=2, help="the server's --batch-workers")
+    p.add_argument("--max-wait-ms", type=positive_float, default=5.0, help="the server's --max-wait-ms")
+    p.add_argument("--import-store", type=Path, help="feature store of the model's pipeline: the gallery's images it holds are "
+                   "imported from their features on the first start (engine.serve --import-store)")
     p.add_argument("--vectors", type=positive_int, default=1_000_000)
     p.add_argument("--queries", type=positive_int, default=200)
     p.add_argument("--clusters", type=positive_int, default=1000)
@@ -472,6 +514,9 @@ def parse_args(argv=None):
     p.add_argument("--hnsw-m", type=positive_int)
     p.add_argument("--ef-construction", type=positive_int)
     p.add_argument("--ef-search", type=positive_int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
+    p.add_argument("--approximate", nargs="+", choices=("ivf", "hnsw"), default=["ivf"], help="approximate indexes measured at --vectors")
+    p.add_argument("--ivf-lists", type=positive_int, help="IVF lists (default: engine.serve.index.ivf_lists(--vectors))")
+    p.add_argument("--nprobe", type=positive_int, nargs="+", default=[8, 16, 32, 64, 128, 256])
     p.add_argument("--build-seconds", type=positive_float, default=3600, help="give up building HNSW after this long")
     p.add_argument("--durability-adds", type=positive_int, default=30, help="kill -9 after this many acknowledged adds ...")
     p.add_argument("--durability-seconds", type=positive_float, default=120, help="... or after this long")

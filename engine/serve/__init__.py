@@ -1,7 +1,7 @@
 """`python -m engine.serve`: the BSSAN search service (FastAPI + uvicorn), its page and its gallery.
 
     python -m engine.serve --model build/artifacts/reference --gallery photos/ --captions captions.txt \
-        [--host 127.0.0.1 --port 8080] [--index-kind flat|hnsw] [--batching on|off] [--api-key-file KEY]
+        [--host 127.0.0.1 --port 8080] [--index-kind flat|hnsw|ivf] [--batching on|off] [--api-key-file KEY]
 
 Modules, one per stage: index.py (FAISS first stage), gallery.py (persistent gallery: snapshot +
 fsynced append log), service.py (two-stage ranking without HTTP), batching.py (micro-batching),

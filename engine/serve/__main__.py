@@ -2,7 +2,7 @@
 
     python -m engine.serve --model ARTIFACT --gallery DIR [--index DIR] [--import-store STORE] [--captions FILE]
         [--host 127.0.0.1] [--port 8080] [--backend onnxruntime-cpu] [--precision fp32] [--threads 2]
-        [--index-kind flat|hnsw] [--hnsw-m 32] [--ef-search 128]
+        [--index-kind flat|hnsw|ivf] [--hnsw-m 32] [--ef-search 128] [--nprobe 32] [--ivf-lists N]
         [--batching on|off] [--max-batch 16] [--max-wait-ms 5] [--batch-workers 2]
         [--api-key-file FILE]   (or the environment variable BSSAN_API_KEY; without either: read-only)
         [--max-body-mb 10] [--max-image-mp 40] [--max-caption-chars 1000] [--max-top-k 100] [--max-rerank-k 1000]
@@ -24,7 +24,7 @@ from engine.cli import ArgumentParser, command, nonnegative_float, positive_floa
 from engine.errors import InputError
 from engine.graphs import PRECISIONS
 from engine.serve.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, DEFAULT_WORKERS
-from engine.serve.index import DEFAULT_EF_SEARCH, DEFAULT_HNSW_M, INDEX_KINDS
+from engine.serve.index import DEFAULT_EF_SEARCH, DEFAULT_HNSW_M, DEFAULT_NPROBE, INDEX_KINDS
 from engine.serve.service import Limits
 
 API_KEY_ENV = "BSSAN_API_KEY"
@@ -44,9 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="onnxruntime-cpu", help="engine backend (auto, onnxruntime-cpu, ...)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--threads", type=positive_int, default=2, help="intra-op threads of the engine and FAISS")
-    p.add_argument("--index-kind", default="flat", choices=INDEX_KINDS, help="flat: exact inner product; hnsw: approximate")
+    p.add_argument("--index-kind", default="flat", choices=INDEX_KINDS, help="flat: exact inner product; hnsw, ivf: approximate (engine/serve/index.py)")
     p.add_argument("--hnsw-m", type=positive_int, default=DEFAULT_HNSW_M)
-    p.add_argument("--ef-search", type=positive_int, default=DEFAULT_EF_SEARCH)
+    p.add_argument("--ef-search", type=positive_int, default=DEFAULT_EF_SEARCH, help="HNSW: candidates kept per query")
+    p.add_argument("--nprobe", type=positive_int, default=DEFAULT_NPROBE, help="IVF: lists scanned per query")
+    p.add_argument("--ivf-lists", type=positive_int, help="IVF: lists (default: ~4 sqrt(gallery size) when it is trained)")
     p.add_argument("--batching", default="on", choices=("on", "off"), help="micro-batching of concurrent queries")
     p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH, help="requests per scorer call at most")
     p.add_argument("--max-wait-ms", type=nonnegative_float, default=DEFAULT_MAX_WAIT_MS, help="longest wait of a batch's first request")
@@ -78,7 +80,7 @@ def config_from_args(args):
                     max_caption_chars=args.max_caption_chars, max_top_k=args.max_top_k, max_rerank_k=args.max_rerank_k)
     return ServeConfig(model=args.model, gallery=args.gallery, index_dir=args.index, import_store=args.import_store, captions=args.captions,
                        backend=args.backend, precision=args.precision, threads=args.threads, index_kind=args.index_kind,
-                       hnsw_m=args.hnsw_m, ef_search=args.ef_search, batching=args.batching == "on",
+                       hnsw_m=args.hnsw_m, ef_search=args.ef_search, nprobe=args.nprobe, ivf_lists=args.ivf_lists, batching=args.batching == "on",
                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batch_workers=args.batch_workers,
                        api_key=key, limits=limits,
                        progress=not args.no_progress)

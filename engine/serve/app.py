@@ -47,6 +47,7 @@ from engine.errors import BssanError, ImageError
 from engine.serve.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, DEFAULT_WORKERS, MicroBatcher
 from engine.serve.errors import Forbidden, NotFound, RequestError, TooLarge, Unauthorized, Unsupported
 from engine.serve.gallery import check_image_id
+from engine.serve.index import DEFAULT_NPROBE
 from engine.serve.metrics import ServiceMetrics
 from engine.serve.service import ImageQuery, Limits, TextQuery
 from engine.text import tokenize
@@ -72,6 +73,8 @@ class ServeConfig:
     index_kind: str = "flat"
     hnsw_m: int = 32
     ef_search: int = 128
+    nprobe: int = DEFAULT_NPROBE
+    ivf_lists: int | None = None
     batching: bool = True
     max_batch: int = DEFAULT_MAX_BATCH
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
@@ -312,7 +315,8 @@ def create_app(config: ServeConfig, state=None) -> FastAPI:
         s = svc()
         return {"model": str(config.model), "fingerprint": s.scorer.fingerprint[:12], "backend": s.scorer.runner.reason,
                 "gallery": len(s.gallery), "captions": len(s.service.captions) if s.service.captions is not None else 0,
-                "first_stage": {"kind": config.index_kind, "hnsw_m": config.hnsw_m, "ef_search": config.ef_search},
+                "first_stage": {"kind": config.index_kind, "hnsw_m": config.hnsw_m, "ef_search": config.ef_search,
+                                "nprobe": config.nprobe, "ivf_lists": s.gallery.index.nlist if s.gallery.index is not None else None},
                 "batching": {"enabled": config.batching, "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms,
                              "workers": config.batch_workers},
                 "limits": vars(config.limits), "writes": config.api_key is not None, "ready": s.ready}

@@ -1,7 +1,8 @@
 """The service's first stage: inner-product search over the shortlist vectors, on FAISS.
 
     index = VectorIndex("flat", dim=512)            # exact inner product (faiss.IndexFlatIP), the default
-    index = VectorIndex("hnsw", dim=512, hnsw_m=32, ef_search=128)   # approximate, for galleries of ~1M+
+    index = VectorIndex("hnsw", dim=512, hnsw_m=32, ef_search=128)   # approximate (graph), slow to build at 1M
+    index = VectorIndex("ivf", dim=512, nprobe=64)    # approximate (inverted lists), for galleries of ~1M+
     index.add(vectors)                              # [N, dim] float32; labels are 0, 1, 2, ... in order
     index.remove(labels)                            # tombstones (HNSW cannot delete); search skips them
     labels, sims = index.search(queries, k)         # [Q, k] int64 (-1 where fewer live), [Q, k] float32
@@ -11,8 +12,19 @@ label dead in a bitmap that FAISS consults during search (IDSelectorBitmap), so 
 exactly the live top-k for the flat index; the gallery compacts (rebuilds) the index when a
 quarter of it is dead. The shortlist vectors are unit vectors, so inner product = cosine.
 
+IVF (faiss.IndexIVFFlat, inner product): exact (a flat index) until IVF_TRAIN_AT vectors are there; then
+k-means on a sample of them (at most IVF_TRAIN_PER_LIST per list) cuts the space into `nlist` lists
+(default: ivf_lists(n), ~sqrt(n)), every vector goes to its list, and a query scans the `nprobe`
+lists nearest to it. Trained once; a gallery that grows far beyond the size it was trained at keeps
+its lists (longer lists: slower queries, the same recall) until a compaction rebuilds it. Build
+time is bounded by the sample (minutes at 1M on 2 cores; HNSW took 14+ min at efConstruction 40).
+
 FAISS indexes are not safe to add to while searching: callers serialise (engine/serve/gallery.py
-holds its lock around both). FAISS's own OpenMP threads are capped by `threads`.
+holds its lock around both). Threads: adding (HNSW links, IVF k-means) uses `threads` OpenMP threads; a
+search uses `search_threads` (default 1: a service runs concurrent requests on its cores, and an
+OpenMP team on shared, busy cores waits at every barrier for a thread someone else preempted: a
+single 30k-vector flat query took 344 ms with 2 threads at load 15). omp_set_num_threads is per
+calling thread (an OpenMP ICV), so it is set before each add and each search.
 """
 
 from __future__ import annotations
@@ -21,12 +33,24 @@ import numpy as np
 
 from engine.errors import InputError
 
-INDEX_KINDS = ("flat", "hnsw")
+INDEX_KINDS = ("flat", "hnsw", "ivf")
 DEFAULT_HNSW_M = 32  # links per node (FAISS's usual value); recall and speed at 1M: benchmarks/load_test.py
 # Graph quality vs build time: at 1M x 512 synthetic vectors, 40 gave recall@100 0.78-0.90 (efSearch 64-512) after a
 # 14 min build on 2 loaded cores; build time grows ~linearly with it (benchmarks/load_test.py, results/serve/).
 DEFAULT_EF_CONSTRUCTION = 100
 DEFAULT_EF_SEARCH = 128  # candidates kept per query; must be >= k (raised to k per search when smaller)
+DEFAULT_NPROBE = 32  # IVF lists scanned per query (recall vs ms at 1M: benchmarks/load_test.py, results/serve/)
+IVF_TRAIN_AT = 20_000  # below this many vectors an IVF index searches exactly (flat); at it, it is trained
+IVF_TRAIN_PER_LIST = 64  # k-means sample: at most this many vectors per list (FAISS warns below 39)
+
+
+IVF_TRAIN_ITERATIONS = 10  # k-means iterations (FAISS's default 25: 2.5x the training time for no recall measured)
+
+
+def ivf_lists(n: int) -> int:
+    """Lists of an IVF index trained on n vectors: the power of two nearest sqrt(n), in [64, 65536]. At 1M: 1,024
+    lists of ~1,000 vectors; nprobe 64 scans ~6% of the vectors (benchmarks/load_test.py measures recall and ms)."""
+    return int(min(65536, max(64, 2 ** round(np.log2(np.sqrt(max(n, 1)))))))
 
 
 _FAISS = None
@@ -47,16 +71,18 @@ class VectorIndex:
     """Inner-product top-k over float32 vectors with positional labels and tombstones."""
 
     def __init__(self, kind: str = "flat", dim: int = 0, hnsw_m: int = DEFAULT_HNSW_M,
-                 ef_construction: int = DEFAULT_EF_CONSTRUCTION, ef_search: int = DEFAULT_EF_SEARCH, threads: int | None = None):
+                 ef_construction: int = DEFAULT_EF_CONSTRUCTION, ef_search: int = DEFAULT_EF_SEARCH, threads: int | None = None,
+                 nprobe: int = DEFAULT_NPROBE, nlist: int | None = None, train_at: int = IVF_TRAIN_AT, search_threads: int = 1):
         if kind not in INDEX_KINDS:
             raise InputError(f"index kind {kind!r}: expected one of {list(INDEX_KINDS)}")
         if dim < 1:
             raise InputError(f"index dim {dim}: expected a positive vector size")
         faiss = _faiss()
-        if threads:
-            faiss.omp_set_num_threads(int(threads))
+        self.threads, self.search_threads = int(threads) if threads else None, max(1, int(search_threads))
         self.kind, self.dim, self.ef_search = kind, dim, ef_search
-        if kind == "flat":
+        self.nprobe, self.nlist, self.train_at = nprobe, nlist, max(1, train_at)
+        self.trained = kind != "ivf"  # an IVF index is a flat one until train_at vectors are there
+        if kind in ("flat", "ivf"):
             self.index = faiss.IndexFlatIP(dim)
         else:
             self.index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -76,9 +102,27 @@ class VectorIndex:
         """Append [N, dim] vectors; returns their labels."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)  # [N, dim]
         start = len(self)
+        if self.threads:
+            _faiss().omp_set_num_threads(self.threads)
         self.index.add(vectors)
         self.live = np.concatenate([self.live, np.ones(len(vectors), np.uint8)])
+        if not self.trained and len(self) >= self.train_at:
+            self._train_ivf()
         return np.arange(start, start + len(vectors), dtype=np.int64)
+
+    def _train_ivf(self) -> None:
+        """Replace the flat index by an IVF one trained on (a sample of) its vectors; labels stay positions."""
+        faiss = _faiss()
+        vectors = self.index.reconstruct_n(0, len(self))  # [N, dim]
+        nlist = self.nlist or ivf_lists(len(vectors))
+        sample = min(len(vectors), IVF_TRAIN_PER_LIST * nlist)
+        chosen = np.sort(np.random.default_rng(0).choice(len(vectors), sample, replace=False))
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = IVF_TRAIN_ITERATIONS
+        index.train(vectors[chosen])
+        index.add(vectors)
+        self.index, self.nlist, self.trained = index, nlist, True
 
     def remove(self, labels) -> None:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -91,9 +135,18 @@ class VectorIndex:
         faiss = _faiss()
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)  # [Q, dim]
         k = max(1, int(k))
-        params = faiss.SearchParametersHNSW() if self.kind == "hnsw" else faiss.SearchParameters()
+        faiss.omp_set_num_threads(self.search_threads)
         if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW()
             params.efSearch = max(self.ef_search, k)
+        elif self.kind == "ivf" and self.trained:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = min(self.nprobe, self.nlist)
+        elif not self.dead:  # flat, nothing removed: no parameters to pass
+            sims, labels = self.index.search(queries, k)
+            return labels.astype(np.int64, copy=False), sims.astype(np.float32, copy=False)
+        else:
+            params = faiss.SearchParameters()
         bitmap = None
         if self.dead:
             bitmap = np.packbits(self.live, bitorder="little")  # FAISS reads bit (label & 7) of byte label >> 3

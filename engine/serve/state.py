@@ -142,7 +142,7 @@ class ServiceState:
 
                 check_store_pipeline(scorer.artifact, FeatureStore(config.import_store).manifest, Path(config.import_store))
             gallery = Gallery.open(index_dir, scorer.fingerprint, scorer.cache_precision, index_kind=config.index_kind,
-                                   index_options={"hnsw_m": config.hnsw_m, "ef_search": config.ef_search,
+                                   index_options={"hnsw_m": config.hnsw_m, "ef_search": config.ef_search, "nprobe": config.nprobe, "nlist": config.ivf_lists,
                                                   "threads": config.threads})
             captions = load_captions(Path(config.captions), scorer, Path(index_dir)) if config.captions else None
         except BaseException:

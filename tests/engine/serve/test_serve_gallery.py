@@ -13,7 +13,7 @@ from engine.cache import ImageCache  # noqa: E402
 from engine.errors import InputError  # noqa: E402
 from engine.serve import gallery as gallery_module  # noqa: E402
 from engine.serve.gallery import Gallery, read_log  # noqa: E402
-from engine.serve.index import VectorIndex  # noqa: E402
+from engine.serve.index import VectorIndex, ivf_lists  # noqa: E402
 
 FINGERPRINT = "f" * 64
 DIM = 8
@@ -125,9 +125,10 @@ def test_compaction_keeps_search_exact(tmp_path, monkeypatch):
     assert np.allclose(sims[0], [float(live[i] @ query[0]) for i in want], atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
 def test_removed_images_never_come_back_from_the_index(tmp_path, kind):
-    g = open_gallery(tmp_path, index_kind=kind)
+    options = {"train_at": 4, "nlist": 2, "nprobe": 2} if kind == "ivf" else {}  # IVF trained on the first 4+
+    g = open_gallery(tmp_path, index_kind=kind, index_options=options)
     g.put([(f"img{i}", row(f"img{i}", i), None) for i in range(10)])
     for i in range(9):
         g.remove(f"img{i}")
@@ -195,5 +196,30 @@ def test_flat_index_is_exact_and_hnsw_recalls():
     labels, _ = hnsw.search(queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(labels, exact)])
     assert recall >= 0.9, recall
-    with pytest.raises(InputError, match="index kind 'ivf'"):
-        VectorIndex("ivf", 16)
+    with pytest.raises(InputError, match="index kind 'annoy'"):
+        VectorIndex("annoy", 16)
+
+
+def test_ivf_is_exact_until_trained_then_recalls_and_respects_removals():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(20, 16))
+    vectors = (centres[rng.integers(0, 20, 3000)] + 0.3 * rng.normal(size=(3000, 16))).astype(np.float32)
+    queries = (centres[rng.integers(0, 20, 30)] + 0.3 * rng.normal(size=(30, 16))).astype(np.float32)
+    exact = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
+    assert (ivf_lists(3000), ivf_lists(1_000_000), ivf_lists(10)) == (64, 1024, 64)  # ~sqrt(n), a power of 2, >= 64
+    ivf = VectorIndex("ivf", 16, train_at=1000, nlist=32, nprobe=8)
+    ivf.add(vectors[:500])
+    assert not ivf.trained  # below train_at: a flat index, exact
+    small = np.argsort(-(queries @ vectors[:500].T), axis=1, kind="stable")[:, :10]
+    assert np.array_equal(ivf.search(queries, 10)[0], small)
+    ivf.add(vectors[500:])
+    assert ivf.trained and len(ivf) == 3000
+    labels, _ = ivf.search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(labels, exact)])
+    ivf.nprobe = ivf.nlist  # every list scanned: exact again
+    assert np.array_equal(ivf.search(queries, 10)[0], exact)
+    assert recall >= 0.8, recall
+    ivf.remove(exact[:, 0])
+    assert not np.isin(exact[:, 0], ivf.search(queries, 10)[0]).any()
+    more = ivf.add(vectors[:5])  # added after training: into the lists, labels go on from the end
+    assert list(more) == [3000, 3001, 3002, 3003, 3004] and len(ivf) == 3005
