@@ -65,6 +65,21 @@ def assert_same_results(together: list[dict], alone: list[dict]) -> None:
                 assert g["attention"] == w["attention"]
 
 
+def test_the_gallery_arrays_are_read_in_place_with_the_same_scores(service, tmp_path):
+    """The served gallery's rows are in memory: score_pairs passes the whole arrays and the pair graph gathers the
+    pairs' rows itself; the same gallery memory-mapped from disk takes the copying path; bit-identical scores."""
+    from engine.cache import ImageCache
+
+    view = service.gallery.view()
+    assert all(type(a) is np.ndarray and a.flags.c_contiguous for a in view.arrays.values())
+    mapped = ImageCache.load(view.save(tmp_path / "saved"), mmap=True)
+    assert all(isinstance(a, np.memmap) for a in mapped.arrays.values())
+    pairs = np.array([[s, q] for q in range(len(service.captions)) for s in range(len(view))][::-1], np.int64)
+    whole = service.scorer.score_pairs(view, service.captions, pairs)
+    copied = service.scorer.score_pairs(mapped, service.captions, pairs)
+    assert np.array_equal(whole, copied)
+
+
 def test_concurrent_submits_share_calls_and_keep_order():
     calls = []
 
