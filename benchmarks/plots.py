@@ -47,7 +47,7 @@ def plot_throughput(report: dict, out: Path) -> list[Path]:
     results = report["pair_scoring"]
     paths = []
     for axis_name, fixed_name in (("length", "batch"), ("batch", "length")):
-        fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(results), figsize=(8.5 * len(results), 4.4), squeeze=False)
         for ax, result in zip(axes[0], results):
             fixed = max(p[fixed_name] for p in result["points"])
             for i, scorer in enumerate(_scorers(result["points"])):
@@ -76,7 +76,7 @@ def plot_throughput(report: dict, out: Path) -> list[Path]:
             ax.set_ylabel("pairs / s")
             ax.set_title(f"{result['preset']} preset, {fixed_name} {fixed}")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         paths.append(_save(fig, out / f"pairs_per_s_vs_{axis_name}.png"))
     return paths
 

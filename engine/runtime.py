@@ -78,6 +78,11 @@ SINGLE_ROW_PAIRS = 256
 # to one-image calls too (benchmarks/README.md: "Scoring paths").
 SINGLE_ROW_PAIRS_GRID = 32
 PATHS = ("auto", "grid", "pair")  # Scorer path: the graphs that score a one-image block (see Scorer.choose_path)
+# score_pairs on the grid path: an image's pairs (sorted by caption length) go in calls of at most this many, so a
+# call's captions are padded to the longest of a narrow length range, not of all the image's candidates
+# (a shortlist of 100 random captions spans ~5-25 words; the recurrence runs the longest's steps for every row).
+GRID_CHUNK_PAIRS = 64
+FIRST_STAGE_CHUNK = 65536  # pairs per block of pair_first_stage's gathers (2 x 128 MB of vectors at K = 512)
 MIN_SPLIT_PAIRS = 32  # score_pairs cuts calls in halves (down to this many pairs) until every concurrent worker has one
 PAIR_OVERHEAD = 1.5  # allocator slack over a pair call's listed intermediates: at 512 pairs, flickr8k preset, 392 MB
 # estimated vs 358 MB measured (peak RSS minus the RSS before the first call)
@@ -376,9 +381,13 @@ class Scorer(Encoder):
     def pair_first_stage(self, images: ImageCache, captions: CaptionCache, pairs: np.ndarray) -> np.ndarray:
         """Dual-encoder cosines [N] of pairs [N, 2] (image row, caption row), float32."""
         self.require_shortlist()
-        image_vectors = np.asarray(images.arrays["image_vectors"][pairs[:, 0]], np.float32)  # [N, K]
-        text_vectors = np.asarray(captions.arrays["text_vectors"][pairs[:, 1]], np.float32)  # [N, K]
-        return np.einsum("nk,nk->n", image_vectors, text_vectors)  # [N]
+        out = np.empty(len(pairs), np.float32)
+        for start in range(0, len(pairs), FIRST_STAGE_CHUNK):  # chunks: no [N, K] copies of both sides at once
+            chunk = pairs[start:start + FIRST_STAGE_CHUNK]
+            image_vectors = np.asarray(images.arrays["image_vectors"][chunk[:, 0]], np.float32)  # [n, K]
+            text_vectors = np.asarray(captions.arrays["text_vectors"][chunk[:, 1]], np.float32)  # [n, K]
+            out[start:start + len(chunk)] = np.einsum("nk,nk->n", image_vectors, text_vectors)  # row by row: chunking changes nothing
+        return out
 
     def score_pairs(self, images: ImageCache, captions: CaptionCache, pairs: np.ndarray, progress: bool = False,
                     fuse: bool = True) -> np.ndarray:
@@ -435,7 +444,10 @@ class Scorer(Encoder):
         threshold = SINGLE_ROW_PAIRS_GRID if self.path == "grid" else SINGLE_ROW_PAIRS
         for group in np.split(order, starts[1:]):
             if len(group) >= threshold:
-                calls += [group[s:s + single] for s in range(0, len(group), single)]
+                size = single
+                if self.path == "grid":  # length-sorted group cut in near-equal chunks of <= GRID_CHUNK_PAIRS: short
+                    size = min(single, -(-len(group) // -(-len(group) // GRID_CHUNK_PAIRS)))  # captions not padded to the longest
+                calls += [group[s:s + size] for s in range(0, len(group), size)]
             else:
                 pooled.append(group)
         if pooled:

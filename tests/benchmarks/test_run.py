@@ -143,3 +143,14 @@ def test_compare_agrees_within_the_tolerance(tmp_path, capsys):
     assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
     assert "[DIFFER] flickr8k  ort-fp32" in capsys.readouterr().out
     assert main([str(tmp_path / "a.json"), str(tmp_path / "missing.json")]) == 2
+
+
+def test_profile_times_every_pair_and_grid_graph_per_node(demo_artifact):
+    from benchmarks.profile import profile_artifact
+
+    report = profile_artifact(demo_artifact, captions=8, length=4, calls=2)
+    assert set(report["graphs"]) == {"w2r_pair", "w2r_grid", "o2w_pair", "o2w_grid"}
+    for name, graph in report["graphs"].items():
+        assert graph["cpu_ms_per_call"] > 0 and graph["wall_ms_per_call"] > 0 and graph["nodes"]
+    assert "If" in report["graphs"]["w2r_pair"]["by_op"] and "If" not in report["graphs"]["w2r_grid"]["by_op"]
+    assert report["graphs"]["w2r_grid"]["by_op"]["Gemm"]["nodes_per_call"] >= 4  # one step Gemm per word (inside the Loop)
