@@ -188,7 +188,8 @@ class Encoder:
         texts = list(captions)
         with self._pipeline_lock:  # loaded once (GloVe's vocabulary index takes seconds to build)
             if self._word_features is None:
-                self._word_features = load_word_features(word_set, self.artifact.root / "assets", backend=self.runner.backend.value)
+                self._word_features = load_word_features(word_set, self.artifact.root / "assets", backend=self.runner.backend.value,
+                                                         spinning=self.runner.spinning)
         batch = self._word_features.encode(texts, self.dims["max_words"])
         words = batch.vectors.astype(np.float16).astype(np.float32)  # as the feature store holds them
         return self.encode_word_features(words, batch.lengths, ids, texts, image_ids, progress)

@@ -244,7 +244,8 @@ class MiniLMWords:
     dim = MINILM_DIM
 
     def __init__(self, onnx_path: str | Path, tokenizer_json: str | Path | None = None,
-                 batch_size: int = MINILM_BATCH, backend: str = "onnxruntime-cpu", threads: int | None = None) -> None:
+                 batch_size: int = MINILM_BATCH, backend: str = "onnxruntime-cpu", threads: int | None = None,
+                 spinning: bool = True) -> None:
         self.onnx_path = Path(onnx_path)
         if not self.onnx_path.is_file():
             raise AssetError(f"{self.onnx_path}: MiniLM ONNX graph not found; build it with: python -m export.text --out {self.onnx_path.parent}")
@@ -263,7 +264,7 @@ class MiniLMWords:
         self.tokenizer.no_truncation()
         self.unknown_id = self.tokenizer.token_to_id("[UNK]")
         self.batch_size = batch_size
-        self.session = open_session(self.onnx_path, backend, threads)  # threads None: onnxruntime's choice
+        self.session = open_session(self.onnx_path, backend, threads, spinning)  # threads None: onnxruntime's choice
         names = tuple(i.name for i in self.session.get_inputs())
         if set(names) != set(MINILM_INPUTS):
             raise AssetError(f"{self.onnx_path}: graph inputs {names}; expected {MINILM_INPUTS} (rebuild with python -m export.text)")
@@ -316,13 +317,13 @@ class MiniLMWords:
 
 
 def load_word_features(name_or_path: str, assets_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-                       backend: str = "onnxruntime-cpu") -> WordFeatureSet:
-    """'glove50' (package), 'minilm' (ONNX under assets_dir, run on `backend`'s ONNX Runtime provider),
-    or a GloVe/word2vec text file path."""
+                       backend: str = "onnxruntime-cpu", spinning: bool = True) -> WordFeatureSet:
+    """'glove50' (package), 'minilm' (ONNX under assets_dir, run on `backend`'s ONNX Runtime provider; `spinning`:
+    engine.backends.onnxruntime.open_session's), or a GloVe/word2vec text file path."""
     if name_or_path == "glove50":
         return GloveVectors.from_package(cache_dir)
     if name_or_path == "minilm":
-        return MiniLMWords(Path(assets_dir or DEFAULT_ASSETS_DIR) / MINILM_ONNX, backend=backend)
+        return MiniLMWords(Path(assets_dir or DEFAULT_ASSETS_DIR) / MINILM_ONNX, backend=backend, spinning=spinning)
     if Path(name_or_path).is_file():
         return GloveVectors.from_file(name_or_path, cache_dir)
     raise AssetError(f"word features {name_or_path!r}: expected 'glove50', 'minilm' or an existing GloVe/word2vec text file")

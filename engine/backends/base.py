@@ -78,6 +78,7 @@ class Runner:
 
     backend: Backend
     runs_grid_graphs = True  # False: this backend ignores the artifact's grid graphs (TensorRT: no plans built for them)
+    spinning = True  # ONNX Runtime runners: whether idle intra-op threads busy-wait (engine.backends.onnxruntime.open_session)
     concurrent_calls = 1  # pair/grid calls the Scorer may run at once (the ONNX Runtime CPU runner: one per thread)
     closed = False  # set by close(): infer() then raises ClosedError instead of a backend's KeyError
 

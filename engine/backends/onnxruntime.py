@@ -34,9 +34,13 @@ def session_backend(backend: str | Backend) -> Backend:
     return Backend.ORT_CUDA if backend in (Backend.ORT_CUDA, Backend.TENSORRT) else Backend.ORT_CPU
 
 
-def open_session(path: str | os.PathLike | bytes, backend: str | Backend = Backend.ORT_CPU, threads: int | None = None):
+def open_session(path: str | os.PathLike | bytes, backend: str | Backend = Backend.ORT_CPU, threads: int | None = None,
+                 spinning: bool = True):
     """An ONNX Runtime InferenceSession of `path` (or a serialized model's bytes) on exactly the provider of `backend` (see
-    `session_backend`); `threads` intra-op threads (None: ONNX Runtime's choice). Raises
+    `session_backend`); `threads` intra-op threads (None: ONNX Runtime's choice); spinning=False: idle intra-op
+    threads sleep instead of busy-waiting for the next parallel node (ONNX Runtime's default spins: less latency on
+    cores of its own, CPU burnt on shared ones; a served text query at 2 threads used ~120 ms CPU spinning vs ~40 ms
+    not, on 2 shared cores). Raises
     BackendUnavailableError (with how to install) rather than running on another provider, and a
     one-line ArtifactError when onnxruntime cannot load the file."""
     backend = session_backend(backend)
@@ -52,6 +56,8 @@ def open_session(path: str | os.PathLike | bytes, backend: str | Backend = Backe
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # fp16 graphs on CPU warn once per inserted cast
     try:
         source = path if isinstance(path, bytes) else str(path)
@@ -88,15 +94,16 @@ class OnnxRuntimeRunner(Runner):
 
     backend = Backend.ORT_CPU
 
-    def __init__(self, artifact, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, artifact, precision: str = "fp32", threads: int | None = None, spinning: bool = True):
         super().__init__(artifact, precision, threads)
+        self.spinning = spinning  # open_session's; the Encoder opens the MiniLM session with it too
         self.concurrent_calls, pair_threads = 1, threads
         if self.backend is Backend.ORT_CPU:
             cores = threads if threads is not None else cpu_count()
             if cores > 1:
                 self.concurrent_calls, pair_threads = cores, 1
         self.sessions = {name: open_session(artifact.graph_path(name, graph_prec), self.backend,
-                                            pair_threads if GRAPHS[name].stage in ("pair", "grid") else threads)
+                                            pair_threads if GRAPHS[name].stage in ("pair", "grid") else threads, spinning)
                          for name, graph_prec in self.precisions.items()}
         for name, session in self.sessions.items():  # a swapped graph or an edited dim: refused now, not mid-run
             GRAPHS[name].check_declared_io(session.get_inputs(), session.get_outputs(), artifact.dims, self.precisions[name],

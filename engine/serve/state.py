@@ -134,7 +134,13 @@ class ServiceState:
             raise InputError("--index: expected a folder for the gallery index (or --gallery DIR, whose .bssan-index is used)")
         if config.import_store is not None and config.gallery is None:
             raise InputError(f"--import-store {config.import_store}: expected --gallery DIR too (the folder whose images it imports)")
-        scorer = Scorer.load(config.model, backend=config.backend, precision=config.precision, threads=config.threads)
+        from engine.backends.base import Backend, parse_backend
+
+        # ONNX Runtime sessions without spinning: concurrent requests share the cores (often with other processes);
+        # a busy-waiting idle thread takes a core from a request that has work (engine.backends.onnxruntime.open_session)
+        onnxruntime = parse_backend(config.backend) in (Backend.ORT_CPU, Backend.ORT_CUDA)
+        scorer = Scorer.load(config.model, backend=config.backend, precision=config.precision, threads=config.threads,
+                             **({"spinning": False} if onnxruntime else {}))
         try:
             scorer.require_shortlist()
             if config.import_store is not None:  # a wrong store is a one-line error now, not a failed background import

@@ -84,6 +84,14 @@ def test_docs_page_needs_no_internet(client):
     assert b"SwaggerUIBundle" in client.get("/docs-static/swagger-ui-bundle.js").content
 
 
+def test_sessions_do_not_spin(client):
+    """The service opens its ONNX Runtime sessions without busy-waiting intra-op threads (shared cores)."""
+    runner = client.app.state.holder["state"].scorer.runner
+    assert runner.spinning is False and runner.sessions
+    for name, session in runner.sessions.items():
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0", name
+
+
 def test_search_ranks_gallery_images(client):
     body = client.post("/v1/search", json={"text": "a cat with green eyes", "top_k": 3, "rerank_k": 4}).json()
     hits = body["results"]
