@@ -98,7 +98,8 @@ def test_a_killed_ray_job_resumes_from_its_finished_batches(one_process_store, c
     config = config_for(tmp_path / "ray")
     argv = ["--images", config.images, "--captions", config.captions, "--splits", "test", "--out", config.out,
             "--assets", config.assets, "--batch-size", BATCH, "--threads", 1, "--ray", ray_address, "--ray-workers", 1]
-    env = {**os.environ, KILL_AT_WRITE_ENV: "11", "BSSAN_CACHE": str(config.cache_dir), "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, KILL_AT_WRITE_ENV: "11", "BSSAN_CACHE": str(config.cache_dir), "PYTHONPATH": str(REPO_ROOT),
+           "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "5"}  # a dead job's CPU reservation: 5 s, not 180 (docs/ray.md)
     killed = subprocess.run([sys.executable, "-m", "engine.features", *map(str, argv)], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
