@@ -15,8 +15,9 @@ quarter of it is dead. The shortlist vectors are unit vectors, so inner product 
 IVF (faiss.IndexIVFFlat, inner product): exact (a flat index) until IVF_TRAIN_AT vectors are there; then
 k-means on a sample of them (at most IVF_TRAIN_PER_LIST per list) cuts the space into `nlist` lists
 (default: ivf_lists(n), ~sqrt(n)), every vector goes to its list, and a query scans the `nprobe`
-lists nearest to it. Trained once; a gallery that grows far beyond the size it was trained at keeps
-its lists (longer lists: slower queries, the same recall) until a compaction rebuilds it. Build
+lists nearest to it. When it has grown IVF_RETRAIN_GROWTH-fold since, it is trained again for its
+new size (inside that add: at 1M a minute or two on 2 cores, under the gallery's lock), so lists stay
+~sqrt(n) long (20k -> 80k -> 320k -> 1.28M for a gallery indexed one photo at a time). Build
 time is bounded by the sample (minutes at 1M on 2 cores; HNSW took 14+ min at efConstruction 40).
 
 FAISS indexes are not safe to add to while searching: callers serialise (engine/serve/gallery.py
@@ -41,6 +42,7 @@ DEFAULT_EF_CONSTRUCTION = 100
 DEFAULT_EF_SEARCH = 128  # candidates kept per query; must be >= k (raised to k per search when smaller)
 DEFAULT_NPROBE = 32  # IVF lists scanned per query (recall vs ms at 1M: benchmarks/load_test.py, results/serve/)
 IVF_TRAIN_AT = 20_000  # below this many vectors an IVF index searches exactly (flat); at it, it is trained
+IVF_RETRAIN_GROWTH = 4  # a trained IVF index is trained again (lists for the new size) when it has grown 4x
 IVF_TRAIN_PER_LIST = 64  # k-means sample: at most this many vectors per list (FAISS warns below 39)
 
 
@@ -80,7 +82,7 @@ class VectorIndex:
         faiss = _faiss()
         self.threads, self.search_threads = int(threads) if threads else None, max(1, int(search_threads))
         self.kind, self.dim, self.ef_search = kind, dim, ef_search
-        self.nprobe, self.nlist, self.train_at = nprobe, nlist, max(1, train_at)
+        self.nprobe, self.nlist, self.fixed_nlist, self.train_at, self.trained_at = nprobe, nlist, nlist, max(1, train_at), 0
         self.trained = kind != "ivf"  # an IVF index is a flat one until train_at vectors are there
         if kind in ("flat", "ivf"):
             self.index = faiss.IndexFlatIP(dim)
@@ -106,23 +108,25 @@ class VectorIndex:
             _faiss().omp_set_num_threads(self.threads)
         self.index.add(vectors)
         self.live = np.concatenate([self.live, np.ones(len(vectors), np.uint8)])
-        if not self.trained and len(self) >= self.train_at:
+        if self.kind == "ivf" and len(self) >= (IVF_RETRAIN_GROWTH * self.trained_at if self.trained else self.train_at):
             self._train_ivf()
         return np.arange(start, start + len(vectors), dtype=np.int64)
 
     def _train_ivf(self) -> None:
-        """Replace the flat index by an IVF one trained on (a sample of) its vectors; labels stay positions."""
+        """Replace the index by an IVF one trained on (a sample of) its vectors; labels stay positions. With a fixed
+        --ivf-lists (self.fixed_nlist) the list count stays; else it is ivf_lists(n) of the size now."""
         faiss = _faiss()
-        vectors = self.index.reconstruct_n(0, len(self))  # [N, dim]
-        nlist = self.nlist or ivf_lists(len(vectors))
+        vectors = self.index.reconstruct_n(0, len(self))  # [N, dim] (an IVF index keeps a direct map for this)
+        nlist = self.fixed_nlist or ivf_lists(len(vectors))
         sample = min(len(vectors), IVF_TRAIN_PER_LIST * nlist)
         chosen = np.sort(np.random.default_rng(0).choice(len(vectors), sample, replace=False))
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.niter = IVF_TRAIN_ITERATIONS
         index.train(vectors[chosen])
+        index.set_direct_map_type(faiss.DirectMap.Array)  # reconstruct_n for the next retraining
         index.add(vectors)
-        self.index, self.nlist, self.trained = index, nlist, True
+        self.index, self.nlist, self.trained, self.trained_at = index, nlist, True, len(vectors)
 
     def remove(self, labels) -> None:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)

@@ -223,3 +223,14 @@ def test_ivf_is_exact_until_trained_then_recalls_and_respects_removals():
     assert not np.isin(exact[:, 0], ivf.search(queries, 10)[0]).any()
     more = ivf.add(vectors[:5])  # added after training: into the lists, labels go on from the end
     assert list(more) == [3000, 3001, 3002, 3003, 3004] and len(ivf) == 3005
+    grown = VectorIndex("ivf", 16, train_at=500, nprobe=64)  # lists by size: trained at 500, again at 4 x 500
+    grown.add(vectors[:600])
+    assert (grown.trained_at, grown.nlist) == (600, 64)
+    grown.add(vectors[600:2000])
+    assert (grown.trained_at, len(grown)) == (600, 2000)
+    grown.add(vectors[2000:2400])
+    assert (grown.trained_at, grown.nlist, len(grown)) == (2400, 64, 2400)
+    grown.remove([0, 1])
+    grown.nprobe = grown.nlist
+    all_exact = np.argsort(-(queries @ vectors[2:2400].T), axis=1, kind="stable")[:, :10] + 2
+    assert np.array_equal(grown.search(queries, 10)[0], all_exact)  # retrained: positions and removals kept
