@@ -80,7 +80,10 @@ def test_kill_9_during_adds_then_restart(serve_artifact, gallery_dir, serve_phot
 def test_bad_command_lines_exit_2_with_one_line(serve_artifact, tmp_path):
     for args, message in ((["--model", str(tmp_path / "missing"), "--gallery", str(tmp_path)], "missing"),
                           (["--model", str(serve_artifact), "--gallery", str(tmp_path / "nope")], "--gallery"),
-                          (["--model", str(serve_artifact), "--index-kind", "ivf"], "--index-kind")):
+                          (["--model", str(serve_artifact), "--index-kind", "annoy"], "--index-kind"),
+                          (["--model", str(serve_artifact), "--index", str(tmp_path), "--import-store", str(tmp_path)], "--import-store"),
+                          (["--model", str(serve_artifact), "--gallery", str(tmp_path), "--import-store", str(tmp_path / "no-store")],
+                           "no-store")):
         done = subprocess.run([sys.executable, "-m", "engine.serve", *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
