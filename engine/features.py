@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -238,6 +239,11 @@ class Extractor:
         bad = {int(start) + i: reason for start, result in zip(bounds, results) for i, reason in result[4].items()}
         return (*(np.concatenate([result[k] for result in results]) for k in range(4)), bad)
 
+    def words_pipelined(self, name: str, chunks: Iterable[list[str]]):
+        """`word_sets[name].encode` of each chunk of captions, in order (engine.distributed's RayExtractor: on Ray)."""
+        for captions in chunks:
+            yield self.word_sets[name].encode(captions, self.config.max_words)
+
     def images_pipelined(self, batches: Iterable[list[Path]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]]:
         """`images` of each batch, in order, with `threads` batches in the graphs at once (each on one worker
         thread: decode, detector, backbone, RoIAlign) and one more queued, so no core waits while the caller
@@ -361,15 +367,20 @@ def _identity(description: dict) -> dict:
     return {k: v for k, v in description.items() if k not in WORD_SET_LOCAL_KEYS}
 
 
-def extract_words(writer: StoreWriter, split: str, captions: list[str], lengths: np.ndarray, word_set, max_words: int) -> dict:
-    """Compute words_<set> for a split into a .partial file, then rename; returns its manifest entry."""
+def extract_words(writer: StoreWriter, split: str, captions: list[str], lengths: np.ndarray, word_set, max_words: int,
+                  encode_chunks: Callable[[Iterable[list[str]]], Iterator] | None = None) -> dict:
+    """Compute words_<set> for a split into a .partial file, then rename; returns its manifest entry.
+    `encode_chunks`: the encoded chunks, in order (Extractor.words_pipelined); default word_set.encode each."""
     path = writer.root / split / f"words_{word_set.name}.npy"
     partial = path.with_name(f"words_{word_set.name}.partial")  # not *.npy: never listed as a set
     vectors = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(captions), max_words, word_set.dim))
     oov = total = 0
-    for start in progress_bar(iterable=range(0, len(captions), WORD_CHUNK), desc=f"{split} words {word_set.name}", unit="chunk"):
+    starts = range(0, len(captions), WORD_CHUNK)
+    chunks = (encode_chunks or (lambda parts: (word_set.encode(part, max_words) for part in parts)))(
+        captions[start:start + WORD_CHUNK] for start in starts)
+    for start in progress_bar(iterable=starts, desc=f"{split} words {word_set.name}", unit="chunk"):
         try:
-            chunk = word_set.encode(captions[start:start + WORD_CHUNK], max_words)
+            chunk = next(chunks)
         except CaptionError as exc:  # its index counts from the chunk: name the split's caption and its image
             if exc.index is None:
                 raise
@@ -427,7 +438,8 @@ def extract_split(writer: StoreWriter, split: str, dataset: Dataset, extractor: 
         bad_images, computed = extract_images(writer, split, [dataset.images_dir / n for n in names], inputs["images_sha256"], extractor, observe)
     word_sets = {name: entry for name, entry in old_sets.items() if name not in sets_todo}
     for name in sets_todo:
-        word_sets[name] = extract_words(writer, split, captions, lengths, extractor.word_sets[name], config.max_words)
+        word_sets[name] = extract_words(writer, split, captions, lengths, extractor.word_sets[name], config.max_words,
+                                        functools.partial(extractor.words_pipelined, name))
     bad_names = {bad["name"] for bad in bad_images}
     real = np.asarray(writer.open_array(split, "objects_real", (len(names),)))[[n not in bad_names for n in names]]
     mean_real = float(real.mean()) if real.size else 0.0  # over the images that could be read

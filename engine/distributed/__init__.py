@@ -100,7 +100,6 @@ class Cluster:
     workers: int
     cpus: float
     gpus: float
-    started_here: bool
 
     @classmethod
     def connect(cls, address: str, threads: int, workers: int | None = None, want_gpu: bool = False) -> "Cluster":
@@ -108,14 +107,12 @@ class Cluster:
         asks for `threads` CPUs (its graphs' intra-op threads) and, with `want_gpu` and GPUs there, one GPU."""
         check_ray(address)
         ray = _ray()
-        started = False
         if not ray.is_initialized():
             options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
             if address == LOCAL:
                 here = os.cpu_count() or 1
                 cpus = here if workers is None else min(here, workers * threads)
                 ray.init(address=LOCAL, num_cpus=max(cpus, threads), **options)
-                started = True
             else:
                 try:
                     ray.init(address=address, **options)
@@ -135,7 +132,7 @@ class Cluster:
         print(f"ray: {'local instance' if address == LOCAL else address}, {chosen} workers x {threads} CPUs"
               f"{' + 1 GPU' if gpus else ''} (cluster: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs)",
               file=sys.stderr)
-        return cls(address, chosen, float(threads), gpus, started)
+        return cls(address, chosen, float(threads), gpus)
 
     def run(self, worker: type, init: dict, works: list, what: str) -> Iterator[object]:
         """`worker(**init).run(work)` for every work on the actor pool; results yielded in the order of `works`

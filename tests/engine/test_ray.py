@@ -83,6 +83,7 @@ def test_ray_extraction_with_a_killed_worker_equals_one_process(one_process_stor
 
     marker = tmp_path / "killed"
     monkeypatch.setenv(KILL_UNIT_ENV, f"1:{marker}")  # the worker given batch 1 dies by SIGKILL, once
+    monkeypatch.setattr("engine.features.WORD_CHUNK", 32)  # 3 chunks of captions: the words on workers too (GloVe: same bytes)
     computed: list[int] = []
     reports = extract_on_ray(config_for(tmp_path / "ray"), "local", workers=2, observe=lambda split, b: computed.append(b))
     assert marker.exists(), "no worker was killed"
