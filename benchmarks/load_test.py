@@ -266,7 +266,7 @@ def run_service(args, artifact: Path) -> dict:
     texts = caption_pool(args.captions, 2000)
     report = {"gallery_images": args.gallery_size, "top_k": 10, "rerank_k": 100, "points": []}
     with tempfile.TemporaryDirectory(prefix="bssan-load-") as folder, \
-            Scorer.load(artifact, backend="onnxruntime-cpu", threads=args.threads, spinning=False) as scorer:  # as engine.serve
+            Scorer.load(artifact, backend="onnxruntime-cpu", threads=args.threads, spinning=False, text_threads=1) as scorer:  # as engine.serve
         shutil.copytree(snapshot, Path(folder) / "snapshot")
         gallery = Gallery.open(folder, scorer.fingerprint, scorer.cache_precision)
         service = SearchService(scorer, gallery)

@@ -90,11 +90,15 @@ class OnnxRuntimeRunner(Runner):
     threads costs a wake-up and a join per node, and on shared cores a spinning worker waits for a core someone
     else holds. Measured on 2 shared cores (benchmarks/README.md, "Scoring paths"): 2 calls x 1 thread 10.0k
     pairs/s, 1 call x 2 threads 4.8k, 1 call x 1 thread 7.9k. The image and text graphs (large GEMMs, called
-    once per item) keep `threads` intra-op threads. Results do not depend on it (each call computes the same)."""
+    once per item) keep `threads` intra-op threads, the text graphs `text_threads` when given: they are
+    recurrences over the words too, and for a few captions at a time (a served query) one thread is cheaper
+    and no slower (shortlist_text, 2 shared cores: 1 caption 4.2 ms CPU at 1 thread vs 12.7 at 2, 16 captions
+    17 vs 46). Results do not depend on it (each call computes the same)."""
 
     backend = Backend.ORT_CPU
 
-    def __init__(self, artifact, precision: str = "fp32", threads: int | None = None, spinning: bool = True):
+    def __init__(self, artifact, precision: str = "fp32", threads: int | None = None, spinning: bool = True,
+                 text_threads: int | None = None):
         super().__init__(artifact, precision, threads)
         self.spinning = spinning  # open_session's; the Encoder opens the MiniLM session with it too
         self.concurrent_calls, pair_threads = 1, threads
@@ -102,8 +106,11 @@ class OnnxRuntimeRunner(Runner):
             cores = threads if threads is not None else cpu_count()
             if cores > 1:
                 self.concurrent_calls, pair_threads = cores, 1
+        if text_threads is not None and text_threads < 1:
+            raise InputError(f"text_threads={text_threads}: expected at least 1 (or None for `threads`)")
+        stage_threads = {"pair": pair_threads, "grid": pair_threads, "text": text_threads or threads}
         self.sessions = {name: open_session(artifact.graph_path(name, graph_prec), self.backend,
-                                            pair_threads if GRAPHS[name].stage in ("pair", "grid") else threads, spinning)
+                                            stage_threads.get(GRAPHS[name].stage, threads), spinning)
                          for name, graph_prec in self.precisions.items()}
         for name, session in self.sessions.items():  # a swapped graph or an edited dim: refused now, not mid-run
             GRAPHS[name].check_declared_io(session.get_inputs(), session.get_outputs(), artifact.dims, self.precisions[name],

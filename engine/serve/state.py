@@ -137,10 +137,11 @@ class ServiceState:
         from engine.backends.base import Backend, parse_backend
 
         # ONNX Runtime sessions without spinning: concurrent requests share the cores (often with other processes);
-        # a busy-waiting idle thread takes a core from a request that has work (engine.backends.onnxruntime.open_session)
+        # a busy-waiting idle thread takes a core from a request that has work (engine.backends.onnxruntime.open_session);
+        # the text graphs (recurrences over a query's few words) on one thread: cheaper and no slower there
         onnxruntime = parse_backend(config.backend) in (Backend.ORT_CPU, Backend.ORT_CUDA)
         scorer = Scorer.load(config.model, backend=config.backend, precision=config.precision, threads=config.threads,
-                             **({"spinning": False} if onnxruntime else {}))
+                             **({"spinning": False, "text_threads": 1} if onnxruntime else {}))
         try:
             scorer.require_shortlist()
             if config.import_store is not None:  # a wrong store is a one-line error now, not a failed background import

@@ -90,6 +90,8 @@ def test_sessions_do_not_spin(client):
     assert runner.spinning is False and runner.sessions
     for name, session in runner.sessions.items():
         assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0", name
+        if name.endswith("_text"):  # a query's few words: one intra-op thread
+            assert session.get_session_options().intra_op_num_threads == 1, name
 
 
 def test_search_ranks_gallery_images(client):
