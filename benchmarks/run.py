@@ -37,6 +37,7 @@ from benchmarks.end_to_end import (  # noqa: E402
     DEFAULT_ARTIFACT, DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_STORE, SHORTLIST_KS, flickr8k_test_lengths, print_end_to_end,
     run_end_to_end, store_has_test,
 )
+from engine.runtime import DEFAULT_PAIRS_PER_CALL  # noqa: E402
 from engine.cli import ArgumentParser, command, output_file  # noqa: E402
 
 SPEEDUP_FACTORED = 2.0  # factored ORT fp32 vs the paper as written, padded to 30 (issue 5; kept as a sanity line)
@@ -60,7 +61,7 @@ class RunConfig:
     repeats: int = 7
     min_calls: int = 3  # timed calls per point at least, even past max_seconds
     max_seconds: float = 4.0
-    real_block: int = 256  # captions per call in the real-length pass (every scorer; fixed)
+    real_block: int = DEFAULT_PAIRS_PER_CALL  # captions per call in the real-length pass (every scorer: the engine's; fixed)
     real_min_seconds: float = 6.0  # real-length pass: interleaved rounds until every scorer has this much timed
     real_captions: dict = field(default_factory=lambda: {"flickr8k": 5000, "paper": 1000, "demo": 256})
     precision_images: int = 4

@@ -69,7 +69,9 @@ DEFAULT_MEMORY_BUDGET_MB = 2048
 # sessions): RSS measured 101 MB after loading the reference artifact on ORT CPU (fp32), 122 MB int8.
 # A constant, not the live RSS: the batch plan must not depend on the moment (resume is bit-identical).
 PROCESS_BASE_MB = 128
-DEFAULT_PAIRS_PER_CALL = 512  # pairs per call: 1010 pairs/s at 500 vs 686 at 100, 989 at 2000 (flickr8k preset, 2 loaded cores)
+DEFAULT_PAIRS_PER_CALL = 256  # grid path, reference model, 16 images x 5,000 Flickr8K test captions, 1 thread (load ~12):
+# 16.7k pairs per CPU-second at 256 and 128 vs 15.2k at 512 (identical scores): length buckets of 256 sorted captions pad
+# 6% (512: 15%) and a call's rows stay in L2
 # score_pairs: an image with this many pairs gets calls of its own (one image row: no regions_values gather);
 # fewer are pooled across images and sorted by caption length. Measured at the flickr8k preset (2 loaded
 # cores): i2t re-rank of 100 candidates 1184 pairs/s pooled vs 344 in single-image calls of 100 pairs.

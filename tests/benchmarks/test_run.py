@@ -137,11 +137,17 @@ def test_compare_agrees_within_the_tolerance(tmp_path, capsys):
         report.update({"machine": {"date_utc": "now", "load_average_at_start": [1.0]}, "load_average_at_end": [1.5]})
         (tmp_path / name).write_text(json.dumps(report))
     assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0  # 10% apart
-    assert "PASS: 4/4 scorers agree within 15%" in capsys.readouterr().out
+    assert "PASS (wall): 4/4 scorers agree within 15%" in capsys.readouterr().out
     b["real_lengths"][0]["scorers"]["ort-fp32"]["pairs_per_s"] = 4000.0
     (tmp_path / "b.json").write_text(json.dumps(b))
     assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
     assert "[DIFFER] flickr8k  ort-fp32" in capsys.readouterr().out
+    for report, name in ((a, "a.json"), (b, "b.json")):  # the CPU-time basis: same pairs per CPU-second in both runs
+        for row in report["real_lengths"][0]["scorers"].values():
+            row["pairs_per_cpu_s"] = 5000.0
+        (tmp_path / name).write_text(json.dumps(report))
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--basis", "cpu"]) == 0
+    assert "pairs per CPU-second: 4/4" in capsys.readouterr().out
     assert main([str(tmp_path / "a.json"), str(tmp_path / "missing.json")]) == 2
 
 
