@@ -50,9 +50,12 @@ def cases(tmp) -> list[tuple[str, list[str]]]:
         ("benchmarks.gpu", ["--json", out, "--dtypes", "fp8"]),
         ("benchmarks.pair_scoring", ["--json", out, "--scorers", "magic"]),
         ("benchmarks.parity", [str(tmp / "none")]),  # --model missing
+        ("benchmarks.compare", [str(tmp / "none-a.json"), str(tmp / "none-b.json")]),
+        ("benchmarks.compare", [a_file, a_file]),  # not JSON reports
+        ("benchmarks.profile", ["--artifact", str(tmp / "none")]),
     ]
     for module in ("benchmarks.run", "benchmarks.end_to_end", "benchmarks.gpu", "benchmarks.pair_scoring", "benchmarks.peak",
-                   "benchmarks.precision"):  # a report that cannot be written: refused before minutes of measuring
+                   "benchmarks.precision", "benchmarks.profile"):  # a report that cannot be written: refused before minutes of measuring
         result += [(module, ["--json", f"{a_file}/report.json"]), (module, ["--json", str(tmp)])]
     result += [("export.precision", ["--preset", "demo", "--work", str(tmp), "--out", f"{a_file}/r.json"])]
     numeric = {
@@ -66,6 +69,7 @@ def cases(tmp) -> list[tuple[str, list[str]]]:
         "benchmarks.peak": ["--threads", "--rows", "--hidden"],
         "benchmarks.precision": ["--images", "--captions", "--threads", "--artifact-images"],
         "benchmarks.random_model": ["--max-words"],
+        "benchmarks.profile": ["--captions", "--length", "--calls"],
     }
     required = {"engine.features": ["--images", str(tmp), "--out", str(tmp / "s")], "benchmarks.gpu": ["--json", out],
                 "benchmarks.pair_scoring": ["--json", out], "benchmarks.precision": ["--json", out],
