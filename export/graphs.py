@@ -396,7 +396,9 @@ class ShortlistImage(nn.Module):
         self.encoder = copy.deepcopy(baseline).to(dtype).eval()
 
     def forward(self, regions: Tensor, objects: Tensor) -> Tensor:
-        return self.encoder.encode_images(regions, objects).float()
+        vectors = self.encoder.encode_images(regions, objects).float()
+        # a first-stage hubness correction (training.hubness) folds into the vectors, in fp32: [K] -> [K + 2]
+        return vectors if self.encoder.hubness is None else self.encoder.hubness.images(vectors)
 
 
 class ShortlistText(nn.Module):
@@ -407,7 +409,8 @@ class ShortlistText(nn.Module):
         self.encoder = copy.deepcopy(baseline).to(self.recurrence_dtype).eval()
 
     def forward(self, words: Tensor, lengths: Tensor) -> Tensor:
-        return self.encoder.encode_texts(words.to(self.recurrence_dtype), lengths).float()
+        vectors = self.encoder.encode_texts(words.to(self.recurrence_dtype), lengths).float()
+        return vectors if self.encoder.hubness is None else self.encoder.hubness.texts(vectors)
 
 
 def build_graph_modules(model: BSSAN, dtype: torch.dtype = torch.float32, recurrence_fp32: bool = True,
@@ -448,5 +451,5 @@ def graph_dims(model: BSSAN, shortlist: nn.Module | None = None) -> dict[str, in
         dims["o2w_hidden"] = c.o2w_hidden
         dims["o2w_first"] = c.o2w_mlp[0]
     if shortlist is not None:
-        dims["shortlist_dim"] = shortlist.config.embed_dim
+        dims["shortlist_dim"] = shortlist.config.embed_dim + (2 if getattr(shortlist, "hubness", None) is not None else 0)
     return dims

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from engine.artifact import ARTIFACT_FORMAT, MANIFEST_NAME, TENSORRT_DIR, file_entry, load_artifact
 from engine.assets import add_fingerprints
 from engine.errors import ArtifactError, BackendUnavailableError, InputError
-from engine.files import file_sha256, package_versions, remove_dead_temps, replace_directory
+from engine.files import package_versions, remove_dead_temps, replace_directory
 from engine.manifest import ArtifactManifest, ModelRecord
 from engine.ranking import BSSAN_ALONE, Fusion
 from engine.graphs import GRAPHS, PRECISIONS, graph_file
@@ -91,7 +91,7 @@ def read_fusion(model_dir: Path, shortlist_dir: Path | None) -> Fusion:
     {"first_stage_weight", "bssan_weight", "first_stage_sha256": sha256 of that dual encoder's weights file}.
     It binds the BSSAN model to THAT first stage: export needs --shortlist with the same weights.
     No fusion.json: BSSAN alone (0, 1)."""
-    from training.checkpoint import FUSION, WEIGHTS, read_fusion as read_fusion_record
+    from training.checkpoint import FUSION, first_stage_sha256, read_fusion as read_fusion_record
 
     path = Path(model_dir) / FUSION
     try:
@@ -104,7 +104,7 @@ def read_fusion(model_dir: Path, shortlist_dir: Path | None) -> Fusion:
     if shortlist_dir is None:
         raise ArtifactError(f"{path}: fusion weights tuned with a first stage ({want[:12]}); expected --shortlist "
                             f"with that dual-encoder checkpoint")
-    got = file_sha256(Path(shortlist_dir) / WEIGHTS)
+    got = first_stage_sha256(shortlist_dir)
     if got != want:
         raise ArtifactError(f"{path}: first_stage_sha256 {want[:12]} differs from --shortlist {shortlist_dir} ({got[:12]}); "
                             f"expected the dual encoder the fusion was tuned with")

@@ -189,14 +189,14 @@ def _validate_bssan(model, modules, paths, dims, precision, tolerance, store, sh
 
 
 def shortlist_parity(shortlist: nn.Module, sessions: dict, dims: dict[str, int], dtype=np.float32) -> dict[str, float]:
-    """Max |ONNX - DualEncoder.encode_*| of the shortlist vectors on random inputs at several lengths."""
+    """Max |ONNX - DualEncoder.shortlist_*| of the shortlist vectors (hubness-corrected when attached) on random inputs at several lengths."""
     out = {"image_vectors": 0.0, "text_vectors": 0.0}
     for b, n in cases(dims["max_words"]):
         feeds_img = example_inputs(GRAPHS[SHORTLIST_GRAPHS[0]], dims, "fp32", {"images": b}, seed=n)
         feeds_txt = example_inputs(GRAPHS[SHORTLIST_GRAPHS[1]], dims, "fp32", {"captions": b, "words": n}, seed=n)
         with torch.no_grad():
-            want_img = shortlist.encode_images(torch.from_numpy(feeds_img["regions"]), torch.from_numpy(feeds_img["objects"]))
-            want_txt = shortlist.encode_texts(torch.from_numpy(feeds_txt["words"]), torch.from_numpy(feeds_txt["lengths"]))
+            want_img = shortlist.shortlist_images(torch.from_numpy(feeds_img["regions"]), torch.from_numpy(feeds_img["objects"]))
+            want_txt = shortlist.shortlist_texts(torch.from_numpy(feeds_txt["words"]), torch.from_numpy(feeds_txt["lengths"]))
         got_img = sessions["shortlist_image"].run(None, {k: v.astype(dtype) for k, v in feeds_img.items()})[0]
         got_txt = sessions["shortlist_text"].run(None, {"words": feeds_txt["words"].astype(dtype), "lengths": feeds_txt["lengths"]})[0]
         out["image_vectors"] = max(out["image_vectors"], _max_diff(got_img, want_img.numpy(), relative=False))

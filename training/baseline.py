@@ -109,6 +109,22 @@ class DualEncoder(nn.Module):
         self.backward_gru = nn.GRU(config.word_dim, config.text_hidden, batch_first=True) if config.bidirectional else None
         directions = 2 if config.bidirectional else 1
         self.text_proj = nn.Linear(directions * config.text_hidden, config.embed_dim)
+        self.hubness = None  # training.hubness.HubnessCorrection (attach_hubness): not a submodule, not in weights.pt
+
+    def attach_hubness(self, correction) -> None:
+        """Apply a first-stage hubness correction (training.hubness) in score_matrix and the shortlist vectors;
+        kept out of the state dict (it lives in CHECKPOINT/hubness.npz beside weights.pt). None removes it."""
+        object.__setattr__(self, "hubness", correction)
+
+    def shortlist_images(self, regions: Tensor, objects: Tensor) -> Tensor:
+        """The first stage's image vectors: unit vectors [B, K], or [B, K + 2] with a hubness correction."""
+        vectors = self.encode_images(regions, objects)
+        return vectors if self.hubness is None else self.hubness.images(vectors)
+
+    def shortlist_texts(self, words: Tensor, lengths: Tensor) -> Tensor:
+        """The first stage's caption vectors: unit vectors [B, K], or [B, K + 2] with a hubness correction."""
+        vectors = self.encode_texts(words, lengths)
+        return vectors if self.hubness is None else self.hubness.texts(vectors)
 
     # -- the two export graphs (shortlist_image / shortlist_text): tensors in, tensors out
     def encode_images(self, regions: Tensor, objects: Tensor) -> Tensor:
@@ -159,7 +175,8 @@ class DualEncoder(nn.Module):
     @torch.no_grad()
     def score_matrix(self, regions, objects, words, lengths, image_block: int = 256, caption_block: int = 1024,
                      progress: bool = False) -> Tensor:
-        """Scores [N_img, N_cap] of every image x caption: both sides encoded once, in blocks, then one product."""
+        """Scores [N_img, N_cap] of every image x caption: both sides encoded once, in blocks, then one product
+        (the first stage's score: hubness-corrected when a correction is attached)."""
         lengths_np = np.asarray(lengths.cpu() if isinstance(lengths, Tensor) else lengths)
         bar = None
         if progress:
@@ -175,7 +192,10 @@ class DualEncoder(nn.Module):
             bar is not None and bar.update(len(block))
         if bar is not None:
             bar.close()
-        return (torch.cat(images) @ torch.cat(texts).t()).cpu()  # [N_img, N_cap]
+        images, texts = torch.cat(images), torch.cat(texts)
+        if self.hubness is not None:
+            images, texts = self.hubness.images(images), self.hubness.texts(texts)
+        return (images @ texts.t()).cpu()  # [N_img, N_cap]
 
 
 def dual_encoder_loss(grid: Tensor, same_image: Tensor, margin: float, hardest: bool = False,

@@ -278,6 +278,8 @@ def copy_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, f
     torch.save({k: v.half() if fp16 and v.is_floating_point() else v for k, v in state.items()}, tmp / WEIGHTS)
     for name in (CONFIG, WORD_FEATURES, METRICS):
         shutil.copyfile(source / name, tmp / name)
+    if (source / HUBNESS).is_file():
+        shutil.copyfile(source / HUBNESS, tmp / HUBNESS)
     # the features' graphs by sha256 and fingerprint: a published model must be usable where the graphs'
     # bytes differ (engine/assets.py); filled in from this machine's assets when the record predates them
     _write_json(tmp / STORE, ckpt.store_info | {"extractor": add_fingerprints((ckpt.store_info or {}).get("extractor"),
@@ -323,6 +325,20 @@ def load_train_state(directory: str | os.PathLike) -> dict | None:
         raise ArtifactError(f"{path}: corrupt resume state ({type(exc).__name__})") from exc
 
 
+HUBNESS = "hubness.npz"  # beside a dual-encoder checkpoint: its first-stage hubness correction (training.hubness)
+def first_stage_sha256(directory: str | os.PathLike) -> str:
+    """What a fusion record binds to: the first stage's weights.pt sha256, or, with a hubness correction
+    beside them (HUBNESS), the sha256 of "<weights sha>:<hubness sha>" (the correction changes its scores)."""
+    from engine.files import file_sha256
+    import hashlib
+
+    directory = Path(directory)
+    weights = file_sha256(directory / WEIGHTS)
+    if not (directory / HUBNESS).is_file():
+        return weights
+    return hashlib.sha256(f"{weights}:{file_sha256(directory / HUBNESS)}".encode()).hexdigest()
+
+
 FUSION = "fusion.json"  # beside a BSSAN checkpoint: the fusion tuned on dev with a first stage (training.evaluate --tune-fusion)
 
 
@@ -366,6 +382,9 @@ def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     except InputError as exc:
         raise ArtifactError(f"{directory / CONFIG}: {exc}") from exc
     load_weights(directory / WEIGHTS, model)
+    if kind is ModelKind.DUAL_ENCODER and (directory / HUBNESS).is_file():  # the first stage's hubness correction
+        from training.hubness import HubnessCorrection
+        model.attach_hubness(HubnessCorrection.load(directory / HUBNESS))
     return Checkpoint(path=directory, model=model.eval(), kind=kind, model_config=model_config, train_config=train_config,
                       word_features=_read_json(directory / WORD_FEATURES), store_info=_read_json(directory / STORE),
                       metrics=_read_json(directory / METRICS), provenance=_read_json(directory / PROVENANCE))

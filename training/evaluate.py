@@ -196,13 +196,12 @@ def evaluate_two_stage(checkpoint: str | os.PathLike, shortlist: str | os.PathLi
     `shortlist` on a store split: each query's first-stage top-k re-ranked by the fused score (k None:
     every pair). fusion "recorded": the checkpoint's fusion.json if it was tuned with this first stage,
     else BSSAN alone; or a Fusion (BSSAN_ALONE to measure BSSAN by itself)."""
-    from engine.files import file_sha256
-    from training.checkpoint import ModelKind, load_checkpoint
+    from training.checkpoint import ModelKind, first_stage_sha256, load_checkpoint
 
     ckpt, first_ckpt = load_checkpoint(checkpoint), load_checkpoint(shortlist)
     if first_ckpt.kind is not ModelKind.DUAL_ENCODER:
         raise InputError(f"--shortlist {shortlist}: expected a dual_encoder checkpoint, got {first_ckpt.kind.value}")
-    first_sha = file_sha256(Path(shortlist) / "weights.pt")
+    first_sha = first_stage_sha256(shortlist)
     if fusion == "recorded":
         fusion = fusion_of(checkpoint, first_sha) or BSSAN_ALONE
     features = FeatureStore(store).split(split)
@@ -232,8 +231,7 @@ def tune_fusion_for(checkpoint: str | os.PathLike, shortlist: str | os.PathLike,
                     split: str, force: bool, progress: bool = True) -> dict:
     """Tune the fusion of BSSAN `checkpoint` with the first stage `shortlist` on a split (dev) and write
     CHECKPOINT/fusion.json; returns the fused metrics with the record."""
-    from engine.files import file_sha256
-    from training.checkpoint import ModelKind, load_checkpoint
+    from training.checkpoint import ModelKind, first_stage_sha256, load_checkpoint
 
     from training.checkpoint import FUSION
 
@@ -248,7 +246,7 @@ def tune_fusion_for(checkpoint: str | os.PathLike, shortlist: str | os.PathLike,
     features = FeatureStore(store).split(split)
     first = score_split(first_ckpt.model, features, first_ckpt.train_config.word_set)
     _, record = tune_two_stage(ckpt.model, features, ckpt.train_config.word_set, first, k, progress)
-    record.update(first_stage=str(Path(shortlist).resolve()), first_stage_sha256=file_sha256(Path(shortlist) / "weights.pt"))
+    record.update(first_stage=str(Path(shortlist).resolve()), first_stage_sha256=first_stage_sha256(shortlist))
     write_json(path, record, force=True)
     return {**record["fused"], "fusion_record": str(path)}
 

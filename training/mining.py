@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from engine.errors import InputError
-from engine.files import atomic_path, file_sha256
+from engine.files import atomic_path
 
 BLOCK = 512  # anchors per similarity block: 512 x 30,000 float32 = 61 MB
 NEIGHBOUR_GROUP = 5  # with mining, an image batch is built of groups of this many first-stage neighbours, so the
@@ -169,7 +169,7 @@ class FirstStage:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, store, run_dir: Path) -> "FirstStage":
-        from training.checkpoint import ModelKind, load_checkpoint
+        from training.checkpoint import ModelKind, first_stage_sha256, load_checkpoint
 
         directory = Path(directory)
         checkpoint = load_checkpoint(directory)
@@ -180,7 +180,7 @@ class FirstStage:
         word_set = checkpoint.train_config.word_set
         if word_set not in split.word_sets:
             raise InputError(f"first_stage {directory}: it reads words_{word_set}, the store's train split has {split.word_sets}")
-        weights = file_sha256(directory / "weights.pt")
+        weights = first_stage_sha256(directory)
         cache = Path(run_dir) / f"first_stage_{weights[:12]}.npz"
         if cache.is_file():
             with np.load(cache) as data:
