@@ -217,3 +217,22 @@ def test_the_first_stage_fans_out_over_shards_on_ray(shortlist_gallery, ray_addr
     indices, scores = gallery.top_k(captions.arrays["text_vectors"], 7, Cluster.connect(ray_address, 1, 2))
     assert indices.tolist() == want.tolist()
     assert (indices, scores) and np.array_equal(scores, gallery.top_k(captions.arrays["text_vectors"], 7)[1])
+
+
+def test_a_user_error_comes_out_of_rays_wrappers():
+    """Ray Data wraps a worker's exception (RayTaskError -> UserCodeException -> the error, via .cause and
+    __cause__); the command re-raises the user's own one-line error (engine.distributed.unwrap)."""
+    from engine.distributed import unwrap
+    from engine.errors import ImageError
+
+    class Wrapper(Exception):
+        def __init__(self, cause):
+            super().__init__("worker failed")
+            self.cause = cause
+
+    original = ImageError("photo.jpg: cannot identify image file; expected a JPEG, PNG or ...")
+    inner = RuntimeError("UserCodeException")
+    inner.__cause__ = original
+    assert unwrap(Wrapper(inner)) is original
+    plain = Wrapper(RuntimeError("a bug"))
+    assert unwrap(plain) is plain  # not a user error: Ray's own exception is kept, traceback and all
