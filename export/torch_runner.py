@@ -27,11 +27,16 @@ from engine.graphs import GRAPHS
 
 
 def checkpoint_record(directory: str | Path) -> dict:
-    """What an artifact records of a checkpoint: the sha256 of its weights file and its folder name."""
-    from training.checkpoint import WEIGHTS
+    """What an artifact records of a checkpoint: the sha256 of its weights file and its folder name (and of a
+    first stage's hubness correction, with its betas, when the checkpoint has one: training.hubness)."""
+    from training.checkpoint import HUBNESS, WEIGHTS
 
     directory = Path(directory)
-    return {"weights_sha256": file_sha256(directory / WEIGHTS), "name": directory.resolve().name}
+    record = {"weights_sha256": file_sha256(directory / WEIGHTS), "name": directory.resolve().name}
+    if (directory / HUBNESS).is_file():
+        from training.hubness import HubnessCorrection
+        record.update(hubness_sha256=file_sha256(directory / HUBNESS), hubness=HubnessCorrection.load(directory / HUBNESS).record())
+    return record
 
 
 def _checkpoint_dir(given, recorded: dict | None, legacy_path: str | None, what: str) -> Path:
