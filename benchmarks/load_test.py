@@ -98,6 +98,13 @@ def prepare_gallery(images: Path, size: int) -> Path:
     return folder
 
 
+def index_dir(size: int, artifact: Path) -> Path:
+    """The gallery index of `size` photos for this artifact (its manifest's hash: a re-exported artifact gets a new index)."""
+    import hashlib
+
+    return WORK / f"index-{size}-{artifact.name}-{hashlib.sha256((artifact / 'manifest.json').read_bytes()).hexdigest()[:12]}"
+
+
 def caption_pool(captions: Path, count: int, seed: int = 0) -> list[str]:
     """`count` Flickr8K captions (token format `image#n<TAB>caption`), sampled with a fixed seed."""
     lines = [line.split("\t", 1)[1].strip() for line in captions.read_text(encoding="utf-8").splitlines() if "\t" in line]
@@ -204,7 +211,7 @@ async def drive(url: str, clients: int, requests: int, seconds: float, texts: li
 
 def run_gallery(args, artifact: Path) -> dict:
     folder = prepare_gallery(args.images, args.gallery_size)
-    index = WORK / f"index-{args.gallery_size}-{artifact.name}"
+    index = index_dir(args.gallery_size, artifact)
     texts = caption_pool(args.captions, 40_000)
     report = {"gallery_images": len(list(folder.iterdir())), "top_k": 10, "rerank_k": 100, "threads": args.threads,
               "batch_workers": args.batch_workers, "max_wait_ms": args.max_wait_ms, "points": []}
@@ -260,7 +267,7 @@ def run_service(args, artifact: Path) -> dict:
     from engine.serve.gallery import Gallery
     from engine.serve.service import SearchService, TextQuery
 
-    snapshot = WORK / f"index-{args.gallery_size}-{artifact.name}" / "snapshot"
+    snapshot = index_dir(args.gallery_size, artifact) / "snapshot"
     if not snapshot.is_dir():
         raise SystemExit(f"{snapshot}: run the gallery part first (it indexes the gallery)")
     texts = caption_pool(args.captions, 2000)
