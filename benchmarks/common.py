@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from engine import files
+from engine.paths import cpu_model
 from engine.files import package_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,16 +32,6 @@ LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "matplotlib", "bssan-engin
 CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
 DEFAULT_THREADS = 2  # this workplace's core count; 2 intra-op threads measured best (ARCHITECTURE.md)
 
-
-def cpu_model() -> str:
-    """`model name` of /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_flags() -> list[str]:

@@ -41,7 +41,8 @@ def record_file() -> Path | None:
     return Path(cache) / "bssan-engine" / "paths.json"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """`model name` of /proc/cpuinfo (platform.processor() or the machine type elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -59,7 +60,7 @@ def machine_key(fingerprint: str, runner) -> str:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = "none"
-    return (f"{_cpu_model()} x{os.cpu_count()} | onnxruntime {ort_version} | artifact {fingerprint[:16]} | "
+    return (f"{cpu_model()} x{os.cpu_count()} | onnxruntime {ort_version} | artifact {fingerprint[:16]} | "
             f"{runner.backend.value} {runner.precision} threads={runner.threads}")
 
 
