@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import hashlib
 import json
 import os
 import platform
@@ -47,7 +48,7 @@ from torch import nn
 
 from engine.errors import ArtifactError, InputError
 from engine.assets import add_fingerprints
-from engine.files import package_versions, replace_directory, settle_directory, write_json_atomic
+from engine.files import file_sha256, package_versions, replace_directory, settle_directory, write_json_atomic
 from engine.text import DEFAULT_ASSETS_DIR
 from training.config import ModelConfig, TrainConfig
 
@@ -329,9 +330,6 @@ HUBNESS = "hubness.npz"  # beside a dual-encoder checkpoint: its first-stage hub
 def first_stage_sha256(directory: str | os.PathLike) -> str:
     """What a fusion record binds to: the first stage's weights.pt sha256, or, with a hubness correction
     beside them (HUBNESS), the sha256 of "<weights sha>:<hubness sha>" (the correction changes its scores)."""
-    from engine.files import file_sha256
-    import hashlib
-
     directory = Path(directory)
     weights = file_sha256(directory / WEIGHTS)
     if not (directory / HUBNESS).is_file():

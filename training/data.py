@@ -257,7 +257,7 @@ class ImageBatches:
             for j in range(m):
                 texts.append(lists[:, j])
                 pair_image.append(local)
-                pair_text.append(len(texts[0]) * (len(texts) - 1) + np.arange(n))
+                pair_text.append(n * (len(texts) - 1) + np.arange(n))  # text rows of this kind
         if self.negative_images:
             others = len(images) - 1
             if others < m:

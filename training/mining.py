@@ -61,13 +61,7 @@ class Mining:
     def hardest_in_batch(self, captions: np.ndarray, own: np.ndarray, images: np.ndarray) -> np.ndarray:
         """For each caption (own image row `own` [N] of `images`), the batch row of the other image that the
         first stage scores highest for it, skipping near-duplicates of the own image; -1 if none."""
-        vectors = self.image_vectors[images]  # [B, K]
-        sims = self.text_vectors[captions] @ vectors.T  # [N, B]
-        near = (vectors @ vectors.T)[own] > self.guard  # [N, B]: includes the own image (cosine 1)
-        sims[near] = -np.inf
-        sims[np.arange(len(captions)), own] = -np.inf
-        best = sims.argmax(axis=1)
-        return np.where(np.isfinite(sims[np.arange(len(captions)), best]), best, -1)
+        return self.ranked_in_batch(captions, own, images, 1)[:, 0]
 
     def ranked_in_batch(self, captions: np.ndarray, own: np.ndarray, images: np.ndarray, m: int) -> np.ndarray:
         """[N, m]: for each caption, the batch rows of the m other images the first stage scores highest for it

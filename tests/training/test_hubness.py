@@ -16,6 +16,8 @@ from training.config import TrainConfig, replace_strict
 from training.evaluate import score_split
 from training.hubness import HubnessCorrection, fit_hubness, main
 
+from tests.training.conftest import random_dual_checkpoint
+
 
 def _unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -31,7 +33,6 @@ def test_the_augmented_vectors_give_the_corrected_score_by_hand():
     want = images @ texts.T - 0.5 * r_img[:, None] - 0.25 * r_txt[None, :]
     got = correction.images(torch.tensor(images, dtype=torch.float32)) @ correction.texts(torch.tensor(texts, dtype=torch.float32)).T
     assert got.shape == (3, 5) and np.allclose(got.numpy(), want, atol=1e-6)
-    # a hub: an image near every bank caption is pushed down for every caption query
     assert correction.images(torch.tensor(images, dtype=torch.float32)).shape == (3, 6)
     with pytest.raises(Exception, match="neighbours"):
         HubnessCorrection(bank_images, bank_texts, neighbours=8, beta_image=0.5, beta_text=0.5)  # > 7 bank images
@@ -41,10 +42,7 @@ def test_the_augmented_vectors_give_the_corrected_score_by_hand():
 
 @pytest.fixture(scope="module")
 def first_stage(tmp_path_factory, train_store):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("hub") / "dual"
-    save_checkpoint(path, DualEncoder(dual_encoder_preset("demo")).eval(), TrainConfig(), store=FeatureStore(train_store))
-    return path
+    return random_dual_checkpoint(tmp_path_factory.mktemp("hub") / "dual", train_store)
 
 
 def test_fit_tunes_on_dev_writes_the_file_and_the_checkpoint_applies_it(tmp_path, train_store, first_stage):

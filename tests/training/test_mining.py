@@ -11,12 +11,14 @@ import torch
 
 from engine.ranking import Fusion
 from engine.store import FeatureStore
-from training.baseline import DualEncoder, dual_encoder_preset
-from training.checkpoint import ModelKind, save_checkpoint
+from training.baseline import dual_encoder_preset
+from training.checkpoint import ModelKind
 from training.config import TrainConfig, preset
 from training.data import ImageBatches
 from training.mining import FirstStage, Mining, image_neighbours, mine
 from training.train import FUSION, train
+
+from tests.training.conftest import random_dual_checkpoint
 
 
 def _unit(x):
@@ -55,10 +57,7 @@ def test_groups_visit_every_image_once_with_their_neighbours():
 
 @pytest.fixture(scope="module")
 def dual_checkpoint(tmp_path_factory, tiny_store):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("first") / "dual"
-    save_checkpoint(path, DualEncoder(dual_encoder_preset("demo")).eval(), TrainConfig(), store=FeatureStore(tiny_store))
-    return path
+    return random_dual_checkpoint(tmp_path_factory.mktemp("first") / "dual", tiny_store)
 
 
 def test_image_batches_draw_mined_negatives(tmp_path, tiny_store, dual_checkpoint):
@@ -96,7 +95,6 @@ def _caption_ids_of_batch(batches, epoch, index):
 
 def test_a_mined_run_selects_through_the_two_stage_protocol_and_records_the_fusion(tmp_path, train_store):
     torch.manual_seed(0)
-    store = FeatureStore(train_store)
     dual = tmp_path / "dual"
     train(train_store, dual, ModelKind.DUAL_ENCODER, dual_encoder_preset("demo"),
           TrainConfig(epochs=2, batch_size=32, negative_images=True, lr=5e-3), progress=False, plot=False)
