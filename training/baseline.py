@@ -46,12 +46,24 @@ class DualEncoderConfig(InputSizes):  # region_count ... max_words: training.con
     text_hidden: int = 1024    # GRU hidden per direction (VSE++)
     bidirectional: bool = True  # captions read both ways; the two final states concatenated
     use_objects: bool = True   # also pool the P object features into the image vector
+    # --- pooling (beyond VSE++; VSE-infinity's finding that a per-feature embedding + max pooling beats a mean) ---
+    image_pool: str = "mean"   # mean: mean of regions (and objects), one Linear | max: every region and object
+    #                            embedded (Linear + a 2-layer MLP residual), the max over them per dimension
+    text_pool: str = "last"    # last: the GRU states at the last real word | max: every word's [forward; backward]
+    #                            state projected, the max over the caption's real words
+    word_residual: bool = False  # text_pool=max: each word's own vector, linearly projected, added before the max
 
     def __post_init__(self) -> None:
         for name in ("region_count", "region_dim", "object_count", "object_dim", "word_dim", "max_words",
                      "embed_dim", "text_hidden"):
             if getattr(self, name) < 1:
                 raise InputError(f"DualEncoderConfig.{name}: expected a positive integer, got {getattr(self, name)}")
+        for name, allowed in (("image_pool", ("mean", "max")), ("text_pool", ("last", "max"))):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"DualEncoderConfig.{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.word_residual and self.text_pool != "max":
+            raise InputError("DualEncoderConfig.word_residual: needs text_pool='max', got text_pool="
+                             f"{self.text_pool!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DualEncoderConfig":
@@ -97,14 +109,37 @@ def reverse_within_length(words: Tensor, lengths: Tensor) -> Tensor:
     return words.gather(1, index[:, :, None].expand(-1, -1, words.shape[2]))  # [B, L, E]
 
 
+def masked_max(features: Tensor, lengths: Tensor) -> Tensor:
+    """features [B, L, K], lengths [B] (>= 1) -> the max over each sequence's first `length` rows [B, K]."""
+    real = torch.arange(features.shape[1], device=features.device)[None, :] < lengths[:, None]  # [B, L]
+    return features.masked_fill(~real[:, :, None], float("-inf")).max(dim=1).values
+
+
+class FeatureEmbedding(nn.Module):
+    """One feature vector [.., D] -> [.., K]: a Linear plus a 2-layer MLP (hidden K/2) residual (VSE-infinity)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, max(out_dim // 2, 1)), nn.ReLU(), nn.Linear(max(out_dim // 2, 1), out_dim))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.linear(features) + self.mlp(features)
+
+
 class DualEncoder(nn.Module):
     """Image and caption encoders into one K-dim unit sphere; score = dot product."""
 
     def __init__(self, config: DualEncoderConfig):
         super().__init__()
         self.config = config
-        image_dim = config.region_dim + (config.object_dim if config.use_objects else 0)
-        self.image_proj = nn.Linear(image_dim, config.embed_dim)
+        if config.image_pool == "mean":
+            image_dim = config.region_dim + (config.object_dim if config.use_objects else 0)
+            self.image_proj = nn.Linear(image_dim, config.embed_dim)
+        else:
+            self.region_embed = FeatureEmbedding(config.region_dim, config.embed_dim)
+            self.object_embed = FeatureEmbedding(config.object_dim, config.embed_dim) if config.use_objects else None
+        self.word_proj = nn.Linear(config.word_dim, config.embed_dim) if config.word_residual else None
         self.forward_gru = nn.GRU(config.word_dim, config.text_hidden, batch_first=True)
         self.backward_gru = nn.GRU(config.word_dim, config.text_hidden, batch_first=True) if config.bidirectional else None
         directions = 2 if config.bidirectional else 1
@@ -129,6 +164,11 @@ class DualEncoder(nn.Module):
     # -- the two export graphs (shortlist_image / shortlist_text): tensors in, tensors out
     def encode_images(self, regions: Tensor, objects: Tensor) -> Tensor:
         """regions [B_img, R, M], objects [B_img, P, Q] -> unit vectors [B_img, K]."""
+        if self.config.image_pool == "max":
+            pooled = self.region_embed(regions).amax(dim=1)  # [B_img, K]
+            if self.object_embed is not None:
+                pooled = torch.maximum(pooled, self.object_embed(objects).amax(dim=1))  # max over the R + P features
+            return F.normalize(pooled, dim=1)
         pooled = regions.mean(dim=1)  # [B_img, M]
         if self.config.use_objects:
             pooled = torch.cat([pooled, objects.mean(dim=1)], dim=1)  # [B_img, M + Q]
@@ -137,6 +177,15 @@ class DualEncoder(nn.Module):
     def encode_texts(self, words: Tensor, lengths: Tensor) -> Tensor:
         """words [B_txt, L, E], lengths [B_txt] (>= 1) -> unit vectors [B_txt, K]."""
         lengths = lengths.long()
+        if self.config.text_pool == "max":
+            states = self.forward_gru(words)[0]  # [B_txt, L, H]
+            if self.backward_gru is not None:  # back in word order (reverse_within_length is its own inverse)
+                backward = reverse_within_length(self.backward_gru(reverse_within_length(words, lengths))[0], lengths)
+                states = torch.cat([states, backward], dim=2)  # [B_txt, L, 2H]
+            per_word = self.text_proj(states)  # [B_txt, L, K]
+            if self.word_proj is not None:
+                per_word = per_word + self.word_proj(words)
+            return F.normalize(masked_max(per_word, lengths), dim=1)
         state = last_real_step(self.forward_gru(words)[0], lengths)  # [B_txt, H]
         if self.backward_gru is not None:
             backward = last_real_step(self.backward_gru(reverse_within_length(words, lengths))[0], lengths)  # [B_txt, H]

@@ -21,6 +21,23 @@ def model() -> DualEncoder:
     return DualEncoder(dual_encoder_preset("demo")).eval()
 
 
+def _pooled(**changes) -> DualEncoder:
+    torch.manual_seed(0)
+    config = dual_encoder_preset("demo")
+    for key, value in {"image_pool": "max", "text_pool": "max", "word_residual": True, **changes}.items():
+        setattr(config, key, value)
+    return DualEncoder(config).eval()
+
+
+@pytest.fixture(params=["last", "max"])
+def any_model(request) -> DualEncoder:
+    """The default encoders and the max-pooled ones (image_pool=max, text_pool=max, word_residual)."""
+    if request.param == "last":
+        torch.manual_seed(0)
+        return DualEncoder(dual_encoder_preset("demo")).eval()
+    return _pooled()
+
+
 def _captions(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.tensor([8, 3, 1, 5, 2, 8])
@@ -40,7 +57,8 @@ def test_text_encoder_equals_a_packed_bidirectional_gru(model):
         torch.testing.assert_close(model.encode_texts(words, lengths), expected, rtol=0, atol=1e-6)
 
 
-def test_padding_never_changes_a_caption_vector(model):
+def test_padding_never_changes_a_caption_vector(any_model):
+    model = any_model
     words, lengths = _captions()
     noisy = words.clone()
     noisy[1, 3:] = 7.0  # junk past caption 1's length
@@ -94,6 +112,34 @@ def test_loss_by_hand():
     assert dual_encoder_loss(grid2, same_image, m, reduction=Reduction.MEAN).item() == pytest.approx(0.5 / 4)
 
 
+def test_max_pooling_by_hand():
+    model = _pooled()
+    words, lengths = _captions()
+    g = torch.Generator().manual_seed(3)
+    regions, objects = torch.randn(2, 9, 16, generator=g), torch.randn(2, 4, 16, generator=g)
+    with torch.no_grad():
+        image = torch.cat([model.region_embed(regions), model.object_embed(objects)], dim=1).max(dim=1).values
+        torch.testing.assert_close(model.encode_images(regions, objects), torch.nn.functional.normalize(image, dim=1))
+        n = int(lengths[3])  # caption 3 alone, unpadded: forward GRU over it, backward GRU over it reversed
+        one = words[3:4, :n]
+        forward = model.forward_gru(one)[0][0]  # [n, H]
+        backward = model.backward_gru(one.flip(1))[0][0].flip(0)  # [n, H], back in word order
+        per_word = model.text_proj(torch.cat([forward, backward], dim=1)) + model.word_proj(one[0])
+        expected = torch.nn.functional.normalize(per_word.max(dim=0).values, dim=0)
+        torch.testing.assert_close(model.encode_texts(words, lengths)[3], expected, rtol=0, atol=1e-6)
+
+
+def test_pooling_options_are_checked():
+    config = dual_encoder_preset("demo")
+    config.image_pool = "gpo"
+    with pytest.raises(InputError, match="image_pool"):
+        config.__post_init__()
+    config = dual_encoder_preset("demo")
+    config.word_residual = True
+    with pytest.raises(InputError, match="word_residual"):
+        config.__post_init__()
+
+
 def test_trains_above_chance_with_training_train(tmp_path, train_store):
     torch.set_num_threads(1)
     config = TrainConfig(epochs=4, batch_size=32, negative_images=True, lr=5e-3)  # tiny model: a larger AdamW step
@@ -105,7 +151,8 @@ def test_trains_above_chance_with_training_train(tmp_path, train_store):
     assert max(h["dev"]["rsum"] for h in metrics["dev"]) > chance + 100  # chance ~103 on 30 images
 
 
-def test_encoders_export_to_onnx_with_dynamic_batch_and_length(tmp_path, model):
+def test_encoders_export_to_onnx_with_dynamic_batch_and_length(tmp_path, any_model):
+    model = any_model
     pytest.importorskip("onnx", reason="export needs onnx (the export extra)")
     ort = pytest.importorskip("onnxruntime")
 
