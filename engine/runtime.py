@@ -132,6 +132,59 @@ def rank_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order, np.take_along_axis(scores, order, axis=1)
 
 
+# The first stage's dot products are computed in matmuls of at most FIRST_STAGE_TILE rows of each side, cut at multiples
+# of it from each side's first row. A BLAS result depends on the call's shape (a matrix's edge columns go through other
+# kernels: measured with numpy's OpenBLAS, a 4,099-image gallery cut in 256-row pieces changes some dot products by up to
+# 4e-5), so with a fixed tiling every dot product comes out of a call of the same shape and has the same bits however the
+# gallery is held: whole, memory-mapped, or in shards of a multiple of the tile (engine/distributed/gallery.py). The bits
+# still depend on the BLAS library, the CPU's kernels and the BLAS thread count (OpenBLAS sums differently on 1 and 2
+# threads), which is why Ray workers ranking shards run their BLAS with the driver's thread count.
+FIRST_STAGE_TILE = 1024
+
+
+def _tile(vectors: np.ndarray, rows) -> np.ndarray:
+    """Rows of a [N, K] array as a C-contiguous float32 [n, K] block: every tile reaches BLAS in one layout."""
+    return np.ascontiguousarray(vectors[rows], dtype=np.float32)
+
+
+def first_stage_dots(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """left @ right.T [len(left), len(right)] float32 (first-stage vectors [N, K]), tile by tile (FIRST_STAGE_TILE)."""
+    out = np.empty((len(left), len(right)), dtype=np.float32)
+    for i in range(0, len(left), FIRST_STAGE_TILE):
+        block = _tile(left, slice(i, i + FIRST_STAGE_TILE))
+        for j in range(0, len(right), FIRST_STAGE_TILE):
+            out[i:i + FIRST_STAGE_TILE, j:j + FIRST_STAGE_TILE] = block @ _tile(right, slice(j, j + FIRST_STAGE_TILE)).T
+    return out
+
+
+def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of the union of candidate lists (indices [Q, k_i], scores [Q, k_i]; indices distinct across parts), in
+    rank_rows' order: score descending, lower index first. Exact: the k best of a union lie in the union of each part's
+    k best."""
+    indices = np.concatenate([p[0] for p in parts], axis=1)
+    scores = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.lexsort((indices, -scores), axis=1)[:, :k]  # the last key sorts first: -score, then the index
+    return np.take_along_axis(indices, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def first_stage_top_k(queries: np.ndarray, others: np.ndarray, k: int, rows: np.ndarray | None = None,
+                      start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(indices [Q, k'], dot products [Q, k']), k' = min(k, len(others)): the rows of `others` (numbered from `start`)
+    with the highest dot product with each query (queries[rows], default all), best first, ties to the lower row:
+    rank_rows(first_stage_dots(...), k) without holding the [Q, N] matrix (one tile's similarities at a time)."""
+    rows = np.arange(len(queries)) if rows is None else np.asarray(rows, dtype=np.int64)
+    k = min(k, len(others))
+    indices, values = np.empty((len(rows), k), dtype=np.int64), np.empty((len(rows), k), dtype=np.float32)
+    for i in range(0, len(rows), FIRST_STAGE_TILE):
+        block = _tile(queries, rows[i:i + FIRST_STAGE_TILE])
+        best = None
+        for j in range(0, len(others), FIRST_STAGE_TILE):
+            found, scores = rank_rows(block @ _tile(others, slice(j, j + FIRST_STAGE_TILE)).T, k)
+            best = (found + (start + j), scores) if best is None else merge_top_k([best, (found + (start + j), scores)], k)
+        indices[i:i + FIRST_STAGE_TILE], values[i:i + FIRST_STAGE_TILE] = best
+    return indices, values
+
+
 class Scorer(Encoder):
     """An artifact, a runner, and the scoring plan (pairs per call, buckets, memory budget)."""
 
@@ -306,7 +359,7 @@ class Scorer(Encoder):
         self.require_shortlist()
         image_vectors = np.asarray(images.arrays["image_vectors"][image_rows], np.float32)  # [B_img, K]
         text_vectors = np.asarray(captions.arrays["text_vectors"][caption_rows], np.float32)  # [B_txt, K]
-        return image_vectors @ text_vectors.T
+        return first_stage_dots(image_vectors, text_vectors)
 
     def _pair_scores(self, image_feeds: dict, caption_feeds: dict, pairs: np.ndarray) -> np.ndarray:
         """MS [N] = sum over branches of weight x branch score, for pairs (image row, caption row) of the feeds."""
@@ -485,12 +538,7 @@ class Scorer(Encoder):
                                 else (captions.arrays["text_vectors"], images.arrays["image_vectors"]))
         queries = (np.arange(len(query_vectors)) if queries is None
                    else check_rows(queries, len(query_vectors), f"queries ({'image' if direction == 'i2t' else 'caption'} rows)"))
-        out = np.empty((len(queries), k), dtype=np.int64)
-        step = max(1, int(2**26 // max(1, len(other))))  # <= 256 MB of similarities at a time
-        for start in range(0, len(queries), step):
-            sims = np.asarray(query_vectors[queries[start:start + step]], np.float32) @ np.asarray(other, np.float32).T  # [q, N]
-            out[start:start + step] = rank_rows(sims, k)[0]
-        return out
+        return first_stage_top_k(query_vectors, other, k, queries)[0]  # tile by tile: a [1024, 1024] block at a time
 
     def top_k(self, images: ImageCache, captions: CaptionCache, k: int, direction: str = "i2t",
               queries: np.ndarray | None = None, shortlist_k: int | None = None, attention: bool = False,
