@@ -177,7 +177,7 @@ class Extractor:
         self.detector = make_detector(config)
         self.word_sets = {}
         for name in config.word_features:
-            word_set = load_word_features(name, config.assets, config.cache_dir, config.backend)
+            word_set = load_word_features(name, config.assets, config.cache_dir, config.backend, threads=config.threads)
             self.word_sets[word_set.name] = word_set
 
     def describe(self) -> dict:
@@ -240,9 +240,22 @@ class Extractor:
         return (*(np.concatenate([result[k] for result in results]) for k in range(4)), bad)
 
     def words_pipelined(self, name: str, chunks: Iterable[list[str]]):
-        """`word_sets[name].encode` of each chunk of captions, in order (engine.distributed's RayExtractor: on Ray)."""
-        for captions in chunks:
-            yield self.word_sets[name].encode(captions, self.config.max_words)
+        """`word_sets[name].encode` of each chunk of captions, in order, the next chunk encoded while the caller stores
+        this one (MiniLM's encode runs `threads` calls at once itself); an error is raised at its own chunk, and a
+        consumer that stops early waits for the chunk in flight, which is dropped (engine.distributed's RayExtractor: on Ray)."""
+        word_set, max_words = self.word_sets[name], self.config.max_words
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bssan-words") as pool:
+            pending: collections.deque = collections.deque()
+            try:
+                for captions in chunks:
+                    pending.append(pool.submit(word_set.encode, list(captions), max_words))
+                    if len(pending) > 1:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
 
     def images_pipelined(self, batches: Iterable[list[Path]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]]:
         """`images` of each batch, in order, with `threads` batches in the graphs at once (each on one worker

@@ -274,3 +274,37 @@ def test_a_plain_folder_of_images_needs_no_split_lists(mini_flickr, config_for, 
                  "--assets", str(config_for(tmp_path / "x").assets)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "captions.tsv line 1: expected '<image file><TAB><caption>'" in err
+
+
+def test_words_pipelined_keeps_order_raises_at_its_chunk_and_stops_with_the_consumer():
+    """Extractor.words_pipelined encodes the next chunk while the caller stores this one; nothing else changes."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from engine.errors import CaptionError
+    from engine.features import Extractor
+
+    encoded: list[str] = []
+    lock = threading.Lock()
+
+    def encode(captions, max_words):
+        time.sleep(0.02 if captions[0] == "c0" else 0.0)  # the first chunk is the slowest: order must still hold
+        with lock:
+            encoded.append(captions[0])
+        if captions[0] == "bad":
+            raise CaptionError("no word", 0)
+        return (captions[0], max_words)
+
+    owner = SimpleNamespace(word_sets={"w": SimpleNamespace(encode=encode)}, config=SimpleNamespace(max_words=7))
+    chunks = [[f"c{i}"] for i in range(5)]
+    assert list(Extractor.words_pipelined(owner, "w", iter(chunks))) == [(f"c{i}", 7) for i in range(5)]
+    results = Extractor.words_pipelined(owner, "w", iter([["c0"], ["bad"], ["c2"], ["c3"]]))
+    assert next(results) == ("c0", 7)
+    with pytest.raises(CaptionError):
+        next(results)
+    encoded.clear()
+    results = Extractor.words_pipelined(owner, "w", iter(chunks))
+    assert next(results) == ("c0", 7)
+    results.close()  # the consumer stops: at most the one chunk in flight was encoded, none after it
+    assert encoded in (["c0"], ["c0", "c1"])

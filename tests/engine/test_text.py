@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.errors import AssetError, DataError, InputError
-from engine.text import GloveVectors, MiniLMWords, load_word_features, tokenize
+from engine.text import GloveVectors, MiniLMWords, load_word_features, plan_calls, tokenize
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -162,6 +162,55 @@ def test_minilm_batching_and_padding_do_not_change_vectors(minilm):
     for i, caption in enumerate(captions):
         alone = minilm.encode([caption])
         np.testing.assert_allclose(alone.vectors[0], together.vectors[i], atol=1e-4)
+
+
+def test_minilm_vectors_do_not_depend_on_calls_or_threads(minilm_assets):
+    """The same captions cut into other calls (1 per call, up to 64, padded or not) and run by 1 or 3 threads at once."""
+    captions = [f"A {color} dog {verb} on the {place} ." for color in ("brown", "black", "small white") for verb in ("runs", "jumps over a log")
+                for place in ("beach", "grass near a very old wooden fence")] + ["Cats .", "A man in a red t-shirt rides a bicycle down a busy street"]
+    reference = MiniLMWords(minilm_assets / "minilm.onnx", threads=1).encode(captions)
+    for batch_size, threads in ((1, 1), (3, 3), (64, 2)):
+        other = MiniLMWords(minilm_assets / "minilm.onnx", batch_size=batch_size, threads=threads).encode(captions)
+        np.testing.assert_allclose(other.vectors, reference.vectors, atol=1e-5, err_msg=f"batch_size {batch_size}, threads {threads}")
+        assert (other.oov, other.total) == (reference.oov, reference.total) and np.array_equal(other.lengths, reference.lengths)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"threads": 0}, r"threads=0: expected an integer >= 1"),
+                                             ({"batch_size": 0}, r"batch_size=0: expected an integer >= 1")])
+def test_minilm_bad_numbers_are_one_line_errors(minilm_assets, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        MiniLMWords(minilm_assets / "minilm.onnx", **kwargs)
+
+
+def _plan_cost(pieces, calls, call_pieces):
+    return sum(call_pieces + (end - start) * pieces[end - 1] for start, end in calls)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_calls_is_the_cheapest_cut_within_the_limits(seed):
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    pieces = np.sort(rng.integers(3, 20, size=int(rng.integers(1, 9))))
+    max_rows, max_tokens, call_pieces = int(rng.integers(1, 5)), int(rng.integers(10, 60)), int(rng.integers(0, 30))
+    calls = plan_calls(pieces, max_rows, max_tokens, call_pieces)
+    assert calls[0][0] == 0 and calls[-1][1] == len(pieces) and all(a[1] == b[0] for a, b in zip(calls, calls[1:]))
+
+    def allowed(start, end):
+        return end - start == 1 or (end - start <= max_rows and (end - start) * pieces[end - 1] <= max_tokens)
+
+    assert all(allowed(start, end) for start, end in calls)
+    best = min(_plan_cost(pieces, list(zip((0, *cuts), (*cuts, len(pieces)))), call_pieces)
+               for n in range(len(pieces)) for cuts in itertools.combinations(range(1, len(pieces)), n)
+               if all(allowed(a, b) for a, b in zip((0, *cuts), (*cuts, len(pieces)))))
+    assert _plan_cost(pieces, calls, call_pieces) == best
+
+
+def test_plan_calls_pads_a_little_rather_than_make_a_call_per_length():
+    pieces = np.array([10] * 8 + [11] * 8 + [30] * 4)
+    assert plan_calls(pieces, max_rows=64, max_tokens=640, call_pieces=24) == [(0, 16), (16, 20)]
+    assert plan_calls(pieces, max_rows=64, max_tokens=640, call_pieces=0) == [(0, 8), (8, 16), (16, 20)]
+    assert plan_calls(np.array([600, 700]), max_rows=64, max_tokens=640) == [(0, 1), (1, 2)]  # one caption always fits
 
 
 def test_minilm_paraphrases_are_closer(minilm):
