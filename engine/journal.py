@@ -4,7 +4,7 @@
 size, threads, budget), the encoded caches, the score arrays (memory-mapped .npy) and progress.json
 (the units done). A unit's arrays are flushed before progress.json lists it (written atomically),
 so a listed unit is on disk; after kill -9 the same command skips the listed units. Units are fixed
-(UNIT_IMAGES rows of the score matrix, or UNIT_QUERIES re-ranked queries) and every pair call is
+(UNIT_IMAGES rows of the score matrix, or the re-rank pairs of UNIT_SHORTLIST_IMAGES images) and every pair call is
 made the same way again (the batch plan depends on the inputs and options only, never on the
 process's memory), so the resumed output is byte-identical. A journal of another run is discarded
 with a note; progress.json carries the digest of its run's key too, so progress of another run is
@@ -34,13 +34,16 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.cache import CaptionCache, ImageCache
-from engine.runtime import Scorer
+from engine.runtime import Ranking, Scorer, shortlist_pairs
 from engine.files import exclusive_lock, remove_stale_temps, write_json_atomic, write_point
 
 UNIT_IMAGES = 8  # exhaustive: image rows of the score matrix per journaled unit (~40k pairs at 5,000 captions)
-UNIT_QUERIES = 256  # shortlist: re-ranked queries per journaled unit
+# shortlist: images per journaled unit; a unit scores every re-rank pair (of any direction) of its images
+# (~32k pairs in Flickr8K test's 1K x 5K at K=100: ~500 pairs per image)
+UNIT_SHORTLIST_IMAGES = 64
 STOP_AFTER_ENV = "BSSAN_SCORE_STOP_AFTER"
-JOURNAL_VERSION = 2  # 2: exhaustive units hold BSSAN MS (fused afterwards), shortlist units their MS too
+JOURNAL_VERSION = 3  # 2: exhaustive units hold BSSAN MS (fused afterwards), shortlist units their MS too;
+# 3: shortlist units are the MS of the union of both directions' candidate pairs, image by image
 BAR_INTERVAL = 1.0 if sys.stderr.isatty() else 30.0  # into a log file: a line per 30 s, not one per update
 
 
@@ -151,26 +154,41 @@ def score_exhaustive(scorer: Scorer, images: ImageCache, captions: CaptionCache,
     return np.asarray(matrix)
 
 
-def score_shortlist(scorer: Scorer, images: ImageCache, captions: CaptionCache, direction: str, shortlist_k: int,
-                    journal: Journal, pool=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ranked [Q, S], scores [Q, S], bssan [Q, S]): every query's shortlist re-ranked by the product score
-    (scores; BSSAN MS fused with the first stage per scorer.fusion) and the BSSAN MS of each.
-    `pool` (engine.distributed.score.ScorePool, --ray): the same units' top_k calls made on Ray workers."""
-    n_query = len(images) if direction == "i2t" else len(captions)
-    ranked = journal.array(f"{direction}_ranked", (n_query, shortlist_k), np.int64)
-    scores = journal.array(f"{direction}_scores", (n_query, shortlist_k), np.float32)
-    bssan = journal.array(f"{direction}_bssan", (n_query, shortlist_k), np.float32)
-    units = [(f"{direction}{start}", np.arange(start, min(start + UNIT_QUERIES, n_query))) for start in range(0, n_query, UNIT_QUERIES)]
-    done_pairs = sum(len(rows) for unit, rows in units if unit in journal.done) * shortlist_k
-    with tqdm(total=n_query * shortlist_k, initial=done_pairs, desc=f"re-ranking {direction}", unit="pair", unit_scale=True,
+def score_shortlists(scorer: Scorer, images: ImageCache, captions: CaptionCache, shortlist_ks: dict[str, int],
+                     journal: Journal, pool=None) -> tuple[np.ndarray, np.ndarray, dict[str, Ranking]]:
+    """(pairs [U, 2], bssan [U], {direction: Ranking}): every query of each direction in `shortlist_ks` ({"i2t": K,
+    "t2i": K'}) has its first-stage top K re-ranked by the product score (Scorer.rank_candidates: BSSAN MS fused
+    with the first stage per scorer.fusion), each Ranking holding all K candidates, best first, and their MS.
+
+    The BSSAN work is the union of every direction's candidate pairs (image row, caption row), each scored once
+    even when both directions want it, regrouped by image: a unit is all pairs of UNIT_SHORTLIST_IMAGES images
+    through Scorer.score_pairs, so an image's ~hundreds of captions (Flickr8K test at K = 100: ~500) go through
+    its grid graphs in length-sorted calls (no per-pair gathers), as the exhaustive path does. `pairs` is the
+    union sorted by image then caption, `bssan` its MS. `pool` (engine.distributed.score.ScorePool, --ray): the
+    same units' score_pairs calls made on Ray workers."""
+    candidates = {d: scorer.shortlist(images, captions, k, d) for d, k in shortlist_ks.items()}  # [Q, K] per direction
+    wanted = {d: shortlist_pairs(d, np.arange(len(c)), c) for d, c in candidates.items()}
+    n_cap = len(captions)
+    keys = np.unique(np.concatenate([p[:, 0] * n_cap + p[:, 1] for p in wanted.values()]))  # sorted: by image, then caption
+    pairs = np.stack([keys // n_cap, keys % n_cap], axis=1)
+    bssan = journal.array("shortlist_bssan", (len(pairs),), np.float32)
+    bounds = np.searchsorted(pairs[:, 0], np.arange(0, len(images) + UNIT_SHORTLIST_IMAGES, UNIT_SHORTLIST_IMAGES))
+    units = [(f"pairs{start * UNIT_SHORTLIST_IMAGES}", slice(int(a), int(b)))
+             for start, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+    done_pairs = sum(s.stop - s.start for unit, s in units if unit in journal.done)
+    todo = [(unit, s) for unit, s in units if unit not in journal.done]
+    with tqdm(total=len(pairs), initial=done_pairs, desc=f"re-ranking {'+'.join(shortlist_ks)}", unit="pair", unit_scale=True,
               file=sys.stderr, mininterval=BAR_INTERVAL) as bar:
-        todo = [(unit, rows) for unit, rows in units if unit not in journal.done]
-        results = (pool.top_k(direction, shortlist_k, [rows for _, rows in todo]) if pool is not None else
-                   (scorer.top_k(images, captions, shortlist_k, direction, queries=rows, shortlist_k=shortlist_k, progress=bar)
-                    for _, rows in todo))
-        for (unit, rows), result in zip(todo, results):
-            ranked[rows], scores[rows], bssan[rows] = result.indices, result.scores, result.bssan
+        results = (pool.score_pairs([pairs[s] for _, s in todo]) if pool is not None else
+                   (scorer.score_pairs(images, captions, pairs[s], progress=bar, fuse=False) for _, s in todo))
+        for (unit, s), result in zip(todo, results):
+            bssan[s] = result  # MS; fused with the first stage by rank_candidates
             if pool is not None:
-                bar.update(result.indices.size)
-            journal.finish_unit(unit, ranked, scores, bssan)
-    return np.asarray(ranked), np.asarray(scores), np.asarray(bssan)
+                bar.update(len(result))
+            journal.finish_unit(unit, bssan)
+    bssan = np.asarray(bssan)
+    rankings = {}
+    for d, c in candidates.items():
+        index = np.searchsorted(keys, wanted[d][:, 0] * n_cap + wanted[d][:, 1])
+        rankings[d] = scorer.rank_candidates(images, captions, d, np.arange(len(c)), c, bssan[index], c.shape[1])
+    return pairs, bssan, rankings

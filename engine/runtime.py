@@ -13,8 +13,10 @@ one-image blocks, its grid graphs (no pair index, nothing gathered) when the art
 scoring path (`path`, see Scorer.choose_path; the choice and its reason end `runner.reason`).
 Grids (score_matrix, exhaustive top_k): ONE image row x a bucket of up to `batch_size` captions
 per call, so the image's regions_values are shared by every pair instead of gathered per pair.
-Pair lists (score_pairs, shortlist re-ranks): an image with many pairs gets calls of its own,
-the rest are pooled across images (each pair gathers its image's rows). Captions are bucketed by
+Pair lists (score_pairs, shortlist re-ranks): an image with many pairs gets calls of its own (on the
+grid path cut by length where a cost model says: grid_chunks), the rest are pooled across images (each
+pair gathers its image's rows). engine.score's shortlist mode gives score_pairs both directions' candidate
+pairs at once, grouped by image (engine/journal.py: score_shortlists). Captions are bucketed by
 length (sorted, then cut into blocks, each padded only to its own longest caption: the W2R
 recurrence runs that many steps); `buckets=False` keeps the given order and pads every block to
 the longest caption of the whole set (same scores, more work: a test checks both agree).
@@ -80,10 +82,17 @@ SINGLE_ROW_PAIRS = 256
 # to one-image calls too (benchmarks/README.md: "Scoring paths").
 SINGLE_ROW_PAIRS_GRID = 32
 PATHS = ("auto", "grid", "pair")  # Scorer path: the graphs that score a one-image block (see Scorer.choose_path)
-# score_pairs on the grid path: an image's pairs (sorted by caption length) go in calls of at most this many, so a
-# call's captions are padded to the longest of a narrow length range, not of all the image's candidates
-# (a shortlist of 100 random captions spans ~5-25 words; the recurrence runs the longest's steps for every row).
-GRID_CHUNK_PAIRS = 64
+# score_pairs on the grid path: an image's pairs, sorted by caption length, are cut into calls where the cost model
+# of a grid call is lowest (grid_chunks), so a call's captions are padded to the longest of a narrow length range,
+# not of all the image's candidates (100 random captions span ~5-25 words; the recurrence runs the longest's steps
+# for every row), yet calls stay large enough to amortise their fixed cost. Cost of one call, in units of one
+# pair x padded word of the recurrence: GRID_CALL_COST + pairs x (GRID_PAIR_COST + padded words). Fitted to
+# w2r_grid + o2w_grid CPU time on 1 thread, the reference artifact, B = 8..256 captions of 8..24 words (~0.65 ms per
+# call, ~21 us per pair, ~4.1 us per pair and word; results/benchmarks/issue14/shortlist-k100.md). On Flickr8K
+# test's K = 100 re-rank pairs (~500 per image) the CPU per pair is flat for call costs 80-160, +5% at 400, and
+# 6% lower than the near-equal chunks of <= 64 used before.
+GRID_CALL_COST = 160.0
+GRID_PAIR_COST = 5.0
 FIRST_STAGE_CHUNK = 65536  # pairs per block of pair_first_stage's gathers (2 x 128 MB of vectors at K = 512)
 MIN_SPLIT_PAIRS = 32  # score_pairs cuts calls in halves (down to this many pairs) until every concurrent worker has one
 PAIR_OVERHEAD = 1.5  # allocator slack over a pair call's listed intermediates: at 512 pairs, flickr8k preset, 392 MB
@@ -124,6 +133,40 @@ def progress_bar(progress: "bool | tqdm", total: int):
     if isinstance(progress, tqdm):
         return contextlib.nullcontext(progress)
     return tqdm(total=total, desc="scoring", unit="pair", unit_scale=True, disable=not progress)
+
+
+def grid_chunks(lengths: np.ndarray, cap: int) -> list[slice]:
+    """Calls (slices) of ONE image's pairs whose caption `lengths` are sorted ascending: contiguous chunks of at most
+    `cap` pairs that minimise the modelled cost (GRID_CALL_COST per call, GRID_PAIR_COST + padded words per pair).
+    A chunk ends where the length changes (moving an end inside a run of one length to the run's end pads nothing
+    more); a stretch longer than `cap` is cut into full calls of `cap` from its start, the rest last (the longest
+    captions in the smallest call). A function of the lengths and cap only (a resumed run makes the same calls)."""
+    n = len(lengths)
+    ends = np.append(np.flatnonzero(np.diff(lengths)) + 1, n).tolist()  # candidate chunk ends: length changes, n
+    starts = [0] + ends[:-1]
+    width = [float(w) for w in lengths]
+
+    def cuts(a: int, b: int) -> list[tuple[int, int]]:
+        return [(lo, min(lo + cap, b)) for lo in range(a, b, cap)]
+
+    best, back = [0.0] * (len(ends) + 1), [0] * (len(ends) + 1)  # best[j]: cost of the first ends[j - 1] pairs
+    for j in range(1, len(ends) + 1):
+        best[j] = np.inf
+        for i in range(j):  # the pairs from starts[i] to ends[j - 1] in calls of their own
+            cost = best[i] + sum(GRID_CALL_COST + (hi - lo) * (GRID_PAIR_COST + width[hi - 1]) for lo, hi in cuts(starts[i], ends[j - 1]))
+            if cost < best[j]:
+                best[j], back[j] = cost, i
+    chunks, j = [], len(ends)
+    while j > 0:
+        chunks[:0] = [slice(lo, hi) for lo, hi in cuts(starts[back[j]], ends[j - 1])]
+        j = back[j]
+    return chunks
+
+
+def shortlist_pairs(direction: str, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """[Q * S, 2] (image row, caption row) of each query's candidates [Q, S], query by query."""
+    query_column = np.repeat(np.asarray(queries, np.int64), candidates.shape[1])
+    return np.stack([query_column, candidates.reshape(-1)] if direction == "i2t" else [candidates.reshape(-1), query_column], axis=1)
 
 
 def rank_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -499,10 +542,10 @@ class Scorer(Encoder):
         threshold = SINGLE_ROW_PAIRS_GRID if self.path == "grid" else SINGLE_ROW_PAIRS
         for group in np.split(order, starts[1:]):
             if len(group) >= threshold:
-                size = single
-                if self.path == "grid":  # length-sorted group cut in near-equal chunks of <= GRID_CHUNK_PAIRS: short
-                    size = min(single, -(-len(group) // -(-len(group) // GRID_CHUNK_PAIRS)))  # captions not padded to the longest
-                calls += [group[s:s + size] for s in range(0, len(group), size)]
+                if self.path == "grid":  # length-sorted group cut where the modelled grid-call cost is lowest
+                    calls += [group[chunk] for chunk in grid_chunks(lengths[group], single)]
+                else:
+                    calls += [group[s:s + single] for s in range(0, len(group), single)]
             else:
                 pooled.append(group)
         if pooled:
@@ -564,24 +607,29 @@ class Scorer(Encoder):
                 first = self.first_stage(images, captions, np.arange(len(images)), queries).T if self.fuses else None
             scores = self.fusion.apply(first, bssan) if self.fuses else bssan
             indices, values = rank_rows(scores, k)
-            bssan_values = np.take_along_axis(bssan, indices, 1)
-            candidates = None
+            ranking = Ranking(direction, queries, indices, values, bssan=np.take_along_axis(bssan, indices, 1))
         else:
             candidates = self.shortlist(images, captions, shortlist_k, direction, queries)  # [Q, S]
-            query_column = np.repeat(queries, shortlist_k)
-            pairs = np.stack([query_column, candidates.reshape(-1)] if direction == "i2t"
-                             else [candidates.reshape(-1), query_column], axis=1)  # [Q * S, 2]
+            pairs = shortlist_pairs(direction, queries, candidates)  # [Q * S, 2]
             bssan = self.score_pairs(images, captions, pairs, progress=progress, fuse=False)  # [Q * S]
-            rescored = (self.fusion.apply(self.pair_first_stage(images, captions, pairs), bssan) if self.fuses else bssan)
-            rescored, bssan = rescored.reshape(len(queries), shortlist_k), bssan.reshape(len(queries), shortlist_k)
-            # ties in the product score keep the lower row first, as in the exhaustive ranking
-            order = np.lexsort((candidates, -rescored), axis=1)[:, :k]
-            indices, values = np.take_along_axis(candidates, order, 1), np.take_along_axis(rescored, order, 1)
-            bssan_values = np.take_along_axis(bssan, order, 1)
-        ranking = Ranking(direction, queries, indices, values, candidates, bssan=bssan_values)
+            ranking = self.rank_candidates(images, captions, direction, queries, candidates, bssan, k)
         if attention:
             ranking.attention = self.attention(images, captions, ranking)
         return ranking
+
+    def rank_candidates(self, images: ImageCache, captions: CaptionCache, direction: str, queries: np.ndarray,
+                        candidates: np.ndarray, bssan: np.ndarray, k: int) -> Ranking:
+        """The k best of each query's candidates [Q, S] (rows of the other side) by the product score, given the BSSAN
+        MS of every candidate (bssan: [Q * S] or [Q, S], pairs in shortlist_pairs order): fused with the first stage
+        per self.fusion; ties in the product score keep the lower row first, as in the exhaustive ranking."""
+        shape = candidates.shape
+        bssan = np.asarray(bssan, np.float32).reshape(-1)
+        rescored = (self.fusion.apply(self.pair_first_stage(images, captions, shortlist_pairs(direction, queries, candidates)), bssan)
+                    if self.fuses else bssan)
+        rescored, bssan = rescored.reshape(shape), bssan.reshape(shape)
+        order = np.lexsort((candidates, -rescored), axis=1)[:, :k]
+        indices, values = np.take_along_axis(candidates, order, 1), np.take_along_axis(rescored, order, 1)
+        return Ranking(direction, queries, indices, values, candidates, bssan=np.take_along_axis(bssan, order, 1))
 
     def attention(self, images: ImageCache, captions: CaptionCache, ranking: Ranking) -> list[list[dict]]:
         """Attention weights of every hit of a ranking (engine/attention.py), per query."""

@@ -60,7 +60,7 @@ from engine.data import image_files
 from engine.errors import BssanError, CaptionError, DataError, ImageError, InputError
 from engine.files import write_text_atomic
 from engine.graphs import PRECISIONS
-from engine.journal import JOURNAL_VERSION, UNIT_IMAGES, UNIT_QUERIES, Journal, output_lock, score_exhaustive, score_shortlist
+from engine.journal import JOURNAL_VERSION, UNIT_IMAGES, UNIT_SHORTLIST_IMAGES, Journal, output_lock, score_exhaustive, score_shortlists
 from engine.metrics import format_metrics
 from engine.ranking import first_stage_recall, two_stage_metrics
 from engine.runtime import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PAIRS_PER_CALL, Scorer, rank_rows
@@ -378,7 +378,7 @@ def score(args: argparse.Namespace, start: float) -> int:
         key = {"version": JOURNAL_VERSION, "artifact": scorer.fingerprint, "backend": scorer.runner.backend.value,
                "precision": args.precision, "threads": args.threads, "batch_size": args.batch_size,
                "memory_budget_mb": args.memory_budget_mb, "shortlist_k": args.shortlist_k, "directions": directions,
-               "units": [UNIT_IMAGES, UNIT_QUERIES], "images": inputs.image_digest, "captions": inputs.caption_digest,
+               "units": [UNIT_IMAGES, UNIT_SHORTLIST_IMAGES], "images": inputs.image_digest, "captions": inputs.caption_digest,
                "fusion": scorer.fusion.to_dict()}
         journal = Journal(args.out, key)
         try:
@@ -405,13 +405,12 @@ def score_with_journal(args: argparse.Namespace, start: float, scorer: Scorer, i
                   if scorer.fuses else bssan)
         for d in directions:
             ranked[d], scores[d] = rank_rows(matrix if d == "i2t" else matrix.T, min(args.top_k or DEFAULT_TOP_K, sizes[d]))
-    else:
-        bssan = {}
+    else:  # both directions' candidates scored once, image by image (engine/journal.py)
+        pairs, pair_bssan, rankings = score_shortlists(scorer, images, captions, {d: min(args.shortlist_k, sizes[d]) for d in directions},
+                                                       journal, pool)
         for d in directions:
-            ranked[d], scores[d], hits = score_shortlist(scorer, images, captions, d, min(args.shortlist_k, sizes[d]), journal, pool)
-            queries = np.repeat(np.arange(len(ranked[d])), ranked[d].shape[1])
-            image_rows, caption_rows = (queries, ranked[d].reshape(-1)) if d == "i2t" else (ranked[d].reshape(-1), queries)
-            bssan.update(zip(zip(image_rows.tolist(), caption_rows.tolist()), hits.reshape(-1).tolist()))
+            ranked[d], scores[d] = rankings[d].indices, rankings[d].scores
+        bssan = dict(zip(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist()), pair_bssan.tolist()))
     results = [record for d in directions
                for record in query_records(d, images, captions, ranked[d], scores[d], min(args.top_k or DEFAULT_TOP_K, sizes[d]))]
     metrics = evaluate(scorer, images, captions, order, per, args.shortlist_k, bssan) if args.evaluate else None

@@ -8,8 +8,8 @@ results fused, ranked and written by the driver); a `ScorePool` takes over the t
   worker makes the very graph calls the single process makes for those rows (`Scorer.encode_images` on
   the shard's files, `encode_image_features` on the store split's rows). The driver joins the shards
   in order into one ImageCache (the journal saves it as before).
-- scoring: the journal's units (engine/journal.py: UNIT_IMAGES rows of the matrix, UNIT_QUERIES
-  shortlisted queries) run as `Scorer.score_grid` / `Scorer.top_k` calls on workers that hold the
+- scoring: the journal's units (engine/journal.py: UNIT_IMAGES rows of the matrix, the re-rank pairs of
+  UNIT_SHORTLIST_IMAGES images) run as `Scorer.score_grid` / `Scorer.score_pairs` calls on workers that hold the
   caches (put once in Ray's object store, read zero-copy by every worker of a node); the driver
   writes each unit into the journal and lists it, as one process does.
 
@@ -57,10 +57,9 @@ class ScoreWorker:
         rows = np.asarray(work["rows"], dtype=np.int64)
         if kind == "grid":
             return self.scorer.score_grid(images, captions, image_rows=rows, fuse=False)  # MS; fused by the driver
-        if kind == "top_k":
-            k = work["k"]
-            return self.scorer.top_k(images, captions, k, work["direction"], queries=rows, shortlist_k=k)
-        raise ValueError(f"unit kind {kind!r}: expected encode_files, encode_store, grid or top_k")
+        if kind == "pairs":  # rows: (image row, caption row) pairs, flattened
+            return self.scorer.score_pairs(images, captions, rows.reshape(-1, 2), fuse=False)  # MS; fused by the driver
+        raise ValueError(f"unit kind {kind!r}: expected encode_files, encode_store, grid or pairs")
 
     def _caches(self):
         if not isinstance(self.caches, tuple):
@@ -109,7 +108,7 @@ class ScorePool:
         works = [{"kind": "grid", "rows": rows.tolist()} for rows in rows_list]
         yield from self.cluster.run(ScoreWorker, {"load": self.load, "caches": self.caches}, works, "scoring units")
 
-    def top_k(self, direction: str, k: int, rows_list: list[np.ndarray]):
-        works = [{"kind": "top_k", "direction": direction, "k": k, "rows": rows.tolist()} for rows in rows_list]
-        yield from self.cluster.run(ScoreWorker, {"load": self.load, "caches": self.caches}, works, f"re-ranking units {direction}")
+    def score_pairs(self, pairs_list: list[np.ndarray]):
+        works = [{"kind": "pairs", "rows": pairs.reshape(-1).tolist()} for pairs in pairs_list]
+        yield from self.cluster.run(ScoreWorker, {"load": self.load, "caches": self.caches}, works, "re-ranking units")
 

@@ -137,9 +137,9 @@ def test_ray_ranking_with_a_killed_worker_is_byte_identical(one_process_store, i
 def test_ray_shortlist_ranking_resumes_a_killed_job_byte_identical(tiny_artifact, ray_address, tmp_path, capsys):
     """Shortlist mode (first stage, fused re-rank) on the synthetic store: a one-process job killed after its
     first journaled unit is finished by --ray (only the rest of the units), same bytes as one process alone."""
-    from engine.journal import UNIT_QUERIES
+    from engine.journal import UNIT_SHORTLIST_IMAGES
 
-    store = build_store(tmp_path / "store", splits={"test": UNIT_QUERIES // 5 + 4})  # t2i: 2 units of queries
+    store = build_store(tmp_path / "store", splits={"test": UNIT_SHORTLIST_IMAGES + 4})  # 2 units of images' re-rank pairs
     argv = ["--model", tiny_artifact, "--images", store, "--direction", "both", "--top-k", 5, "--shortlist-k", 8]
     score(capsys, *argv, "--out", tmp_path / "one.jsonl")
     out = tmp_path / "ray.jsonl"

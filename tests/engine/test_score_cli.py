@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.journal import STOP_AFTER_ENV
+from engine.journal import STOP_AFTER_ENV, UNIT_SHORTLIST_IMAGES
 from engine.metrics import retrieval_metrics
 from engine.score import main
 from engine.store import FeatureStore
@@ -223,9 +223,10 @@ def killed_run(argv: list, stop_after: int) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("mode", [[], ["--shortlist-k", 6]], ids=["exhaustive", "shortlist"])
-def test_resume_after_kill_is_byte_identical(capsys, tmp_path, tiny_artifact, mode):
-    store = build_store(tmp_path / "store", splits={"test": 20})  # 20 images: 3 units of score-matrix rows
+@pytest.mark.parametrize("mode, n_images", [([], 20), (["--shortlist-k", 6], UNIT_SHORTLIST_IMAGES + 4)], ids=["exhaustive", "shortlist"])
+def test_resume_after_kill_is_byte_identical(capsys, tmp_path, tiny_artifact, mode, n_images):
+    # exhaustive: 3 units of score-matrix rows; shortlist: 2 units of images' re-rank pairs
+    store = build_store(tmp_path / "store", splits={"test": n_images})
     argv = ["--model", tiny_artifact, "--images", store, "--direction", "both", "--top-k", 5, *mode]
     reference = tmp_path / "reference.jsonl"
     assert run(capsys, *argv, "--out", reference)[0] == 0
@@ -234,7 +235,7 @@ def test_resume_after_kill_is_byte_identical(capsys, tmp_path, tiny_artifact, mo
     killed = killed_run([*argv, "--out", out], stop_after=1)
     assert killed.returncode == -9, killed.stderr
     journal = tmp_path / ".results.jsonl.partial"
-    assert json.loads((journal / "progress.json").read_text())["done"] and out.read_text() == "an earlier result\n"
+    assert len(json.loads((journal / "progress.json").read_text())["done"]) == 1 and out.read_text() == "an earlier result\n"
     code, _, err = run(capsys, *argv, "--out", out)
     assert code == 0, err
     assert out.read_bytes() == reference.read_bytes() and not journal.exists()
