@@ -118,3 +118,21 @@ def test_export_folds_the_correction_into_the_shortlist_graphs(tmp_path, tiny_st
         ranked = scorer.top_k(images, captions, k=3, direction="t2i", shortlist_k=5)
         assert ranked.candidates.shape == (len(split.lengths), 5)
         assert (ranked.candidates[:, 0] == np.argmax(want.T, axis=1)).mean() > 0.9  # the corrected first stage's order
+
+
+def test_a_bssan_run_tunes_its_fusion_on_the_corrected_first_stage(tmp_path, train_store, first_stage):
+    """FirstStage.scores (the trainer's dev fusion and selection) ranks as the product does: with the correction."""
+    from training.mining import FirstStage
+
+    ckpt = tmp_path / "dual"
+    shutil.copytree(first_stage, ckpt)
+    store = FeatureStore(train_store)
+    dev = store.split("dev")
+    plain = FirstStage.load(ckpt, store, tmp_path / "run-plain").scores(dev)
+    rng = np.random.default_rng(1)
+    HubnessCorrection(_unit(rng.normal(size=(12, 8))), _unit(rng.normal(size=(30, 8))), neighbours=3, beta_image=0.5,
+                      beta_text=0.75).save(ckpt / HUBNESS)  # embed_dim 8: random_dual_checkpoint's
+    model = load_checkpoint(ckpt).model
+    corrected = FirstStage.load(ckpt, store, tmp_path / "run").scores(dev)
+    assert np.allclose(corrected, score_split(model, dev, "glove50"), atol=1e-5)
+    assert not np.allclose(corrected, plain, atol=1e-3)
