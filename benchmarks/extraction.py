@@ -480,8 +480,11 @@ def plot_stages(report: dict, path: Path) -> Path | None:
     ax2.set_ylim(0, max(40.0, 1.15 * max(b[1].get("projected_images_per_s_on_idle_cores", b[1]["images_per_s"]) for b in bars)))
     ax2.legend(fontsize=7, loc="upper left")
     load = report["load_average_at_start"][0], report["load_average_at_end"][0]
-    fig.suptitle(f"Feature extraction per stage, Flickr8K test photos, {report['threads']} cores shared "
-                 f"(1-min load {load[0]:.1f} -> {load[1]:.1f})", fontsize=10)
+    others = [part["other_processes_cores"] for part in (report.get(k, {}) for k in ("end_to_end_after", "end_to_end_with_words", "cli"))
+              if part.get("other_processes_cores") is not None]
+    busy = f"other processes {min(others):.2f}-{max(others):.2f} cores while timed, " if others else ""
+    fig.suptitle(f"Feature extraction per stage, Flickr8K test photos, {report['threads']} cores ({busy}"
+                 f"1-min load average {load[0]:.1f} -> {load[1]:.1f}, which lags)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
