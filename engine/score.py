@@ -273,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(HOST:PORT of its head, 'auto'; no ADDRESS: a local instance); same output bytes (docs/ray.md)")
     parser.add_argument("--ray-workers", type=positive_int, help="--ray: Scorer actors (default: as many as fit, "
                         "--threads CPUs each, default 1)")
+    parser.add_argument("--image-shards", type=Path, metavar="DIR", help="keep the gallery's image caches in DIR as "
+                        "memory-mapped shards (encoded once: a rerun, or a later run on the same gallery, keeps finished "
+                        "shards) and rank shard by shard: memory bounded whatever the gallery's size, same output (docs/ray.md)")
+    parser.add_argument("--shard-size", type=positive_int, metavar="IMAGES", help="--image-shards: images per shard, "
+                        "a multiple of 1024 (default 2048)")
     return parser
 
 
@@ -347,6 +352,10 @@ def run(args: argparse.Namespace) -> int:
         from engine.distributed import check_ray
 
         check_ray(args.ray)
+    if args.image_shards is not None or args.shard_size is not None:  # before any work (engine/distributed/sharded.py)
+        from engine.distributed.sharded import check_shard_options
+
+        check_shard_options(args)
     if args.out is not None:  # before any work: a result that cannot be written is known now
         if args.out.suffix not in (".jsonl", ".tsv"):
             raise InputError(f"--out {args.out}: expected a file name ending in .jsonl or .tsv")
@@ -374,12 +383,19 @@ def score(args: argparse.Namespace, start: float) -> int:
         if args.shortlist_k is not None:
             scorer.require_shortlist()
         n_captions = sizes["i2t"]
-        scorer.check_budget(len(inputs.image_ids), n_captions, n_captions * len(inputs.image_ids) * 4 if args.shortlist_k is None else 0)
+        if args.image_shards is not None:  # what the sharded mode holds at once: a shard or unit of images, a tile
+            from engine.distributed.sharded import check_sharded_budget
+
+            check_sharded_budget(args, scorer, sizes)
+        else:
+            scorer.check_budget(len(inputs.image_ids), n_captions, n_captions * len(inputs.image_ids) * 4 if args.shortlist_k is None else 0)
         key = {"version": JOURNAL_VERSION, "artifact": scorer.fingerprint, "backend": scorer.runner.backend.value,
                "precision": args.precision, "threads": args.threads, "batch_size": args.batch_size,
                "memory_budget_mb": args.memory_budget_mb, "shortlist_k": args.shortlist_k, "directions": directions,
                "units": [UNIT_IMAGES, UNIT_SHORTLIST_IMAGES], "images": inputs.image_digest, "captions": inputs.caption_digest,
                "fusion": scorer.fusion.to_dict()}
+        if args.image_shards is not None:
+            key["image_shards"] = True  # its own journal arrays (engine/distributed/sharded.py)
         journal = Journal(args.out, key)
         try:
             return score_with_journal(args, start, scorer, inputs, sizes, directions, journal, order, per)
@@ -391,6 +407,10 @@ def score(args: argparse.Namespace, start: float) -> int:
 def score_with_journal(args: argparse.Namespace, start: float, scorer: Scorer, inputs: Inputs, sizes: dict[str, int],
                        directions: list[str], journal: Journal, order: np.ndarray | None, per: int | None) -> int:
     """Encode (or load from the journal), score in journaled units, write the output."""
+    if args.image_shards is not None:  # the gallery as memory-mapped shards, ranked shard by shard: the same bytes
+        from engine.distributed.sharded import score_sharded
+
+        return score_sharded(args, scorer, inputs, sizes, directions, journal)
     pool = ray_pool(args) if args.ray is not None else None  # --ray: encoding and scoring units on Ray workers
     images = journal.cache("images", ImageCache, lambda: scorer.encode_images(inputs.images, inputs.image_ids, progress=True)
                            if pool is None else pool.encode_images(inputs.images, inputs.image_ids, scorer.fingerprint,

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from engine.distributed import KILL_UNIT_ENV, RAY_EXTRA
@@ -179,44 +178,17 @@ def test_an_unreachable_address_is_one_line(tmp_path, capsys):
     assert code == 2 and "expected HOST:PORT" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def shortlist_gallery(tiny_artifact, tmp_path_factory):
-    """50 synthetic images and their captions through the tiny artifact (it has shortlist graphs)."""
-    from engine.runtime import Scorer
-    from engine.store import FeatureStore
-
-    split = FeatureStore(build_store(tmp_path_factory.mktemp("gallery-store"), splits={"test": 50})).split("test")
-    with Scorer.load(tiny_artifact, "onnxruntime-cpu", threads=1) as scorer:
-        images, captions = scorer.encode_images(split), scorer.encode_captions(split)
-        return images, captions, scorer.shortlist(images, captions, 7, "t2i")
-
-
-def test_a_sharded_gallery_merges_the_first_stage_exactly(shortlist_gallery, tmp_path):
-    from engine.distributed.gallery import ShardedGallery
-
-    images, captions, want = shortlist_gallery
-    gallery = ShardedGallery.save(images, tmp_path / "gallery", rows_per_shard=16)  # shards of 16, 16, 16, 2 rows
-    assert [(a, b) for a, b, _ in gallery.shards] == [(0, 16), (16, 32), (32, 48), (48, 50)] and gallery.ids == images.ids
-    indices, scores = gallery.top_k(captions.arrays["text_vectors"], 7)
-    assert indices.tolist() == want.tolist()  # Scorer.shortlist over the whole cache
-    hits = gallery.rows(indices[3])
-    assert hits.ids == [images.ids[i] for i in indices[3]]
-    for name, array in images.arrays.items():
-        assert hits.arrays[name].tobytes() == np.ascontiguousarray(array[indices[3]]).tobytes()
-    stamp = (tmp_path / "gallery" / "shard-00001" / "cache.json").stat().st_mtime_ns
-    again = ShardedGallery.save(images, tmp_path / "gallery", rows_per_shard=16)  # a rerun keeps the saved shards
-    assert (tmp_path / "gallery" / "shard-00001" / "cache.json").stat().st_mtime_ns == stamp and len(again) == 50
-
-
-def test_the_first_stage_fans_out_over_shards_on_ray(shortlist_gallery, ray_address, tmp_path):
-    from engine.distributed import Cluster
-    from engine.distributed.gallery import ShardedGallery
-
-    images, captions, want = shortlist_gallery
-    gallery = ShardedGallery.save(images, tmp_path / "gallery", rows_per_shard=16)
-    indices, scores = gallery.top_k(captions.arrays["text_vectors"], 7, Cluster.connect(ray_address, 1, 2))
-    assert indices.tolist() == want.tolist()
-    assert (indices, scores) and np.array_equal(scores, gallery.top_k(captions.arrays["text_vectors"], 7)[1])
+def test_a_sharded_gallery_ranks_on_ray_byte_identical(tiny_artifact, ray_address, tmp_path, capsys):
+    """--image-shards with --ray: 1,100 synthetic images in 2 shards (the real first-stage tile, 1,024 rows) encoded on
+    workers, the t2i first stage fanned out one unit per shard (workers on the driver's BLAS threads) and merged, the
+    re-rank units on workers that read their images from the shards: the in-memory run's bytes, both directions."""
+    store = build_store(tmp_path / "store", splits={"test": 1100}, captions_per_image=1)
+    argv = ["--model", tiny_artifact, "--images", store, "--direction", "both", "--top-k", 3, "--shortlist-k", 4]
+    score(capsys, *argv, "--out", tmp_path / "one.jsonl")
+    err = score(capsys, *argv, "--out", tmp_path / "ray.jsonl", "--image-shards", tmp_path / "shards", "--shard-size", 1024,
+                "--ray", "--ray-workers", 2)
+    assert "ray: " in err and (tmp_path / "shards" / "shard-00001" / "cache.json").is_file()
+    assert (tmp_path / "ray.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
 
 
 def test_a_user_error_comes_out_of_rays_wrappers():
