@@ -1,8 +1,12 @@
 """Shortlist re-ranking in journaled units (engine/journal.py): both directions' candidate pairs scored once,
 image by image, give the rankings of the library's per-direction top_k; the grid-call plan of one image's pairs
-(engine.runtime.grid_chunks) covers them in order, within the cap, at no more modelled cost than fixed chunks."""
+(engine.runtime.grid_chunks) covers them in order, within the cap, at no more modelled cost than fixed chunks;
+caches saved in the background: units listed only once the caches are on disk, a failed save raised."""
 
 from __future__ import annotations
+
+import json
+import threading
 
 import numpy as np
 import pytest
@@ -64,3 +68,46 @@ def test_grid_chunks_cover_the_pairs_in_order_within_the_cap_and_cost_no_more_th
         assert fixed_cost(lengths, chunks) <= fixed_cost(lengths, [slice(s, min(s + size, n)) for s in range(0, n, size)]) + 1e-9
     assert grid_chunks(lengths, cap) == chunks  # a function of the lengths and cap only
     assert grid_chunks(np.full(n, 9), cap) == [slice(s, min(s + cap, n)) for s in range(0, n, cap)]  # one length: full calls
+
+
+class SlowCache:
+    """A cache whose save waits for `release` (or fails with `error`)."""
+
+    def __init__(self, error: Exception | None = None):
+        self.release, self.error, self.saved = threading.Event(), error, False
+
+    def save(self, path):
+        assert self.release.wait(30)
+        if self.error is not None:
+            raise self.error
+        path.mkdir()
+        (path / "cache.json").write_text("{}")
+        self.saved = True
+
+
+def test_units_are_listed_once_the_caches_are_on_disk(tmp_path):
+    journal = Journal(tmp_path / "out.jsonl", {"run": 1})
+    cache = SlowCache()
+    assert journal.cache("images", None, lambda: cache, "") is cache  # returned at once, saved in the background
+    progress = journal.dir / "progress.json"
+    journal.finish_unit("rows0")
+    assert not progress.exists() and not journal.caches_saved()  # scored before its cache was on disk: not listed yet
+    cache.release.set()
+    assert journal.caches_saved(wait=True) and cache.saved
+    journal.finish_unit("rows8")
+    assert json.loads(progress.read_text())["done"] == ["rows0", "rows8"]
+    journal.remove()
+    assert not journal.dir.exists()
+
+
+def test_a_failed_cache_save_is_raised_at_the_next_unit(tmp_path):
+    journal = Journal(tmp_path / "out.jsonl", {"run": 1})
+    cache = SlowCache(OSError(28, "No space left on device"))
+    journal.cache("captions", None, lambda: cache, "")
+    cache.release.set()
+    with pytest.raises(OSError, match="No space left"):
+        journal.caches_saved(wait=True)
+        journal.finish_unit("pairs0")
+    with pytest.raises(OSError, match="No space left"):
+        journal.finish_unit("pairs0")
+    journal.remove()
