@@ -54,6 +54,13 @@ def check_rows_per_shard(rows: int, what: str = "rows_per_shard") -> int:
     return int(rows)
 
 
+def to_object_store(value):
+    """ray.put(value): what a Ray unit's constructor receives for a large array or cache (one copy per node)."""
+    import ray
+
+    return ray.put(value)
+
+
 def shard_bounds(count: int, rows_per_shard: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows_per_shard, count)) for start in range(0, count, rows_per_shard)]
 
@@ -238,11 +245,9 @@ class ShardedGallery:
         if cluster is None:
             parts = (shard_top_k(query_vectors, self.vectors(n), start, k) for n, (start, _) in enumerate(self.bounds))
         else:
-            import ray
-
             works = [{"path": str(self.root / name), "start": start} for name, (start, _) in zip(self.names, self.bounds)]
-            parts = cluster.run(ShardTopKWorker, {"query_vectors": ray.put(query_vectors), "k": k, "threads": blas_threads()},
-                                works, "first-stage shards")
+            init = {"query_vectors": to_object_store(query_vectors), "k": k, "threads": blas_threads()}
+            parts = cluster.run(ShardTopKWorker, init, works, "first-stage shards")
         return merge_parts(parts, k)
 
     def rows(self, rows: np.ndarray, names: Iterable[str] | None = None) -> ImageCache:

@@ -44,6 +44,7 @@ from engine import runtime
 from engine.cache import CaptionCache, ImageCache
 from engine.cli import check_output_dir
 from engine.distributed import RAY_EXTRA
+from engine.distributed import gallery as sharded_gallery
 from engine.distributed.gallery import VECTORS, ShardedGallery, blas_threads, check_rows_per_shard, use_blas_threads
 from engine.errors import InputError
 from engine.files import atomic_path, exclusive_lock, write_json_atomic
@@ -259,9 +260,7 @@ def score_sharded(args, scorer: Scorer, inputs, sizes: dict[str, int], direction
     top = {d: min(args.top_k or DEFAULT_TOP_K, sizes[d]) for d in directions}
     remote = None
     if pool is not None:
-        import ray
-
-        remote = {"load": pool.load, "captions": ray.put(captions), "gallery": str(args.image_shards.resolve()),
+        remote = {"load": pool.load, "captions": sharded_gallery.to_object_store(captions), "gallery": str(args.image_shards.resolve()),
                   "threads": blas_threads()}
     queries = 0
     with open_output(args.out) as write:
@@ -367,9 +366,7 @@ def rank_shortlists(scorer: Scorer, gallery: ShardedGallery, captions: CaptionCa
     todo = [(b0, b1, block_units(b0, b1)) for b0, b1 in blocks]
     results = None
     if pool is not None:
-        import ray
-
-        init = {**remote, "t2i_keys": None if t2i_keys is None else ray.put(t2i_keys), "k_i2t": k1}
+        init = {**remote, "t2i_keys": None if t2i_keys is None else sharded_gallery.to_object_store(t2i_keys), "k_i2t": k1}
         works = [{"kind": "block", "start": b0, "stop": b1, "units": units} for b0, b1, units in todo if units]
         results = pool.cluster.run(ShardedScoreWorker, init, works, "re-ranking units")
     with tqdm(total=n_img, desc=f"re-ranking {'+'.join(ks)}", unit="img", file=sys.stderr, mininterval=BAR_INTERVAL) as bar:

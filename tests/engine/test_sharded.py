@@ -160,3 +160,38 @@ def test_bad_shard_options_are_one_line_errors(tiny_artifact, store300, tmp_path
     assert code == 2 and err.count("error:") == 1 and err.splitlines()[-1].startswith(
         f"error: --image-shards {tmp_path / 'mine'}: holds the shards of another gallery, artifact, precision or shard size")
     assert (tmp_path / "used" / "photo.jpg").read_text() == "the user's" and len(list((tmp_path / "mine").glob("shard-*"))) == 3
+
+
+class InProcessCluster:
+    """Cluster.run's contract (units as JSON, results pickled, in order) without Ray: the --ray code paths of
+    --image-shards (encoding units, the first stage per shard, re-rank blocks, exhaustive units) run in this process."""
+
+    workers, cpus, gpus = 1, 1.0, 0.0
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, worker, init, works, what):
+        import pickle
+
+        self.runs.append((worker.__name__, len(works)))
+        unit = worker(**init)
+        for work in works:
+            yield pickle.loads(pickle.dumps(unit.run(json.loads(json.dumps(work)))))
+
+
+@pytest.mark.parametrize("mode", [["--shortlist-k", 6], []], ids=["shortlist", "exhaustive"])
+def test_the_ray_paths_of_image_shards_equal_in_memory(fused_artifact, tmp_path, capsys, small_tile, monkeypatch, mode):
+    """The --ray side of --image-shards with Cluster.run done in this process (tests/engine/test_ray.py runs the
+    shortlist on a real Ray instance): same bytes as the in-memory run, every kind of unit used."""
+    pytest.importorskip("ray", reason="--ray checks that Ray is installed")
+    cluster = InProcessCluster()
+    monkeypatch.setattr("engine.distributed.score.Cluster.connect", lambda *a, **k: cluster)
+    monkeypatch.setattr("engine.distributed.gallery.to_object_store", lambda value: value)
+    store = build_store(tmp_path / "store", splits={"test": 200 if mode else 90})
+    argv = ["--model", fused_artifact, "--images", store, "--direction", "both", "--top-k", 4, *mode]
+    score(capsys, *argv, "--out", tmp_path / "memory.jsonl")
+    score(capsys, *argv, "--out", tmp_path / "ray.jsonl", "--image-shards", tmp_path / "shards", "--shard-size", 128, "--ray")
+    assert (tmp_path / "ray.jsonl").read_bytes() == (tmp_path / "memory.jsonl").read_bytes()
+    kinds = [name for name, _ in cluster.runs]
+    assert kinds == (["ScoreWorker", "ShardTopKWorker", "ShardedScoreWorker"] if mode else ["ScoreWorker", "ShardedScoreWorker"])
