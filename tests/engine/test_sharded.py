@@ -195,3 +195,45 @@ def test_the_ray_paths_of_image_shards_equal_in_memory(fused_artifact, tmp_path,
     assert (tmp_path / "ray.jsonl").read_bytes() == (tmp_path / "memory.jsonl").read_bytes()
     kinds = [name for name, _ in cluster.runs]
     assert kinds == (["ScoreWorker", "ShardTopKWorker", "ShardedScoreWorker"] if mode else ["ScoreWorker", "ShardedScoreWorker"])
+
+
+@pytest.mark.parametrize("mode", [["--shortlist-k", 7], []], ids=["shortlist", "exhaustive"])
+def test_an_interrupted_sharded_ranking_resumes_its_units(fused_artifact, tmp_path, capsys, small_tile, monkeypatch, mode):
+    """Interrupted after 3 journaled units (Ctrl-C: the journal stays), the rerun scores only the units progress.json
+    does not list (the t2i first stage is one of them) and writes the in-memory run's bytes."""
+    from engine.cli import INTERRUPT_EXIT_CODE
+    from engine.distributed import sharded
+    from engine.journal import Journal
+    from engine.score import main
+
+    store = build_store(tmp_path / "store", splits={"test": 300 if mode else 40})
+    argv = ["--model", fused_artifact, "--images", store, "--direction", "both", "--top-k", 5, *mode]
+    score(capsys, *argv, "--out", tmp_path / "memory.jsonl")
+    out, sharded_argv = tmp_path / "sharded.jsonl", ["--image-shards", tmp_path / "shards", "--shard-size", 128]
+    finish, seen = Journal.finish_unit, []
+
+    def interrupting(self, unit, *arrays):
+        finish(self, unit, *arrays)
+        seen.append(unit)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Journal, "finish_unit", interrupting)
+    assert main([str(a) for a in argv + ["--out", out] + sharded_argv] + SCORE) == INTERRUPT_EXIT_CODE
+    capsys.readouterr()
+    listed = json.loads((tmp_path / ".sharded.jsonl.partial" / "progress.json").read_text())["done"]
+    assert 1 <= len(listed) <= 3 and not out.exists()
+    monkeypatch.setattr(Journal, "finish_unit", finish)
+    calls = []
+    for name in ("score_unit", "block_i2t"):
+        real = getattr(sharded, name)
+        monkeypatch.setattr(sharded, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    grid = []
+    real_grid = sharded.Scorer.score_grid
+    monkeypatch.setattr(sharded.Scorer, "score_grid", lambda self, *a, **k: (grid.append(1), real_grid(self, *a, **k))[1])
+    score(capsys, *argv, "--out", out, *sharded_argv)
+    assert out.read_bytes() == (tmp_path / "memory.jsonl").read_bytes()
+    if mode:  # 300 images: 5 units of 64, and the t2i first stage
+        assert calls.count("score_unit") == 5 - len([u for u in listed if u.startswith("pairs")])
+    else:  # 40 images: 5 units of 8 rows
+        assert len(grid) == 5 - len(listed)
