@@ -181,19 +181,36 @@ def plot(result: dict, path: Path) -> None:
 
     rows = [r for r in result["runs"] if "sharded" in r]
     n = [r["images"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    real = result.get("real")
+    fig, axes = plt.subplots(1, 2 if real else 1, figsize=(11 if real else 7, 4.5), gridspec_kw={"width_ratios": [2, 1]} if real else None)
+    ax = axes[0] if real else axes
     memory = [(r["images"], r["in_memory"]["peak_rss_mb"]) for r in rows if "in_memory" in r]
     if memory:
         ax.plot(*zip(*memory), "o-", label="in memory (the whole ImageCache)")
     ax.plot(n, [r["sharded"]["peak_rss_mb"] for r in rows], "s-", label=f"--image-shards (shards of {result['shard_size']})")
     ax.plot(n, [r["images"] * result["cache_row_bytes"] / 2**20 for r in rows], ":", color="gray", label="the gallery's caches")
+    for r in rows:
+        ax.annotate(f"{r['in_memory']['peak_rss_mb']:,.0f}", (r["images"], r["in_memory"]["peak_rss_mb"]), textcoords="offset points",
+                    xytext=(-10, 6), fontsize=7)
+        ax.annotate(f"{r['sharded']['peak_rss_mb']:,.0f}", (r["images"], r["sharded"]["peak_rss_mb"]), textcoords="offset points",
+                    xytext=(-10, 6), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("gallery images")
+    ax.set_xlabel("gallery images (synthetic)")
     ax.set_ylabel("peak resident memory (MiB)")
-    ax.set_title(f"engine.score t2i, {result['captions']} queries, shortlist K={result['shortlist_k']}\n"
-                 f"(synthetic gallery, {result['cache_row_bytes']} B of cache per image; {result['machine']['cpu']})", fontsize=9)
+    ax.set_title(f"t2i, {result['captions']} queries, K={result['shortlist_k']}; synthetic sizes: "
+                 f"{result['cache_row_bytes']:,} B of cache per image", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if real:
+        ax = axes[1]
+        values = [real["in_memory"]["peak_rss_mb"], real["sharded"]["peak_rss_mb"], real["gallery_cache_mb"]]
+        bars = ax.bar(["in memory", "--image-shards", "its caches"], values, color=["C0", "C1", "gray"])
+        ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
+        ax.set_ylabel("MiB")
+        ax.set_title(f"real sizes: Flickr8K {real['split']} ({real['images']:,} images),\nreference artifact, "
+                     f"{len(real['queries'])} queries ({real['cache_row_bytes'] // 1000} kB per image)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"engine.score peak memory, in memory vs --image-shards (same output bytes); {result['machine']['cpu']}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
