@@ -17,12 +17,11 @@ import re
 import sys
 from pathlib import Path
 
-# (row, label, run directory of the BSSAN model it scores or None, note)
+# (row, label, key of the training record of the model it scores or None, note)
 ROWS = [
-    ("test_dual", "first stage alone: dual encoder, exhaustive (no correction)", "dual", ""),
+    ("test_dual", "first stage alone: dual encoder (max pooling), exhaustive (no correction)", "dual", ""),
     ("test_dual_hub", "first stage alone with its hubness correction (the product's first stage), exhaustive", "dual",
      "training.hubness: betas tuned on dev"),
-    ("test_dual_e1", "the first stage after 1 epoch (the ablations' first stage)", "dual", "epoch 1 of the same run"),
     ("test_alone_all", "BSSAN alone, exhaustive (every pair, no fusion)", "bssan", "engine, ONNX Runtime CPU fp32"),
     ("test_alone_k100", "BSSAN alone re-ranking the corrected first stage's top-100 (no fusion)", "bssan", ""),
     ("test_product_k20", "**product: top-20 re-ranked, fused (engine.score's default)**", "bssan", "fusion tuned on dev"),
@@ -30,17 +29,15 @@ ROWS = [
     ("test_engine_fp32_k20", "product K=20 through engine.score, fp32", "bssan", "engine, ONNX Runtime CPU"),
     ("test_engine_fp16_k20", "product K=20 through engine.score, fp16 graphs", "bssan", "engine, ONNX Runtime CPU"),
     ("test_engine_int8_k20", "product K=20 through engine.score, int8 recurrence", "bssan", "engine, ONNX Runtime CPU"),
-    ("prev_test_product_k20", "previous reference (mined from the 1-epoch first stage, no correction): product K=20", "prev",
-     "2026-11-30 session 1"),
-    ("prev_test_product_k100", "previous reference: product K=100", "prev", "2026-11-30 session 1"),
-    ("o2whub_test_product_k20", "O2W-only BSSAN (10 epochs, best 6) behind the corrected first stage: top-20, fused",
-     "bssan-o2w", "not the reference; fusion tuned on dev"),
-    ("o2whub_test_product_k100", "the same O2W-only BSSAN behind the corrected first stage: top-100, fused", "bssan-o2w",
-     "not the reference"),
-    ("o2w_test_product_k20", "O2W-only BSSAN (10 epochs, best 6), uncorrected first stage: top-20, fused", "bssan-o2w",
+    ("alt_test_product_k20", "BSSAN at the preset's sizes (W2R 128, O2W 64), same first stage: top-20, fused", "bssan-alt",
      "not the reference; fusion tuned on dev"),
-    ("o2w_test_product_k100", "the same O2W-only BSSAN: top-100, fused", "bssan-o2w", "not the reference"),
-    ("o2w_test_alone_k100", "O2W-only BSSAN alone re-ranking the uncorrected top-100", "bssan-o2w", "not the reference"),
+    ("oldbssan_test_product_k20", "the previous reference BSSAN behind this first stage: top-20, fused", "prev-bssan",
+     "trained against the previous first stage; fusion re-tuned on dev"),
+    ("prev_test_dual", "previous first stage (mean / last-state pooling), exhaustive", "prev-dual", "2026-11-30 session 2"),
+    ("prev_test_dual_hub", "previous first stage with its hubness correction", "prev-dual", "2026-11-30 session 2"),
+    ("prev_test_product_k20", "previous reference: product K=20", "prev-bssan", "2026-11-30 session 2"),
+    ("prev_test_product_k100", "previous reference: product K=100", "prev-bssan", "2026-11-30 session 2"),
+    ("prev_test_alone_all", "previous reference: BSSAN alone, exhaustive", "prev-bssan", "2026-11-30 session 2"),
 ]
 ABLATIONS = ["full", "w2r", "o2w", "no_reg", "uniform", "no_mining", "tanh", "no_scaling", "paper_recipe"]
 ABLATION_NAMES = {"full": "full (the recipe)", "w2r": "W2R only", "o2w": "O2W only", "no_reg": "full, no L_reg",
@@ -130,13 +127,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("/work/runs"))
     parser.add_argument("--out", type=Path, default=Path("results/flickr8k"))
-    parser.add_argument("--bssan-run", default="bssan-full-final", help="run directory name of the reference BSSAN")
+    parser.add_argument("--bssan-run", default="bssan-big", help="run directory name of the reference BSSAN")
+    parser.add_argument("--alt-run", default="bssan-std", help="run directory name of the other BSSAN behind the same first stage")
+    parser.add_argument("--dual-run", default="dual-max", help="run directory name of the reference first stage")
     parser.add_argument("--evals", default="eval", help="folder (under --runs) of the evaluation JSON and GNU time files")
     args = parser.parse_args(argv)
     runs, evals = args.runs, args.runs / args.evals
-    trainings = {"dual": training_record(runs / "dual"), "bssan": training_record(runs / args.bssan_run),
-                 "bssan-o2w": training_record(runs / "bssan-o2w"), "prev": training_record(runs / "bssan"),
-                 "listwise": training_record(runs / "bssan-list")}
+    trainings = {"dual": training_record(runs / args.dual_run), "bssan": training_record(runs / args.bssan_run),
+                 "bssan-alt": training_record(runs / args.alt_run), "prev-dual": training_record(runs / "dual"),
+                 "prev-bssan": training_record(runs / "bssan-full-final")}
     header = ("| model | i2t R@1 | R@5 | R@10 | medr | meanr | t2i R@1 | R@5 | R@10 | medr | meanr | rsum | notes |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [header]
@@ -158,10 +157,10 @@ def main(argv=None) -> int:
                 (args.out / f"abl_{name}_{kind}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
             lines.append(fmt_row(f"{ABLATION_NAMES[name]}: {suffix}", metrics))
     (args.out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    curves = {"dual encoder": trainings["dual"], "BSSAN (reference; finished first stage)": trainings["bssan"],
-              "O2W-only (finished first stage)": trainings["bssan-o2w"],
-              "listwise loss, 4+4 negatives (finished first stage; stopped after 6)": trainings["listwise"],
-              "previous reference (1-epoch first stage)": trainings["prev"]}
+    curves = {"dual encoder, max pooling (reference first stage)": trainings["dual"],
+              "BSSAN W2R 256 / O2W 128 (reference)": trainings["bssan"], "BSSAN W2R 128 / O2W 64": trainings["bssan-alt"],
+              "previous dual encoder (mean / last state)": trainings["prev-dual"],
+              "previous reference BSSAN (previous first stage)": trainings["prev-bssan"]}
     curves |= {f"ablation {n}": training_record(runs / f"abl-{n}") for n in ABLATIONS}
     plot_dev_curves({k: v for k, v in curves.items() if v}, args.out / "dev_curves.png")
     print("\n".join(lines))
