@@ -29,7 +29,7 @@ ROWS = [
     ("test_engine_fp32_k20", "product K=20 through engine.score, fp32", "bssan", "engine, ONNX Runtime CPU"),
     ("test_engine_fp16_k20", "product K=20 through engine.score, fp16 graphs", "bssan", "engine, ONNX Runtime CPU"),
     ("test_engine_int8_k20", "product K=20 through engine.score, int8 recurrence", "bssan", "engine, ONNX Runtime CPU"),
-    ("alt_test_product_k20", "BSSAN at the preset's sizes (W2R 128, O2W 64), same first stage: top-20, fused", "bssan-alt",
+    ("alt_test_product_k20", "BSSAN twice as wide (W2R 256, O2W 128), same first stage: top-20, fused", "bssan-alt",
      "not the reference; fusion tuned on dev"),
     ("oldbssan_test_product_k20", "the previous reference BSSAN behind this first stage: top-20, fused", "prev-bssan",
      "trained against the previous first stage; fusion re-tuned on dev"),
@@ -109,9 +109,9 @@ def plot_dev_curves(runs: dict[str, dict], out: Path) -> None:
         if not dev:
             continue
         epochs = [d["epoch"] for d in dev]
-        axes[0].plot(epochs, [d["rsum"] for d in dev], marker="o", label=name, color=f"C{index}")
+        axes[0].plot(epochs, [d["rsum"] for d in dev], marker="o", label=name, color=plt.cm.tab20(index % 20))
         if any(d["fused_rsum"] for d in dev):
-            axes[1].plot(epochs, [d["fused_rsum"] for d in dev], marker="o", label=name, color=f"C{index}")
+            axes[1].plot(epochs, [d["fused_rsum"] for d in dev], marker="o", label=name, color=plt.cm.tab20(index % 20))
     axes[0].set(xlabel="epoch", ylabel="dev rsum", title="dev rsum: dual encoder exhaustive; BSSAN alone re-ranking top-20")
     axes[1].set(xlabel="epoch", ylabel="dev rsum", title="dev rsum of the product (top-20, fusion tuned per epoch)")
     for ax in axes:
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("/work/runs"))
     parser.add_argument("--out", type=Path, default=Path("results/flickr8k"))
-    parser.add_argument("--bssan-run", default="bssan-big", help="run directory name of the reference BSSAN")
-    parser.add_argument("--alt-run", default="bssan-std", help="run directory name of the other BSSAN behind the same first stage")
+    parser.add_argument("--bssan-run", default="bssan-std", help="run directory name of the reference BSSAN")
+    parser.add_argument("--alt-run", default="bssan-big", help="run directory name of the wider BSSAN behind the same first stage")
     parser.add_argument("--dual-run", default="dual-max", help="run directory name of the reference first stage")
     parser.add_argument("--evals", default="eval", help="folder (under --runs) of the evaluation JSON and GNU time files")
     args = parser.parse_args(argv)
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
             lines.append(fmt_row(f"{ABLATION_NAMES[name]}: {suffix}", metrics))
     (args.out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     curves = {"dual encoder, max pooling (reference first stage)": trainings["dual"],
-              "BSSAN W2R 256 / O2W 128 (reference)": trainings["bssan"], "BSSAN W2R 128 / O2W 64": trainings["bssan-alt"],
+              "BSSAN W2R 128 / O2W 64 (reference)": trainings["bssan"], "BSSAN W2R 256 / O2W 128": trainings["bssan-alt"],
               "previous dual encoder (mean / last state)": trainings["prev-dual"],
               "previous reference BSSAN (previous first stage)": trainings["prev-bssan"]}
     curves |= {f"ablation {n}": training_record(runs / f"abl-{n}") for n in ABLATIONS}
