@@ -185,10 +185,11 @@ def evaluation_order(image_ids: list[str], caption_image_ids: list[str], caption
 
 
 def evaluate(scorer: Scorer, images: ImageCache, captions: CaptionCache, order: np.ndarray, per: int,
-             shortlist_k: int | None, bssan_of: dict[tuple[int, int], float] | np.ndarray) -> dict:
+             shortlist_k: int | None, bssan_of: tuple[np.ndarray, np.ndarray] | np.ndarray) -> dict:
     """Metrics of what was ranked, through THE protocol (engine.ranking.two_stage_metrics): captions
     reordered image by image (`order`); BSSAN scores from the run (`bssan_of`: the exhaustive MS matrix,
-    or {(image, caption): MS} of the re-ranked candidates; a pair the run did not score is scored here)."""
+    or (pairs [U, 2] sorted by image then caption row, MS [U]) of the re-ranked candidates; a pair the run
+    did not score is scored here)."""
     first = scorer.first_stage(images, captions, np.arange(len(images)), order) if scorer.has_shortlist and (
         scorer.fuses or shortlist_k is not None) else None  # [N_img, N_cap] in evaluation order
 
@@ -196,11 +197,14 @@ def evaluate(scorer: Scorer, images: ImageCache, captions: CaptionCache, order: 
         caption_rows = order[text_index]
         if isinstance(bssan_of, np.ndarray):
             return bssan_of[image_index, caption_rows]
-        values = np.array([bssan_of.get(pair, np.nan) for pair in zip(image_index.tolist(), caption_rows.tolist())])
+        pairs, scored = bssan_of
+        keys, wanted = pairs[:, 0] * len(captions) + pairs[:, 1], image_index * len(captions) + caption_rows
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        values = np.where(keys[at] == wanted, scored[at].astype(np.float64), np.nan)
         missing = np.isnan(values)
         if missing.any():  # e.g. the direction not asked for, or a near-tie the shortlist broke the other way
-            pairs = np.stack([image_index[missing], caption_rows[missing]], axis=1)
-            values[missing] = scorer.score_pairs(images, captions, pairs, fuse=False)
+            values[missing] = scorer.score_pairs(images, captions, np.stack([image_index[missing], caption_rows[missing]], axis=1),
+                                                 fuse=False)
         return values
 
     metrics = two_stage_metrics(first, rescore, shortlist_k, per, scorer.fusion, shape=(len(images), len(captions)))
@@ -430,7 +434,7 @@ def score_with_journal(args: argparse.Namespace, start: float, scorer: Scorer, i
                                                        journal, pool)
         for d in directions:
             ranked[d], scores[d] = rankings[d].indices, rankings[d].scores
-        bssan = dict(zip(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist()), pair_bssan.tolist()))
+        bssan = (pairs, pair_bssan)
     results = [record for d in directions
                for record in query_records(d, images, captions, ranked[d], scores[d], min(args.top_k or DEFAULT_TOP_K, sizes[d]))]
     metrics = evaluate(scorer, images, captions, order, per, args.shortlist_k, bssan) if args.evaluate else None

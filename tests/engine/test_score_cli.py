@@ -86,6 +86,11 @@ def test_evaluate_equals_the_training_side_metrics(capsys, tiny_artifact, tiny_s
                             "--shortlist-k", 4, "--top-k", 2)
     small = json.loads(stdout)
     assert 0 <= small["shortlist"]["t2i_recall"] <= 100 and small["t2i"]["r1"] <= small["shortlist"]["t2i_recall"]
+    # one direction asked: the other direction's candidate pairs are scored by the evaluation itself, same metrics
+    code, stdout, err = run(capsys, "--model", tiny_artifact, "--images", tiny_store, "--evaluate", "--direction", "i2t",
+                            "--shortlist-k", 4, "--top-k", 2)
+    one = json.loads(stdout)
+    assert {d: one[d] for d in ("i2t", "t2i", "rsum")} == {d: small[d] for d in ("i2t", "t2i", "rsum")}
 
 
 @pytest.fixture(scope="module")
