@@ -47,7 +47,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -166,6 +166,22 @@ def captions_sha256(captions: list[str], caption_image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+
+def run_ahead(pool: ThreadPoolExecutor, work: Callable[[Any], Any], items: Iterable[Any], ahead: int) -> Iterator[Any]:
+    """work(item) of each item, yielded in order, with up to ahead + 1 items submitted to `pool` at once. A consumer
+    that stops early (an exception, a break) cancels what is queued; the calls already running finish and are dropped."""
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+
 class Extractor:
     """The loaded graphs, detector and word-feature sets; `describe()` is the store's extractor entry."""
 
@@ -245,17 +261,7 @@ class Extractor:
         consumer that stops early waits for the chunk in flight, which is dropped (engine.distributed's RayExtractor: on Ray)."""
         word_set, max_words = self.word_sets[name], self.config.max_words
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bssan-words") as pool:
-            pending: collections.deque = collections.deque()
-            try:
-                for captions in chunks:
-                    pending.append(pool.submit(word_set.encode, list(captions), max_words))
-                    if len(pending) > 1:
-                        yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
-            finally:
-                for future in pending:
-                    future.cancel()
+            yield from run_ahead(pool, lambda captions: word_set.encode(list(captions), max_words), chunks, ahead=1)
 
     def images_pipelined(self, batches: Iterable[list[Path]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]]:
         """`images` of each batch, in order, with `threads` batches in the graphs at once (each on one worker
@@ -263,17 +269,7 @@ class Extractor:
         stores a batch. The same outputs as `images`, batch by batch. A consumer that stops early (an
         exception, a break) waits for the batches in flight, which are dropped."""
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="bssan-images") as pool:
-            pending: collections.deque = collections.deque()
-            try:
-                for paths in batches:
-                    pending.append(pool.submit(self.images_serial, list(paths)))
-                    if len(pending) > self.workers:
-                        yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
-            finally:
-                for future in pending:
-                    future.cancel()
+            yield from run_ahead(pool, lambda paths: self.images_serial(list(paths)), batches, ahead=self.workers)
 
 
 @dataclass
