@@ -146,6 +146,16 @@ def main(argv=None) -> int:
                        "training": trainings.get(model) or {}}
             (args.out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         lines.append(fmt_row(label, metrics, note))
+    lines.append("| *branches at the reference's budget (8 epochs each, this session's first stage with its correction); K = 20* | | | | | | | | | | | | |")
+    for name, run in (("full", "bssan-std"), ("w2r", "bssan-w2r"), ("o2w", "bssan-o2w3")):
+        for kind, suffix in (("alone", "BSSAN alone at K=20"), ("fused", "fused at K=20 (fusion tuned on dev)")):
+            row = f"abl3_{name}_{kind}"
+            metrics = load(evals / f"{row}.json")
+            if metrics is not None:
+                payload = {"row": row, "metrics": metrics, "evaluation": gnu_time(evals / f"{row}.time"),
+                           "training": training_record(runs / run)}
+                (args.out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+            lines.append(fmt_row(f"{ABLATION_NAMES[name]}: {suffix}", metrics))
     lines.append("| *ablations, 3 epochs each, first stage: the dual encoder after 1 epoch (dev 235.4); K = 20* | | | | | | | | | | | | |")
     for name in ABLATIONS:
         run = runs / f"abl-{name}"
