@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from engine.cache import CaptionCache, ImageCache
 from engine.runtime import Ranking, Scorer, shortlist_pairs
-from engine.files import exclusive_lock, remove_stale_temps, write_json_atomic, write_point
+from engine.files import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic, write_point
 
 UNIT_IMAGES = 8  # exhaustive: image rows of the score matrix per journaled unit (~40k pairs at 5,000 captions)
 # shortlist: images per journaled unit; a unit scores every re-rank pair (of any direction) of its images
@@ -128,7 +128,12 @@ class Journal:
         path = self.dir / f"{name}.npy"
         if path.is_file():
             return np.load(path, mmap_mode="r+")
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        # created under a temp name and renamed into place: a process killed while creating it (e.g. by a write of
+        # the background cache saves) leaves no header-less file for the resumed run to trip over
+        with atomic_path(path) as tmp:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            array.flush()
+        return array
 
     def finish_unit(self, unit: str, *arrays: np.ndarray) -> None:
         """Flush the unit's arrays, then list it with every finished unit (atomically) once the caches are on disk:
