@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.cache import CaptionCache, ImageCache
-from engine.runtime import Ranking, Scorer, shortlist_pairs
+from engine.runtime import Ranking, Scorer, pair_keys, pairs_of_keys, shortlist_pairs
 from engine.files import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic, write_point
 
 UNIT_IMAGES = 8  # exhaustive: image rows of the score matrix per journaled unit (~40k pairs at 5,000 captions)
@@ -212,8 +212,8 @@ def score_shortlists(scorer: Scorer, images: ImageCache, captions: CaptionCache,
     candidates = {d: scorer.shortlist(images, captions, k, d) for d, k in shortlist_ks.items()}  # [Q, K] per direction
     wanted = {d: shortlist_pairs(d, np.arange(len(c)), c) for d, c in candidates.items()}
     n_cap = len(captions)
-    keys = np.unique(np.concatenate([p[:, 0] * n_cap + p[:, 1] for p in wanted.values()]))  # sorted: by image, then caption
-    pairs = np.stack([keys // n_cap, keys % n_cap], axis=1)
+    keys = np.unique(np.concatenate([pair_keys(p, n_cap) for p in wanted.values()]))  # sorted: by image, then caption
+    pairs = pairs_of_keys(keys, n_cap)
     bssan = journal.array("shortlist_bssan", (len(pairs),), np.float32)
     bounds = np.searchsorted(pairs[:, 0], np.arange(0, len(images) + UNIT_SHORTLIST_IMAGES, UNIT_SHORTLIST_IMAGES))
     units = [(f"pairs{start * UNIT_SHORTLIST_IMAGES}", slice(int(a), int(b)))
@@ -232,6 +232,6 @@ def score_shortlists(scorer: Scorer, images: ImageCache, captions: CaptionCache,
     bssan = np.asarray(bssan)
     rankings = {}
     for d, c in candidates.items():
-        index = np.searchsorted(keys, wanted[d][:, 0] * n_cap + wanted[d][:, 1])
+        index = np.searchsorted(keys, pair_keys(wanted[d], n_cap))
         rankings[d] = scorer.rank_candidates(images, captions, d, np.arange(len(c)), c, bssan[index], c.shape[1])
     return pairs, bssan, rankings

@@ -169,6 +169,19 @@ def shortlist_pairs(direction: str, queries: np.ndarray, candidates: np.ndarray)
     return np.stack([query_column, candidates.reshape(-1)] if direction == "i2t" else [candidates.reshape(-1), query_column], axis=1)
 
 
+def pair_keys(pairs: np.ndarray, n_captions: int) -> np.ndarray:
+    """[N] int64 key of each (image row, caption row) of pairs [N, 2]: image x n_captions + caption, so sorted keys
+    are the pairs sorted by image, then caption (pairs_of_keys inverts it)."""
+    pairs = np.asarray(pairs, np.int64)
+    return pairs[:, 0] * n_captions + pairs[:, 1]
+
+
+def pairs_of_keys(keys: np.ndarray, n_captions: int) -> np.ndarray:
+    """[N, 2] (image row, caption row) of pair_keys' keys."""
+    keys = np.asarray(keys, np.int64)
+    return np.stack([keys // n_captions, keys % n_captions], axis=1)
+
+
 def rank_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, scores) of the k best entries of each row, best first; ties keep the lower index first."""
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # [Q, k]

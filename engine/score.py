@@ -63,7 +63,7 @@ from engine.graphs import PRECISIONS
 from engine.journal import JOURNAL_VERSION, UNIT_IMAGES, UNIT_SHORTLIST_IMAGES, Journal, output_lock, score_exhaustive, score_shortlists
 from engine.metrics import format_metrics
 from engine.ranking import first_stage_recall, two_stage_metrics
-from engine.runtime import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PAIRS_PER_CALL, Scorer, rank_rows
+from engine.runtime import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PAIRS_PER_CALL, Scorer, pair_keys, rank_rows
 from engine.store import MANIFEST_NAME, STORE_FORMAT, FeatureStore
 from engine.text import tokenize
 
@@ -198,7 +198,7 @@ def evaluate(scorer: Scorer, images: ImageCache, captions: CaptionCache, order: 
         if isinstance(bssan_of, np.ndarray):
             return bssan_of[image_index, caption_rows]
         pairs, scored = bssan_of
-        keys, wanted = pairs[:, 0] * len(captions) + pairs[:, 1], image_index * len(captions) + caption_rows
+        keys, wanted = pair_keys(pairs, len(captions)), pair_keys(np.stack([image_index, caption_rows], axis=1), len(captions))
         at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
         values = np.where(keys[at] == wanted, scored[at].astype(np.float64), np.nan)
         missing = np.isnan(values)

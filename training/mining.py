@@ -203,14 +203,10 @@ class FirstStage:
     def scores(self, split) -> np.ndarray:
         """The first stage's scores [N_img, N_cap] of a split, as the product ranks by them: cosines, minus the
         hubness offsets when the checkpoint carries a correction (cached per split name for the run)."""
-        if split.name not in self._dev_scores:
-            model = self.checkpoint.model
-            images, texts = embed_split(model, split, self.checkpoint.train_config.word_set)
-            if model.hubness is not None:  # the shortlist vectors: [v, -b r, 1] . [t, 1, -b r] (training.hubness)
-                with torch.no_grad():
-                    images = model.hubness.images(torch.from_numpy(images)).numpy()
-                    texts = model.hubness.texts(torch.from_numpy(texts)).numpy()
-            self._dev_scores[split.name] = images @ texts.T
+        if split.name not in self._dev_scores:  # DualEncoder.score_matrix: the correction applied when attached
+            from training.evaluate import score_split
+
+            self._dev_scores[split.name] = score_split(self.checkpoint.model, split, self.checkpoint.train_config.word_set)
         return self._dev_scores[split.name]
 
 

@@ -49,7 +49,7 @@ from engine.distributed.gallery import VECTORS, ShardedGallery, blas_threads, ch
 from engine.errors import InputError
 from engine.files import atomic_path, exclusive_lock, write_json_atomic
 from engine.journal import BAR_INTERVAL, UNIT_IMAGES, UNIT_SHORTLIST_IMAGES, Journal
-from engine.runtime import Scorer, first_stage_top_k, merge_top_k, rank_rows
+from engine.runtime import Scorer, first_stage_top_k, merge_top_k, pair_keys, pairs_of_keys, rank_rows, shortlist_pairs
 from engine.store import SplitFeatures
 
 DEFAULT_SHARD_SIZE = 2048  # images per shard: ~375 MB of fp32 caches at the flickr8k preset (183 kB per image)
@@ -182,7 +182,7 @@ def unit_pairs(start: int, stop: int, n_cap: int, i2t: np.ndarray | None, t2i_ke
     i2t candidates [stop - start, K] and the t2i pairs (sorted keys) on them: engine.journal.score_shortlists' unit."""
     keys = []
     if i2t is not None:
-        keys.append((np.arange(start, stop, dtype=np.int64)[:, None] * n_cap + i2t).reshape(-1))
+        keys.append(pair_keys(shortlist_pairs("i2t", np.arange(start, stop), i2t), n_cap))
     if t2i_keys is not None:
         lo, hi = np.searchsorted(t2i_keys, [start * n_cap, stop * n_cap])
         keys.append(t2i_keys[lo:hi])
@@ -194,7 +194,7 @@ def score_unit(scorer: Scorer, gallery: ShardedGallery, captions: CaptionCache, 
     """BSSAN MS of the pairs `keys` (all on images [start, stop)), scored as Scorer.score_pairs scores them over the
     whole cache: the same pairs in the same order, on an in-memory copy of these images' rows."""
     n_cap = len(captions)
-    pairs = np.stack([keys // n_cap - start, keys % n_cap], axis=1)  # local image rows: same order, same calls
+    pairs = pairs_of_keys(keys, n_cap) - [start, 0]  # local image rows: same order, same calls
     return scorer.score_pairs(gallery.rows(np.arange(start, stop)), captions, pairs, progress=progress, fuse=False)
 
 
@@ -349,7 +349,7 @@ def rank_shortlists(scorer: Scorer, gallery: ShardedGallery, captions: CaptionCa
         if "first-stage" not in journal.done:
             t2i[:] = gallery.top_k(text_vectors, k, pool.cluster if pool is not None else None)[0]
             journal.finish_unit("first-stage", t2i)
-        keys = (np.asarray(t2i) * n_cap + np.arange(n_cap)[:, None]).reshape(-1)  # caption-major, as shortlist_pairs
+        keys = pair_keys(shortlist_pairs("t2i", np.arange(n_cap), np.asarray(t2i)), n_cap)  # caption-major
         t2i_order = np.argsort(keys, kind="stable")
         t2i_keys = keys[t2i_order]
         t2i_ms = journal.array("t2i_bssan", (n_cap * k,), np.float32)
@@ -391,7 +391,8 @@ def rank_shortlists(scorer: Scorer, gallery: ShardedGallery, captions: CaptionCa
                             keys = unit_pairs(a, b, n_cap, None if i2t is None else i2t[a - b0:b - b0], t2i_keys)
                             ms = score_unit(scorer, gallery, captions, a, b, keys) if len(keys) else np.empty(0, np.float32)
                         if k1 is not None:
-                            i2t_ms[a - b0:b - b0] = ms[np.searchsorted(keys, (np.arange(a, b)[:, None] * n_cap + i2t[a - b0:b - b0]))]
+                            unit_keys = pair_keys(shortlist_pairs("i2t", np.arange(a, b), i2t[a - b0:b - b0]), n_cap)
+                            i2t_ms[a - b0:b - b0] = ms[np.searchsorted(keys, unit_keys)].reshape(b - a, -1)
                         if t2i_keys is not None:
                             lo, hi = np.searchsorted(t2i_keys, [a * n_cap, b * n_cap])
                             t2i_ms[t2i_order[lo:hi]] = ms[np.searchsorted(keys, t2i_keys[lo:hi])]
