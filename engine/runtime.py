@@ -380,11 +380,14 @@ class Scorer(Encoder):
         caption_row = words * (get("word_dim") + get("w2r_gates") + get("o2w_hidden"))
         return image_row * item, caption_row * item
 
-    def check_budget(self, n_images: int, n_captions: int, output_bytes: int = 0, words: int = 1) -> None:
-        """Before encoding anything: InputError when the budget cannot hold the caches of `n_images` x
-        `n_captions` (captions of at least `words` words), `output_bytes` and one pair call."""
-        image_row, caption_row = self.cache_row_bytes(words)
-        self._fit(1, 1, words, PROCESS_BASE_MB * 2**20 + n_images * image_row + n_captions * caption_row + output_bytes)
+    def check_budget(self, n_images: int, n_captions: int, output_bytes: int = 0, words: int = 1,
+                     total_words: int | None = None) -> None:
+        """Before encoding anything: InputError when the budget cannot hold the caches of `n_images` images and
+        `n_captions` captions holding `total_words` words in all (caption caches are ragged: one row per word;
+        default one word each), `output_bytes`, and one pair call on captions of `words` words (the longest)."""
+        image_row, word_row = self.cache_row_bytes(1)
+        caption_bytes = (n_captions if total_words is None else max(total_words, n_captions)) * word_row
+        self._fit(1, 1, words, PROCESS_BASE_MB * 2**20 + n_images * image_row + caption_bytes + output_bytes)
 
     def _plan_workers(self, words: int, resident: int) -> int:
         """Concurrent calls the budget holds: concurrent_calls, fewer when their smallest working sets do not fit."""

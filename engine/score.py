@@ -297,6 +297,16 @@ class Inputs:
     caption_digest: str
 
 
+def caption_words(inputs: Inputs, max_words: int) -> tuple[int, int]:
+    """(words in all captions, words of the longest) as the caption caches will hold them (tokenized, at most
+    `max_words` each): what the memory budget is checked against before encoding (strings are cheap to tokenize)."""
+    if inputs.texts is None:
+        lengths = np.minimum(np.asarray(inputs.images.lengths, dtype=np.int64), max_words)
+    else:
+        lengths = np.asarray([max(len(tokenize(text, max_words)), 1) for text in inputs.texts], dtype=np.int64)
+    return (int(lengths.sum()), int(lengths.max())) if len(lengths) else (0, 1)
+
+
 def read_inputs(args: argparse.Namespace) -> Inputs:
     """Images and captions of the command line (or the demo's), checked before any model is loaded."""
     if args.captions is not None and args.query:
@@ -390,9 +400,11 @@ def score(args: argparse.Namespace, start: float) -> int:
         if args.image_shards is not None:  # what the sharded mode holds at once: a shard or unit of images, a tile
             from engine.distributed.sharded import check_sharded_budget
 
-            check_sharded_budget(args, scorer, sizes)
+            check_sharded_budget(args, scorer, sizes, inputs)
         else:
-            scorer.check_budget(len(inputs.image_ids), n_captions, n_captions * len(inputs.image_ids) * 4 if args.shortlist_k is None else 0)
+            total, longest = caption_words(inputs, scorer.dims["max_words"])
+            scorer.check_budget(len(inputs.image_ids), n_captions, n_captions * len(inputs.image_ids) * 4 if args.shortlist_k is None else 0,
+                                words=longest, total_words=total)
         key = {"version": JOURNAL_VERSION, "artifact": scorer.fingerprint, "backend": scorer.runner.backend.value,
                "precision": args.precision, "threads": args.threads, "batch_size": args.batch_size,
                "memory_budget_mb": args.memory_budget_mb, "shortlist_k": args.shortlist_k, "directions": directions,

@@ -95,6 +95,7 @@ class ModelConfig(InputSizes):
     attention: AttentionForm = AttentionForm.TANH
 
     def __post_init__(self) -> None:
+        _coerce_enums(self)
         for name in ("region_count", "region_dim", "object_count", "object_dim", "word_dim",
                      "max_words", "w2r_hidden", "o2w_hidden"):
             if getattr(self, name) < 1:
@@ -144,6 +145,12 @@ class LossKind(str, enum.Enum):
     LISTWISE = "listwise"  # softmax cross-entropy of the positive against its negatives of one kind (captions of
                            # other images; other images), per branch: a re-ranker trained on groups of the first
                            # stage's candidates (localized contrastive estimation, Gao et al. 2021)
+    GRID = "grid"          # every image x every caption of an image-grouped batch is scored; per branch, softmax
+                           # cross-entropy of each positive against ALL the batch's other images (text -> image) and
+                           # all their captions (image -> text), InfoNCE-style. With a first stage the batch is built
+                           # of neighbour groups (hard in-batch negatives) and near-duplicates are masked out
+                           # (mining_guard). ~8x the pairs of a sampled step, scored as one grid: teaches BSSAN to
+                           # rank every candidate, not only to separate a positive from one sampled negative
 
 
 class Optimizer(str, enum.Enum):
@@ -212,9 +219,15 @@ class TrainConfig:
     negatives_per_kind: int = 1  # image-grouped batches: negatives of each kind per positive (captions of other images;
                                  # with negative_images, other images of the batch); distinct within a positive's list
     loss: LossKind = LossKind.HINGE  # listwise: cross-entropy over the positive and its negatives_per_kind negatives
-    list_temperature: float = 0.1  # listwise: logits = score / this
+    list_temperature: float = 0.1  # listwise and grid: logits = score / this
+    dev_exhaustive_images: int = 0  # > 0 (BSSAN with a first stage): each epoch also scores BSSAN alone on EVERY pair of
+                                    # the first N dev images (N x 5N pairs; 200 -> ~20-30 s on 2 cores), the view the
+                                    # K-shortlist protocol hides: a re-ranker can be good at K=20 and poor over all pairs
+    init_from: str = ""        # a BSSAN checkpoint directory whose weights (and input scales) start the run
+                               # (fine-tuning with another loss); its model config must equal this run's
 
     def __post_init__(self) -> None:
+        _coerce_enums(self)  # TrainConfig(loss="grid") means LossKind.GRID (code compares with `is`)
         if self.margin < 0 or self.lr <= 0 or not 0 <= self.momentum < 1 or self.grad_clip < 0:
             raise InputError(f"TrainConfig: expected margin >= 0, lr > 0, 0 <= momentum < 1, grad_clip >= 0; "
                              f"got {self.margin}, {self.lr}, {self.momentum}, {self.grad_clip}")
@@ -240,6 +253,14 @@ class TrainConfig:
         if self.negatives_per_kind < 1 or self.list_temperature <= 0:
             raise InputError(f"TrainConfig: expected negatives_per_kind >= 1 and list_temperature > 0, "
                              f"got {self.negatives_per_kind} and {self.list_temperature}")
+        if self.dev_exhaustive_images < 0:
+            raise InputError(f"TrainConfig.dev_exhaustive_images: expected >= 0, got {self.dev_exhaustive_images}")
+        if self.loss is LossKind.GRID and (self.batch_images == 0 or self.hardest_negatives or self.negatives_per_kind > 1
+                                           or self.residual_weight > 0):
+            raise InputError(f"TrainConfig: loss=grid scores every pair of an image-grouped batch; expected batch_images >= 2, "
+                             f"hardest_negatives false, negatives_per_kind 1 and residual_weight 0, got batch_images="
+                             f"{self.batch_images}, hardest_negatives={self.hardest_negatives}, negatives_per_kind="
+                             f"{self.negatives_per_kind}, residual_weight={self.residual_weight}")
         if (self.loss is LossKind.LISTWISE or self.negatives_per_kind > 1) and (self.batch_images == 0 or self.hardest_negatives):
             raise InputError(f"TrainConfig: loss={self.loss.value} with negatives_per_kind={self.negatives_per_kind} "
                              f"needs image-grouped batches of sampled negatives; expected batch_images >= 2 and hardest_negatives false, "
@@ -355,6 +376,15 @@ def _coerce(cls: type, name: str, hint: Any, value: Any) -> Any:
             raise InputError(f"{where}: expected a list of ints, got {value!r}")
         return tuple(value)
     raise AssertionError(f"{where}: unhandled field type {hint}")  # internal: a new field type needs a rule
+
+
+def _coerce_enums(config: Any) -> None:
+    """Turn enum fields given as their string values into the enum members (InputError naming the field)."""
+    hints = get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        hint, value = hints[f.name], getattr(config, f.name)
+        if isinstance(hint, type) and issubclass(hint, enum.Enum) and not isinstance(value, hint):
+            setattr(config, f.name, _coerce(type(config), f.name, hint, value))
 
 
 def _from_dict(cls: type[C], data: dict[str, Any]) -> C:

@@ -141,6 +141,8 @@ class GroupedBatch:
     kinds: int            # 1 (positives) + number of negative kinds; N_pair = kinds * N_pos
     first_stage: Tensor | None = None  # [N_pair] the first stage's cosine of each pair (with a first stage)
     caption_kinds: int = 1  # how many of the negative kinds are captions (they come first; the rest are images)
+    ignore: Tensor | None = None  # grid batches with a first stage: [B_img, N_pos] True where caption j, of another
+                                  # image, is a near-duplicate of image i's (masked out of the grid loss)
 
     def __len__(self) -> int:
         return int(self.caption_ids.shape[0])
@@ -159,8 +161,10 @@ class ImageBatches:
     batch (epoch, index) is a pure function of the seed, like PairBatches."""
 
     def __init__(self, split: SplitFeatures, word_set: str, batch_images: int, seed: int,
-                 negative_captions: bool = True, negative_images: bool = False, mining=None, negatives_per_kind: int = 1):
+                 negative_captions: bool = True, negative_images: bool = False, mining=None, negatives_per_kind: int = 1,
+                 grid: bool = False):
         self.split, self.word_set, self.batch_images, self.seed = split, word_set, batch_images, seed
+        self.grid = grid  # no sampled negatives: the step scores every image x caption of the batch (loss=grid)
         self.negatives_per_kind = negatives_per_kind  # m negatives of each kind per positive (m kinds of each)
         self.negative_captions, self.negative_images = negative_captions, negative_images
         self.mining = mining  # training.mining.Mining: first-stage hard negatives and neighbour-grouped batches
@@ -209,7 +213,9 @@ class ImageBatches:
         rng = np.random.default_rng([self.seed, epoch, index])
         texts, pair_image, pair_text = [captions], [local], [np.arange(len(captions))]
         m = self.negatives_per_kind
-        if m > 1:
+        if self.grid:
+            pass  # the batch's other images and captions are the negatives (training.loss.grid_listwise)
+        elif m > 1:
             self._negative_lists(images, captions, local, rng, texts, pair_image, pair_text)
         elif self.negative_captions:
             negatives = sample_negative_captions(self.caption_image, rng, anchors=captions)
@@ -219,7 +225,7 @@ class ImageBatches:
             texts.append(negatives)
             pair_image.append(local)
             pair_text.append(len(captions) + np.arange(len(captions)))
-        if self.negative_images and m == 1:
+        if self.negative_images and m == 1 and not self.grid:
             picks = rng.integers(0, len(images) - 1, size=len(captions))
             picks = picks + (picks >= local)  # another image of the batch
             if self.mining is not None and self.mining.fraction > 0:  # a share: the batch image the first stage ranks highest
@@ -237,9 +243,13 @@ class ImageBatches:
         if self.mining is not None:  # the first stage's cosine of each pair (residual training)
             first = torch.from_numpy(np.einsum("nk,nk->n", self.mining.image_vectors[images[pair_image]],
                                                self.mining.text_vectors[text_ids[pair_text]]).astype(np.float32))
+        ignore = None
+        if self.grid and self.mining is not None:
+            ignore = torch.from_numpy(self.mining.near_duplicates(images, captions, local))
         return GroupedBatch(torch.from_numpy(images), torch.from_numpy(captions), regions, objects, words, lengths,
                             torch.from_numpy(pair_image), torch.from_numpy(pair_text), kinds=kinds,
-                            first_stage=first, caption_kinds=m if self.negative_captions else 0)
+                            first_stage=first, caption_kinds=0 if self.grid else m if self.negative_captions else 0,
+                            ignore=ignore)
 
     def _negative_lists(self, images: np.ndarray, captions: np.ndarray, local: np.ndarray, rng: np.random.Generator,
                         texts: list, pair_image: list, pair_text: list) -> None:

@@ -108,6 +108,38 @@ def bssan_listwise_loss(model: nn.Module, positive: Scores, caption_negatives: S
     return LossTerms(total=total, w2r=losses[0], o2w=losses[1], reg=reg)
 
 
+def grid_listwise(scores: Tensor, own: Tensor, ignore: Tensor | None, temperature: float,
+                  reduction: Reduction = Reduction.MEAN) -> Tensor:
+    """InfoNCE over a batch grid, both directions: scores [B_img, N_cap] of every image x caption, own [N_cap] the
+    row of each caption's image, ignore [B_img, N_cap] bool (or None) pairs that are neither positive nor negative
+    (near-duplicates). Per caption j of image i = own[j]:
+        text -> image: -log softmax over the batch's images of column j, at row i;
+        image -> text: -log softmax over [caption j; every caption of another image] of row i, at caption j
+    (the other captions of image i are positives too, so they are left out of j's softmax). Terms summed over the
+    two directions, then summed or averaged over the captions."""
+    logits = scores / temperature
+    columns = torch.arange(scores.shape[1], device=scores.device)
+    positive = logits[own, columns]  # [N_cap]
+    negative = torch.arange(scores.shape[0], device=scores.device)[:, None] != own[None, :]  # [B_img, N_cap]
+    if ignore is not None:
+        negative = negative & ~ignore
+    masked = logits.masked_fill(~negative, float("-inf"))
+    to_image = torch.logaddexp(positive, torch.logsumexp(masked, dim=0)) - positive  # [N_cap]
+    to_text = torch.logaddexp(positive, torch.logsumexp(masked, dim=1)[own]) - positive  # [N_cap]
+    terms = to_image + to_text
+    return terms.sum() if reduction is Reduction.SUM else terms.mean()
+
+
+def bssan_grid_loss(model: nn.Module, grid: Scores, own: Tensor, ignore: Tensor | None, temperature: float,
+                    reduction: Reduction = Reduction.MEAN) -> LossTerms:
+    """L = w_Y grid_listwise(Y) + w_Y' grid_listwise(Y') + delta L_reg on a batch grid (Y, Y') [B_img, N_cap]."""
+    losses = [grid_listwise(g, own, ignore, temperature, reduction) for g in grid]
+    reg = weight_penalty(model)
+    w_y, w_yp = model.config.branch_weights
+    total = w_y * losses[0] + w_yp * losses[1] + model.config.effective_reg_weight * reg
+    return LossTerms(total=total, w2r=losses[0], o2w=losses[1], reg=reg)
+
+
 def hardest_in_batch(grid: Scores, same_image: Tensor, negative_images: bool = False) -> tuple[Scores, list[Scores]]:
     """Positives and hardest negatives from a batch grid (BSSAN.forward_grid).
 

@@ -74,6 +74,22 @@ class Mining:
         order = np.argsort(-sims, axis=1, kind="stable")[:, :m]  # [N, m]
         return np.where(np.isfinite(np.take_along_axis(sims, order, axis=1)), order, -1)
 
+    def near_duplicates(self, images: np.ndarray, captions: np.ndarray, own: np.ndarray) -> np.ndarray:
+        """[B, N] bool for a grid batch (`images` [B], their `captions` [N], `own` [N] the row of each caption's
+        image): True where caption j belongs to another image yet is not a safe negative of image i, the guard of
+        the mined lists applied in the batch: its first-stage text vector has cosine > guard with one of image
+        i's own captions, or its image's vector has cosine > guard with image i's."""
+        text = self.text_vectors[captions]  # [N, K]
+        rows = np.arange(len(images))
+        same = rows[:, None] == own[None, :]  # [B, N]
+        caption_sims = text @ text.T  # [N, N]
+        # for image i and caption j: the max over image i's own captions c of cos(c, j)
+        near_text = np.stack([caption_sims[own == i].max(axis=0) if (own == i).any() else np.full(len(own), -np.inf)
+                              for i in rows]) > self.guard  # [B, N]
+        vectors = self.image_vectors[images]
+        near_image = (vectors @ vectors.T)[:, own] > self.guard  # [B, N]
+        return (near_text | near_image) & ~same
+
     def pick_caption_lists(self, images: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
         """[N, m]: for anchors of `images` [N], m DISTINCT mined captions drawn uniformly from each anchor's valid
         list (fewer when the list is shorter: -1 pads), each kept with probability `fraction` (else -1)."""

@@ -51,12 +51,12 @@ from training.config import (PRESETS, RECIPES, LossKind, Optimizer, Schedule, Tr
                              replace_strict, with_input_sizes)
 from training.data import Batch, GroupedBatch, ImageBatches, PairBatches, input_scales
 from training.evaluate import captions_per_image_of, score_split, tune_two_stage
-from training.loss import LossTerms, bssan_listwise_loss, bssan_loss, hardest_in_batch
+from training.loss import LossTerms, bssan_grid_loss, bssan_listwise_loss, bssan_loss, hardest_in_batch
 from training.model import BSSAN
 
 RUN_CONFIG = "run.json"
 INITIAL_WEIGHTS = "initial_weights.pt"  # the weights before the first step (parameter_movement)
-RESUMABLE_CHANGES = ("epochs",)  # train fields a rerun may change: they do not alter the epochs already run
+RESUMABLE_CHANGES = ("epochs", "dev_exhaustive_images")  # train fields a rerun may change: they do not alter the epochs already run
 
 
 class SimulatedKill(Exception):
@@ -127,6 +127,17 @@ def bssan_grouped_step(model: BSSAN, batch: GroupedBatch, config: TrainConfig, e
         terms = loss_of(fused)
         loss = loss + terms.total - model.config.effective_reg_weight * terms.reg  # L_reg counted once
     return loss
+
+
+def bssan_grid_step(model: BSSAN, batch: GroupedBatch, config: TrainConfig, epoch: int = 0) -> torch.Tensor:
+    """loss=grid: every image x every caption of an image-grouped batch (training.data.ImageBatches(grid=True)) in
+    one grid call (each image and each caption encoded once; one BatchNorm batch), InfoNCE both ways per branch."""
+    own = batch.pair_image[:len(batch)]  # [N_cap] batch row of each caption's image
+    image_cache = model.encode_images(batch.regions, batch.objects, gates=True)
+    text_cache = model.encode_texts(batch.words, batch.lengths)
+    negative = torch.arange(len(batch.image_ids))[:, None] != own[None, :]  # [B_img, N_cap]: the uniform rule's pairs
+    grid = model.score_grid_cached(image_cache, text_cache, negative=negative)
+    return bssan_grid_loss(model, grid, own, batch.ignore, config.list_temperature, config.reduction).total
 
 
 def dual_encoder_step(model: DualEncoder, batch: Batch, config: TrainConfig, epoch: int = 0) -> torch.Tensor:
@@ -297,9 +308,24 @@ def dev_evaluation(model: nn.Module, dev_split, config: TrainConfig, images: int
     first = first_stage.scores(dev_split)  # [N_img, N_cap]
     alone, record = tune_two_stage(model, dev_split, config.word_set, first, config.dev_k, progress)
     record.update(first_stage=str(first_stage.directory), first_stage_sha256=first_stage.weights_sha256)
+    if config.dev_exhaustive_images > 0:  # BSSAN alone over every pair of the first N dev images (not in the selection)
+        scores = score_split(model, dev_split, config.word_set, images=config.dev_exhaustive_images, progress=progress)
+        record["exhaustive"] = {**two_stage_metrics(scores, None, None, per, FIRST_STAGE_ALONE), "images": scores.shape[0]}
     # the fused dev rsum moves by ~1 between late epochs (the weight is re-tuned each time), so BSSAN alone counts a
     # tenth: measured on Flickr8K, the fused rsum was flat (245.5-246.6) from epoch 5 to 12 while BSSAN alone rose 202 -> 211
     return alone, record["rsum"] + 0.1 * alone["rsum"], record
+
+
+def start_from(model: nn.Module, model_config: Any, directory: str) -> None:
+    """Load a checkpoint's weights into a fresh model of the same config (TrainConfig.init_from)."""
+    from training.checkpoint import load_checkpoint
+
+    source = load_checkpoint(directory)
+    if source.model_config.to_dict() != model_config.to_dict():
+        differ = sorted(k for k, v in model_config.to_dict().items() if source.model_config.to_dict().get(k) != v)
+        raise InputError(f"TrainConfig.init_from {directory}: its model config differs from this run's in {differ}; "
+                         f"expected the same model")
+    model.load_state_dict(source.model.state_dict())
 
 
 def train(store_path: str | os.PathLike, out: str | os.PathLike, kind: ModelKind, model_config: Any,
@@ -345,6 +371,8 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
         first_stage = FirstStage.load(train_config.first_stage, store, out)
     if kind is ModelKind.BSSAN and hasattr(model, "set_input_scales"):
         model.set_input_scales(input_scales(train_split, train_config.word_set))  # before the initial copy: part of w0
+    if train_config.init_from:
+        start_from(model, model_config, train_config.init_from)  # weights and input scales of an earlier run
     initial_path = out / INITIAL_WEIGHTS
     if not initial_path.is_file():  # the weights before the first step, for parameter_movement at the end
         with atomic_path(initial_path) as tmp:
@@ -362,15 +390,16 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
     grouped = kind is ModelKind.BSSAN and train_config.batch_images > 0 and not train_config.hardest_negatives
     if grouped:
         mining = first_stage.mining(train_config) if first_stage is not None else None
+        grid = train_config.loss is LossKind.GRID
         batches = ImageBatches(train_split, train_config.word_set, train_config.batch_images, train_config.seed,
-                               negative_images=train_config.negative_images, mining=mining,
-                               negatives_per_kind=train_config.negatives_per_kind)
+                               negative_images=train_config.negative_images and not grid, mining=mining,
+                               negatives_per_kind=train_config.negatives_per_kind, grid=grid)
     else:
         batches = PairBatches(train_split, train_config.word_set, train_config.batch_size, train_config.seed,
                               negative_captions=kind is ModelKind.BSSAN and not train_config.hardest_negatives,
                               negative_images=kind is ModelKind.BSSAN and train_config.negative_images
                               and not train_config.hardest_negatives)
-    step = bssan_grouped_step if grouped else STEPS[kind]
+    step = (bssan_grid_step if train_config.loss is LossKind.GRID else bssan_grouped_step) if grouped else STEPS[kind]
     metrics = {"dev": pos.history, "best_epoch": pos.best_epoch}
     gradients = GradientLog(train_config.grad_clip, (state or {}).get("grad_norms"))
 
@@ -447,7 +476,9 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
         pos.history = pos.history + [record]
         print(f"epoch {epoch + 1}: loss {record['loss']:.4f} | grad norm median {epoch_norms.get('grad_norm_median')} "
               f"clipped {epoch_norms.get('clipped_share')} | dev {format_metrics(dev)}"
-              + (f" | fused rsum {fusion_record['rsum']:.1f} (bssan_weight {fusion_record['bssan_weight']:.3g})" if fusion_record else ""),
+              + (f" | fused rsum {fusion_record['rsum']:.1f} (bssan_weight {fusion_record['bssan_weight']:.3g})" if fusion_record else "")
+              + (f" | exhaustive {fusion_record['exhaustive']['images']} images rsum {fusion_record['exhaustive']['rsum']:.1f}"
+                 if fusion_record and "exhaustive" in fusion_record else ""),
               file=sys.stderr)
         if selection > pos.best_rsum:
             pos.best_rsum, pos.best_epoch = selection, epoch + 1

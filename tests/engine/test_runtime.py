@@ -118,6 +118,16 @@ def test_memory_budget_bounds_blocks_and_refuses_what_cannot_fit(tiny_artifact, 
             starved.score_matrix(images, captions)
         with pytest.raises(InputError, match=r"memory budget 100 MB: .* expected a budget of at least"):
             starved.check_budget(10**6, 5 * 10**6)  # refused before anything is encoded
+    # the caption caches are ragged, one row per WORD: the check counts the words the captions hold
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1) as scorer:
+        image_row, word_row = scorer.cache_row_bytes(1)
+        n, words = 1000, 11  # 1,000 captions of 11 words
+        base = PROCESS_BASE_MB * 2**20 + scorer.working_bytes(1, 1, words)
+        between_mb = (base + 3 * n * word_row) / 2**20  # holds 1 word a caption, not 11
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, memory_budget_mb=between_mb) as budget:
+        budget.check_budget(0, n, words=words)  # one word each: fits
+        with pytest.raises(InputError, match="expected a budget of at least"):
+            budget.check_budget(0, n, words=words, total_words=n * words)
 
 
 @pytest.mark.parametrize("precision,tolerance", [("fp16", 0.05), ("int8", 0.1)])

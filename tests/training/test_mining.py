@@ -181,7 +181,21 @@ def test_listwise_training_runs_and_its_loss_is_a_cross_entropy(tmp_path, train_
     metrics = train(train_store, tmp_path / "bssan", ModelKind.BSSAN, preset("demo"), config, progress=False, plot=False)
     losses = [record["loss"] for record in metrics["dev"]]
     assert losses[1] < losses[0] and all(np.isfinite(losses))
-    assert losses[0] < 2 * np.log(1 + 3) * 2  # two softmaxes per branch of 1 + 3 entries, two branches: ~chance at most
+    # the step's loss is the cross-entropy: with flat logits (temperature -> inf) each of the two softmaxes per branch
+    # (caption negatives, image negatives) of 1 + 3 entries costs log 4; branches weigh 1 and lambda; plus delta L_reg
+    from dataclasses import replace as dc_replace
+    from training.checkpoint import load_checkpoint
+    from training.train import bssan_grouped_step
+    store = FeatureStore(train_store)
+    model = load_checkpoint(tmp_path / "bssan" / "last").model.train()
+    mining = FirstStage.load(dual / "best", store, tmp_path / "bssan").mining(config)
+    batch = ImageBatches(store.split("train"), "glove50", 6, seed=0, negative_images=True, mining=mining,
+                         negatives_per_kind=3).batch(0, 0)
+    flat = bssan_grouped_step(model, batch, dc_replace(config, list_temperature=1e12)).item()
+    w_y, w_yp = model.config.branch_weights
+    from training.loss import weight_penalty
+    chance = (w_y + w_yp) * 2 * np.log(4) + model.config.effective_reg_weight * weight_penalty(model).item()
+    assert flat == pytest.approx(chance, rel=1e-5)
     with pytest.raises(Exception, match="negatives_per_kind"):
         TrainConfig(negatives_per_kind=2)  # needs image-grouped batches
 
@@ -191,3 +205,74 @@ def test_listwise_loss_by_hand():
     pos, negs = torch.tensor([1.0, 0.0]), [torch.tensor([0.0, 0.0]), torch.tensor([-1.0, 2.0])]
     expected = [-np.log(np.exp(10) / (np.exp(10) + 1 + np.exp(-10))), -np.log(1 / (1 + 1 + np.exp(20)))]
     assert listwise(pos, negs, 0.1).item() == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_grid_listwise_by_hand():
+    from training.loss import grid_listwise
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(3, 5))
+    own = np.array([0, 0, 1, 2, 2])  # caption j belongs to image own[j]
+    ignore = np.zeros((3, 5), bool)
+    ignore[1, 0] = True  # caption 0 (image 0) is a near-duplicate for image 1: neither positive nor negative there
+    t = 0.5
+    expected = []
+    for j in range(5):
+        i = own[j]
+        images = [r for r in range(3) if r == i or not ignore[r, j]]  # text -> image: every non-ignored image
+        to_image = -np.log(np.exp(scores[i, j] / t) / sum(np.exp(scores[r, j] / t) for r in images))
+        texts = [j] + [k for k in range(5) if own[k] != i and not ignore[i, k]]  # image -> text: other images' captions
+        to_text = -np.log(np.exp(scores[i, j] / t) / sum(np.exp(scores[i, k] / t) for k in texts))
+        expected.append(to_image + to_text)
+    got = grid_listwise(torch.tensor(scores), torch.tensor(own), torch.tensor(ignore), t)
+    assert got.item() == pytest.approx(np.mean(expected), rel=1e-9)
+    unmasked = grid_listwise(torch.tensor(scores), torch.tensor(own), None, t)
+    assert unmasked.item() != pytest.approx(got.item())  # the mask matters
+
+
+def test_grid_batches_hold_positives_only_and_mask_near_duplicates(tiny_store, dual_checkpoint, tmp_path):
+    split = FeatureStore(tiny_store).split("train")
+    first = FirstStage.load(dual_checkpoint, FeatureStore(tiny_store), tmp_path)
+    mining = first.mining(TrainConfig(first_stage=str(dual_checkpoint), mined_fraction=0.5, mining_k=5, mining_guard=0.0))
+    batches = ImageBatches(split, "glove50", 4, seed=0, negative_images=True, mining=mining, grid=True)
+    batch = batches.batch(0, 0)
+    n = len(batch)
+    assert batch.kinds == 1 and batch.caption_kinds == 0 and batch.words.shape[0] == n  # no sampled negatives
+    local = batch.pair_image.numpy()
+    images, captions = batch.image_ids.numpy(), batch.caption_ids.numpy()
+    ignore = batch.ignore.numpy()
+    assert ignore.shape == (len(images), n) and not ignore[local, np.arange(n)].any()  # a positive is never ignored
+    text, vectors = mining.text_vectors, mining.image_vectors
+    for i in range(len(images)):
+        for j in range(n):
+            if local[j] == i:
+                continue
+            near = (text[captions[local == i]] @ text[captions[j]]).max() > 0.0 or vectors[images[i]] @ vectors[images[local[j]]] > 0.0
+            assert ignore[i, j] == near
+    with pytest.raises(Exception, match="loss=grid"):
+        TrainConfig(loss="grid")  # needs image-grouped batches
+
+
+def test_grid_training_runs_and_reports_exhaustive_dev(tmp_path, train_store):
+    torch.manual_seed(0)
+    dual = tmp_path / "dual"
+    train(train_store, dual, ModelKind.DUAL_ENCODER, dual_encoder_preset("demo"),
+          TrainConfig(epochs=1, batch_size=32, lr=5e-3), progress=False, plot=False)
+    config = TrainConfig(epochs=2, batch_images=6, lr=5e-3, first_stage=str(dual / "best"), mined_fraction=0.5,
+                         mining_k=5, dev_k=5, loss="grid", dev_exhaustive_images=8)
+    metrics = train(train_store, tmp_path / "bssan", ModelKind.BSSAN, preset("demo"), config, progress=False, plot=False)
+    losses = [record["loss"] for record in metrics["dev"]]
+    assert losses[1] < losses[0] and all(np.isfinite(losses))
+    exhaustive = metrics["dev"][-1]["fusion"]["exhaustive"]
+    assert exhaustive["images"] == 8 and 0 <= exhaustive["rsum"] <= 600
+    # fine-tuning from that run: it starts from its weights (and input scales); a different model config is refused
+    from training.checkpoint import load_checkpoint
+    from training.train import INITIAL_WEIGHTS
+    train(train_store, tmp_path / "tuned", ModelKind.BSSAN, preset("demo"),
+          TrainConfig(epochs=1, batch_images=6, lr=5e-3, first_stage=str(dual / "best"), mined_fraction=0.5,
+                      mining_k=5, dev_k=5, init_from=str(tmp_path / "bssan" / "last")), progress=False, plot=False)
+    start = torch.load(tmp_path / "tuned" / INITIAL_WEIGHTS, weights_only=True)
+    source = load_checkpoint(tmp_path / "bssan" / "last").model.state_dict()
+    assert start.keys() == source.keys() and all(torch.equal(start[k], source[k]) for k in source)
+    with pytest.raises(Exception, match="init_from"):
+        train(train_store, tmp_path / "other", ModelKind.BSSAN, preset("demo").__class__(**{**preset("demo").__dict__, "w2r_hidden": 4}),
+              TrainConfig(epochs=1, batch_images=6, init_from=str(tmp_path / "bssan" / "last")), progress=False, plot=False)
