@@ -75,6 +75,14 @@ def score_split(model: nn.Module, split: SplitFeatures, word_set: str, images: i
     return scores
 
 
+def own_scores_metrics(scores: np.ndarray, captions_per_image: int, bssan: bool) -> dict:
+    """Metrics of a model's own score matrix over every pair (no first stage, no fusion), through engine.ranking.
+    The protocol record says whose scores ranked: BSSAN alone for a BSSAN matrix, the first stage for a dual's."""
+    metrics = two_stage_metrics(scores, None, None, captions_per_image, FIRST_STAGE_ALONE)  # ranks the matrix itself
+    metrics["protocol"]["fusion"] = (BSSAN_ALONE if bssan else FIRST_STAGE_ALONE).to_dict()
+    return metrics
+
+
 def _refuse_existing(path: Path, force: bool) -> None:
     if Path(path).exists() and not force:
         raise InputError(f"{path}: exists; expected a new file (pass --force to replace it)")
@@ -117,7 +125,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store: str | os.PathLike,
     start = time.perf_counter()
     scores = score_split(ckpt.model, features, word_set, image_block=image_block, caption_block=caption_block, progress=progress)
     seconds = time.perf_counter() - start
-    metrics = two_stage_metrics(scores, None, None, per, FIRST_STAGE_ALONE)  # every pair scored by the model itself
+    metrics = own_scores_metrics(scores, per, bssan=ckpt.kind.value == "bssan")  # every pair scored by the model itself
     metrics.update(split=split, checkpoint=str(Path(checkpoint).resolve()), store=str(Path(store).resolve()),
                    kind=ckpt.kind.value, word_set=word_set, images=int(scores.shape[0]), captions=int(scores.shape[1]),
                    captions_per_image=per, seconds=round(seconds, 3))

@@ -42,7 +42,6 @@ from torch import nn
 from engine.cli import ArgumentParser, command, nonnegative_float, nonnegative_int, positive_float, positive_int
 from engine.errors import DivergenceError, InputError
 from engine.metrics import format_metrics
-from engine.ranking import FIRST_STAGE_ALONE, two_stage_metrics
 from engine.files import atomic_path, write_json_atomic
 from engine.store import FeatureStore
 from training.baseline import DUAL_ENCODER_PRESETS, DualEncoder, dual_encoder_loss, dual_encoder_preset
@@ -50,7 +49,7 @@ from training.checkpoint import (FUSION, WEIGHTS, ModelKind, build_model, load_t
 from training.config import (PRESETS, RECIPES, LossKind, Optimizer, Schedule, TrainConfig, input_sizes_of_split, preset, recipe,
                              replace_strict, with_input_sizes)
 from training.data import Batch, GroupedBatch, ImageBatches, PairBatches, input_scales
-from training.evaluate import captions_per_image_of, score_split, tune_two_stage
+from training.evaluate import captions_per_image_of, own_scores_metrics, score_split, tune_two_stage
 from training.loss import LossTerms, bssan_grid_loss, bssan_listwise_loss, bssan_loss, hardest_in_batch
 from training.model import BSSAN
 
@@ -303,14 +302,14 @@ def dev_evaluation(model: nn.Module, dev_split, config: TrainConfig, images: int
     per = captions_per_image_of(dev_split)
     if first_stage is None:
         scores = score_split(model, dev_split, config.word_set, images=images, progress=progress)
-        dev = two_stage_metrics(scores, None, None, per, FIRST_STAGE_ALONE)
+        dev = own_scores_metrics(scores, per, bssan=isinstance(model, BSSAN))
         return dev, dev["rsum"], None
     first = first_stage.scores(dev_split)  # [N_img, N_cap]
     alone, record = tune_two_stage(model, dev_split, config.word_set, first, config.dev_k, progress)
     record.update(first_stage=str(first_stage.directory), first_stage_sha256=first_stage.weights_sha256)
     if config.dev_exhaustive_images > 0:  # BSSAN alone over every pair of the first N dev images (not in the selection)
         scores = score_split(model, dev_split, config.word_set, images=config.dev_exhaustive_images, progress=progress)
-        record["exhaustive"] = {**two_stage_metrics(scores, None, None, per, FIRST_STAGE_ALONE), "images": scores.shape[0]}
+        record["exhaustive"] = {**own_scores_metrics(scores, per, bssan=True), "images": scores.shape[0]}
     # the fused dev rsum moves by ~1 between late epochs (the weight is re-tuned each time), so BSSAN alone counts a
     # tenth: measured on Flickr8K, the fused rsum was flat (245.5-246.6) from epoch 5 to 12 while BSSAN alone rose 202 -> 211
     return alone, record["rsum"] + 0.1 * alone["rsum"], record

@@ -78,6 +78,8 @@ def test_checkpoint_on_a_split_exhaustive_and_blocked(tmp_path, tiny_store, chec
     metrics = json.loads(out.read_text())
     assert {k: metrics[k] for k in ("i2t", "t2i", "rsum")} == retrieval_metrics(scores, captions_per_image=5)
     assert metrics["split"] == "test" and metrics["captions_per_image"] == 5 and metrics["images"] == 10
+    # whose scores ranked: BSSAN alone for a BSSAN checkpoint, the first stage for a dual encoder
+    assert metrics["protocol"] == {"k": None, "fusion": (BSSAN_ALONE if kind == "bssan" else FIRST_STAGE_ALONE).to_dict()}
     assert f"rsum {metrics['rsum']:.1f}" in capsys.readouterr().out
 
 

@@ -264,6 +264,7 @@ def test_grid_training_runs_and_reports_exhaustive_dev(tmp_path, train_store):
     assert losses[1] < losses[0] and all(np.isfinite(losses))
     exhaustive = metrics["dev"][-1]["fusion"]["exhaustive"]
     assert exhaustive["images"] == 8 and 0 <= exhaustive["rsum"] <= 600
+    assert exhaustive["protocol"] == {"k": None, "fusion": {"first_stage_weight": 0.0, "bssan_weight": 1.0}}  # BSSAN alone
     # fine-tuning from that run: it starts from its weights (and input scales); a different model config is refused
     from training.checkpoint import load_checkpoint
     from training.train import INITIAL_WEIGHTS
