@@ -29,16 +29,12 @@ ROWS = [
     ("test_engine_fp32_k20", "product K=20 through engine.score, fp32", "bssan", "engine, ONNX Runtime CPU"),
     ("test_engine_fp16_k20", "product K=20 through engine.score, fp16 graphs", "bssan", "engine, ONNX Runtime CPU"),
     ("test_engine_int8_k20", "product K=20 through engine.score, int8 recurrence", "bssan", "engine, ONNX Runtime CPU"),
-    ("alt_test_product_k20", "BSSAN twice as wide (W2R 256, O2W 128), same first stage: top-20, fused", "bssan-alt",
-     "not the reference; fusion tuned on dev"),
-    ("oldbssan_test_product_k20", "the previous reference BSSAN behind this first stage: top-20, fused", "prev-bssan",
-     "trained against the previous first stage; fusion re-tuned on dev"),
-    ("prev_test_dual", "previous first stage (mean / last-state pooling), exhaustive", "prev-dual", "2026-11-30 session 2"),
-    ("prev_test_dual_hub", "previous first stage with its hubness correction", "prev-dual", "2026-11-30 session 2"),
-    ("prev_test_product_k20", "previous reference: product K=20", "prev-bssan", "2026-11-30 session 2"),
-    ("prev_test_product_k100", "previous reference: product K=100", "prev-bssan", "2026-11-30 session 2"),
-    ("prev_test_alone_all", "previous reference: BSSAN alone, exhaustive", "prev-bssan", "2026-11-30 session 2"),
+    ("prev_test_product_k20", "previous reference (hinge recipe, same first stage): product K=20", "prev-bssan",
+     "2026-11-30 session 3"),
+    ("prev_test_alone_k100", "previous reference: BSSAN alone re-ranking the top-100", "prev-bssan", "2026-11-30 session 3"),
+    ("prev_test_alone_all", "previous reference: BSSAN alone, exhaustive", "prev-bssan", "2026-11-30 session 3"),
 ]
+BRANCHES = [("full", "s4-grid"), ("w2r", "s4-grid-w2r"), ("o2w", "s4-grid-o2w")]  # (variant, run directory) of the grid recipe
 ABLATIONS = ["full", "w2r", "o2w", "no_reg", "uniform", "no_mining", "tanh", "no_scaling", "paper_recipe"]
 ABLATION_NAMES = {"full": "full (the recipe)", "w2r": "W2R only", "o2w": "O2W only", "no_reg": "full, no L_reg",
                   "uniform": "full, the paper's uniform attention for negatives", "no_mining": "full, random negatives only",
@@ -82,7 +78,8 @@ def training_record(run: Path) -> dict:
             "train": config["train"], "epochs": len(history), "best_epoch": metrics.get("best_epoch"),
             "wall_seconds": round(seconds, 1), "peak_rss_mb": max(hwm) if hwm else None,
             "dev": [{k: h.get(k) for k in ("epoch", "loss", "grad_norm_median", "clipped_share")}
-                    | {"rsum": h["dev"]["rsum"], "fused_rsum": (h.get("fusion") or {}).get("rsum")} for h in history]}
+                    | {"rsum": h["dev"]["rsum"], "fused_rsum": (h.get("fusion") or {}).get("rsum"),
+                       "exhaustive_rsum": ((h.get("fusion") or {}).get("exhaustive") or {}).get("rsum")} for h in history]}
 
 
 def fmt_row(label: str, metrics: dict | None, note: str = "") -> str:
@@ -103,7 +100,7 @@ def plot_dev_curves(runs: dict[str, dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
     for index, (name, record) in enumerate(runs.items()):
         dev = record.get("dev") or []
         if not dev:
@@ -112,8 +109,12 @@ def plot_dev_curves(runs: dict[str, dict], out: Path) -> None:
         axes[0].plot(epochs, [d["rsum"] for d in dev], marker="o", label=name, color=plt.cm.tab20(index % 20))
         if any(d["fused_rsum"] for d in dev):
             axes[1].plot(epochs, [d["fused_rsum"] for d in dev], marker="o", label=name, color=plt.cm.tab20(index % 20))
+        if any(d.get("exhaustive_rsum") for d in dev):
+            axes[2].plot(epochs, [d.get("exhaustive_rsum") for d in dev], marker="o", label=name, color=plt.cm.tab20(index % 20))
     axes[0].set(xlabel="epoch", ylabel="dev rsum", title="dev rsum: dual encoder exhaustive; BSSAN alone re-ranking top-20")
     axes[1].set(xlabel="epoch", ylabel="dev rsum", title="dev rsum of the product (top-20, fusion tuned per epoch)")
+    axes[2].set(xlabel="epoch", ylabel="dev rsum (200 images x 1,000 captions)",
+                title="BSSAN alone over every pair of the first 200 dev images")
     for ax in axes:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("/work/runs"))
     parser.add_argument("--out", type=Path, default=Path("results/flickr8k"))
-    parser.add_argument("--bssan-run", default="bssan-std", help="run directory name of the reference BSSAN")
+    parser.add_argument("--bssan-run", default="s4-grid", help="run directory name of the reference BSSAN")
+    parser.add_argument("--prev-bssan-run", default="bssan-std", help="run directory name of the previous reference BSSAN")
     parser.add_argument("--alt-run", default="bssan-big", help="run directory name of the wider BSSAN behind the same first stage")
     parser.add_argument("--dual-run", default="dual-max", help="run directory name of the reference first stage")
     parser.add_argument("--evals", default="eval", help="folder (under --runs) of the evaluation JSON and GNU time files")
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     runs, evals = args.runs, args.runs / args.evals
     trainings = {"dual": training_record(runs / args.dual_run), "bssan": training_record(runs / args.bssan_run),
                  "bssan-alt": training_record(runs / args.alt_run), "prev-dual": training_record(runs / "dual"),
-                 "prev-bssan": training_record(runs / "bssan-full-final")}
+                 "prev-bssan": training_record(runs / args.prev_bssan_run)}
     header = ("| model | i2t R@1 | R@5 | R@10 | medr | meanr | t2i R@1 | R@5 | R@10 | medr | meanr | rsum | notes |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [header]
@@ -146,17 +148,20 @@ def main(argv=None) -> int:
                        "training": trainings.get(model) or {}}
             (args.out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         lines.append(fmt_row(label, metrics, note))
-    lines.append("| *branches at the reference's budget (8 epochs each, this session's first stage with its correction); K = 20* | | | | | | | | | | | | |")
-    for name, run in (("full", "bssan-std"), ("w2r", "bssan-w2r"), ("o2w", "bssan-o2w3")):
-        for kind, suffix in (("alone", "BSSAN alone at K=20"), ("fused", "fused at K=20 (fusion tuned on dev)")):
-            row = f"abl3_{name}_{kind}"
+    lines.append("| *branches under the reference's recipe and budget (loss=grid, 8 epochs each, the same first stage with its "
+                 "correction)* | | | | | | | | | | | | |")
+    for name, run in BRANCHES:
+        for kind, suffix in (("alone", "BSSAN alone at K=20"), ("fused", "fused at K=20 (fusion tuned on dev)"),
+                             ("exh", "BSSAN alone, exhaustive")):
+            row = f"abl4_{name}_{kind}"
             metrics = load(evals / f"{row}.json")
             if metrics is not None:
                 payload = {"row": row, "metrics": metrics, "evaluation": gnu_time(evals / f"{row}.time"),
                            "training": training_record(runs / run)}
                 (args.out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
             lines.append(fmt_row(f"{ABLATION_NAMES[name]}: {suffix}", metrics))
-    lines.append("| *ablations, 3 epochs each, first stage: the dual encoder after 1 epoch (dev 235.4); K = 20* | | | | | | | | | | | | |")
+    lines.append("| *ablations of the previous (hinge) recipe, 3 epochs each, first stage: the dual encoder after 1 epoch (dev 235.4); "
+                 "K = 20 (sessions 2-3)* | | | | | | | | | | | | |")
     for name in ABLATIONS:
         run = runs / f"abl-{name}"
         for kind, suffix in (("alone", "BSSAN alone at K=20"), ("fused", "fused at K=20")):
@@ -168,10 +173,9 @@ def main(argv=None) -> int:
             lines.append(fmt_row(f"{ABLATION_NAMES[name]}: {suffix}", metrics))
     (args.out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     curves = {"dual encoder, max pooling (reference first stage)": trainings["dual"],
-              "BSSAN W2R 128 / O2W 64 (reference)": trainings["bssan"], "BSSAN W2R 256 / O2W 128": trainings["bssan-alt"],
-              "previous dual encoder (mean / last state)": trainings["prev-dual"],
-              "previous reference BSSAN (previous first stage)": trainings["prev-bssan"]}
-    curves |= {f"ablation {n}": training_record(runs / f"abl-{n}") for n in ABLATIONS}
+              "BSSAN reference (loss=grid)": trainings["bssan"],
+              "W2R only (loss=grid)": training_record(runs / "s4-grid-w2r"), "O2W only (loss=grid)": training_record(runs / "s4-grid-o2w"),
+              "previous reference BSSAN (hinge)": trainings["prev-bssan"], "BSSAN W2R 256 / O2W 128 (hinge)": trainings["bssan-alt"]}
     plot_dev_curves({k: v for k, v in curves.items() if v}, args.out / "dev_curves.png")
     print("\n".join(lines))
     return 0
