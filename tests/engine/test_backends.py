@@ -226,3 +226,37 @@ def test_torch_backend_without_torch_says_how_to_install(tiny_artifact):
             f"open_runner(load_artifact({str(tiny_artifact)!r}), 'torch')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "BackendUnavailableError" in result.stderr and "pip install 'bssan-engine[train]'" in result.stderr
+
+
+def test_every_session_asks_to_flush_denormals(tiny_artifact):
+    artifact = load_artifact(tiny_artifact)
+    with open_runner(artifact, "onnxruntime-cpu", "fp32", threads=1) as runner:
+        for name, session in runner.sessions.items():
+            assert session.get_session_options().get_session_config_entry("session.set_denormal_as_zero") == "1", name
+
+
+_DENORMAL = """
+import sys
+import numpy as np
+from onnx import TensorProto, helper
+from engine.backends.onnxruntime import open_session
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]); y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+graph = helper.make_graph([helper.make_node("Mul", ["x", "x"], ["t"]), helper.make_node("Div", ["t", "x"], ["y"])], "g", [x], [y])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]); model.ir_version = 8
+v = np.array([1e-20, 1.0], np.float32)  # 1e-20 squared is a denormal (1e-40)
+got = open_session(model.SerializeToString(), threads=1, denormal_as_zero=sys.argv[1] == "1").run(None, {"x": v})[0]
+print(float(got[0]), float(got[1]), float((v[:1] * v[:1] / v[:1])[0]))
+"""
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_denormal_as_zero_in_a_fresh_process(flush):
+    # what the option does, where no earlier session of the process decided it (ONNX Runtime: the first one does)
+    out = subprocess.run([sys.executable, "-c", _DENORMAL, "1" if flush else "0"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    tiny, one, numpy_after = map(float, out)
+    assert one == 1.0
+    if flush:
+        assert tiny == 0.0 and numpy_after == 0.0  # process-wide: numpy on this thread flushes too
+    else:
+        assert tiny == pytest.approx(1e-20, rel=1e-3) and numpy_after == pytest.approx(1e-20, rel=1e-3)
