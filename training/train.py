@@ -49,7 +49,7 @@ from training.checkpoint import (FUSION, WEIGHTS, ModelKind, build_model, load_t
 from training.config import (PRESETS, RECIPES, LossKind, Optimizer, Schedule, TrainConfig, input_sizes_of_split, preset, recipe,
                              replace_strict, with_input_sizes)
 from training.data import Batch, GroupedBatch, ImageBatches, PairBatches, input_scales
-from training.evaluate import captions_per_image_of, own_scores_metrics, score_split, tune_two_stage
+from training.evaluate import captions_per_image_of, flush_denormals, own_scores_metrics, score_split, tune_two_stage
 from training.loss import LossTerms, bssan_grid_loss, bssan_listwise_loss, bssan_loss, hardest_in_batch
 from training.model import BSSAN
 
@@ -567,6 +567,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    flush_denormals()
     command = [sys.executable, "-m", "training.train", *(sys.argv[1:] if argv is None else argv)]
     try:
         if args.threads:

@@ -261,3 +261,16 @@ def test_cli_errors_are_one_line(tmp_path, train_store, capsys):
     assert main(base + ["--model-kind", "cnn"]) == 2  # argparse choices, as one error: line
     assert "invalid choice: 'cnn'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module", ["training.train", "training.evaluate"])
+def test_command_lines_flush_denormals(module, monkeypatch, tmp_path):
+    import importlib
+
+    calls = []
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: calls.append(on) or True)
+    entry = importlib.import_module(module).main
+    argv = (["--store", str(tmp_path / "absent"), "--out", str(tmp_path / "run")] if module == "training.train"
+            else ["--scores", str(tmp_path / "absent.npy"), "--captions-per-image", "5"])
+    assert entry(argv) == 2  # fails on the missing input, after setting the float mode
+    assert calls == [True]
