@@ -147,10 +147,11 @@ class LossKind(str, enum.Enum):
                            # stage's candidates (localized contrastive estimation, Gao et al. 2021)
     GRID = "grid"          # every image x every caption of an image-grouped batch is scored; per branch, softmax
                            # cross-entropy of each positive against ALL the batch's other images (text -> image) and
-                           # all their captions (image -> text), InfoNCE-style. With a first stage the batch is built
-                           # of neighbour groups (hard in-batch negatives) and near-duplicates are masked out
-                           # (mining_guard). ~8x the pairs of a sampled step, scored as one grid: teaches BSSAN to
-                           # rank every candidate, not only to separate a positive from one sampled negative
+                           # all their captions (image -> text), InfoNCE-style. With a first stage and
+                           # mined_fraction > 0 the batch is built of neighbour groups (hard in-batch negatives);
+                           # with a first stage, near-duplicates are masked out (mining_guard). ~8x the pairs of a
+                           # sampled step, scored as one grid at about the same CPU: teaches BSSAN to rank every
+                           # candidate, not only to separate a positive from one sampled negative
 
 
 class Optimizer(str, enum.Enum):
