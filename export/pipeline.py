@@ -278,7 +278,7 @@ def _export_artifact(options: ExportOptions) -> dict:
         (tmp / "validation.json").write_text(json.dumps(validation, indent=2) + "\n", encoding="utf-8")
         files = {str(p.relative_to(tmp)): file_entry(p) for p in sorted(tmp.rglob("*"))
                  if p.is_file() and p.name != MANIFEST_NAME and TENSORRT_DIR not in p.relative_to(tmp).parts}
-        w_y, w_yp = model.config.branch_weights
+        w_y, w_yp = model.scoring_weights
         biases, form = _attention_record(model, shortlist)
         manifest = ArtifactManifest(
             created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -28,11 +28,14 @@ from engine.graphs import GRAPHS
 
 def checkpoint_record(directory: str | Path) -> dict:
     """What an artifact records of a checkpoint: the sha256 of its weights file and its folder name (and of a
-    first stage's hubness correction, with its betas, when the checkpoint has one: training.hubness)."""
-    from training.checkpoint import HUBNESS, WEIGHTS
+    first stage's hubness correction, with its betas, when the checkpoint has one: training.hubness; and the
+    branch weights of eq. 19 chosen on dev, when a BSSAN checkpoint has them: SCORE_WEIGHTS)."""
+    from training.checkpoint import HUBNESS, SCORE_WEIGHTS, WEIGHTS, read_score_weights
 
     directory = Path(directory)
     record = {"weights_sha256": file_sha256(directory / WEIGHTS), "name": directory.resolve().name}
+    if (directory / SCORE_WEIGHTS).is_file():
+        record["score_weights"] = list(read_score_weights(directory))
     if (directory / HUBNESS).is_file():
         from training.hubness import HubnessCorrection
         record.update(hubness_sha256=file_sha256(directory / HUBNESS), hubness=HubnessCorrection.load(directory / HUBNESS).record())

@@ -140,7 +140,7 @@ def pipeline_parity(model: BSSAN, sessions: dict, features, seed: int = 0, dtype
                                  t(lengths[pairs[:, 1]]))
     want = {"w2r": y.numpy(), "o2w": yp.numpy()}
     report = {k: _max_diff(v, want[k], relative=False) for k, v in got.items()}
-    w_y, w_yp = model.config.branch_weights
+    w_y, w_yp = model.scoring_weights
     ms = w_y * got.get("w2r", 0.0) + w_yp * got.get("o2w", 0.0)
     report["ms"] = _max_diff(np.asarray(ms, dtype=np.float32), model.combine(y, yp).numpy(), relative=False)
     return report

@@ -337,6 +337,8 @@ def first_stage_sha256(directory: str | os.PathLike) -> str:
     return hashlib.sha256(f"{weights}:{file_sha256(directory / HUBNESS)}".encode()).hexdigest()
 
 
+SCORE_WEIGHTS = "score_weights.json"  # beside a BSSAN checkpoint: eq. 19's branch weights chosen on dev (training.evaluate
+                                      # --tune-score-weights), bound to the sha256 of its weights.pt
 FUSION = "fusion.json"  # beside a BSSAN checkpoint: the fusion tuned on dev with a first stage (training.evaluate --tune-fusion)
 
 
@@ -357,6 +359,21 @@ def read_fusion(directory: str | os.PathLike):
     if not isinstance(want, str):
         raise InputError(f"{path}: first_stage_sha256: expected the sha256 of the dual encoder's {WEIGHTS}, got {want!r}")
     return fusion, want
+
+
+def read_score_weights(directory: str | os.PathLike) -> tuple[float, float]:
+    """(w_Y, w_Y') of DIRECTORY/score_weights.json; ArtifactError naming the file when it is malformed or was chosen
+    for other weights than DIRECTORY/weights.pt."""
+    path = Path(directory) / SCORE_WEIGHTS
+    record = _read_json(path)
+    values = [record.get(k) if isinstance(record, dict) else None for k in ("w2r", "o2w")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values) or not sum(values) > 0:
+        raise ArtifactError(f"{path}: expected numbers w2r >= 0 and o2w >= 0, not both 0, got {values}")
+    want = file_sha256(Path(directory) / WEIGHTS)
+    if record.get("weights_sha256") != want:
+        raise ArtifactError(f"{path}: chosen for weights {str(record.get('weights_sha256'))[:12]}..., but weights.pt is "
+                            f"{want[:12]}...; expected a record of these weights (rerun --tune-score-weights)")
+    return float(values[0]), float(values[1])
 
 
 def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
@@ -380,6 +397,8 @@ def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     except InputError as exc:
         raise ArtifactError(f"{directory / CONFIG}: {exc}") from exc
     load_weights(directory / WEIGHTS, model)
+    if kind is ModelKind.BSSAN and (directory / SCORE_WEIGHTS).is_file():  # eq. 19's weights chosen on dev
+        model.score_weights = read_score_weights(directory)
     if kind is ModelKind.DUAL_ENCODER and (directory / HUBNESS).is_file():  # the first stage's hubness correction
         from training.hubness import HubnessCorrection
         model.attach_hubness(HubnessCorrection.load(directory / HUBNESS))

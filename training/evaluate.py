@@ -42,7 +42,7 @@ from torch import nn
 
 from engine.cli import ArgumentParser, command, positive_int
 from engine.errors import InputError, StoreError
-from engine.files import atomic_path, write_json_atomic
+from engine.files import atomic_path, file_sha256, write_json_atomic
 from engine.metrics import format_metrics, retrieval_metrics
 from engine.ranking import BSSAN_ALONE, FIRST_STAGE_ALONE, Fusion, candidate_pairs, tune_fusion, two_stage_metrics
 from engine.store import FeatureStore, SplitFeatures
@@ -268,6 +268,65 @@ def tune_fusion_for(checkpoint: str | os.PathLike, shortlist: str | os.PathLike,
     return {**record["fused"], "fusion_record": str(path)}
 
 
+SCORE_WEIGHT_RATIOS = (0.0, 0.6, 1.0, 1.5, 2.4, 4.0, 6.0, 10.0, None)  # w_Y' / w_Y candidates (0.6: the paper's
+                                                                     # lambda; None: O2W alone)
+
+
+@torch.no_grad()
+def branch_scores(model: nn.Module, split: SplitFeatures, word_set: str, images: int,
+                  image_block: int = 16, caption_block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(Y, Y') [N, N * cpi] of every pair of the first `images` images of a split and their captions (test attention)."""
+    per = captions_per_image_of(split)
+    n_img = min(images, split.num_images)
+    n_cap = n_img * per
+    words, lengths = split.words(word_set), np.asarray(split.lengths[:n_cap])
+    y, yp = np.zeros((n_img, n_cap), np.float32), np.zeros((n_img, n_cap), np.float32)
+    for i in range(0, n_img, image_block):
+        rows = slice(i, min(i + image_block, n_img))
+        image_cache = model.encode_images(split.regions[rows] if model.w2r else None, split.objects[rows] if model.o2w else None)
+        for j in range(0, n_cap, caption_block):
+            cols = slice(j, min(j + caption_block, n_cap))
+            text_cache = model.encode_texts(np.asarray(words[cols])[:, :int(lengths[cols].max())], lengths[cols])
+            a, b = model.score_grid_cached(image_cache, text_cache)
+            y[rows, cols], yp[rows, cols] = a.numpy(), b.numpy()
+    return y, yp
+
+
+def tune_score_weights(checkpoint: str | os.PathLike, store: str | os.PathLike, split: str, images: int,
+                       force: bool) -> dict:
+    """Choose eq. 19's branch weights (w_Y, w_Y') = (1, r), r in SCORE_WEIGHT_RATIOS ((0, 1) for O2W alone), by BSSAN
+    alone's rsum over every pair of the first `images` images of `split` (use dev); write CHECKPOINT/score_weights.json.
+    The record changes MS, so a fusion record tuned before it is removed (rerun --tune-fusion)."""
+    from training.checkpoint import FUSION, SCORE_WEIGHTS, WEIGHTS, ModelKind, load_checkpoint
+
+    path = Path(checkpoint) / SCORE_WEIGHTS
+    if path.exists() and not force:
+        raise InputError(f"{path}: exists; expected a new file (pass --force to replace it)")
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.kind is not ModelKind.BSSAN or ckpt.model_config.variant.value != "full":
+        raise InputError(f"--tune-score-weights {checkpoint}: expected a BSSAN checkpoint of variant full (two branches), "
+                         f"got {ckpt.kind.value} {getattr(ckpt.model_config, 'variant', None)}")
+    features = FeatureStore(store).split(split)
+    per = captions_per_image_of(features)
+    y, yp = branch_scores(ckpt.model, features, ckpt.train_config.word_set, images)
+    candidates = {}
+    for ratio in SCORE_WEIGHT_RATIOS:
+        weights = (0.0, 1.0) if ratio is None else (1.0, ratio)
+        candidates[ratio] = (weights, own_scores_metrics(weights[0] * y + weights[1] * yp, per, bssan=True))
+    best = max(candidates, key=lambda r: (candidates[r][1]["rsum"], r == 0.6))  # ties: the paper's lambda
+    (w_y, w_yp), metrics = candidates[best]
+    rsum = metrics["rsum"]
+    record = {"w2r": w_y, "o2w": w_yp, "weights_sha256": file_sha256(Path(checkpoint) / WEIGHTS), "split": split,
+              "images": int(y.shape[0]), "rsum": rsum,
+              "candidates": [{"w2r": w[0], "o2w": w[1], "rsum": m["rsum"]} for w, m in candidates.values()]}
+    write_json(path, record, force=True)
+    stale = Path(checkpoint) / FUSION
+    if stale.exists():
+        stale.unlink()
+        print(f"removed {stale}: tuned for the previous branch weights (rerun --tune-fusion)", file=sys.stderr)
+    return {**metrics, "score_weights": record, "score_weights_record": str(path)}
+
+
 def _k(text: str) -> int | None:
     return None if text == "all" else positive_int(text)
 
@@ -290,6 +349,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tune-fusion", action="store_true",
                         help="with --shortlist: tune the fusion weight on --split (use dev) at --shortlist-k and write "
                              "CHECKPOINT/fusion.json (replacing one needs --force)")
+    parser.add_argument("--tune-score-weights", type=positive_int, metavar="IMAGES",
+                        help="choose eq. 19's branch weights by BSSAN alone over every pair of the first IMAGES images of "
+                             "--split (use dev) and write CHECKPOINT/score_weights.json (replacing one needs --force)")
     parser.add_argument("--no-fusion", action="store_true",
                         help="with --shortlist: rank by BSSAN alone (default: the fusion tuned on dev, fusion.json)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
@@ -325,7 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores = load_scores(args.scores)
         metrics = retrieval_metrics(scores, captions_per_image=args.captions_per_image, folds=args.folds)
     else:
-        if args.shortlist is not None and args.tune_fusion:
+        if args.tune_score_weights is not None:
+            metrics = tune_score_weights(args.checkpoint, args.store, args.split, args.tune_score_weights, args.force)
+            scores = None
+        elif args.shortlist is not None and args.tune_fusion:
             metrics = tune_fusion_for(args.checkpoint, args.shortlist, args.store, args.shortlist_k, args.split,
                                       args.force, progress=not args.no_progress)
             scores = None

@@ -311,6 +311,8 @@ class BSSAN(nn.Module):
     def __init__(self, config: ModelConfig, w2r: W2R | None = None, o2w: O2W | None = None):
         super().__init__()
         self.config = config
+        self.score_weights: tuple[float, float] | None = None  # (w_Y, w_Y') of eq. 19 chosen on dev after training
+                                                               # (training.checkpoint SCORE_WEIGHTS); None: the config's
         self.w2r = (w2r or W2R(config)) if config.uses_w2r else None
         self.o2w = (o2w or O2W(config)) if config.uses_o2w else None
         if config.input_scaling:  # per-channel 1/RMS of the train split (set_input_scales); ones until set
@@ -425,9 +427,16 @@ class BSSAN(nn.Module):
         yp = self.o2w.score_grid(image_cache["o2w"], text_cache["o2w"], negative) if self.o2w else None
         return (y if y is not None else torch.zeros_like(yp)), (yp if yp is not None else torch.zeros_like(y))
 
+    @property
+    def scoring_weights(self) -> tuple[float, float]:
+        """(w_Y, w_Y') of MS = w_Y Y + w_Y' Y' (eq. 19) at scoring time: the dev-chosen score_weights when set,
+        else the config's branch_weights (1, lambda), which also weigh the two losses in training."""
+        return self.score_weights if self.score_weights is not None else self.config.branch_weights
+
     def combine(self, y: Tensor, y_prime: Tensor) -> Tensor:
-        """MS = Y + lambda Y' (eq. 19); a single-branch variant returns its branch's score."""
-        w_y, w_yp = self.config.branch_weights
+        """MS = w_Y Y + w_Y' Y' (eq. 19: w_Y = 1, w_Y' = lambda unless score_weights were chosen on dev); a
+        single-branch variant returns its branch's score."""
+        w_y, w_yp = self.scoring_weights
         return w_y * y + w_yp * y_prime
 
     # -- training

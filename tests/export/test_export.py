@@ -271,3 +271,24 @@ def test_input_scales_and_attention_temperature_fold_into_the_graphs(tmp_path, a
     paths = {n: export_graph(m, n, dims, tmp_path / f"{n}.onnx", "fp32") for n, m in modules.items()}
     report = validate_bssan(model, modules, paths, dims)
     assert max(v for k, v in report["worst"].items() if k.startswith("pipeline")) <= PARITY_TOLERANCE, report["worst"]
+
+
+def test_score_weights_chosen_on_dev_reach_the_manifest_and_the_engine(demo_artifact, tiny_store, tmp_path):
+    from engine.runtime import Scorer
+    from engine.store import FeatureStore
+    from engine.files import file_sha256
+    from training.evaluate import branch_scores
+
+    bssan = tmp_path / "bssan"
+    shutil.copytree(demo_artifact.parent / "bssan", bssan)
+    (bssan / "score_weights.json").write_text(json.dumps({"w2r": 1.0, "o2w": 2.4, "weights_sha256": file_sha256(bssan / "weights.pt")}))
+    out = tmp_path / "a"
+    assert main([str(bssan), "--out", str(out), "--tensorrt", "off", "--no-progress"]) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["model"]["score_weights"] == {"w2r": 1.0, "o2w": 2.4}
+    assert manifest["model"]["checkpoint"]["score_weights"] == [1.0, 2.4]
+    split = FeatureStore(tiny_store).split("test")
+    y, yp = branch_scores(load_checkpoint(demo_artifact.parent / "bssan").model, split, "glove50", 4)
+    with Scorer.load(out, backend="onnxruntime-cpu", threads=1, fusion=False) as scorer:
+        got = scorer.score_matrix(scorer.encode_images(split), scorer.encode_captions(split))[:4, :20]
+    np.testing.assert_allclose(got, y + 2.4 * yp, rtol=0, atol=1e-4)

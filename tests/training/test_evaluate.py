@@ -176,3 +176,38 @@ def test_tune_fusion_writes_a_record_the_two_stage_evaluation_then_uses(tmp_path
     metrics = evaluate_two_stage(bssan, checkpoints / "dual", tiny_store, k=3, split="dev", progress=False)
     assert metrics["protocol"]["fusion"] == {k: record[k] for k in ("first_stage_weight", "bssan_weight")}
     assert metrics["rsum"] == pytest.approx(record["rsum"])
+
+
+def test_tune_score_weights_chooses_eq19_weights_that_loading_scoring_and_export_records_apply(tmp_path, tiny_store, checkpoints, capsys):
+    import shutil
+
+    from export.torch_runner import checkpoint_record
+    from training.checkpoint import SCORE_WEIGHTS, load_checkpoint
+    from training.evaluate import SCORE_WEIGHT_RATIOS, branch_scores
+
+    bssan = tmp_path / "bssan"
+    shutil.copytree(checkpoints / "bssan", bssan)
+    (bssan / "fusion.json").write_text("{}")  # a fusion tuned for the old MS: removed by the new record
+    args = ["--checkpoint", str(bssan), "--store", str(tiny_store), "--split", "dev", "--tune-score-weights", "8", "--no-progress"]
+    assert main(args) == 0
+    record = json.loads((bssan / SCORE_WEIGHTS).read_text())
+    assert not (bssan / "fusion.json").exists() and "rerun --tune-fusion" in capsys.readouterr().err
+    # the record is the best of the candidates, by BSSAN alone over every pair of the first 8 dev images
+    split = FeatureStore(tiny_store).split("dev")
+    model = load_checkpoint(checkpoints / "bssan").model
+    y, yp = branch_scores(model, split, "glove50", 8)
+    best = max(retrieval_metrics(a * y + b * yp, captions_per_image=5)["rsum"]
+               for a, b in [(0.0, 1.0) if r is None else (1.0, r) for r in SCORE_WEIGHT_RATIOS])
+    assert record["rsum"] == pytest.approx(best) and record["images"] == 8
+    # loading applies it: MS = w2r Y + o2w Y', and the artifact's checkpoint record carries it
+    tuned = load_checkpoint(bssan).model
+    assert tuned.scoring_weights == (record["w2r"], record["o2w"])
+    assert model.scoring_weights == model.config.branch_weights  # no record: the config's (1, lambda)
+    exhaustive = score_split(tuned, split, "glove50", images=8)
+    np.testing.assert_allclose(exhaustive, record["w2r"] * y + record["o2w"] * yp, rtol=0, atol=1e-5)
+    assert checkpoint_record(bssan)["score_weights"] == [record["w2r"], record["o2w"]]
+    assert main(args) == 2 and "pass --force" in capsys.readouterr().err  # not replaced silently
+    # a record chosen for other weights is refused, naming the file
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in torch.load(bssan / "weights.pt").items()}, bssan / "weights.pt")
+    with pytest.raises(Exception, match=r"score_weights.json: chosen for weights"):
+        load_checkpoint(bssan)
