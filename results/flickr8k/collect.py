@@ -29,6 +29,11 @@ ROWS = [
     ("test_engine_fp32_k20", "product K=20 through engine.score, fp32", "bssan", "engine, ONNX Runtime CPU"),
     ("test_engine_fp16_k20", "product K=20 through engine.score, fp16 graphs", "bssan", "engine, ONNX Runtime CPU"),
     ("test_engine_int8_k20", "product K=20 through engine.score, int8 recurrence", "bssan", "engine, ONNX Runtime CPU"),
+    ("pw_test_product_k20", "the same BSSAN with the paper's branch weights (1, 0.6): product K=20", "bssan",
+     "fusion re-tuned on dev"),
+    ("pw_test_product_k100", "the same, paper's branch weights: product K=100", "bssan", ""),
+    ("pw_test_alone_k100", "the same, paper's branch weights: BSSAN alone re-ranking the top-100", "bssan", ""),
+    ("pw_test_alone_all", "the same, paper's branch weights: BSSAN alone, exhaustive", "bssan", "engine, ONNX Runtime CPU fp32"),
     ("prev_test_product_k20", "previous reference (hinge recipe, same first stage): product K=20", "prev-bssan",
      "2026-11-30 session 3"),
     ("prev_test_alone_k100", "previous reference: BSSAN alone re-ranking the top-100", "prev-bssan", "2026-11-30 session 3"),
@@ -149,7 +154,7 @@ def main(argv=None) -> int:
             (args.out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         lines.append(fmt_row(label, metrics, note))
     lines.append("| *branches under the reference's recipe and budget (loss=grid, 8 epochs each, the same first stage with its "
-                 "correction)* | | | | | | | | | | | | |")
+                 "correction; full with the paper's branch weights (1, 0.6))* | | | | | | | | | | | | |")
     for name, run in BRANCHES:
         for kind, suffix in (("alone", "BSSAN alone at K=20"), ("fused", "fused at K=20 (fusion tuned on dev)"),
                              ("exh", "BSSAN alone, exhaustive")):
