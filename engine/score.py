@@ -296,15 +296,14 @@ class Inputs:
     caption_images: list[str]  # the image id each caption describes ("" when unknown)
     caption_digest: str
 
-
-def caption_words(inputs: Inputs, max_words: int) -> tuple[int, int]:
-    """(words in all captions, words of the longest) as the caption caches will hold them (tokenized, at most
-    `max_words` each): what the memory budget is checked against before encoding (strings are cheap to tokenize)."""
-    if inputs.texts is None:
-        lengths = np.minimum(np.asarray(inputs.images.lengths, dtype=np.int64), max_words)
-    else:
-        lengths = np.asarray([max(len(tokenize(text, max_words)), 1) for text in inputs.texts], dtype=np.int64)
-    return (int(lengths.sum()), int(lengths.max())) if len(lengths) else (0, 1)
+    def caption_words(self, max_words: int) -> tuple[int, int]:
+        """(words in all captions, words of the longest) as the caption caches will hold them (tokenized, at most
+        `max_words` each): what the memory budget is checked against before encoding (strings are cheap to tokenize)."""
+        if self.texts is None:
+            lengths = np.minimum(np.asarray(self.images.lengths, dtype=np.int64), max_words)
+        else:
+            lengths = np.asarray([max(len(tokenize(text, max_words)), 1) for text in self.texts], dtype=np.int64)
+        return (int(lengths.sum()), int(lengths.max())) if len(lengths) else (0, 1)
 
 
 def read_inputs(args: argparse.Namespace) -> Inputs:
@@ -402,7 +401,7 @@ def score(args: argparse.Namespace, start: float) -> int:
 
             check_sharded_budget(args, scorer, sizes, inputs)
         else:
-            total, longest = caption_words(inputs, scorer.dims["max_words"])
+            total, longest = inputs.caption_words(scorer.dims["max_words"])
             scorer.check_budget(len(inputs.image_ids), n_captions, n_captions * len(inputs.image_ids) * 4 if args.shortlist_k is None else 0,
                                 words=longest, total_words=total)
         key = {"version": JOURNAL_VERSION, "artifact": scorer.fingerprint, "backend": scorer.runner.backend.value,

@@ -272,24 +272,13 @@ SCORE_WEIGHT_RATIOS = (0.0, 0.6, 1.0, 1.5, 2.4, 4.0, 6.0, 10.0, None)  # w_Y' / 
                                                                      # lambda; None: O2W alone)
 
 
-@torch.no_grad()
-def branch_scores(model: nn.Module, split: SplitFeatures, word_set: str, images: int,
-                  image_block: int = 16, caption_block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def branch_scores(model: nn.Module, split: SplitFeatures, word_set: str, images: int) -> tuple[np.ndarray, np.ndarray]:
     """(Y, Y') [N, N * cpi] of every pair of the first `images` images of a split and their captions (test attention)."""
-    per = captions_per_image_of(split)
     n_img = min(images, split.num_images)
-    n_cap = n_img * per
-    words, lengths = split.words(word_set), np.asarray(split.lengths[:n_cap])
-    y, yp = np.zeros((n_img, n_cap), np.float32), np.zeros((n_img, n_cap), np.float32)
-    for i in range(0, n_img, image_block):
-        rows = slice(i, min(i + image_block, n_img))
-        image_cache = model.encode_images(split.regions[rows] if model.w2r else None, split.objects[rows] if model.o2w else None)
-        for j in range(0, n_cap, caption_block):
-            cols = slice(j, min(j + caption_block, n_cap))
-            text_cache = model.encode_texts(np.asarray(words[cols])[:, :int(lengths[cols].max())], lengths[cols])
-            a, b = model.score_grid_cached(image_cache, text_cache)
-            y[rows, cols], yp[rows, cols] = a.numpy(), b.numpy()
-    return y, yp
+    n_cap = n_img * captions_per_image_of(split)
+    y, yp = model.branch_matrices(split.regions[:n_img], split.objects[:n_img], split.words(word_set)[:n_cap],
+                                  np.asarray(split.lengths[:n_cap]))
+    return y.numpy(), yp.numpy()
 
 
 def tune_score_weights(checkpoint: str | os.PathLike, store: str | os.PathLike, split: str, images: int,

@@ -481,7 +481,24 @@ class BSSAN(nn.Module):
     @torch.no_grad()
     def score_matrix(self, regions, objects, words, lengths, image_block: int = 16, caption_block: int = 256,
                      progress: bool = False) -> Tensor:
-        """MS [N_img, N_cap] of every image x caption (test attention: softmax), in blocks.
+        """MS [N_img, N_cap] of every image x caption (test attention: softmax), in blocks (see _grid_blocks)."""
+        out = torch.empty(len(regions if self.w2r else objects), len(lengths), dtype=next(self.parameters()).dtype)
+        for rows, cols, y, yp in self._grid_blocks(regions, objects, words, lengths, image_block, caption_block, progress):
+            out[rows, cols] = self.combine(y, yp).cpu()
+        return out
+
+    @torch.no_grad()
+    def branch_matrices(self, regions, objects, words, lengths, image_block: int = 16,
+                        caption_block: int = 256) -> tuple[Tensor, Tensor]:
+        """(Y, Y') [N_img, N_cap] of every image x caption, before eq. 19 combines them (an unbuilt branch: zeros)."""
+        shape = (len(regions if self.w2r else objects), len(lengths))
+        y_all, yp_all = (torch.zeros(shape, dtype=next(self.parameters()).dtype) for _ in range(2))
+        for rows, cols, y, yp in self._grid_blocks(regions, objects, words, lengths, image_block, caption_block, False):
+            y_all[rows, cols], yp_all[rows, cols] = y.cpu(), yp.cpu()
+        return y_all, yp_all
+
+    def _grid_blocks(self, regions, objects, words, lengths, image_block: int, caption_block: int, progress: bool):
+        """(image rows, caption columns, Y, Y') of every block of image_block images x caption_block captions.
 
         Memory is bounded by the blocks: per block the W2R gate inputs are
         image_block * caption_block * L * 4H floats. Captions are processed sorted by length so a
@@ -490,7 +507,6 @@ class BSSAN(nn.Module):
         n_img, n_cap = len(regions if self.w2r else objects), len(lengths)
         lengths_np = np.asarray(lengths.cpu() if isinstance(lengths, Tensor) else lengths)
         order = np.argsort(lengths_np, kind="stable")
-        out = torch.empty(n_img, n_cap, dtype=next(self.parameters()).dtype)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -503,12 +519,11 @@ class BSSAN(nn.Module):
                 max_len = int(lengths_np[cols].max())
                 text_cache = self.encode_texts(np.asarray(words[cols])[:, :max_len] if not isinstance(words, Tensor)
                                                else words[torch.as_tensor(cols)][:, :max_len], lengths_np[cols])
-                out[rows, torch.as_tensor(cols)] = self.combine(*self.score_grid_cached(image_cache, text_cache)).cpu()
+                yield rows, torch.as_tensor(cols), *self.score_grid_cached(image_cache, text_cache)
                 if bar is not None:
                     bar.update((rows.stop - rows.start) * len(cols))
         if bar is not None:
             bar.close()
-        return out
 
     def _pair_caches(self, regions, objects, words, lengths, image_index, text_index):
         """Encode only the referenced images and captions; return caches and remapped indices."""

@@ -83,7 +83,7 @@ def _foreign(directory: Path) -> bool:
     return directory.is_dir() and any(directory.iterdir()) and not (directory / GALLERY_JSON).is_file()
 
 
-def check_sharded_budget(args, scorer: Scorer, sizes: dict[str, int], inputs) -> None:
+def check_sharded_budget(args, scorer: Scorer, sizes: dict[str, int], inputs) -> None:  # inputs: engine.score.Inputs
     """Before encoding: the budget holds what this mode keeps at once: one shard being encoded (or one unit's
     images), the caption side, and the per-tile arrays."""
     n_images, n_captions = sizes["t2i"], sizes["i2t"]
@@ -95,9 +95,7 @@ def check_sharded_budget(args, scorer: Scorer, sizes: dict[str, int], inputs) ->
     else:
         k = args.shortlist_k
         output = n_captions * k * 28 + tile * k * 16  # t2i candidates, keys, order, MS; a tile's i2t candidates and MS
-    from engine.score import caption_words
-
-    total, longest = caption_words(inputs, scorer.dims["max_words"])
+    total, longest = inputs.caption_words(scorer.dims["max_words"])
     scorer.check_budget(images_at_once, n_captions, output, words=longest, total_words=total)
 
 
