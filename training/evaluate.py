@@ -292,8 +292,8 @@ def tune_score_weights(checkpoint: str | os.PathLike, store: str | os.PathLike, 
     if path.exists() and not force:
         raise InputError(f"{path}: exists; expected a new file (pass --force to replace it)")
     ckpt = load_checkpoint(checkpoint)
-    if ckpt.kind is not ModelKind.BSSAN or ckpt.model_config.variant.value != "full":
-        raise InputError(f"--tune-score-weights {checkpoint}: expected a BSSAN checkpoint of variant full (two branches), "
+    if ckpt.kind is not ModelKind.BSSAN or not (ckpt.model_config.uses_w2r and ckpt.model_config.uses_o2w):
+        raise InputError(f"--tune-score-weights {checkpoint}: expected a BSSAN checkpoint with both branches (full, no_reg), "
                          f"got {ckpt.kind.value} {getattr(ckpt.model_config, 'variant', None)}")
     features = FeatureStore(store).split(split)
     per = captions_per_image_of(features)

@@ -211,3 +211,16 @@ def test_tune_score_weights_chooses_eq19_weights_that_loading_scoring_and_export
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in torch.load(bssan / "weights.pt").items()}, bssan / "weights.pt")
     with pytest.raises(Exception, match=r"score_weights.json: chosen for weights"):
         load_checkpoint(bssan)
+
+
+@pytest.mark.parametrize("variant, ok", [("no_reg", True), ("w2r", False)])
+def test_tune_score_weights_needs_both_branches(tmp_path, tiny_store, variant, ok):
+    from training.evaluate import tune_score_weights
+
+    save_checkpoint(tmp_path / "c", BSSAN(replace_strict(preset("demo"), variant=variant)).eval(), TrainConfig(),
+                    store=FeatureStore(tiny_store))
+    if ok:
+        assert tune_score_weights(tmp_path / "c", tiny_store, "dev", 4, force=False)["score_weights"]["images"] == 4
+    else:
+        with pytest.raises(InputError, match="expected a BSSAN checkpoint with both branches"):
+            tune_score_weights(tmp_path / "c", tiny_store, "dev", 4, force=False)
