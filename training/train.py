@@ -32,7 +32,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as dataclass_replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -104,9 +104,18 @@ def bssan_step(model: BSSAN, batch: Batch, config: TrainConfig, epoch: int = 0) 
     return bssan_loss(model, groups[0], groups[1:], config.margin, config.reduction).total
 
 
+def dropped_inputs(batch: GroupedBatch, config: TrainConfig) -> GroupedBatch:
+    """The batch with TrainConfig.input_dropout applied to its regions, objects and words (padding stays zero)."""
+    if config.input_dropout == 0:
+        return batch
+    drop = lambda x: nn.functional.dropout(x, config.input_dropout, training=True)  # noqa: E731
+    return dataclass_replace(batch, regions=drop(batch.regions), objects=drop(batch.objects), words=drop(batch.words))
+
+
 def bssan_grouped_step(model: BSSAN, batch: GroupedBatch, config: TrainConfig, epoch: int = 0) -> torch.Tensor:
     """Paper loss (eq. 18) of an image-grouped batch (training.data.ImageBatches): every pair in
     ONE forward_pairs call, so each image is encoded once and one BatchNorm batch covers all pairs."""
+    batch = dropped_inputs(batch, config)
     n = len(batch)
     y, y_prime = model.forward_pairs(batch.regions, batch.objects, batch.words, batch.lengths,
                                      batch.pair_image, batch.pair_text, negative=batch.negative)
@@ -131,6 +140,7 @@ def bssan_grouped_step(model: BSSAN, batch: GroupedBatch, config: TrainConfig, e
 def bssan_grid_step(model: BSSAN, batch: GroupedBatch, config: TrainConfig, epoch: int = 0) -> torch.Tensor:
     """loss=grid: every image x every caption of an image-grouped batch (training.data.ImageBatches(grid=True)) in
     one grid call (each image and each caption encoded once; one BatchNorm batch), InfoNCE both ways per branch."""
+    batch = dropped_inputs(batch, config)
     own = batch.pair_image[:len(batch)]  # [N_cap] batch row of each caption's image
     image_cache = model.encode_images(batch.regions, batch.objects, gates=True)
     text_cache = model.encode_texts(batch.words, batch.lengths)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.errors import InputError
 from engine.ranking import Fusion
 from engine.store import FeatureStore
 from training.baseline import dual_encoder_preset
@@ -277,3 +278,24 @@ def test_grid_training_runs_and_reports_exhaustive_dev(tmp_path, train_store):
     with pytest.raises(Exception, match="init_from"):
         train(train_store, tmp_path / "other", ModelKind.BSSAN, preset("demo").__class__(**{**preset("demo").__dict__, "w2r_hidden": 4}),
               TrainConfig(epochs=1, batch_images=6, init_from=str(tmp_path / "bssan" / "last")), progress=False, plot=False)
+
+
+def test_input_dropout_changes_training_inputs_only(tiny_store):
+    from training.train import dropped_inputs
+    split = FeatureStore(tiny_store).split("train")
+    batch = ImageBatches(split, "glove50", 4, seed=0, grid=True).batch(0, 0)
+    assert dropped_inputs(batch, TrainConfig(batch_images=4)) is batch  # p = 0: the batch itself
+    torch.manual_seed(0)
+    dropped = dropped_inputs(batch, TrainConfig(batch_images=4, input_dropout=0.5))
+    for name in ("regions", "objects", "words"):
+        before, after = getattr(batch, name), getattr(dropped, name)
+        zeroed = (after == 0) & (before != 0)
+        assert 0.3 < zeroed.float().sum() / (before != 0).sum() < 0.7  # about half of the features dropped
+        kept = after != 0
+        assert torch.allclose(after[kept], 2 * before[kept])  # the rest scaled by 1 / (1 - p)
+        assert torch.equal(getattr(batch, name), before)  # the batch itself untouched
+    assert torch.equal(dropped.lengths, batch.lengths) and torch.equal(dropped.pair_image, batch.pair_image)
+    with pytest.raises(InputError, match="input_dropout"):
+        TrainConfig(input_dropout=0.2)  # pair batches: not supported
+    with pytest.raises(InputError, match="input_dropout"):
+        TrainConfig(batch_images=4, input_dropout=1.0)
