@@ -37,13 +37,15 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from benchmarks.common import machine_info, write_json_atomic  # noqa: E402
+from engine.features import progress_bar  # noqa: E402
 from benchmarks.flops import factored_pair_flops, total_flops  # noqa: E402
 from engine.cli import ArgumentParser, command, output_file, positive_float  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FULL = {"preset": "paper", "lengths": (30, 12, 8, 20), "batches": (4096, 1024, 16384, 256), "square": 8192, "copy_mb": 2048,
-        "replays": 20}
-TINY = {"preset": "demo", "lengths": (8, 4), "batches": (4,), "square": 128, "copy_mb": 8, "replays": 3}
+# Each sweep: (preset, caption lengths, batches). flickr8k first: the sizes the shipped reference model has.
+FULL = {"sweeps": (("flickr8k", (12, 30), (5000, 1000, 20000)), ("paper", (30, 12, 8, 20), (4096, 1024, 16384, 256))),
+        "square": 8192, "copy_mb": 2048, "replays": 20, "exhaustive": ("flickr8k", 1000, 5000, 12)}
+TINY = {"sweeps": (("demo", (8, 4), (4,)),), "square": 128, "copy_mb": 8, "replays": 3, "exhaustive": ("demo", 4, 8, 4)}
 REPLAYS = 20  # timed calls per point (after 3 warm-up calls)
 PARITY_MAX_BATCH = 1024  # points up to this batch check the static step against the model's score_grid_cached
 
@@ -202,6 +204,90 @@ def tensorrt_point(scorer: StaticPairScorer, feeds: dict, precision: str, device
     return {"tensorrt": trt.__version__, **timing}
 
 
+def sweep_point(model, scorer: StaticPairScorer, config, length: int, batch: int, device: torch.device, dtype_name: str,
+                replays: int, cuda_graphs: bool, peak: dict, bandwidth_bytes_per_s: float) -> dict:
+    """One (dtype, L, B) point: parity against the model's score_grid_cached, eager and CUDA-graph pairs/s, roofline."""
+    feeds = make_inputs(model, length, batch, device, DTYPES[dtype_name])
+    image, text = feeds.pop("_image"), feeds.pop("_text")
+    with torch.no_grad():
+        diff = None
+        if batch <= PARITY_MAX_BATCH:  # the model's score_grid needs ~5x the memory of the static step
+            want = model.combine(*model.score_grid_cached(image, text))[0].float()
+            diff = float((scorer(**feeds).float() - want).abs().max())
+        eager = timed(lambda: scorer(**feeds), device, replays)
+    point = {"dtype": dtype_name, "length": length, "batch": batch, "max_abs_diff_vs_model": diff,
+             "eager_pairs_per_s": batch / eager["median_s"], "eager_median_s": eager["median_s"]}
+    best = eager["median_s"]
+    if cuda_graphs:
+        graph, _ = cuda_graph(scorer, feeds)
+        replay = timed(graph.replay, device, replays)
+        point.update(graph_pairs_per_s=batch / replay["median_s"], graph_median_s=replay["median_s"], graph_p90_s=replay["p90_s"])
+        best = min(best, replay["median_s"])
+    flops = total_flops(factored_pair_flops(config, length, "gates"))
+    achieved = flops * batch / best
+    intensity = flops / min_bytes_per_pair(config, length, DTYPES[dtype_name].itemsize, batch)
+    roof = min(peak[dtype_name], intensity * bandwidth_bytes_per_s)
+    point.update(flops_per_pair=flops, gflops_per_s=achieved / 1e9, intensity_flop_per_byte=intensity,
+                 roofline_flops_per_s=roof, fraction_of_roofline=achieved / roof, fraction_of_peak=achieved / peak[dtype_name])
+    return point
+
+
+def exhaustive_point(preset_name: str, images: int, captions: int, length: int, device: torch.device, dtype_name: str,
+                     cuda_graphs: bool) -> dict:
+    """Every pair of `images` x `captions` (Flickr8K test's 1K x 5K at full size): the captions encoded once, then one
+    call per image of the static pair step over all captions (its image caches copied into the step's input buffers,
+    then a CUDA-graph replay), the scores copied into the [images, captions] matrix. Measured from the first image
+    copy to the last score on the device; the encoders are excluded (timed apart: `encode_s`)."""
+    from training.config import preset
+    from training.model import BSSAN
+
+    config = preset(preset_name)
+    torch.manual_seed(0)
+    dtype = DTYPES[dtype_name]
+    model = BSSAN(config).eval().to(device, dtype)
+    scorer = StaticPairScorer(model).eval()
+    gen = torch.Generator().manual_seed(1)
+    regions = torch.randn(images, config.region_count, config.region_dim, generator=gen).to(device, dtype)
+    objects = torch.randn(images, config.object_count, config.object_dim, generator=gen).to(device, dtype)
+    feeds = make_inputs(model, length, captions, device, dtype)
+    feeds.pop("_image")
+    text = feeds.pop("_text")
+    synchronize(device)
+    begin = time.perf_counter()
+    with torch.no_grad():
+        cache = model.encode_images(regions, objects, gates=True)
+    synchronize(device)
+    encode_s = time.perf_counter() - begin
+    per_image = {"regions_attn": cache["w2r"]["regions_attn"], "gates_regions": cache["w2r"]["gates_regions"],
+                 "objects_attn": cache["o2w"]["objects_attn"], "objects_mlp": cache["o2w"]["objects_mlp"]}
+    scores = torch.empty(images, captions, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        if cuda_graphs:
+            graph, out = cuda_graph(scorer, feeds)
+            step = graph.replay
+        else:
+            out = None
+            step = None
+        synchronize(device)
+        begin = time.perf_counter()
+        for i in range(images):
+            for name, stack in per_image.items():
+                feeds[name].copy_(stack[i:i + 1])
+            if step is not None:
+                step()
+                scores[i].copy_(out)
+            else:
+                scores[i].copy_(scorer(**feeds))
+        synchronize(device)
+        seconds = time.perf_counter() - begin
+        first = model.combine(*model.score_grid_cached({b: {k: v[:1] for k, v in c.items()} for b, c in cache.items()},
+                                                       text))[0] if captions <= PARITY_MAX_BATCH * 5 else None
+    return {"preset": preset_name, "dtype": dtype_name, "images": images, "captions": captions, "length": length,
+            "seconds": seconds, "pairs_per_s": images * captions / seconds, "encode_images_s": encode_s,
+            "cuda_graph": cuda_graphs, "max_abs_diff_first_row_vs_model": None if first is None else float((scores[0] - first.float()).abs().max()),
+            "note": "scoring only, random weights and features, every caption padded to `length` words"}
+
+
 def run(args: argparse.Namespace) -> dict:
     from training.config import preset
     from training.model import BSSAN, reference_scores
@@ -209,58 +295,52 @@ def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     plan = TINY if args.tiny else FULL
     device = torch.device(args.device)
-    config = preset(plan["preset"])
-    report = {"machine": machine_info(torch.get_num_threads()), "device": str(device), "preset": plan["preset"],
-              "weights": "random (seed 0)", "status": "running", "points": [], "budget_s": args.budget_s,
-              "note": "dry run on CPU" if device.type == "cpu" else "GPU run"}
+    report = {"machine": machine_info(torch.get_num_threads()), "device": str(device),
+              "presets": [sweep[0] for sweep in plan["sweeps"]], "weights": "random (seed 0)", "status": "running",
+              "points": [], "budget_s": args.budget_s, "note": "dry run on CPU" if device.type == "cpu" else "GPU run"}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         report["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}", "memory_gb": props.total_memory / 2**30,
                          "torch": torch.__version__, "cuda": torch.version.cuda}
     dtypes = [d for d in args.dtypes if device.type == "cuda" or d != "fp16"]  # CPU: no fp16 GEMMs worth timing
     out_of_time = lambda: time.monotonic() - started > args.budget_s  # noqa: E731
-    report["peak"] = gemm_peaks(device, plan["square"], (max(plan["batches"]), config.w2r_hidden, 4 * config.w2r_hidden), dtypes)
+    widest = max((preset(sweep[0]) for sweep in plan["sweeps"]), key=lambda c: c.w2r_hidden)
+    report["peak"] = gemm_peaks(device, plan["square"], (max(max(s[2]) for s in plan["sweeps"]), widest.w2r_hidden,
+                                                         4 * widest.w2r_hidden), dtypes)
     report["bandwidth_bytes_per_s"] = bandwidth(device, plan["copy_mb"])
     write_json_atomic(args.json, report)
-    for dtype_name in dtypes:
-        torch.manual_seed(0)
-        model = BSSAN(config).eval().to(device, DTYPES[dtype_name])
-        scorer = StaticPairScorer(model).eval()
-        for length in plan["lengths"]:
-            for batch in plan["batches"]:
-                if out_of_time():
-                    report.setdefault("stopped", f"budget of {args.budget_s} s reached before {dtype_name} L={length} B={batch}")
-                    continue
-                feeds = make_inputs(model, length, batch, device, DTYPES[dtype_name])
-                image, text = feeds.pop("_image"), feeds.pop("_text")
-                with torch.no_grad():
-                    diff = None
-                    if batch <= PARITY_MAX_BATCH:  # the model's score_grid needs ~5x the memory of the static step
-                        want = model.combine(*model.score_grid_cached(image, text))[0].float()
-                        diff = float((scorer(**feeds).float() - want).abs().max())
-                    eager = timed(lambda: scorer(**feeds), device, plan["replays"])
-                point = {"dtype": dtype_name, "length": length, "batch": batch, "max_abs_diff_vs_model": diff,
-                         "eager_pairs_per_s": batch / eager["median_s"], "eager_median_s": eager["median_s"]}
-                best = eager["median_s"]
-                if device.type == "cuda" and not args.no_cuda_graphs:
-                    graph, _ = cuda_graph(scorer, feeds)
-                    replay = timed(graph.replay, device, plan["replays"])
-                    point.update(graph_pairs_per_s=batch / replay["median_s"], graph_median_s=replay["median_s"], graph_p90_s=replay["p90_s"])
-                    best = min(best, replay["median_s"])
-                flops = total_flops(factored_pair_flops(config, length, "gates"))
-                achieved = flops * batch / best
-                intensity = flops / min_bytes_per_pair(config, length, DTYPES[dtype_name].itemsize, batch)
-                roof = min(report["peak"][dtype_name], intensity * report["bandwidth_bytes_per_s"])
-                point.update(flops_per_pair=flops, gflops_per_s=achieved / 1e9, intensity_flop_per_byte=intensity,
-                             roofline_flops_per_s=roof, fraction_of_roofline=achieved / roof,
-                             fraction_of_peak=achieved / report["peak"][dtype_name])
-                report["points"].append(point)
-                write_json_atomic(args.json, report)
-                del feeds, image, text
+    planned = sum(len(dtypes) * len(lengths) * len(batches) for _, lengths, batches in plan["sweeps"])
+    bar = progress_bar(total=planned, desc="gpu points", unit="point")
+    for preset_name, lengths, batches in plan["sweeps"]:
+        config = preset(preset_name)
+        for dtype_name in dtypes:
+            torch.manual_seed(0)
+            model = BSSAN(config).eval().to(device, DTYPES[dtype_name])
+            scorer = StaticPairScorer(model).eval()
+            for length in lengths:
+                for batch in batches:
+                    bar.update(1)
+                    if out_of_time():
+                        report.setdefault("stopped", f"budget of {args.budget_s} s reached before {preset_name} "
+                                                     f"{dtype_name} L={length} B={batch}")
+                        continue
+                    point = sweep_point(model, scorer, config, length, batch, device, dtype_name, plan["replays"],
+                                        cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs, peak=report["peak"],
+                                        bandwidth_bytes_per_s=report["bandwidth_bytes_per_s"])
+                    report["points"].append({"preset": preset_name, **point})
+                    write_json_atomic(args.json, report)
+            del model, scorer
+        if preset_name == plan["exhaustive"][0] and not out_of_time():
+            report["exhaustive"] = [exhaustive_point(*plan["exhaustive"], device, dtype_name,
+                                                     cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs)
+                                    for dtype_name in dtypes]
+            write_json_atomic(args.json, report)
+    bar.close()
+    config = preset(plan["sweeps"][-1][0])  # the paper-as-written baseline at the last sweep's sizes (the paper's)
     if not out_of_time():
         torch.manual_seed(0)
         model = BSSAN(config).eval().to(device)
-        length, batch = config.max_words, min(plan["batches"])
+        length, batch = config.max_words, min(plan["sweeps"][-1][2])
         gen = torch.Generator().manual_seed(0)
         regions = torch.randn(1, config.region_count, config.region_dim, generator=gen).to(device).expand(batch, -1, -1)
         objects = torch.randn(1, config.object_count, config.object_dim, generator=gen).to(device).expand(batch, -1, -1)
@@ -268,7 +348,7 @@ def run(args: argparse.Namespace) -> dict:
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
         with torch.no_grad():
             base = timed(lambda: reference_scores(model, regions, objects, words, lengths), device, replays=5)
-        report["paper_as_written"] = {"dtype": "fp32", "length": length, "batch": batch, "pairs_per_s": batch / base["median_s"]}
+        report["paper_as_written"] = {"preset": plan["sweeps"][-1][0], "dtype": "fp32", "length": length, "batch": batch, "pairs_per_s": batch / base["median_s"]}
     report["tensorrt"] = _tensorrt_section(args, config, device, out_of_time)
     report["status"] = "done" if "stopped" not in report else "stopped by budget"
     report["seconds"] = time.monotonic() - started
@@ -312,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=positive_float, default=420.0, help="stop starting new points after this many seconds")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "fp16", "bf16"])
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--plot", type=output_file, help="PNG of pairs/s vs batch (default: the --json path with .png)")
     args = parser.parse_args(argv)
     if args.budget_s <= 0:
         print("error: --budget-s must be positive", file=sys.stderr)
@@ -326,7 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{p['dtype']:<5} L={p['length']:<3} B={p['batch']:<6} eager {p['eager_pairs_per_s']:12.0f} pairs/s {graph}  "
               f"{p['gflops_per_s']:9.1f} GFLOP/s  {100 * p['fraction_of_roofline']:5.1f}% of roofline  "
               f"|diff| {p['max_abs_diff_vs_model'] if p['max_abs_diff_vs_model'] is not None else 'not checked'}")
-    print(f"{args.json}: {report['status']} in {report['seconds']:.0f} s; TensorRT: {report['tensorrt']}")
+    for e in report.get("exhaustive", []):
+        print(f"exhaustive {e['images']} x {e['captions']} ({e['preset']}, {e['dtype']}, L={e['length']}): {e['seconds']:.3f} s, "
+              f"{e['pairs_per_s']:.0f} pairs/s; image encoder {e['encode_images_s']:.3f} s")
+    from benchmarks.plots import plot_gpu
+
+    plot = plot_gpu(report, args.plot or Path(args.json).with_suffix(".png"))
+    print(f"{args.json}: {report['status']} in {report['seconds']:.0f} s; plot {plot}; TensorRT: {report['tensorrt']}")
     return 0
 
 

@@ -168,6 +168,40 @@ def plot_end_to_end(report: dict, out: Path) -> Path | None:
     return _save(fig, out / "end_to_end.png")
 
 
+def plot_gpu(report: dict, path: Path) -> Path:
+    """A benchmarks.gpu report: pairs/s vs batch, one panel per (preset, caption length), one colour per dtype,
+    eager dashed and CUDA-graph replay solid; the paper-as-written baseline as a grey line on its preset's panels."""
+    plt = _pyplot()
+    panels = list(dict.fromkeys((p.get("preset", report.get("preset")), p["length"]) for p in report["points"]))
+    cols = min(3, max(1, len(panels)))
+    rows = max(1, -(-len(panels) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    dtypes = list(dict.fromkeys(p["dtype"] for p in report["points"]))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    baseline = report.get("paper_as_written") or {}
+    for ax, (preset, length) in zip(axes.flat, panels):
+        for i, dtype in enumerate(dtypes):
+            pts = sorted((p for p in report["points"] if p.get("preset", report.get("preset")) == preset
+                          and p["length"] == length and p["dtype"] == dtype), key=lambda p: p["batch"])
+            x = [p["batch"] for p in pts]
+            ax.plot(x, [p["eager_pairs_per_s"] for p in pts], ls="--", marker=MARKERS[i], color=colours[i % len(colours)],
+                    label=f"{dtype} eager")
+            if any("graph_pairs_per_s" in p for p in pts):
+                ax.plot(x, [p.get("graph_pairs_per_s") for p in pts], ls="-", marker=MARKERS[i], color=colours[i % len(colours)],
+                        label=f"{dtype} CUDA graph")
+        if baseline.get("preset", preset) == preset and baseline.get("pairs_per_s"):
+            ax.axhline(baseline["pairs_per_s"], color="grey", lw=1, label=f"paper as written, fp32 L={baseline['length']}")
+        ax.set(xscale="log", yscale="log", xlabel="pairs per call (one image x B captions)", ylabel="pairs/s",
+               title=f"{preset} preset, L={length}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    gpu = report.get("gpu", {})
+    fig.suptitle(f"{gpu.get('name', report.get('device', '?'))}: BSSAN pair step, random weights ({report.get('note', '')})", fontsize=9)
+    return _save(fig, Path(path))
+
+
 def write_plots(report: dict, out: Path) -> list[Path]:
     """Every plot the report has data for; returns their paths."""
     out = Path(out)

@@ -95,6 +95,9 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert len(report["points"]) == 2 and all(p["max_abs_diff_vs_model"] < 1e-5 for p in report["points"])
     assert report["peak"]["fp32"] > 0 and report["paper_as_written"]["pairs_per_s"] > 0
     assert "skipped" in report["tensorrt"] or "fp32" in report["tensorrt"]
+    exhaustive = report["exhaustive"][0]  # every pair of 4 images x 8 captions, one static call per image
+    assert (exhaustive["images"], exhaustive["captions"]) == (4, 8) and exhaustive["max_abs_diff_first_row_vs_model"] < 1e-5
+    assert (tmp_path / "gpu.png").stat().st_size > 10_000  # the plot beside the JSON
 
 
 def _report(ort_rate: float, identical: bool | None, fraction: float = 0.5) -> dict:
