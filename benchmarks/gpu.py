@@ -38,6 +38,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from benchmarks.common import machine_info, write_json_atomic  # noqa: E402
 from engine.features import progress_bar  # noqa: E402
+from training.model import attend, attention_logits  # noqa: E402
 from benchmarks.flops import factored_pair_flops, total_flops  # noqa: E402
 from engine.cli import ArgumentParser, command, output_file, positive_float  # noqa: E402
 
@@ -62,8 +63,7 @@ class StaticPairScorer(nn.Module):
                 objects_attn: Tensor, objects_mlp: Tensor, states: Tensor) -> Tensor:
         w2r, o2w = self.model.w2r, self.model.o2w
         b_txt, steps, _ = words.shape
-        logits = torch.tanh(words @ regions_attn[0].t() + w2r.attn_bias)  # [B_txt, L, D]
-        attn = torch.softmax(logits, dim=-1)
+        attn = attend(attention_logits(w2r, words @ regions_attn[0].t()), False, w2r.uniform_negatives)  # [B_txt, L, D]
         gates = (attn.reshape(b_txt * steps, -1) @ gates_regions[0]).reshape(b_txt, steps, -1) + gates_words  # [B_txt, L, 4H]
         weight_hh_t = w2r.lstm.weight_hh_l0.t()
         h = gates.new_zeros(b_txt, weight_hh_t.shape[0])

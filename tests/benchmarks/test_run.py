@@ -100,6 +100,25 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert (tmp_path / "gpu.png").stat().st_size > 10_000  # the plot beside the JSON
 
 
+@pytest.mark.parametrize("form", ["tanh", "scaled"])
+def test_gpu_static_step_equals_the_model(form):
+    pytest.importorskip("torch")
+    import torch
+
+    from benchmarks.gpu import StaticPairScorer, make_inputs
+    from training.config import preset, replace_strict
+
+    torch.manual_seed(0)
+    from training.model import BSSAN
+
+    model = BSSAN(replace_strict(preset("demo"), attention=form, input_scaling=form == "scaled")).eval()
+    feeds = make_inputs(model, 5, 6, torch.device("cpu"), torch.float32)
+    image, text = feeds.pop("_image"), feeds.pop("_text")
+    with torch.no_grad():
+        want = model.combine(*model.score_grid_cached(image, text))[0]
+        assert torch.allclose(StaticPairScorer(model)(**feeds), want, atol=1e-5)
+
+
 def _report(ort_rate: float, identical: bool | None, fraction: float = 0.5) -> dict:
     point = lambda scorer, rate, diff: {"scorer": scorer, "length": 30, "batch": 64, "pairs_per_s": rate,  # noqa: E731
                                         "protocol_pairs_per_s": rate, "max_abs_diff_vs_paper": diff}
