@@ -576,7 +576,7 @@ def reference_scores(model: BSSAN, regions: Tensor, objects: Tensor, words: Tens
     lengths = lengths.long()
     regions, objects, words = model.scale_inputs(regions, objects, words)
     words = F.pad(words, (0, 0, 0, model.config.max_words - words.shape[1]))  # [N, max_words, E]
-    y = yp = torch.zeros(n, dtype=words.dtype)
+    y = yp = torch.zeros(n, dtype=words.dtype, device=words.device)
     if model.w2r is not None:
         w2r = model.w2r
         logits = attention_logits(w2r, torch.einsum("nle,em,ndm->nld", words, w2r.attn_weight, regions))
@@ -585,7 +585,7 @@ def reference_scores(model: BSSAN, regions: Tensor, objects: Tensor, words: Tens
         y = w2r.mlp(out[torch.arange(n), lengths - 1])
     if model.o2w is not None:
         o2w = model.o2w
-        yp = torch.zeros(n, dtype=words.dtype)
+        yp = torch.zeros(n, dtype=words.dtype, device=words.device)
         hidden = o2w.bilstm.hidden_size
         for length in torch.unique(lengths).tolist():
             idx = (lengths == length).nonzero()[:, 0]
