@@ -13,6 +13,7 @@ batch); arrays are filled in place, so the peak is the cache being built plus on
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -145,8 +146,10 @@ class Encoder:
         image_ids = [""] * n if image_ids is None else list(image_ids)
         offsets = np.concatenate([[0], np.cumsum(lengths)])  # caption i owns word rows offsets[i]..offsets[i+1]
         order = np.argsort(lengths, kind="stable")  # encode by length: little padding per batch
-        arrays: dict[str, np.ndarray] = {}  # filled in place: the peak is the cache plus one batch
-        for start in tqdm(range(0, n, CAPTION_BATCH), desc="captions", unit="batch", disable=not progress):
+        arrays: dict[str, np.ndarray] = {}  # filled in place: the peak is the cache plus one batch per worker
+        arrays_lock = threading.Lock()
+
+        def encode_block(start: int) -> None:
             rows = np.sort(order[start:start + CAPTION_BATCH])  # sorted: memory maps read forward
             block_lengths = lengths[rows]
             width = int(block_lengths.max())
@@ -159,12 +162,26 @@ class Encoder:
                 outputs.update(self.runner.infer(name, {k: feeds[k] for k in GRAPHS[name].input_names}))
             for output, array in outputs.items():
                 ragged = output in WORD_ARRAYS
-                if output not in arrays:
-                    arrays[output] = np.empty((int(offsets[-1]) if ragged else n,) + array.shape[2 if ragged else 1:], dtype=array.dtype)
-                if ragged:
+                with arrays_lock:
+                    if output not in arrays:
+                        arrays[output] = np.empty((int(offsets[-1]) if ragged else n,) + array.shape[2 if ragged else 1:],
+                                                  dtype=array.dtype)
+                if ragged:  # each block writes its own rows
                     arrays[output][word_rows] = array[real]
                 else:
                     arrays[output][rows] = array
+
+        starts = range(0, n, CAPTION_BATCH)
+        workers = min(max(1, int(getattr(self.runner, "text_concurrent_calls", 1))), len(starts))
+        with tqdm(total=len(starts), desc="captions", unit="batch", disable=not progress) as bar:
+            if workers <= 1:
+                for start in starts:
+                    encode_block(start)
+                    bar.update(1)
+            else:  # one-thread text sessions (engine.backends.onnxruntime): blocks side by side, same bytes
+                with ThreadPoolExecutor(workers, thread_name_prefix="bssan-text") as pool:
+                    for _ in pool.map(encode_block, starts):
+                        bar.update(1)
         return CaptionCache(ids, texts, image_ids, lengths, arrays, self.fingerprint, self.cache_precision)
 
     def encode_captions(self, captions, ids: list[str] | None = None, image_ids: list[str] | None = None,

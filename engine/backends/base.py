@@ -80,6 +80,7 @@ class Runner:
     runs_grid_graphs = True  # False: this backend ignores the artifact's grid graphs (TensorRT: no plans built for them)
     spinning = True  # ONNX Runtime runners: whether idle intra-op threads busy-wait (engine.backends.onnxruntime.open_session)
     concurrent_calls = 1  # pair/grid calls the Scorer may run at once (the ONNX Runtime CPU runner: one per thread)
+    text_concurrent_calls = 1  # caption blocks the Encoder may run through the text graphs at once (idem)
     closed = False  # set by close(): infer() then raises ClosedError instead of a backend's KeyError
 
     def __init__(self, artifact: Artifact, precision: str = "fp32", threads: int | None = None):
@@ -125,4 +126,5 @@ class Runner:
 
     def describe(self) -> dict:
         return {"backend": self.backend.value, "precision": self.precision, "threads": self.threads,
-                "concurrent_calls": self.concurrent_calls, "reason": self.reason}
+                "concurrent_calls": self.concurrent_calls, "text_concurrent_calls": self.text_concurrent_calls,
+                "reason": self.reason}

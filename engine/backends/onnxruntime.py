@@ -98,7 +98,9 @@ class OnnxRuntimeRunner(Runner):
     once per item) keep `threads` intra-op threads, the text graphs `text_threads` when given: they are
     recurrences over the words too, and for a few captions at a time (a served query) one thread is cheaper
     and no slower (shortlist_text, 2 shared cores: 1 caption 4.2 ms CPU at 1 thread vs 12.7 at 2, 16 captions
-    17 vs 46). Results do not depend on it (each call computes the same).
+    17 vs 46). So by default (text_threads None, several cores) the text graphs too get one intra-op thread
+    and `text_concurrent_calls` = threads: the Encoder runs that many caption blocks at once. Results do not
+    depend on it (each call computes the same; the caches are bit-identical at 1 and 2 threads).
 
     Denormal floats are flushed to zero (open_session's denormal_as_zero): a trained model's focused attention
     puts softmax weights of 1e-30 and less into the recurrence, and x86 CPUs multiply denormals ~100x slower.
@@ -119,7 +121,9 @@ class OnnxRuntimeRunner(Runner):
             if cores > 1:
                 self.concurrent_calls, pair_threads = cores, 1
         if text_threads is not None and text_threads < 1:
-            raise InputError(f"text_threads={text_threads}: expected at least 1 (or None for `threads`)")
+            raise InputError(f"text_threads={text_threads}: expected at least 1 (or None: one per call, calls at once)")
+        if text_threads is None and self.concurrent_calls > 1:  # as the pair graphs: one thread each, calls at once
+            text_threads, self.text_concurrent_calls = 1, self.concurrent_calls
         stage_threads = {"pair": pair_threads, "grid": pair_threads, "text": text_threads or threads}
         self.sessions = {name: open_session(artifact.graph_path(name, graph_prec), self.backend,
                                             stage_threads.get(GRAPHS[name].stage, threads), spinning)

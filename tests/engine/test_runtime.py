@@ -266,3 +266,18 @@ def test_a_recorded_machine_choice_is_used_and_a_broken_record_ignored(tiny_arti
     record.write_text("{not json")
     with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1) as scorer:
         assert scorer.path == "grid"
+
+
+def test_caption_blocks_run_side_by_side_with_the_same_bytes(tiny_artifact, split, caches, monkeypatch):
+    import engine.encode
+
+    monkeypatch.setattr(engine.encode, "CAPTION_BATCH", 3)  # several blocks from the tiny split
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=2) as two:
+        assert two.runner.text_concurrent_calls == 2 and two.runner.describe()["text_concurrent_calls"] == 2
+        side_by_side = two.encode_captions(split)
+    with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=2, text_threads=2) as explicit:
+        assert explicit.runner.text_concurrent_calls == 1  # a caller's text_threads: one block at a time
+    one = caches[1]  # threads=1: one block at a time, CAPTION_BATCH 256
+    assert side_by_side.ids == one.ids and sorted(side_by_side.arrays) == sorted(one.arrays)
+    for name, array in one.arrays.items():
+        assert np.array_equal(side_by_side.arrays[name], array), name
