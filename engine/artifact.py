@@ -160,6 +160,26 @@ class Artifact:
         return self.info.model.attention_biases
 
     @property
+    def hub(self):
+        """The image hub correction (engine/hub.py HubBank) the model was exported with, or None. Read once."""
+        record = self.info.model.hub
+        if record is None:
+            return None
+        if getattr(self, "_hub", None) is None:
+            from engine.hub import HubBank
+
+            path = self.root / record["file"]
+            if record["file"] not in self.info.files:
+                raise ArtifactError(f"{self.root / MANIFEST_NAME}: model.hub.file {record['file']!r} is not among the "
+                                    f"manifest's files; expected the exporter's hub bank")
+            bank = HubBank.load(path)
+            if (bank.k, len(bank)) != (record["k"], record["captions"]) or abs(bank.beta - record["beta"]) > 1e-12:
+                raise ArtifactError(f"{path}: k={bank.k}, beta={bank.beta}, {len(bank)} captions; {MANIFEST_NAME} records "
+                                    f"k={record['k']}, beta={record['beta']}, {record['captions']} captions")
+            self._hub = bank
+        return self._hub
+
+    @property
     def fusion(self) -> Fusion:
         """How the product score combines the first stage and BSSAN (manifest "fusion"; default BSSAN alone)."""
         return self.info.fusion

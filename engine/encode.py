@@ -97,7 +97,11 @@ class Encoder:
                     if output not in arrays:
                         arrays[output] = np.empty((n,) + array.shape[1:], dtype=array.dtype)
                     arrays[output][start:start + len(array)] = array
-        return ImageCache(ids, arrays, self.fingerprint, self.cache_precision)
+        return self._add_hub_offsets(ImageCache(ids, arrays, self.fingerprint, self.cache_precision), progress)
+
+    def _add_hub_offsets(self, cache: ImageCache, progress: bool = False) -> ImageCache:
+        """The Scorer adds each image's hub offset (engine/hub.py) when the model has a hub bank; nothing here."""
+        return cache
 
     def encode_images(self, images, ids: list[str] | None = None, progress: bool = False) -> ImageCache:
         """Paths of image files (through the backbone, detector and RoIAlign graphs the model was

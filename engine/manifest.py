@@ -145,6 +145,7 @@ class ModelRecord:
     provenance: dict = field(default_factory=dict)
     kind: str = "bssan"
     extra: dict = field(default_factory=dict)  # fields of older versions (source paths), kept as read
+    hub: dict | None = None  # the image hub correction (engine/hub.py): {"file", "k", "beta", "captions"}; None: none
 
     @classmethod
     def from_fields(cls, model: _Fields) -> "ModelRecord":
@@ -159,20 +160,28 @@ class ModelRecord:
             b: float(biases.get(b, _is_number, "a finite number", required=True)) for b in BRANCHES if b in biases.data}
         form = model.get("attention_form", lambda v: v in ("tanh", "scaled"), "'tanh' or 'scaled'", default="tanh")
         known = {"kind", "score_weights", "attention_biases", "attention_form", "config", "checkpoint", "shortlist_checkpoint",
-                 "shortlist_config", "metrics", "provenance"}
+                 "shortlist_config", "metrics", "provenance", "hub"}
+        hub = model.sub("hub", required=False)
+        if hub is not None:
+            hub = {"file": hub.get("file", lambda v: isinstance(v, str) and v != "", "a file name", required=True),
+                   "k": int(hub.get("k", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1",
+                                    required=True)),
+                   "beta": float(hub.get("beta", lambda v: _is_number(v) and v >= 0, "a number >= 0", required=True)),
+                   "captions": int(hub.get("captions", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                                           "an integer >= 1", required=True))}
         return cls(score_weights=score_weights, attention_biases=attention_biases, attention_form=form,
                    config=model.get("config", _is_dict, "an object", {}),
                    checkpoint=_checkpoint(model, "checkpoint"), shortlist_checkpoint=_checkpoint(model, "shortlist_checkpoint"),
                    shortlist_config=model.get("shortlist_config", _is_dict, "an object or null"),
                    metrics=model.get("metrics", _is_dict, "an object", {}),
                    provenance=model.get("provenance", _is_dict, "an object", {}), kind=kind,
-                   extra={k: v for k, v in model.items() if k not in known})
+                   extra={k: v for k, v in model.items() if k not in known}, hub=hub)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "config": self.config, "score_weights": self.score_weights,
                 "attention_biases": self.attention_biases, "attention_form": self.attention_form, "checkpoint": self.checkpoint,
                 "shortlist_checkpoint": self.shortlist_checkpoint, "shortlist_config": self.shortlist_config,
-                "metrics": self.metrics, "provenance": self.provenance, **self.extra}
+                "metrics": self.metrics, "provenance": self.provenance, **({"hub": self.hub} if self.hub else {}), **self.extra}
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ from engine.cache import CaptionCache, ImageCache
 from engine.encode import Encoder, image_pipeline  # noqa: F401  (image_pipeline: part of this module's API)
 from engine.errors import InputError
 from engine.graphs import FLOAT_DTYPE, GRAPHS, pair_bytes
+from engine.hub import HUB_OFFSET
 from engine.ranking import BSSAN_ALONE, Fusion
 
 DEFAULT_MEMORY_BUDGET_MB = 2048
@@ -274,6 +275,9 @@ class Scorer(Encoder):
             runner.reason += f"; {self.concurrent_calls} pair calls at once, 1 intra-op thread each"
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        self.hub = artifact.hub  # the image hub correction (engine/hub.py) or None
+        self._hub_captions: CaptionCache | None = None  # its bank, encoded on first use
+        self._hub_lock = threading.Lock()
 
     def grid_available(self) -> tuple[bool, str]:
         """(True, "") when every branch's grid graph runs here at the precision of its pair graph, else (False, why not)."""
@@ -421,24 +425,43 @@ class Scorer(Encoder):
         return first_stage_dots(image_vectors, text_vectors)
 
     def _pair_scores(self, image_feeds: dict, caption_feeds: dict, pairs: np.ndarray) -> np.ndarray:
-        """MS [N] = sum over branches of weight x branch score, for pairs (image row, caption row) of the feeds."""
+        """MS [N] = sum over branches of weight x branch score, minus the image's hub offset when the cache has one
+        (engine/hub.py), for pairs (image row, caption row) of the feeds."""
         total = None
         available = {**image_feeds, **caption_feeds, "pairs": pairs}
         for branch, weight in self.branches:
             spec = GRAPHS[f"{branch}_pair"]
             y = self.runner.infer(spec.name, {n: available[n] for n in spec.input_names})["scores"]
             total = weight * y if total is None else total + weight * y
+        if HUB_OFFSET in image_feeds:
+            total = total - image_feeds[HUB_OFFSET][pairs[:, 0]]
         return total.astype(np.float32, copy=False)
 
     def _grid_scores(self, image_feeds: dict, caption_feeds: dict) -> np.ndarray:
-        """MS [B_txt] of ONE image row (image_feeds) with every caption row of caption_feeds, through the grid graphs."""
+        """MS [B_txt] of ONE image row (image_feeds) with every caption row of caption_feeds, through the grid graphs
+        (minus the image's hub offset when the cache has one)."""
         total = None
         available = {**image_feeds, **caption_feeds}
         for branch, weight in self.branches:
             spec = GRAPHS[f"{branch}_grid"]
             y = self.runner.infer(spec.name, {n: available[n] for n in spec.input_names})["scores"]
             total = weight * y if total is None else total + weight * y
+        if HUB_OFFSET in image_feeds:
+            total = total - image_feeds[HUB_OFFSET][0]
         return total.astype(np.float32, copy=False)
+
+    def _add_hub_offsets(self, cache: ImageCache, progress: bool = False) -> ImageCache:
+        """With the artifact's hub bank (engine/hub.py): the cache gains HUB_OFFSET [N] = beta * r(i), r(i) the mean
+        of image i's k highest MS over the bank's captions (its images scored once against them, BSSAN alone)."""
+        if self.hub is None or HUB_OFFSET in cache.arrays or not len(cache):
+            return cache
+        with self._hub_lock:  # encoded once per Scorer
+            if self._hub_captions is None:
+                self._hub_captions = self.encode_word_features(self.hub.padded(), self.hub.lengths,
+                                                               [f"hub#{i}" for i in range(len(self.hub))])
+        bank = self.score_grid(cache, self._hub_captions, fuse=False)  # no offset in the cache yet: plain MS
+        cache.arrays[HUB_OFFSET] = self.hub.offsets(bank)
+        return cache
 
     def _caption_groups(self, captions: CaptionCache, rows: np.ndarray, size: int) -> list[tuple[np.ndarray, int]]:
         """(caption rows, padded words) of each block: length-sorted buckets, or the given order padded to the longest."""

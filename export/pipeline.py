@@ -275,6 +275,12 @@ def _export_artifact(options: ExportOptions) -> dict:
             bar.update(1)
         bar.set_postfix_str("manifest")
         assets = _copy_assets(options.assets_dir, tmp / "assets")
+        hub = None
+        if model.hub is not None:  # the image hub correction chosen on dev (engine/hub.py), as the checkpoint has it
+            from engine.hub import HUB_BANK
+
+            shutil.copyfile(Path(options.model_dir) / HUB_BANK, tmp / HUB_BANK)
+            hub = {"file": HUB_BANK, "k": model.hub.k, "beta": model.hub.beta, "captions": len(model.hub)}
         (tmp / "validation.json").write_text(json.dumps(validation, indent=2) + "\n", encoding="utf-8")
         files = {str(p.relative_to(tmp)): file_entry(p) for p in sorted(tmp.rglob("*"))
                  if p.is_file() and p.name != MANIFEST_NAME and TENSORRT_DIR not in p.relative_to(tmp).parts}
@@ -284,7 +290,7 @@ def _export_artifact(options: ExportOptions) -> dict:
             created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             model=ModelRecord(
                 config=model.config.to_dict(), score_weights={"w2r": w_y, "o2w": w_yp}, attention_biases=biases,
-                attention_form=form, checkpoint=checkpoint_record(options.model_dir),
+                attention_form=form, hub=hub, checkpoint=checkpoint_record(options.model_dir),
                 shortlist_checkpoint=checkpoint_record(options.shortlist_dir) if options.shortlist_dir else None,
                 shortlist_config=shortlist.config.to_dict() if shortlist is not None else None,
                 metrics=checkpoint.metrics, provenance=checkpoint.provenance),

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -339,6 +340,8 @@ def first_stage_sha256(directory: str | os.PathLike) -> str:
 
 SCORE_WEIGHTS = "score_weights.json"  # beside a BSSAN checkpoint: eq. 19's branch weights chosen on dev (training.evaluate
                                       # --tune-score-weights), bound to the sha256 of its weights.pt
+HUB_BANK = "hub_bank.npz"  # beside a BSSAN checkpoint: the image hub correction chosen on dev (engine/hub.py;
+                           # training.evaluate --tune-hub), bound to its weights.pt and branch weights
 FUSION = "fusion.json"  # beside a BSSAN checkpoint: the fusion tuned on dev with a first stage (training.evaluate --tune-fusion)
 
 
@@ -376,6 +379,24 @@ def read_score_weights(directory: str | os.PathLike) -> tuple[float, float]:
     return float(values[0]), float(values[1])
 
 
+def read_hub_bank(directory: str | os.PathLike, score_weights: tuple[float, float]):
+    """The HubBank of DIRECTORY/hub_bank.npz; ArtifactError naming the file when it is malformed or was chosen for
+    other weights (weights.pt) or other branch weights (eq. 19) than the checkpoint has now."""
+    from engine.hub import HubBank
+
+    path = Path(directory) / HUB_BANK
+    bank = HubBank.load(path)
+    want = file_sha256(Path(directory) / WEIGHTS)
+    if bank.record.get("weights_sha256") != want:
+        raise ArtifactError(f"{path}: chosen for weights {str(bank.record.get('weights_sha256'))[:12]}..., but weights.pt is "
+                            f"{want[:12]}...; expected a record of these weights (rerun training.evaluate --tune-hub)")
+    chosen = bank.record.get("score_weights")
+    if chosen is None or not np.allclose(chosen, score_weights):
+        raise ArtifactError(f"{path}: chosen for branch weights {chosen}, the checkpoint scores with {list(score_weights)}; "
+                            f"expected the same (rerun training.evaluate --tune-hub after --tune-score-weights)")
+    return bank
+
+
 def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint directory; one-line ArtifactError naming the file if anything is off."""
     directory = Path(directory)
@@ -399,6 +420,8 @@ def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     load_weights(directory / WEIGHTS, model)
     if kind is ModelKind.BSSAN and (directory / SCORE_WEIGHTS).is_file():  # eq. 19's weights chosen on dev
         model.score_weights = read_score_weights(directory)
+    if kind is ModelKind.BSSAN and (directory / HUB_BANK).is_file():  # the image hub correction chosen on dev
+        model.hub = read_hub_bank(directory, model.scoring_weights)
     if kind is ModelKind.DUAL_ENCODER and (directory / HUBNESS).is_file():  # the first stage's hubness correction
         from training.hubness import HubnessCorrection
         model.attach_hubness(HubnessCorrection.load(directory / HUBNESS))

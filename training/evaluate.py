@@ -154,6 +154,10 @@ def rescore_pairs(model: nn.Module, split: SplitFeatures, word_set: str, image_i
                                       np.asarray(split.objects) if model.o2w else None,
                                       gates=model.w2r is not None and model.w2r.pair_gathers_gates)
     text_cache = model.encode_texts(np.asarray(split.words(word_set)), lengths)
+    offsets = None  # the image hub correction (engine/hub.py), when the model has one: beta r(i) of each image
+    if getattr(model, "hub", None) is not None:
+        offsets = model.hub_offsets(np.asarray(split.regions) if model.w2r else None,
+                                    np.asarray(split.objects) if model.o2w else None).numpy()
     order = np.lexsort((image_index, lengths[text_index]))  # by caption length, then image
     out = np.empty(len(order), dtype=np.float32)
     bar = None
@@ -167,6 +171,8 @@ def rescore_pairs(model: nn.Module, split: SplitFeatures, word_set: str, image_i
                    for branch, cache in text_cache.items()}  # [N_txt, L_block, ...]
         y, y_prime = model.score_cached(image_cache, trimmed, torch.as_tensor(image_index[rows]), torch.as_tensor(text_index[rows]))
         out[rows] = model.combine(y, y_prime).numpy()
+        if offsets is not None:
+            out[rows] -= offsets[image_index[rows]]
         if bar is not None:
             bar.update(len(rows))
     if bar is not None:
@@ -316,6 +322,65 @@ def tune_score_weights(checkpoint: str | os.PathLike, store: str | os.PathLike, 
     return {**metrics, "score_weights": record, "score_weights_record": str(path)}
 
 
+HUB_KS = (4, 8, 16, 32)  # k of the hub correction tried (the mean of an image's k highest scores over the bank)
+HUB_BETAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # beta tried; 0 = no correction
+
+
+def tune_hub(checkpoint: str | os.PathLike, store: str | os.PathLike, split: str, images: int, bank_size: int,
+             force: bool, seed: int = 0) -> dict:
+    """Choose the image hub correction (engine/hub.py) by BSSAN alone's rsum over every pair of the first `images`
+    images of `split` (use dev): a seeded bank of `bank_size` train captions, k in HUB_KS, beta in HUB_BETAS (0: none).
+    Writes CHECKPOINT/hub_bank.npz when the best beta is > 0 (else removes a stale one); the correction changes MS,
+    so a fusion record tuned before it is removed (rerun --tune-fusion)."""
+    from engine.hub import HubBank
+    from training.checkpoint import FUSION, HUB_BANK, WEIGHTS, ModelKind, load_checkpoint
+
+    path = Path(checkpoint) / HUB_BANK
+    if path.exists() and not force:
+        raise InputError(f"{path}: exists; expected a new file (pass --force to replace it)")
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.kind is not ModelKind.BSSAN:
+        raise InputError(f"--tune-hub {checkpoint}: expected a BSSAN checkpoint, got {ckpt.kind.value}")
+    model = ckpt.model
+    model.hub = None  # tune from the uncorrected MS
+    store_ = FeatureStore(store)
+    features, train = store_.split(split), store_.split("train")
+    word_set = ckpt.train_config.word_set
+    per = captions_per_image_of(features)
+    n_img = min(images, features.num_images)
+    n_cap = n_img * per
+    rows = np.sort(np.random.default_rng(seed).choice(len(train.lengths), min(bank_size, len(train.lengths)), replace=False))
+    lengths = np.asarray(train.lengths)[rows]
+    words = np.asarray(train.words(word_set)[rows])[:, :int(lengths.max())]
+    scores = model.score_matrix(features.regions[:n_img], features.objects[:n_img], features.words(word_set)[:n_cap],
+                                np.asarray(features.lengths[:n_cap])).float().numpy()
+    bank_scores = model.score_matrix(features.regions[:n_img], features.objects[:n_img], words, lengths).float().numpy()
+    candidates = []
+    for k in HUB_KS:
+        if k > len(rows):
+            continue
+        level = HubBank.from_padded(words, lengths, k, 1.0).offsets(bank_scores)  # r(i)
+        for beta in HUB_BETAS:
+            metrics = own_scores_metrics(scores - beta * level[:, None], per, bssan=True)
+            candidates.append({"k": k, "beta": beta, "rsum": metrics["rsum"], "metrics": metrics})
+    best = max(candidates, key=lambda c: (round(c["rsum"], 6), -c["beta"], -c["k"]))  # ties: the smaller correction
+    without = {"rsum": own_scores_metrics(scores, per, bssan=True)["rsum"]}
+    record = {"weights_sha256": file_sha256(Path(checkpoint) / WEIGHTS), "score_weights": list(model.scoring_weights),
+              "split": split, "images": n_img, "bank": {"split": "train", "captions": len(rows), "seed": seed,
+                                                         "word_set": word_set, "rows": rows.tolist()},
+              "k": best["k"], "beta": best["beta"], "rsum": best["rsum"], "rsum_without": without["rsum"],
+              "candidates": [{k: c[k] for k in ("k", "beta", "rsum")} for c in candidates]}
+    if best["beta"] > 0:
+        HubBank.from_padded(words, lengths, best["k"], best["beta"], record).save(path)
+    elif path.exists():
+        path.unlink()
+    stale = Path(checkpoint) / FUSION
+    if stale.exists():
+        stale.unlink()
+        print(f"removed {stale}: tuned before the hub correction (rerun --tune-fusion)", file=sys.stderr)
+    return {**best["metrics"], "hub": record, "hub_record": str(path) if best["beta"] > 0 else None}
+
+
 def _k(text: str) -> int | None:
     return None if text == "all" else positive_int(text)
 
@@ -341,6 +406,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tune-score-weights", type=positive_int, metavar="IMAGES",
                         help="choose eq. 19's branch weights by BSSAN alone over every pair of the first IMAGES images of "
                              "--split (use dev) and write CHECKPOINT/score_weights.json (replacing one needs --force)")
+    parser.add_argument("--tune-hub", type=positive_int, metavar="IMAGES",
+                        help="choose the image hub correction (engine/hub.py) by BSSAN alone over every pair of the first "
+                             "IMAGES images of --split (use dev) and write CHECKPOINT/hub_bank.npz (replacing one needs --force)")
+    parser.add_argument("--hub-bank", type=positive_int, default=256,
+                        help="with --tune-hub: train captions in the bank (default 256; each image is scored against them once)")
     parser.add_argument("--no-fusion", action="store_true",
                         help="with --shortlist: rank by BSSAN alone (default: the fusion tuned on dev, fusion.json)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
@@ -376,7 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores = load_scores(args.scores)
         metrics = retrieval_metrics(scores, captions_per_image=args.captions_per_image, folds=args.folds)
     else:
-        if args.tune_score_weights is not None:
+        if args.tune_hub is not None:
+            metrics = tune_hub(args.checkpoint, args.store, args.split, args.tune_hub, args.hub_bank, args.force)
+            scores = None
+        elif args.tune_score_weights is not None:
             metrics = tune_score_weights(args.checkpoint, args.store, args.split, args.tune_score_weights, args.force)
             scores = None
         elif args.shortlist is not None and args.tune_fusion:

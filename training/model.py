@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.errors import InputError
+from engine.hub import HubBank
 from training.baseline import reverse_within_length
 from training.config import AttentionForm, ModelConfig, NegativeAttention
 
@@ -313,6 +314,8 @@ class BSSAN(nn.Module):
         self.config = config
         self.score_weights: tuple[float, float] | None = None  # (w_Y, w_Y') of eq. 19 chosen on dev after training
                                                                # (training.checkpoint SCORE_WEIGHTS); None: the config's
+        self.hub: HubBank | None = None  # the image hub correction chosen on dev (engine/hub.py; training.checkpoint
+                                         # HUB_BANK): MS' = MS - beta r(i) in score_matrix / score_pairs; None: none
         self.w2r = (w2r or W2R(config)) if config.uses_w2r else None
         self.o2w = (o2w or O2W(config)) if config.uses_o2w else None
         if config.input_scaling:  # per-channel 1/RMS of the train split (set_input_scales); ones until set
@@ -480,12 +483,25 @@ class BSSAN(nn.Module):
     # -- evaluation
     @torch.no_grad()
     def score_matrix(self, regions, objects, words, lengths, image_block: int = 16, caption_block: int = 256,
-                     progress: bool = False) -> Tensor:
-        """MS [N_img, N_cap] of every image x caption (test attention: softmax), in blocks (see _grid_blocks)."""
+                     progress: bool = False, hub: bool = True) -> Tensor:
+        """MS [N_img, N_cap] of every image x caption (test attention: softmax), in blocks (see _grid_blocks);
+        minus each image's hub offset when the model has a hub bank (hub=False: the uncorrected MS)."""
         out = torch.empty(len(regions if self.w2r else objects), len(lengths), dtype=next(self.parameters()).dtype)
         for rows, cols, y, yp in self._grid_blocks(regions, objects, words, lengths, image_block, caption_block, progress):
             out[rows, cols] = self.combine(y, yp).cpu()
+        if hub and self.hub is not None:
+            out -= self.hub_offsets(regions, objects, image_block).to(out.dtype)[:, None]
         return out
+
+    @torch.no_grad()
+    def hub_offsets(self, regions, objects, image_block: int = 16) -> Tensor:
+        """beta * r(i) [N_img] of each image (engine/hub.py: r = mean of the k highest MS over the hub bank's
+        captions); zeros without a hub bank."""
+        n_img = len(regions if self.w2r else objects)
+        if self.hub is None:
+            return torch.zeros(n_img)
+        bank = self.score_matrix(regions, objects, self.hub.padded(), self.hub.lengths, image_block, hub=False)
+        return torch.from_numpy(self.hub.offsets(bank.float().numpy()))
 
     @torch.no_grad()
     def branch_matrices(self, regions, objects, words, lengths, image_block: int = 16,
@@ -545,7 +561,12 @@ class BSSAN(nn.Module):
         image_cache, text_cache, image_pos, text_pos = self._pair_caches(regions, objects, words, lengths, image_index, text_index)
         scores = [self.combine(*self.score_cached(image_cache, text_cache, image_pos[s:s + pair_block], text_pos[s:s + pair_block]))
                   for s in range(0, len(image_pos), pair_block)]
-        return torch.cat(scores) if scores else torch.empty(0)
+        out = torch.cat(scores) if scores else torch.empty(0)
+        if self.hub is not None and len(out):  # each listed image's offset (only the referenced images are scored)
+            images = np.unique(np.asarray(image_index))
+            offsets = self.hub_offsets(regions[images] if self.w2r else None, objects[images] if self.o2w else None)
+            out = out - offsets.to(out.dtype)[image_pos.cpu()].to(out.device)
+        return out
 
     @torch.no_grad()
     def attention_weights(self, regions, objects, words, lengths, image_index, text_index) -> dict[str, Tensor]:

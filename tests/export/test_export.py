@@ -292,3 +292,41 @@ def test_score_weights_chosen_on_dev_reach_the_manifest_and_the_engine(demo_arti
     with Scorer.load(out, backend="onnxruntime-cpu", threads=1, fusion=False) as scorer:
         got = scorer.score_matrix(scorer.encode_images(split), scorer.encode_captions(split))[:4, :20]
     np.testing.assert_allclose(got, y + 2.4 * yp, rtol=0, atol=1e-4)
+
+
+def test_hub_bank_reaches_the_manifest_and_the_engine_applies_it_in_every_path(demo_artifact, tiny_store, tmp_path):
+    from engine.hub import HUB_OFFSET, HubBank
+    from engine.runtime import Scorer
+    from engine.store import FeatureStore
+    from engine.files import file_sha256
+    from training.evaluate import score_split
+
+    bssan = tmp_path / "bssan"
+    shutil.copytree(demo_artifact.parent / "bssan", bssan)
+    train = FeatureStore(tiny_store).split("train")
+    rows = np.arange(10)
+    lengths = np.asarray(train.lengths)[rows]
+    model = load_checkpoint(bssan).model
+    HubBank.from_padded(np.asarray(train.words("glove50"))[rows], lengths, 3, 0.7,
+                        {"weights_sha256": file_sha256(bssan / "weights.pt"), "score_weights": list(model.scoring_weights)}
+                        ).save(bssan / "hub_bank.npz")
+    out = tmp_path / "a"
+    assert main([str(bssan), "--out", str(out), "--tensorrt", "off", "--no-progress"]) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["model"]["hub"] == {"file": "hub_bank.npz", "k": 3, "beta": 0.7, "captions": 10}
+    assert "hub_bank.npz" in manifest["files"]
+    split = FeatureStore(tiny_store).split("test")
+    want = score_split(load_checkpoint(bssan).model, split, "glove50", images=6)  # torch, with the correction
+    plain = score_split(model, split, "glove50", images=6)
+    assert np.abs(want - plain).max() > 1e-3  # the correction changes the scores
+    for path in ("grid", "pair"):
+        with Scorer.load(out, backend="onnxruntime-cpu", threads=1, fusion=False, path=path) as scorer:
+            images, captions = scorer.encode_images(split), scorer.encode_captions(split)
+            assert images.arrays[HUB_OFFSET].shape == (len(images),)
+            got = scorer.score_matrix(images, captions)[:6, :30]
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+            pairs = np.array([[0, 3], [5, 29], [2, 0], [5, 1]])
+            np.testing.assert_allclose(scorer.score_pairs(images, captions, pairs), want[pairs[:, 0], pairs[:, 1]], rtol=0, atol=1e-4)
+    (out / "hub_bank.npz").write_bytes(b"tampered")
+    with pytest.raises(Exception, match="hub_bank.npz"):
+        Scorer.load(out, backend="onnxruntime-cpu", threads=1)

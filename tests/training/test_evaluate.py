@@ -224,3 +224,54 @@ def test_tune_score_weights_needs_both_branches(tmp_path, tiny_store, variant, o
     else:
         with pytest.raises(InputError, match="expected a BSSAN checkpoint with both branches"):
             tune_score_weights(tmp_path / "c", tiny_store, "dev", 4, force=False)
+
+
+def test_tune_hub_chooses_a_correction_that_loading_scoring_and_rescoring_apply(tmp_path, tiny_store, checkpoints, capsys,
+                                                                                 monkeypatch):
+    import shutil
+
+    import training.evaluate as evaluate
+    from engine.hub import HubBank
+    from training.checkpoint import HUB_BANK, load_checkpoint
+    from training.evaluate import own_scores_metrics, rescore_pairs
+
+    bssan = tmp_path / "bssan"
+    shutil.copytree(checkpoints / "bssan", bssan)
+    (bssan / "fusion.json").write_text("{}")  # a fusion tuned for the old MS: removed
+    monkeypatch.setattr(evaluate, "HUB_BETAS", (0.5,))  # a random model: make sure a correction is written
+    monkeypatch.setattr(evaluate, "HUB_KS", (2, 4))
+    args = ["--checkpoint", str(bssan), "--store", str(tiny_store), "--split", "dev", "--tune-hub", "8", "--hub-bank", "12",
+            "--no-progress"]
+    assert main(args) == 0
+    bank = HubBank.load(bssan / HUB_BANK)
+    record = bank.record
+    assert not (bssan / "fusion.json").exists() and "rerun --tune-fusion" in capsys.readouterr().err
+    assert (bank.k, bank.beta, len(bank)) == (record["k"], 0.5, 12) and record["images"] == 8
+    # the record is the best candidate, recomputed by hand: r(i) = mean of the k highest MS over the bank
+    split, train = FeatureStore(tiny_store).split("dev"), FeatureStore(tiny_store).split("train")
+    model = load_checkpoint(checkpoints / "bssan").model
+    rows = np.asarray(record["bank"]["rows"])
+    bank_ms = model.score_matrix(split.regions[:8], split.objects[:8], train.words("glove50")[rows],
+                                 np.asarray(train.lengths)[rows]).numpy()
+    plain = score_split(model, split, "glove50", images=8)
+    by_hand = {k: np.sort(bank_ms, axis=1)[:, -k:].mean(axis=1) for k in (2, 4)}
+    best = max(own_scores_metrics(plain - 0.5 * r[:, None], 5, bssan=True)["rsum"] for r in by_hand.values())
+    assert record["rsum"] == pytest.approx(best) and record["rsum_without"] == pytest.approx(
+        own_scores_metrics(plain, 5, bssan=True)["rsum"])
+    # loading applies it everywhere MS is computed: the matrix, listed pairs, and the K-protocol's re-scoring
+    tuned = load_checkpoint(bssan).model
+    offsets = 0.5 * by_hand[bank.k]
+    np.testing.assert_allclose(tuned.hub_offsets(split.regions[:8], split.objects[:8]).numpy(), offsets, rtol=1e-5, atol=1e-5)
+    corrected = score_split(tuned, split, "glove50", images=8)
+    np.testing.assert_allclose(corrected, plain - offsets[:, None], rtol=0, atol=1e-5)
+    image_index, text_index = np.array([0, 3, 7, 3]), np.array([1, 0, 39, 22])
+    np.testing.assert_allclose(rescore_pairs(tuned, split, "glove50", image_index, text_index),
+                               np.asarray(corrected)[image_index, text_index], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(tuned.score_pairs(split.regions, split.objects, split.words("glove50"), np.asarray(split.lengths),
+                                                 image_index, text_index).numpy(),
+                               np.asarray(corrected)[image_index, text_index], rtol=0, atol=1e-5)
+    assert main(args) == 2 and "pass --force" in capsys.readouterr().err  # not replaced silently
+    # a bank chosen for other weights is refused, naming the file
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in torch.load(bssan / "weights.pt").items()}, bssan / "weights.pt")
+    with pytest.raises(Exception, match=r"hub_bank.npz: chosen for weights"):
+        load_checkpoint(bssan)
