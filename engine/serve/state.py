@@ -78,7 +78,8 @@ def check_store_pipeline(artifact, store_manifest: dict, store_dir: Path) -> Non
 def import_store(scorer: Scorer, gallery: Gallery, store_dir: Path, names: set[str], progress: bool = True,
                  on_progress=None, stop=None) -> int:
     """Encode from the store's features every image of `names` (file names of the gallery folder) that the store holds
-    and the gallery does not; put them in one durable step. Returns how many were imported."""
+    and the gallery does not (nor removed through the API: Gallery.wanted_from_folder); put them in one durable step
+    (those uploaded or removed meanwhile left out). Returns how many were encoded."""
     from tqdm import tqdm
 
     from engine.store import FeatureStore
@@ -88,7 +89,7 @@ def import_store(scorer: Scorer, gallery: Gallery, store_dir: Path, names: set[s
     todo = []  # (split features, rows)
     for split in store.splits:
         features = store.split(split)
-        rows = [i for i, name in enumerate(features.image_names) if name in names and name not in gallery]
+        rows = [i for i, name in enumerate(features.image_names) if name in names and gallery.wanted_from_folder(name)]
         if rows:
             todo.append((features, np.asarray(rows, np.int64)))
     total = sum(len(rows) for _, rows in todo)
@@ -110,7 +111,7 @@ def import_store(scorer: Scorer, gallery: Gallery, store_dir: Path, names: set[s
     if len(parts) > 1:
         cache = ImageCache([i for p in parts for i in p.ids], {k: np.concatenate([p.arrays[k] for p in parts]) for k in parts[0].arrays},
                            parts[0].fingerprint, parts[0].precision)
-    gallery.put_rows(cache)
+    gallery.put_rows(cache, new_only=True)
     return total
 
 
@@ -162,7 +163,7 @@ class ServiceState:
 
     def start_indexing(self) -> None:
         """Index the gallery folder's new images in the background (first start, or resuming one)."""
-        if self.folder is None or self.gallery.folder_state().get("done"):
+        if self.folder is None or self.gallery.begin_folder(self.folder).get("done"):  # before any request: removals count
             self.ready = True
             return
 

@@ -116,6 +116,7 @@ def test_compaction_keeps_search_exact(tmp_path, monkeypatch):
     g.put([(f"img{i}", row(f"img{i}", i), None) for i in range(100)])
     for i in range(0, 100, 2):
         g.remove(f"img{i}")
+    assert g.wait_compaction(timeout=30)  # compaction runs in a thread
     assert g.count < 100  # compacted: dead slots dropped
     query = row("q", 1234).arrays["image_vectors"]
     view, slots, sims = g.search(query, 10)
@@ -234,3 +235,66 @@ def test_ivf_is_exact_until_trained_then_recalls_and_respects_removals():
     grown.nprobe = grown.nlist
     all_exact = np.argsort(-(queries @ vectors[2:2400].T), axis=1, kind="stable")[:, :10] + 2
     assert np.array_equal(grown.search(queries, 10)[0], all_exact)  # retrained: positions and removals kept
+
+
+def test_a_restart_during_the_first_indexing_keeps_api_removals_and_uploads(tmp_path, monkeypatch):
+    """Folder images removed through the API before the first indexing is done stay removed after a restart, whether
+    the removal is still in the log or a checkpoint moved it to folder.json; an upload of a folder name wins."""
+    monkeypatch.setattr(gallery_module, "FOLDER_CHUNK", 2)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"p{i}.jpg").write_bytes(b"x")
+    encoded = []
+
+    def encode(paths, fail_after=None, during=None):
+        names = [p.name for p in paths]
+        if fail_after is not None and len(encoded) >= fail_after:
+            raise KeyboardInterrupt  # the process dies mid-indexing
+        if during is not None:
+            during(names)
+        encoded.extend(names)
+        return ImageCache(names, {k: np.concatenate([row(n, i).arrays[k] for i, n in enumerate(names)])
+                                  for k in ("regions_attn", "image_vectors")}, FINGERPRINT, "fp32")
+
+    g = open_gallery(tmp_path / "index")
+    with pytest.raises(KeyboardInterrupt):
+        g.index_folder(folder, lambda p: encode(p, fail_after=4), {".jpg"}, progress=False)
+    assert sorted(g.ids()) == ["p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg"]
+    assert g.remove("p1.jpg")
+    g.checkpoint()  # p1's removal: now in folder.json, no longer in the log
+    assert g.folder_state()["removed"] == ["p1.jpg"] and g.log_path.stat().st_size == 0
+    assert g.remove("p2.jpg")  # p2's: in the log only
+    g.put([("p6.jpg", row("p6.jpg", 66), b"upload")])  # a folder name not indexed yet, uploaded
+
+    # killed, restarted: the indexing resumes
+    again = open_gallery(tmp_path / "index")
+    assert not again.wanted_from_folder("p1.jpg") and not again.wanted_from_folder("p2.jpg")
+
+    def upload_p7(names):  # an upload while p7's file is being encoded: the upload wins
+        if "p7.jpg" in names:
+            again.put([("p7.jpg", row("p7.jpg", 77), None)])
+
+    state = again.index_folder(folder, lambda p: encode(p, during=upload_p7), {".jpg"}, progress=False)
+    assert state["done"] and "removed" not in state and again.tombstones is None
+    assert sorted(again.ids()) == ["p0.jpg", "p3.jpg", "p4.jpg", "p5.jpg", "p6.jpg", "p7.jpg"]
+    assert not {"p1.jpg", "p2.jpg", "p6.jpg"} & set(encoded[4:])  # removed and uploaded: never encoded again
+    kept = contents(open_gallery(tmp_path / "index"))
+    assert kept.keys() == set(again.ids())
+    assert np.array_equal(kept["p6.jpg"], row("p6.jpg", 66).arrays["image_vectors"][0])
+    assert np.array_equal(kept["p7.jpg"], row("p7.jpg", 77).arrays["image_vectors"][0])
+
+
+def test_an_import_leaves_out_removed_and_uploaded_images(tmp_path):
+    g = open_gallery(tmp_path)
+    g.begin_folder(tmp_path / "photos")  # the folder's first indexing is pending
+    g.put([("a.jpg", row("a.jpg", 1), None), ("b.jpg", row("b.jpg", 2), None)])
+    assert g.remove("a.jpg")
+    rows = [row(n, i + 10) for i, n in enumerate(["a.jpg", "b.jpg", "c.jpg"])]
+    batch = ImageCache([r.ids[0] for r in rows], {k: np.concatenate([r.arrays[k] for r in rows]) for k in rows[0].arrays},
+                       FINGERPRINT, "fp32")
+    g.put_rows(batch, new_only=True)
+    after = contents(open_gallery(tmp_path))
+    assert after.keys() == {"b.jpg", "c.jpg"}
+    assert np.array_equal(after["b.jpg"], row("b.jpg", 2).arrays["image_vectors"][0])  # the upload, not the import's row
+    assert open_gallery(tmp_path).folder_state()["removed"] == ["a.jpg"]  # put_rows checkpointed: kept in folder.json

@@ -1,0 +1,223 @@
+"""Gallery compaction beside the service, on synthetic rows (no model): while the index rebuild is held
+(an add of more than one vector waits on an Event), searches, adds, replacements and removals finish and
+see the right images; the swapped-in result is the compaction of the live rows when it began followed by
+those writes; a crash (simulated and a real kill -9) before the swap leaves a correct gallery on disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("faiss", reason="the first stage needs the serve extra: pip install 'bssan-engine[serve]'")
+
+from engine.cache import ImageCache  # noqa: E402
+from engine.serve import gallery as gallery_module  # noqa: E402
+from engine.serve.gallery import Gallery  # noqa: E402
+from engine.serve.index import VectorIndex  # noqa: E402
+
+FINGERPRINT = "f" * 64
+DIM = 8
+WAIT = 20  # seconds a blocked rebuild or a call may take before the test fails (never reached when it passes)
+IVF_OPTIONS = {"train_at": 16, "nlist": 4, "nprobe": 4}  # trained from 16 rows on; every list scanned: exact
+REPO = Path(__file__).resolve().parents[3]
+
+
+def row(image_id: str, seed: int) -> ImageCache:
+    rng = np.random.default_rng(seed)
+    vector = rng.normal(size=(1, DIM)).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    return ImageCache([image_id], {"regions_attn": rng.normal(size=(1, 4, 3)).astype(np.float32), "image_vectors": vector},
+                      FINGERPRINT, "fp32")
+
+
+class GatedIndex(VectorIndex):
+    """A VectorIndex whose adds of more than one vector (a compaction's rebuild: writes add one row at a time)
+    set `started` and wait for `release`."""
+
+    started: threading.Event
+    release: threading.Event
+
+    def add(self, vectors):
+        if len(vectors) > 1:
+            GatedIndex.started.set()
+            if not GatedIndex.release.wait(WAIT):
+                raise TimeoutError("the test never released the rebuild")
+        return super().add(vectors)
+
+
+@pytest.fixture()
+def gate(monkeypatch):
+    """Compaction when 8 slots and a quarter are dead; rebuilds held until gate.release is set."""
+    monkeypatch.setattr(gallery_module, "COMPACT_MIN", 8)
+    monkeypatch.setattr(gallery_module, "COMPACT_FRACTION", 0.25)
+    monkeypatch.setattr(GatedIndex, "started", threading.Event(), raising=False)
+    monkeypatch.setattr(GatedIndex, "release", threading.Event(), raising=False)
+    monkeypatch.setattr(gallery_module, "VectorIndex", GatedIndex)
+    yield GatedIndex
+    GatedIndex.release.set()  # a failing test never leaves a thread waiting
+
+
+def open_gallery(root, kind: str = "flat", **options) -> Gallery:
+    return Gallery.open(root, FINGERPRINT, "fp32", index_kind=kind, index_options=IVF_OPTIONS if kind == "ivf" else {},
+                        **options)
+
+
+def contents(gallery: Gallery) -> dict[str, np.ndarray]:
+    view = gallery.view()
+    return {i: np.asarray(view.arrays["image_vectors"][s]) for s, i in enumerate(view.ids) if i}
+
+
+def expected_rows(seeds: dict[str, int]) -> dict[str, np.ndarray]:
+    return {i: row(i, seed).arrays["image_vectors"][0] for i, seed in seeds.items()}
+
+
+def exact_top(live: dict[str, np.ndarray], query: np.ndarray, k: int) -> list[str]:
+    return sorted(live, key=lambda i: (-float(live[i] @ query), i))[:k]
+
+
+def searched(gallery: Gallery, query: np.ndarray, k: int) -> list[str]:
+    view, slots, _ = gallery.search(query[None, :], k)
+    return [view.ids[s] for s in slots[0]]
+
+
+def in_time(work, *args):
+    """Run work(*args) in a thread; fail unless it returns within WAIT seconds (it would wait on the gallery's lock)."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = work(*args)
+        except BaseException as exc:  # raised in the test below
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive(), f"{work.__name__} did not finish while the rebuild was held: it waited on the gallery lock"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def start_held_compaction(gallery: Gallery, gate) -> dict[str, int]:
+    """img0..img31 added one at a time, img0..img7 removed: the 8th removal starts a compaction, held in its rebuild.
+    Returns the live ids and their row seeds."""
+    gallery.put([(f"img{i}", row(f"img{i}", i), None) for i in range(32)])
+
+    def remove_eight():
+        for i in range(8):
+            assert gallery.remove(f"img{i}")
+
+    in_time(remove_eight)
+    assert gate.started.wait(WAIT), "no compaction started after a quarter of the slots died"
+    assert gallery.compaction is not None and gallery.count == 32
+    return {f"img{i}": i for i in range(8, 32)}
+
+
+def writes_during(gallery: Gallery, seeds: dict[str, int]) -> None:
+    """Adds (new, a replacement, a removed id again) and removals (an old row, a row added meanwhile)."""
+    gallery.put([("new0", row("new0", 100), None), ("new1", row("new1", 101), None)])
+    gallery.put([("img8", row("img8", 108), None)])
+    gallery.put([("img3", row("img3", 103), b"photo")])
+    assert gallery.remove("img9") and gallery.remove("new1")
+    seeds.update({"new0": 100, "img8": 108, "img3": 103})
+    del seeds["img9"]
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_searches_and_writes_go_on_while_the_rebuild_runs(tmp_path, gate, kind):
+    gallery = open_gallery(tmp_path, kind)
+    seeds = start_held_compaction(gallery, gate)
+    query = row("q", 7).arrays["image_vectors"][0]
+    assert in_time(searched, gallery, query, 5) == exact_top(expected_rows(seeds), query, 5)  # removed rows filtered
+    in_time(writes_during, gallery, seeds)
+    live = expected_rows(seeds)
+    assert in_time(searched, gallery, query, 40) == exact_top(live, query, 40)
+    assert in_time(contents, gallery).keys() == live.keys()
+    assert gallery.compaction is not None and gallery.count == 36  # still the old slots: the rebuild is held
+
+    gate.release.set()
+    assert gallery.wait_compaction(WAIT)
+    # the compaction of img8..img31 (24 slots), then the writes made meanwhile, in order
+    assert gallery.view().ids == ["", ""] + [f"img{i}" for i in range(10, 32)] + ["new0", "", "img8", "img3"]
+    assert gallery.count == 28 and gallery.index.dead == 3 and len(gallery.index) == 28
+    after = contents(gallery)
+    assert after.keys() == live.keys() and all(np.array_equal(after[i], live[i]) for i in live)
+    assert searched(gallery, query, 40) == exact_top(live, query, 40)
+    assert gallery.blob_path("img3").read_bytes() == b"photo"
+    reopened = open_gallery(tmp_path, kind)  # no close: the log alone
+    assert contents(reopened).keys() == live.keys()
+    assert searched(reopened, query, 40) == exact_top(live, query, 40)
+
+
+def test_a_crash_before_the_swap_loses_nothing_acknowledged(tmp_path, gate, monkeypatch):
+    gallery = open_gallery(tmp_path, "hnsw")
+    seeds = start_held_compaction(gallery, gate)
+    in_time(writes_during, gallery, seeds)
+    in_time(gallery.checkpoint)  # a checkpoint during the rebuild: the live rows of the old slots, log emptied
+    assert ImageCache.load(tmp_path / "snapshot").ids == [f"img{i}" for i in range(10, 32)] + ["new0", "img8", "img3"]
+    gallery.put([("late", row("late", 200), None)])
+    assert gallery.remove("img10")
+    seeds["late"] = 200
+    del seeds["img10"]
+    live = expected_rows(seeds)
+    files = {p.name: p.read_bytes() for p in [tmp_path / "log.bin", *(tmp_path / "snapshot").iterdir()]}
+
+    # killed here: the rebuild never swapped in; only the snapshot and the fsynced log remain
+    monkeypatch.setattr(gallery_module, "VectorIndex", VectorIndex)  # the restarted process's index builds freely
+    crashed = open_gallery(tmp_path, "hnsw")
+    after = contents(crashed)
+    assert after.keys() == live.keys() and all(np.array_equal(after[i], live[i]) for i in live)
+    query = row("q", 11).arrays["image_vectors"][0]
+    assert searched(crashed, query, 30) == exact_top(live, query, 30)
+
+    gate.release.set()  # the first gallery's rebuild ends and swaps in memory only: no file changes
+    assert gallery.wait_compaction(WAIT)
+    assert contents(gallery).keys() == live.keys()
+    assert {p.name: p.read_bytes() for p in [tmp_path / "log.bin", *(tmp_path / "snapshot").iterdir()]} == files
+
+
+def test_a_closed_gallery_drops_its_rebuild(tmp_path, gate):
+    gallery = open_gallery(tmp_path, "ivf")
+    seeds = start_held_compaction(gallery, gate)
+    job = gallery.compaction
+    in_time(gallery.close)  # checkpoints without waiting for the rebuild
+    gate.release.set()
+    job.thread.join(WAIT)
+    assert not job.thread.is_alive() and gallery.compaction is None and gallery.count == 32  # not swapped in
+    assert contents(open_gallery(tmp_path, "ivf")).keys() == seeds.keys()
+
+
+CHILD = """
+import sys, threading
+from tests.engine.serve import test_serve_compaction as t
+from engine.serve import gallery as gallery_module
+t.GatedIndex.started, t.GatedIndex.release = threading.Event(), threading.Event()  # never released
+gallery_module.VectorIndex, gallery_module.COMPACT_MIN, gallery_module.COMPACT_FRACTION = t.GatedIndex, 8, 0.25
+gallery = t.open_gallery(sys.argv[1], "hnsw")
+seeds = t.start_held_compaction(gallery, t.GatedIndex)
+t.writes_during(gallery, seeds)
+print("acknowledged", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_kill_9_during_the_rebuild(tmp_path):
+    """A real kill -9 of a process whose compaction is in its rebuild, after writes it acknowledged meanwhile."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        line = child.stdout.readline()
+        assert line.strip() == "acknowledged", child.stderr.read() if child.poll() is not None else line
+    finally:
+        child.kill()  # SIGKILL
+        child.wait(WAIT)
+    live = expected_rows({**{f"img{i}": i for i in range(10, 32)}, "new0": 100, "img8": 108, "img3": 103})
+    after = contents(open_gallery(tmp_path, "hnsw"))
+    assert after.keys() == live.keys() and all(np.array_equal(after[i], live[i]) for i in live)
