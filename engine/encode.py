@@ -79,8 +79,9 @@ class Encoder:
         return [n for n, g in GRAPHS.items() if g.stage == stage and self.runner.has_graph(n)]
 
     def encode_image_features(self, regions: np.ndarray, objects: np.ndarray, ids: list[str] | None = None,
-                              progress: bool = False) -> ImageCache:
-        """regions [N, D, M] and objects [N, P, Q] (any float dtype; memory maps are read in batches) -> ImageCache."""
+                              progress: bool = False, hub: bool = True) -> ImageCache:
+        """regions [N, D, M] and objects [N, P, Q] (any float dtype; memory maps are read in batches) -> ImageCache
+        (with each image's hub offset when the model has a hub bank and hub=True: engine/hub.py)."""
         n = len(regions)
         if len(objects) != n:
             raise InputError(f"objects: {len(objects)} rows, expected {n} (one per image, as regions)")
@@ -97,10 +98,15 @@ class Encoder:
                     if output not in arrays:
                         arrays[output] = np.empty((n,) + array.shape[1:], dtype=array.dtype)
                     arrays[output][start:start + len(array)] = array
-        return self._add_hub_offsets(ImageCache(ids, arrays, self.fingerprint, self.cache_precision), progress)
+        cache = ImageCache(ids, arrays, self.fingerprint, self.cache_precision)
+        return self._add_hub_offsets(cache) if hub else cache
 
-    def _add_hub_offsets(self, cache: ImageCache, progress: bool = False) -> ImageCache:
+    def _add_hub_offsets(self, cache: ImageCache) -> ImageCache:
         """The Scorer adds each image's hub offset (engine/hub.py) when the model has a hub bank; nothing here."""
+        return cache
+
+    def _add_text_hub_offsets(self, cache: CaptionCache) -> CaptionCache:
+        """The Scorer adds each caption's hub offset when the model's hub bank has a caption side; nothing here."""
         return cache
 
     def encode_images(self, images, ids: list[str] | None = None, progress: bool = False) -> ImageCache:
@@ -136,8 +142,9 @@ class Encoder:
 
     def encode_word_features(self, words: np.ndarray, lengths: np.ndarray, ids: list[str] | None = None,
                              texts: list[str] | None = None, image_ids: list[str] | None = None,
-                             progress: bool = False) -> CaptionCache:
-        """words [N, L, E] (zero past each length) and lengths [N] -> CaptionCache (ragged word arrays)."""
+                             progress: bool = False, hub: bool = True) -> CaptionCache:
+        """words [N, L, E] (zero past each length) and lengths [N] -> CaptionCache (ragged word arrays; with each
+        caption's hub offset when the model's hub bank has a caption side and hub=True: engine/hub.py)."""
         lengths = np.asarray(lengths, dtype=np.int64)
         n = len(lengths)
         if len(words) != n:
@@ -186,7 +193,8 @@ class Encoder:
                 with ThreadPoolExecutor(workers, thread_name_prefix="bssan-text") as pool:
                     for _ in pool.map(encode_block, starts):
                         bar.update(1)
-        return CaptionCache(ids, texts, image_ids, lengths, arrays, self.fingerprint, self.cache_precision)
+        cache = CaptionCache(ids, texts, image_ids, lengths, arrays, self.fingerprint, self.cache_precision)
+        return self._add_text_hub_offsets(cache) if hub else cache
 
     def encode_captions(self, captions, ids: list[str] | None = None, image_ids: list[str] | None = None,
                         progress: bool = False) -> CaptionCache:

@@ -277,6 +277,7 @@ class Scorer(Encoder):
         self._executor_lock = threading.Lock()
         self.hub = artifact.hub  # the image hub correction (engine/hub.py) or None
         self._hub_captions: CaptionCache | None = None  # its bank, encoded on first use
+        self._hub_images: ImageCache | None = None  # its caption side's bank images, likewise
         self._hub_lock = threading.Lock()
 
     def grid_available(self) -> tuple[bool, str]:
@@ -435,6 +436,8 @@ class Scorer(Encoder):
             total = weight * y if total is None else total + weight * y
         if HUB_OFFSET in image_feeds:
             total = total - image_feeds[HUB_OFFSET][pairs[:, 0]]
+        if HUB_OFFSET in caption_feeds:
+            total = total - caption_feeds[HUB_OFFSET][pairs[:, 1]]
         return total.astype(np.float32, copy=False)
 
     def _grid_scores(self, image_feeds: dict, caption_feeds: dict) -> np.ndarray:
@@ -448,19 +451,34 @@ class Scorer(Encoder):
             total = weight * y if total is None else total + weight * y
         if HUB_OFFSET in image_feeds:
             total = total - image_feeds[HUB_OFFSET][0]
+        if HUB_OFFSET in caption_feeds:
+            total = total - caption_feeds[HUB_OFFSET]
         return total.astype(np.float32, copy=False)
 
-    def _add_hub_offsets(self, cache: ImageCache, progress: bool = False) -> ImageCache:
+    def _add_hub_offsets(self, cache: ImageCache) -> ImageCache:
         """With the artifact's hub bank (engine/hub.py): the cache gains HUB_OFFSET [N] = beta * r(i), r(i) the mean
         of image i's k highest MS over the bank's captions (its images scored once against them, BSSAN alone)."""
         if self.hub is None or HUB_OFFSET in cache.arrays or not len(cache):
             return cache
-        with self._hub_lock:  # encoded once per Scorer
+        with self._hub_lock:  # encoded once per Scorer, without offsets of their own
             if self._hub_captions is None:
                 self._hub_captions = self.encode_word_features(self.hub.padded(), self.hub.lengths,
-                                                               [f"hub#{i}" for i in range(len(self.hub))])
+                                                               [f"hub#{i}" for i in range(len(self.hub))], hub=False)
         bank = self.score_grid(cache, self._hub_captions, fuse=False)  # no offset in the cache yet: plain MS
         cache.arrays[HUB_OFFSET] = self.hub.offsets(bank)
+        return cache
+
+    def _add_text_hub_offsets(self, cache: CaptionCache) -> CaptionCache:
+        """With a hub bank that has a caption side: the cache gains HUB_OFFSET [N] = gamma * s(c), s(c) the mean of
+        caption c's text_k highest MS over the bank's images (engine/hub.py)."""
+        if self.hub is None or not self.hub.has_images or HUB_OFFSET in cache.arrays or not len(cache):
+            return cache
+        with self._hub_lock:
+            if self._hub_images is None:
+                self._hub_images = self.encode_image_features(self.hub.regions, self.hub.objects,
+                                                              [f"hub#{i}" for i in range(len(self.hub.regions))], hub=False)
+        bank = self.score_grid(self._hub_images, cache, fuse=False)  # [N_b, N_cap], plain MS
+        cache.arrays[HUB_OFFSET] = self.hub.text_offsets(bank)
         return cache
 
     def _caption_groups(self, captions: CaptionCache, rows: np.ndarray, size: int) -> list[tuple[np.ndarray, int]]:

@@ -154,10 +154,11 @@ def rescore_pairs(model: nn.Module, split: SplitFeatures, word_set: str, image_i
                                       np.asarray(split.objects) if model.o2w else None,
                                       gates=model.w2r is not None and model.w2r.pair_gathers_gates)
     text_cache = model.encode_texts(np.asarray(split.words(word_set)), lengths)
-    offsets = None  # the image hub correction (engine/hub.py), when the model has one: beta r(i) of each image
+    offsets = None  # the hub correction (engine/hub.py), when the model has one: beta r(i) of each image, gamma s(c) of each caption
     if getattr(model, "hub", None) is not None:
         offsets = model.hub_offsets(np.asarray(split.regions) if model.w2r else None,
                                     np.asarray(split.objects) if model.o2w else None).numpy()
+        text_offsets = model.hub_text_offsets(np.asarray(split.words(word_set)), lengths).numpy()
     order = np.lexsort((image_index, lengths[text_index]))  # by caption length, then image
     out = np.empty(len(order), dtype=np.float32)
     bar = None
@@ -172,7 +173,7 @@ def rescore_pairs(model: nn.Module, split: SplitFeatures, word_set: str, image_i
         y, y_prime = model.score_cached(image_cache, trimmed, torch.as_tensor(image_index[rows]), torch.as_tensor(text_index[rows]))
         out[rows] = model.combine(y, y_prime).numpy()
         if offsets is not None:
-            out[rows] -= offsets[image_index[rows]]
+            out[rows] -= offsets[image_index[rows]] + text_offsets[text_index[rows]]
         if bar is not None:
             bar.update(len(rows))
     if bar is not None:
@@ -324,14 +325,18 @@ def tune_score_weights(checkpoint: str | os.PathLike, store: str | os.PathLike, 
 
 HUB_KS = (4, 8, 16, 32)  # k of the hub correction tried (the mean of an image's k highest scores over the bank)
 HUB_BETAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # beta tried; 0 = no correction
+HUB_TEXT_KS = (2, 4, 8)  # the caption side's text_k tried (over the bank images)
+HUB_GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # gamma tried; 0 = no caption side
 
 
 def tune_hub(checkpoint: str | os.PathLike, store: str | os.PathLike, split: str, images: int, bank_size: int,
-             force: bool, seed: int = 0) -> dict:
-    """Choose the image hub correction (engine/hub.py) by BSSAN alone's rsum over every pair of the first `images`
-    images of `split` (use dev): a seeded bank of `bank_size` train captions, k in HUB_KS, beta in HUB_BETAS (0: none).
-    Writes CHECKPOINT/hub_bank.npz when the best beta is > 0 (else removes a stale one); the correction changes MS,
-    so a fusion record tuned before it is removed (rerun --tune-fusion)."""
+             force: bool, seed: int = 0, bank_images: int = 0) -> dict:
+    """Choose the hub correction (engine/hub.py) by BSSAN alone over every pair of the first `images` images of
+    `split` (use dev): a seeded bank of `bank_size` train captions, k in HUB_KS and beta in HUB_BETAS (0: none) by the
+    text-to-image recall sum (the only direction r(i) reorders); with `bank_images` > 0 also a seeded bank of train
+    images, text_k in HUB_TEXT_KS and gamma in HUB_GAMMAS by the image-to-text sum. Writes CHECKPOINT/hub_bank.npz
+    when the best beta is > 0 (else removes a stale one); the correction changes MS, so a fusion record tuned before
+    it is removed (rerun --tune-fusion)."""
     from engine.hub import HubBank
     from training.checkpoint import FUSION, HUB_BANK, WEIGHTS, ModelKind, load_checkpoint
 
@@ -355,6 +360,7 @@ def tune_hub(checkpoint: str | os.PathLike, store: str | os.PathLike, split: str
     scores = model.score_matrix(features.regions[:n_img], features.objects[:n_img], features.words(word_set)[:n_cap],
                                 np.asarray(features.lengths[:n_cap])).float().numpy()
     bank_scores = model.score_matrix(features.regions[:n_img], features.objects[:n_img], words, lengths).float().numpy()
+    recall = lambda m, d: m[d]["r1"] + m[d]["r5"] + m[d]["r10"]  # noqa: E731
     candidates = []
     for k in HUB_KS:
         if k > len(rows):
@@ -362,23 +368,47 @@ def tune_hub(checkpoint: str | os.PathLike, store: str | os.PathLike, split: str
         level = HubBank.from_padded(words, lengths, k, 1.0).offsets(bank_scores)  # r(i)
         for beta in HUB_BETAS:
             metrics = own_scores_metrics(scores - beta * level[:, None], per, bssan=True)
-            candidates.append({"k": k, "beta": beta, "rsum": metrics["rsum"], "metrics": metrics})
-    best = max(candidates, key=lambda c: (round(c["rsum"], 6), -c["beta"], -c["k"]))  # ties: the smaller correction
+            candidates.append({"k": k, "beta": beta, "t2i": recall(metrics, "t2i"), "offsets": beta * level})
+    best = max(candidates, key=lambda c: (round(c["t2i"], 6), -c["beta"], -c["k"]))  # ties: the smaller correction
+    corrected = scores - best["offsets"][:, None]
+    image_bank, text_candidates, text_best = None, [], {"text_k": 0, "gamma": 0.0}
+    if bank_images > 0 and best["beta"] > 0:  # the caption side, on top of the image side
+        image_rows = np.sort(np.random.default_rng(seed + 1).choice(train.num_images, min(bank_images, train.num_images),
+                                                                    replace=False))
+        image_bank = (np.asarray(train.regions[image_rows], np.float16), np.asarray(train.objects[image_rows], np.float16))
+        text_scores = model.score_matrix(image_bank[0].astype(np.float32), image_bank[1].astype(np.float32),
+                                         features.words(word_set)[:n_cap], np.asarray(features.lengths[:n_cap])).float().numpy()
+        for text_k in HUB_TEXT_KS:
+            if text_k > len(image_rows):
+                continue
+            level = np.sort(text_scores, axis=0)[-text_k:].mean(axis=0)  # s(c)
+            for gamma in HUB_GAMMAS:
+                metrics = own_scores_metrics(corrected - gamma * level[None, :], per, bssan=True)
+                text_candidates.append({"text_k": text_k, "gamma": gamma, "i2t": recall(metrics, "i2t"), "offsets": gamma * level})
+        text_best = max(text_candidates, key=lambda c: (round(c["i2t"], 6), -c["gamma"], -c["text_k"]))
+        corrected = corrected - text_best["offsets"][None, :]
+    final = own_scores_metrics(corrected, per, bssan=True)
     without = {"rsum": own_scores_metrics(scores, per, bssan=True)["rsum"]}
     record = {"weights_sha256": file_sha256(Path(checkpoint) / WEIGHTS), "score_weights": list(model.scoring_weights),
               "split": split, "images": n_img, "bank": {"split": "train", "captions": len(rows), "seed": seed,
                                                          "word_set": word_set, "rows": rows.tolist()},
-              "k": best["k"], "beta": best["beta"], "rsum": best["rsum"], "rsum_without": without["rsum"],
-              "candidates": [{k: c[k] for k in ("k", "beta", "rsum")} for c in candidates]}
+              "k": best["k"], "beta": best["beta"], "rsum": final["rsum"], "rsum_without": without["rsum"],
+              "candidates": [{k: c[k] for k in ("k", "beta", "t2i")} for c in candidates]}
+    if image_bank is not None:
+        record.update(bank_images={"split": "train", "images": len(image_rows), "seed": seed + 1, "rows": image_rows.tolist()},
+                      text_k=text_best["text_k"], gamma=text_best["gamma"],
+                      text_candidates=[{k: c[k] for k in ("text_k", "gamma", "i2t")} for c in text_candidates])
     if best["beta"] > 0:
-        HubBank.from_padded(words, lengths, best["k"], best["beta"], record).save(path)
+        side = {} if image_bank is None or text_best["gamma"] == 0 else dict(
+            regions=image_bank[0], objects=image_bank[1], text_k=text_best["text_k"], gamma=text_best["gamma"])
+        HubBank.from_padded(words, lengths, best["k"], best["beta"], record, **side).save(path)
     elif path.exists():
         path.unlink()
     stale = Path(checkpoint) / FUSION
     if stale.exists():
         stale.unlink()
         print(f"removed {stale}: tuned before the hub correction (rerun --tune-fusion)", file=sys.stderr)
-    return {**best["metrics"], "hub": record, "hub_record": str(path) if best["beta"] > 0 else None}
+    return {**final, "hub": record, "hub_record": str(path) if best["beta"] > 0 else None}
 
 
 def _k(text: str) -> int | None:
@@ -411,6 +441,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "IMAGES images of --split (use dev) and write CHECKPOINT/hub_bank.npz (replacing one needs --force)")
     parser.add_argument("--hub-bank", type=positive_int, default=256,
                         help="with --tune-hub: train captions in the bank (default 256; each image is scored against them once)")
+    parser.add_argument("--hub-bank-images", type=int, default=0, metavar="N",
+                        help="with --tune-hub: also a bank of N train images for the caption side (default 0: none; their "
+                             "features are stored in hub_bank.npz, ~150 KB each at the flickr8k sizes)")
     parser.add_argument("--no-fusion", action="store_true",
                         help="with --shortlist: rank by BSSAN alone (default: the fusion tuned on dev, fusion.json)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
@@ -447,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = retrieval_metrics(scores, captions_per_image=args.captions_per_image, folds=args.folds)
     else:
         if args.tune_hub is not None:
-            metrics = tune_hub(args.checkpoint, args.store, args.split, args.tune_hub, args.hub_bank, args.force)
+            metrics = tune_hub(args.checkpoint, args.store, args.split, args.tune_hub, args.hub_bank, args.force,
+                               bank_images=args.hub_bank_images)
             scores = None
         elif args.tune_score_weights is not None:
             metrics = tune_score_weights(args.checkpoint, args.store, args.split, args.tune_score_weights, args.force)

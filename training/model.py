@@ -491,7 +491,19 @@ class BSSAN(nn.Module):
             out[rows, cols] = self.combine(y, yp).cpu()
         if hub and self.hub is not None:
             out -= self.hub_offsets(regions, objects, image_block).to(out.dtype)[:, None]
+            if self.hub.has_images:
+                out -= self.hub_text_offsets(words, lengths, caption_block).to(out.dtype)[None, :]
         return out
+
+    @torch.no_grad()
+    def hub_text_offsets(self, words, lengths, caption_block: int = 256) -> Tensor:
+        """gamma * s(c) [N_cap] of each caption (engine/hub.py: s = mean of the text_k highest MS over the hub bank's
+        images); zeros without a caption side."""
+        if self.hub is None or not self.hub.has_images:
+            return torch.zeros(len(lengths))
+        bank = self.score_matrix(self.hub.regions.astype(np.float32), self.hub.objects.astype(np.float32), words, lengths,
+                                 caption_block=caption_block, hub=False)
+        return torch.from_numpy(self.hub.text_offsets(bank.float().numpy()))
 
     @torch.no_grad()
     def hub_offsets(self, regions, objects, image_block: int = 16) -> Tensor:
@@ -562,10 +574,16 @@ class BSSAN(nn.Module):
         scores = [self.combine(*self.score_cached(image_cache, text_cache, image_pos[s:s + pair_block], text_pos[s:s + pair_block]))
                   for s in range(0, len(image_pos), pair_block)]
         out = torch.cat(scores) if scores else torch.empty(0)
-        if self.hub is not None and len(out):  # each listed image's offset (only the referenced images are scored)
+        if self.hub is not None and len(out):  # each listed image's (and caption's) offset: only the referenced ones
             images = np.unique(np.asarray(image_index))
             offsets = self.hub_offsets(regions[images] if self.w2r else None, objects[images] if self.o2w else None)
             out = out - offsets.to(out.dtype)[image_pos.cpu()].to(out.device)
+            if self.hub.has_images:
+                texts = np.unique(np.asarray(text_index))
+                lengths_np = np.asarray(lengths.cpu() if isinstance(lengths, Tensor) else lengths)
+                text_words = words[torch.as_tensor(texts)] if isinstance(words, Tensor) else np.asarray(words[texts])
+                offsets = self.hub_text_offsets(text_words, lengths_np[texts])
+                out = out - offsets.to(out.dtype)[text_pos.cpu()].to(out.device)
         return out
 
     @torch.no_grad()

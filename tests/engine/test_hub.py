@@ -24,6 +24,19 @@ def test_offsets_are_beta_times_the_mean_of_the_k_highest_bank_scores():
         bank.offsets(np.zeros((2, 3)))
 
 
+def test_caption_side_offsets_and_round_trip(tmp_path):
+    base = _bank()
+    regions, objects = np.ones((3, 2, 4), np.float16), np.zeros((3, 1, 4), np.float16)
+    bank = HubBank(base.words, base.lengths, 2, 0.5, regions=regions, objects=objects, text_k=2, gamma=0.25)
+    scores = np.array([[1.0, 0.0], [3.0, -1.0], [2.0, -4.0]], np.float32)  # [3 bank images, 2 captions]
+    np.testing.assert_allclose(bank.text_offsets(scores), [0.25 * 2.5, 0.25 * -0.5])
+    assert not base.has_images and np.array_equal(base.text_offsets(scores), [0.0, 0.0])
+    loaded = HubBank.load(bank.save(tmp_path / "b.npz"))
+    assert loaded.has_images and (loaded.text_k, loaded.gamma) == (2, 0.25) and np.array_equal(loaded.regions, regions)
+    with pytest.raises(ArtifactError, match="gamma > 0"):
+        HubBank(base.words, base.lengths, 2, 0.5, regions=regions, objects=objects, text_k=2, gamma=0.0)
+
+
 def test_bank_round_trips_ragged_words_and_refuses_bad_files(tmp_path):
     bank = _bank()
     padded = bank.padded()

@@ -308,7 +308,8 @@ def test_hub_bank_reaches_the_manifest_and_the_engine_applies_it_in_every_path(d
     lengths = np.asarray(train.lengths)[rows]
     model = load_checkpoint(bssan).model
     HubBank.from_padded(np.asarray(train.words("glove50"))[rows], lengths, 3, 0.7,
-                        {"weights_sha256": file_sha256(bssan / "weights.pt"), "score_weights": list(model.scoring_weights)}
+                        {"weights_sha256": file_sha256(bssan / "weights.pt"), "score_weights": list(model.scoring_weights)},
+                        regions=np.asarray(train.regions[:4]), objects=np.asarray(train.objects[:4]), text_k=2, gamma=0.4
                         ).save(bssan / "hub_bank.npz")
     out = tmp_path / "a"
     assert main([str(bssan), "--out", str(out), "--tensorrt", "off", "--no-progress"]) == 0
@@ -322,7 +323,7 @@ def test_hub_bank_reaches_the_manifest_and_the_engine_applies_it_in_every_path(d
     for path in ("grid", "pair"):
         with Scorer.load(out, backend="onnxruntime-cpu", threads=1, fusion=False, path=path) as scorer:
             images, captions = scorer.encode_images(split), scorer.encode_captions(split)
-            assert images.arrays[HUB_OFFSET].shape == (len(images),)
+            assert images.arrays[HUB_OFFSET].shape == (len(images),) and captions.arrays[HUB_OFFSET].shape == (len(captions),)
             got = scorer.score_matrix(images, captions)[:6, :30]
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
             pairs = np.array([[0, 3], [5, 29], [2, 0], [5, 1]])

@@ -240,8 +240,10 @@ def test_tune_hub_chooses_a_correction_that_loading_scoring_and_rescoring_apply(
     (bssan / "fusion.json").write_text("{}")  # a fusion tuned for the old MS: removed
     monkeypatch.setattr(evaluate, "HUB_BETAS", (0.5,))  # a random model: make sure a correction is written
     monkeypatch.setattr(evaluate, "HUB_KS", (2, 4))
+    monkeypatch.setattr(evaluate, "HUB_GAMMAS", (0.3,))  # and a caption side
+    monkeypatch.setattr(evaluate, "HUB_TEXT_KS", (2,))
     args = ["--checkpoint", str(bssan), "--store", str(tiny_store), "--split", "dev", "--tune-hub", "8", "--hub-bank", "12",
-            "--no-progress"]
+            "--hub-bank-images", "3", "--no-progress"]
     assert main(args) == 0
     bank = HubBank.load(bssan / HUB_BANK)
     record = bank.record
@@ -255,15 +257,22 @@ def test_tune_hub_chooses_a_correction_that_loading_scoring_and_rescoring_apply(
                                  np.asarray(train.lengths)[rows]).numpy()
     plain = score_split(model, split, "glove50", images=8)
     by_hand = {k: np.sort(bank_ms, axis=1)[:, -k:].mean(axis=1) for k in (2, 4)}
-    best = max(own_scores_metrics(plain - 0.5 * r[:, None], 5, bssan=True)["rsum"] for r in by_hand.values())
-    assert record["rsum"] == pytest.approx(best) and record["rsum_without"] == pytest.approx(
-        own_scores_metrics(plain, 5, bssan=True)["rsum"])
+    t2i = lambda m: m["t2i"]["r1"] + m["t2i"]["r5"] + m["t2i"]["r10"]  # noqa: E731  (r(i) reorders text-to-image only)
+    assert max(t2i(own_scores_metrics(plain - 0.5 * r[:, None], 5, bssan=True)) for r in by_hand.values()) == pytest.approx(
+        t2i(own_scores_metrics(plain - 0.5 * by_hand[bank.k][:, None], 5, bssan=True)))
+    assert record["rsum_without"] == pytest.approx(own_scores_metrics(plain, 5, bssan=True)["rsum"])
+    # the caption side: s(c) = mean of the text_k highest MS over the bank images
+    assert bank.has_images and (bank.text_k, bank.gamma, len(bank.regions)) == (2, 0.3, 3)
+    text_ms = model.score_matrix(bank.regions.astype(np.float32), bank.objects.astype(np.float32), split.words("glove50")[:40],
+                                 np.asarray(split.lengths[:40])).numpy()
+    text_offsets = 0.3 * np.sort(text_ms, axis=0)[-2:].mean(axis=0)
+    offsets = 0.5 * by_hand[bank.k]
+    assert record["rsum"] == pytest.approx(own_scores_metrics(plain - offsets[:, None] - text_offsets[None, :], 5, bssan=True)["rsum"])
     # loading applies it everywhere MS is computed: the matrix, listed pairs, and the K-protocol's re-scoring
     tuned = load_checkpoint(bssan).model
-    offsets = 0.5 * by_hand[bank.k]
     np.testing.assert_allclose(tuned.hub_offsets(split.regions[:8], split.objects[:8]).numpy(), offsets, rtol=1e-5, atol=1e-5)
     corrected = score_split(tuned, split, "glove50", images=8)
-    np.testing.assert_allclose(corrected, plain - offsets[:, None], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(corrected, plain - offsets[:, None] - text_offsets[None, :], rtol=0, atol=1e-5)
     image_index, text_index = np.array([0, 3, 7, 3]), np.array([1, 0, 39, 22])
     np.testing.assert_allclose(rescore_pairs(tuned, split, "glove50", image_index, text_index),
                                np.asarray(corrected)[image_index, text_index], rtol=0, atol=1e-5)
