@@ -116,7 +116,7 @@ class HubBank:
                 images = {} if not self.has_images else dict(
                     regions=self.regions.astype(np.float16), objects=self.objects.astype(np.float16),
                     text_k=np.int64(self.text_k), gamma=np.float64(self.gamma))
-                np.savez(handle, words=self.words.astype(np.float16), lengths=self.lengths.astype(np.int64),
+                np.savez_compressed(handle, words=self.words.astype(np.float16), lengths=self.lengths.astype(np.int64),
                          k=np.int64(self.k), beta=np.float64(self.beta), record=np.array(json.dumps(self.record)), **images)
         return path
 
