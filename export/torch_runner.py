@@ -28,14 +28,18 @@ from engine.graphs import GRAPHS
 
 def checkpoint_record(directory: str | Path) -> dict:
     """What an artifact records of a checkpoint: the sha256 of its weights file and its folder name (and of a
-    first stage's hubness correction, with its betas, when the checkpoint has one: training.hubness; and the
-    branch weights of eq. 19 chosen on dev, when a BSSAN checkpoint has them: SCORE_WEIGHTS)."""
-    from training.checkpoint import HUBNESS, SCORE_WEIGHTS, WEIGHTS, read_score_weights
+    first stage's hubness correction, with its betas, when the checkpoint has one: training.hubness; the
+    branch weights of eq. 19 chosen on dev, when a BSSAN checkpoint has them: SCORE_WEIGHTS; the sha256 of its
+    hub bank and fusion record when it has them), so quickstart.sh re-exports when any of them changed."""
+    from training.checkpoint import FUSION, HUB_BANK, HUBNESS, SCORE_WEIGHTS, WEIGHTS, read_score_weights
 
     directory = Path(directory)
     record = {"weights_sha256": file_sha256(directory / WEIGHTS), "name": directory.resolve().name}
     if (directory / SCORE_WEIGHTS).is_file():
         record["score_weights"] = list(read_score_weights(directory))
+    for key, name in (("hub_bank_sha256", HUB_BANK), ("fusion_sha256", FUSION)):  # what else the export reads from it
+        if (directory / name).is_file():
+            record[key] = file_sha256(directory / name)
     if (directory / HUBNESS).is_file():
         from training.hubness import HubnessCorrection
         record.update(hubness_sha256=file_sha256(directory / HUBNESS), hubness=HubnessCorrection.load(directory / HUBNESS).record())

@@ -22,13 +22,20 @@ ROWS = [
     ("test_dual", "first stage alone: dual encoder (max pooling), exhaustive (no correction)", "dual", ""),
     ("test_dual_hub", "first stage alone with its hubness correction (the product's first stage), exhaustive", "dual",
      "training.hubness: betas tuned on dev"),
-    ("test_alone_all", "BSSAN alone, exhaustive (every pair, no fusion)", "bssan", "engine, ONNX Runtime CPU fp32"),
+    ("test_alone_all", "BSSAN alone, exhaustive (every pair, no fusion; with its hub correction)", "bssan",
+     "engine, ONNX Runtime CPU fp32"),
     ("test_alone_k100", "BSSAN alone re-ranking the corrected first stage's top-100 (no fusion)", "bssan", ""),
     ("test_product_k20", "**product: top-20 re-ranked, fused (engine.score's default)**", "bssan", "fusion tuned on dev"),
     ("test_product_k100", "product: top-100 re-ranked, fused", "bssan", "fusion tuned on dev"),
     ("test_engine_fp32_k20", "product K=20 through engine.score, fp32", "bssan", "engine, ONNX Runtime CPU"),
     ("test_engine_fp16_k20", "product K=20 through engine.score, fp16 graphs", "bssan", "engine, ONNX Runtime CPU"),
     ("test_engine_int8_k20", "product K=20 through engine.score, int8 recurrence", "bssan", "engine, ONNX Runtime CPU"),
+    ("nohub_test_product_k20", "the same BSSAN without the hub correction (session 4's reference): product K=20", "bssan",
+     "fusion tuned on dev"),
+    ("nohub_test_product_k100", "the same, without the hub correction: product K=100", "bssan", ""),
+    ("nohub_test_alone_k100", "the same, without the hub correction: BSSAN alone re-ranking the top-100", "bssan", ""),
+    ("nohub_test_alone_all", "the same, without the hub correction: BSSAN alone, exhaustive", "bssan",
+     "engine, ONNX Runtime CPU fp32"),
     ("pw_test_product_k20", "the same BSSAN with the paper's branch weights (1, 0.6): product K=20", "bssan",
      "fusion re-tuned on dev"),
     ("pw_test_product_k100", "the same, paper's branch weights: product K=100", "bssan", ""),
@@ -165,6 +172,19 @@ def main(argv=None) -> int:
                            "training": training_record(runs / run)}
                 (args.out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
             lines.append(fmt_row(f"{ABLATION_NAMES[name]}: {suffix}", metrics))
+    lines.append("| *the same branch models with their own hub correction (session 5: --tune-hub 1000 --hub-bank 512 "
+                 "--hub-bank-images 64 on dev; full: the reference's, --tune-hub 300 --hub-bank 256 --hub-bank-images 32)* "
+                 "| | | | | | | | | | | | |")
+    for name, run in BRANCHES:
+        for kind, suffix in (("alone", "BSSAN alone at K=20"), ("fused", "fused at K=20 (fusion tuned on dev)"),
+                             ("exh", "BSSAN alone, exhaustive")):
+            row = f"hub5_{name}_{kind}"
+            metrics = load(evals / f"{row}.json")
+            if metrics is not None:
+                payload = {"row": row, "metrics": metrics, "evaluation": gnu_time(evals / f"{row}.time"),
+                           "training": training_record(runs / run)}
+                (args.out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+            lines.append(fmt_row(f"{ABLATION_NAMES[name]} + hub correction: {suffix}", metrics))
     lines.append("| *ablations of the previous (hinge) recipe, 3 epochs each, first stage: the dual encoder after 1 epoch (dev 235.4); "
                  "K = 20 (sessions 2-3)* | | | | | | | | | | | | |")
     for name in ABLATIONS:

@@ -316,6 +316,7 @@ def test_hub_bank_reaches_the_manifest_and_the_engine_applies_it_in_every_path(d
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["model"]["hub"] == {"file": "hub_bank.npz", "k": 3, "beta": 0.7, "captions": 10}
     assert "hub_bank.npz" in manifest["files"]
+    assert manifest["model"]["checkpoint"]["hub_bank_sha256"] == file_sha256(bssan / "hub_bank.npz")  # quickstart re-exports on change
     split = FeatureStore(tiny_store).split("test")
     want = score_split(load_checkpoint(bssan).model, split, "glove50", images=6)  # torch, with the correction
     plain = score_split(model, split, "glove50", images=6)
