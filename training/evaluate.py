@@ -296,8 +296,7 @@ def tune_score_weights(checkpoint: str | os.PathLike, store: str | os.PathLike, 
     from training.checkpoint import FUSION, SCORE_WEIGHTS, WEIGHTS, ModelKind, load_checkpoint
 
     path = Path(checkpoint) / SCORE_WEIGHTS
-    if path.exists() and not force:
-        raise InputError(f"{path}: exists; expected a new file (pass --force to replace it)")
+    _refuse_existing(path, force)
     ckpt = load_checkpoint(checkpoint)
     if ckpt.kind is not ModelKind.BSSAN or not (ckpt.model_config.uses_w2r and ckpt.model_config.uses_o2w):
         raise InputError(f"--tune-score-weights {checkpoint}: expected a BSSAN checkpoint with both branches (full, no_reg), "
@@ -341,8 +340,7 @@ def tune_hub(checkpoint: str | os.PathLike, store: str | os.PathLike, split: str
     from training.checkpoint import FUSION, HUB_BANK, WEIGHTS, ModelKind, load_checkpoint
 
     path = Path(checkpoint) / HUB_BANK
-    if path.exists() and not force:
-        raise InputError(f"{path}: exists; expected a new file (pass --force to replace it)")
+    _refuse_existing(path, force)
     ckpt = load_checkpoint(checkpoint)
     if ckpt.kind is not ModelKind.BSSAN:
         raise InputError(f"--tune-hub {checkpoint}: expected a BSSAN checkpoint, got {ckpt.kind.value}")

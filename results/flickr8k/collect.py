@@ -136,6 +136,22 @@ def plot_dev_curves(runs: dict[str, dict], out: Path) -> None:
     plt.close(fig)
 
 
+def branch_rows(args, prefix: str, label: str) -> list[str]:
+    """Table lines (and one JSON each) of the branch rows PREFIX_{full,w2r,o2w}_{alone,fused,exh}."""
+    runs, evals, lines = args.runs, args.runs / args.evals, []
+    for name, run in BRANCHES:
+        for kind, suffix in (("alone", "BSSAN alone at K=20"), ("fused", "fused at K=20 (fusion tuned on dev)"),
+                             ("exh", "BSSAN alone, exhaustive")):
+            row = f"{prefix}_{name}_{kind}"
+            metrics = load(evals / f"{row}.json")
+            if metrics is not None:
+                payload = {"row": row, "metrics": metrics, "evaluation": gnu_time(evals / f"{row}.time"),
+                           "training": training_record(runs / run)}
+                (args.out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+            lines.append(fmt_row(f"{ABLATION_NAMES[name]}{label}: {suffix}", metrics))
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("/work/runs"))
@@ -162,29 +178,11 @@ def main(argv=None) -> int:
         lines.append(fmt_row(label, metrics, note))
     lines.append("| *branches under the reference's recipe and budget (loss=grid, 8 epochs each, the same first stage with its "
                  "correction; full with the paper's branch weights (1, 0.6))* | | | | | | | | | | | | |")
-    for name, run in BRANCHES:
-        for kind, suffix in (("alone", "BSSAN alone at K=20"), ("fused", "fused at K=20 (fusion tuned on dev)"),
-                             ("exh", "BSSAN alone, exhaustive")):
-            row = f"abl4_{name}_{kind}"
-            metrics = load(evals / f"{row}.json")
-            if metrics is not None:
-                payload = {"row": row, "metrics": metrics, "evaluation": gnu_time(evals / f"{row}.time"),
-                           "training": training_record(runs / run)}
-                (args.out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-            lines.append(fmt_row(f"{ABLATION_NAMES[name]}: {suffix}", metrics))
+    lines += branch_rows(args, "abl4", "")
     lines.append("| *the same branch models with their own hub correction (session 5: --tune-hub 1000 --hub-bank 512 "
                  "--hub-bank-images 64 on dev; full: the reference's, --tune-hub 300 --hub-bank 256 --hub-bank-images 32)* "
                  "| | | | | | | | | | | | |")
-    for name, run in BRANCHES:
-        for kind, suffix in (("alone", "BSSAN alone at K=20"), ("fused", "fused at K=20 (fusion tuned on dev)"),
-                             ("exh", "BSSAN alone, exhaustive")):
-            row = f"hub5_{name}_{kind}"
-            metrics = load(evals / f"{row}.json")
-            if metrics is not None:
-                payload = {"row": row, "metrics": metrics, "evaluation": gnu_time(evals / f"{row}.time"),
-                           "training": training_record(runs / run)}
-                (args.out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-            lines.append(fmt_row(f"{ABLATION_NAMES[name]} + hub correction: {suffix}", metrics))
+    lines += branch_rows(args, "hub5", " + hub correction")
     lines.append("| *ablations of the previous (hinge) recipe, 3 epochs each, first stage: the dual encoder after 1 epoch (dev 235.4); "
                  "K = 20 (sessions 2-3)* | | | | | | | | | | | | |")
     for name in ABLATIONS:

@@ -20,20 +20,10 @@ from engine.cache import ImageCache  # noqa: E402
 from engine.serve import gallery as gallery_module  # noqa: E402
 from engine.serve.gallery import Gallery  # noqa: E402
 from engine.serve.index import VectorIndex  # noqa: E402
-
-FINGERPRINT = "f" * 64
-DIM = 8
+from tests.engine.serve.test_serve_gallery import DIM, FINGERPRINT, row  # noqa: E402,F401  (one synthetic row maker)
 WAIT = 20  # seconds a blocked rebuild or a call may take before the test fails (never reached when it passes)
 IVF_OPTIONS = {"train_at": 16, "nlist": 4, "nprobe": 4}  # trained from 16 rows on; every list scanned: exact
 REPO = Path(__file__).resolve().parents[3]
-
-
-def row(image_id: str, seed: int) -> ImageCache:
-    rng = np.random.default_rng(seed)
-    vector = rng.normal(size=(1, DIM)).astype(np.float32)
-    vector /= np.linalg.norm(vector)
-    return ImageCache([image_id], {"regions_attn": rng.normal(size=(1, 4, 3)).astype(np.float32), "image_vectors": vector},
-                      FINGERPRINT, "fp32")
 
 
 class GatedIndex(VectorIndex):

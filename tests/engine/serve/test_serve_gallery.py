@@ -27,6 +27,19 @@ def row(image_id: str, seed: int) -> ImageCache:
                       FINGERPRINT, "fp32")
 
 
+def fake_encode(paths, encoded: list, fail_after=None, during=None) -> ImageCache:
+    """The first indexing's encoder, faked: synthetic rows named after the files (noted in `encoded`); dies like a
+    killed process once `fail_after` images were encoded; calls during(names) before it returns."""
+    names = [p.name for p in paths]
+    if fail_after is not None and len(encoded) >= fail_after:
+        raise KeyboardInterrupt  # the process dies mid-indexing
+    if during is not None:
+        during(names)
+    encoded.extend(names)
+    return ImageCache(names, {k: np.concatenate([row(n, i).arrays[k] for i, n in enumerate(names)])
+                              for k in ("regions_attn", "image_vectors")}, FINGERPRINT, "fp32")
+
+
 def open_gallery(root, **options) -> Gallery:
     return Gallery.open(root, FINGERPRINT, "fp32", **options)
 
@@ -155,14 +168,9 @@ def test_folder_indexing_resumes_after_a_kill(tmp_path, monkeypatch):
     encoded = []
 
     def encode(paths, fail_after=None):
-        names = [p.name for p in paths]
-        if "bad.jpg" in names:
+        if "bad.jpg" in [p.name for p in paths]:
             raise InputError("bad.jpg: cannot decode")
-        if fail_after is not None and len(encoded) >= fail_after:
-            raise KeyboardInterrupt  # the process dies mid-indexing
-        encoded.extend(names)
-        return ImageCache(names, {k: np.concatenate([row(n, i).arrays[k] for i, n in enumerate(names)])
-                                  for k in ("regions_attn", "image_vectors")}, FINGERPRINT, "fp32")
+        return fake_encode(paths, encoded, fail_after)
 
     g = open_gallery(tmp_path / "index")
     with pytest.raises(KeyboardInterrupt):
@@ -248,14 +256,7 @@ def test_a_restart_during_the_first_indexing_keeps_api_removals_and_uploads(tmp_
     encoded = []
 
     def encode(paths, fail_after=None, during=None):
-        names = [p.name for p in paths]
-        if fail_after is not None and len(encoded) >= fail_after:
-            raise KeyboardInterrupt  # the process dies mid-indexing
-        if during is not None:
-            during(names)
-        encoded.extend(names)
-        return ImageCache(names, {k: np.concatenate([row(n, i).arrays[k] for i, n in enumerate(names)])
-                                  for k in ("regions_attn", "image_vectors")}, FINGERPRINT, "fp32")
+        return fake_encode(paths, encoded, fail_after, during)
 
     g = open_gallery(tmp_path / "index")
     with pytest.raises(KeyboardInterrupt):
