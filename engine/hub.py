@@ -40,6 +40,14 @@ HUB_BANK = "hub_bank.npz"
 HUB_OFFSET = "hub_offset"  # the image cache array [N] float32: beta * r(i) of each image (engine.runtime.Scorer)
 
 
+def top_k_mean(scores: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """Mean of the k highest values along `axis` (float32): r(i) with axis 1 of [N_img, N_bank], s(c) with axis 0."""
+    scores = np.asarray(scores, np.float32)
+    n = scores.shape[axis]
+    top = np.take(np.partition(scores, n - k, axis=axis), np.arange(n - k, n), axis=axis)
+    return top.mean(axis=axis, dtype=np.float64).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class HubBank:
     words: np.ndarray    # [W, E] float16: the bank captions' words, ragged (caption i owns lengths[:i].sum() + range(lengths[i]))
@@ -92,8 +100,7 @@ class HubBank:
         bank_scores = np.asarray(bank_scores, np.float32)
         if bank_scores.ndim != 2 or bank_scores.shape[1] != len(self):
             raise ArtifactError(f"hub bank: expected scores [N_img, {len(self)}], got {bank_scores.shape}")
-        top = np.partition(bank_scores, len(self) - self.k, axis=1)[:, len(self) - self.k:]
-        return (self.beta * top.mean(axis=1, dtype=np.float64)).astype(np.float32)
+        return (self.beta * top_k_mean(bank_scores, self.k, axis=1)).astype(np.float32)
 
     def text_offsets(self, bank_scores: np.ndarray) -> np.ndarray:
         """gamma * s(c) [N_cap] from MS [N_b, N_cap] of every bank image with each caption (zeros without bank images)."""
@@ -103,8 +110,7 @@ class HubBank:
         n = len(self.regions)
         if bank_scores.ndim != 2 or bank_scores.shape[0] != n:
             raise ArtifactError(f"hub bank: expected scores [{n}, N_cap], got {bank_scores.shape}")
-        top = np.partition(bank_scores, n - self.text_k, axis=0)[n - self.text_k:]
-        return (self.gamma * top.mean(axis=0, dtype=np.float64)).astype(np.float32)
+        return (self.gamma * top_k_mean(bank_scores, self.text_k, axis=0)).astype(np.float32)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the .npz atomically (a temporary file, then one rename)."""

@@ -336,7 +336,7 @@ def tune_hub(checkpoint: str | os.PathLike, store: str | os.PathLike, split: str
     images, text_k in HUB_TEXT_KS and gamma in HUB_GAMMAS by the image-to-text sum. Writes CHECKPOINT/hub_bank.npz
     when the best beta is > 0 (else removes a stale one); the correction changes MS, so a fusion record tuned before
     it is removed (rerun --tune-fusion)."""
-    from engine.hub import HubBank
+    from engine.hub import HubBank, top_k_mean
     from training.checkpoint import FUSION, HUB_BANK, WEIGHTS, ModelKind, load_checkpoint
 
     path = Path(checkpoint) / HUB_BANK
@@ -363,7 +363,7 @@ def tune_hub(checkpoint: str | os.PathLike, store: str | os.PathLike, split: str
     for k in HUB_KS:
         if k > len(rows):
             continue
-        level = HubBank.from_padded(words, lengths, k, 1.0).offsets(bank_scores)  # r(i)
+        level = top_k_mean(bank_scores, k, axis=1)  # r(i)
         for beta in HUB_BETAS:
             metrics = own_scores_metrics(scores - beta * level[:, None], per, bssan=True)
             candidates.append({"k": k, "beta": beta, "t2i": recall(metrics, "t2i"), "offsets": beta * level})
@@ -379,7 +379,7 @@ def tune_hub(checkpoint: str | os.PathLike, store: str | os.PathLike, split: str
         for text_k in HUB_TEXT_KS:
             if text_k > len(image_rows):
                 continue
-            level = np.sort(text_scores, axis=0)[-text_k:].mean(axis=0)  # s(c)
+            level = top_k_mean(text_scores, text_k, axis=0)  # s(c)
             for gamma in HUB_GAMMAS:
                 metrics = own_scores_metrics(corrected - gamma * level[None, :], per, bssan=True)
                 text_candidates.append({"text_k": text_k, "gamma": gamma, "i2t": recall(metrics, "i2t"), "offsets": gamma * level})
