@@ -281,3 +281,17 @@ def test_caption_blocks_run_side_by_side_with_the_same_bytes(tiny_artifact, spli
     assert side_by_side.ids == one.ids and sorted(side_by_side.arrays) == sorted(one.arrays)
     for name, array in one.arrays.items():
         assert np.array_equal(side_by_side.arrays[name], array), name
+
+
+def test_a_few_captions_against_many_images_are_pooled_into_pair_calls(scorer, caches, matrix, monkeypatch):
+    images, captions = caches
+    rows = np.array([0, 7, len(captions) - 1])
+    calls = []
+    real = Scorer.score_pairs
+    monkeypatch.setattr(Scorer, "score_pairs", lambda self, *a, **k: calls.append(len(a[2])) or real(self, *a, **k))
+    got = scorer.score_grid(images, captions, caption_rows=rows)
+    assert calls == [len(images) * len(rows)]  # one pooled score_pairs, not one grid call per image row
+    assert_close(got, matrix[:, rows], 1e-5, "a few captions through score_pairs vs the grid")
+    calls.clear()
+    assert_close(scorer.score_grid(images, captions, image_rows=np.array([2])), matrix[2:3], 1e-6, "one image row")
+    assert calls == []  # one image row x many captions stays on its grid call
