@@ -7,22 +7,34 @@
     view, slots, sims = gallery.search(query_vectors, k)                   # ImageCache view + first-stage top-k
     gallery.put_rows(image_cache)                                          # an import: many rows, one snapshot
     gallery.index_folder(folder, scorer.encode_images)                     # first start: resumable, progress bar
-    gallery.checkpoint()                                                   # snapshot + empty log (also on close)
-    gallery.wait_compaction()                                              # compaction runs in a thread: wait for it
+    gallery.checkpoint()                                                   # snapshot, log segments dropped (also on close)
+    gallery.wait_checkpoint(); gallery.wait_compaction()                   # both run in threads: wait for them
 
 On disk (`index_dir`):
 
     snapshot/        an ImageCache (engine/cache.py; written to a temp dir, fsynced, swapped in)
-    log.bin          writes since the snapshot, a length- and crc-framed record each (engine/serve/records.py)
+    log.bin          the open log segment: a length- and crc-framed record per write (engine/serve/records.py)
+    log-<n>.bin      sealed segments (n grows): writes before a checkpoint that has not deleted them yet
     blobs/<sha>      uploaded photos (the page shows them), written before their log record
     folder.json      the folder's first indexing: {"folder", "done", "skipped": {file: reason}, "removed": [ids]}
 
 Durability: a write is acknowledged only after its log record is fsynced, so an acknowledged
-write survives kill -9. On open the snapshot is loaded and the log replayed; a torn last record
-(a write killed before its fsync returned, never acknowledged) fails its length or crc check
-and is cut off. Replaying is idempotent (the last record of an id decides it), so a crash
-between writing a snapshot and emptying the log replays records already in the snapshot and
-ends in the same state.
+write survives kill -9. On open the snapshot is loaded and the segments replayed, sealed ones oldest
+first, then log.bin; a torn last record (a write killed before its fsync returned, never
+acknowledged) fails its length or crc check and is cut off. Replaying is idempotent (the last
+record of an id decides it), so replaying records the snapshot already holds ends in the same state.
+
+Checkpoints run one at a time (checkpoint_lock), every snapshot_every records in a thread, and in
+put_rows and close, which wait for theirs. Under the lock, log.bin is sealed (renamed log-<n>.bin,
+a fresh log.bin takes the writes) and the slots noted (ids, `count`, the arrays: a slot below
+`count` is never written again and arrays are replaced, never resized); without it, those rows are
+saved as the snapshot (hundreds of MB at Flickr8K) while searches and writes go on; then the
+removals the sealed segments hold go to folder.json (below), and the segments are deleted. A kill
+at any step is safe: until the snapshot's swap (a rename) the old snapshot and every segment
+written since its seal are on disk; after it, the new one holds the state at the new seal, the
+sealed segments left replay onto it idempotently and log.bin holds the writes since. A segment goes
+only after a snapshot holding it is on disk; a failed checkpoint leaves its segment to the next one.
+An import's rows (put_rows) are in no segment: they are durable once its checkpoint's swap is done.
 
 Memory: rows live in growable arrays ("slots"); a replaced or removed image's slot is dead
 until compaction (when a quarter is dead) copies the live rows to fresh arrays and rebuilds
@@ -34,13 +46,16 @@ Compaction runs in a thread, one at a time: under the lock it notes the live slo
 rows and builds the new index (HNSW links, IVF k-means: minutes at 1M), while searches use the
 old index (dead slots filtered) and writes go on, each also noted in its journal; under the lock
 again the journal is replayed onto the new rows, which are swapped in: exactly the compaction
-under the lock when it began, then those writes. It writes no file (the snapshot and log hold
-its inputs), so a crash during it loses nothing acknowledged.
+under the lock when it began, then those writes. An IVF index due for training (VectorIndex.
+training_due: it reached train_at or grew 4-fold; writes add with train=False) is rebuilt the
+same way without moving rows: a new index over the same slots is trained in the thread while the
+old one answers, and at the swap it gets the slots written since and every removal. Neither writes
+a file (the snapshot and log hold their inputs), so a crash during one loses nothing acknowledged.
 
 The folder's first indexing (index_folder) and an import (engine/serve/state.py) add only images
 that are not in the gallery and were not removed through the API since that indexing began
 (begin_folder): a removal is a "del" record in the log, and until the indexing is done each
-checkpoint copies those ids to folder.json's "removed" before it empties the log, so a restart
+checkpoint copies those ids to folder.json's "removed" before it deletes a segment, so a restart
 never brings a removed folder image back. An upload of a folder image's name wins over its file.
 """
 
@@ -50,7 +65,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 from pathlib import Path
 
@@ -60,7 +74,8 @@ from tqdm import tqdm
 from engine.cache import CACHE_JSON, ImageCache
 from engine.errors import InputError
 from engine.serve.index import VectorIndex
-from engine.serve.records import encode_record, fsync_dir, read_log, write_file_durable
+from engine.serve.records import (encode_record, fsync_dir, log_segments, read_log, remove_directory_durable, segment_path,
+                                  write_file_durable)
 
 log = logging.getLogger("engine.serve")
 SNAPSHOT_EVERY = 1000  # log records before a checkpoint: replay stays < ~1 s and the log < ~200 MB at the reference sizes
@@ -69,6 +84,7 @@ COMPACT_MIN = 64  # ... and at least this many: small galleries do not rebuild o
 FOLDER_CHUNK = 16  # images encoded and logged per step of the first indexing (one fsync per step)
 VECTORS = "image_vectors"  # the shortlist graph's output: the first stage's vectors
 COMPACTION_THREAD = "gallery-compaction"
+CHECKPOINT_THREAD = "gallery-checkpoint"
 
 
 def check_image_id(image_id: str) -> str:
@@ -80,13 +96,23 @@ def check_image_id(image_id: str) -> str:
 
 
 class _Compaction:
-    """A compaction in flight: the live slots when it began (ids, slots, the arrays holding them) and the
-    writes applied to the gallery since, in order: ("put", ids, rows) or ("del", id)."""
+    """A rebuild in flight: the slots when it began (`count`, the arrays holding them). A compaction has the live
+    ones (ids, slots) and journals the writes applied since, in order: ("put", ids, rows) or ("del", id); a
+    retraining (live None) keeps the slots and reads the ones written since off the gallery at the swap."""
 
-    def __init__(self, ids: list[str], live: np.ndarray, buffers: dict[str, np.ndarray]):
-        self.ids, self.live, self.buffers = ids, live, buffers
+    def __init__(self, count: int, buffers: dict[str, np.ndarray], ids: list[str] | None = None,
+                 live: np.ndarray | None = None):
+        self.count, self.buffers, self.ids, self.live = count, buffers, ids, live
         self.journal: list[tuple] = []
         self.thread: threading.Thread | None = None
+
+
+class _Checkpoint:
+    """A checkpoint in flight: the slots when the log was sealed (ids, "" for a dead slot; the arrays holding them)
+    and the sealed segments that its snapshot covers."""
+
+    def __init__(self, ids: list[str], buffers: dict[str, np.ndarray], segments: list[Path]):
+        self.ids, self.buffers, self.segments = ids, buffers, segments
 
 
 class Gallery:
@@ -102,8 +128,11 @@ class Gallery:
         self.slot_ids: list[str] = []  # "" for a dead slot
         self.slots: dict[str, int] = {}  # id -> live slot
         self.index: VectorIndex | None = None
-        self.log_records = 0
+        self.log_records = 0  # in log.bin
         self.log_handle = None
+        self.sealed: list[Path] = []  # sealed segments no snapshot holds yet, oldest first
+        self.checkpoint_lock = threading.Lock()  # one checkpoint at a time: held from its seal to its last deletion
+        self.checkpoint_thread: threading.Thread | None = None  # the one a write started
         self.compaction: _Compaction | None = None  # the one in flight
         self.folder: dict | None = None  # folder.json as last written or read (None: there is none)
         self.tombstones: set[str] | None = None  # ids removed through the API while the folder's first indexing is pending
@@ -117,21 +146,28 @@ class Gallery:
         snapshot = gallery.root / "snapshot"
         if (snapshot / CACHE_JSON).is_file() or snapshot.with_name(".snapshot.old").is_dir():
             cache = ImageCache.load(snapshot, expect=fingerprint, precision=precision, mmap=True)
-            gallery._apply_put(cache.ids, cache.arrays)
-        records = read_log(gallery.log_path)
-        for header, arrays in records:
-            if header["op"] == "put":
-                gallery._apply_put([header["id"]], {k: v[None] for k, v in arrays.items()})
-            else:
-                gallery._apply_remove(header["id"])
-        gallery.log_records = len(records)
+            gallery._apply_put(cache.ids, cache.arrays, train=True)
+        gallery.sealed = log_segments(gallery.root)  # a checkpoint's that did not finish: they come first
+        removed = set()
+        for path in [*gallery.sealed, gallery.log_path]:
+            records = read_log(path)
+            for header, arrays in records:
+                if header["op"] == "put":
+                    gallery._apply_put([header["id"]], {k: v[None] for k, v in arrays.items()})
+                else:
+                    gallery._apply_remove(header["id"])
+                    removed.add(header["id"])
+        gallery.log_records = len(records)  # the last read: log.bin's
         gallery.log_handle = open(gallery.log_path, "ab")
+        fsync_dir(gallery.root)  # a new log.bin's name is on disk before a write to it is acknowledged
         folder = gallery.root / "folder.json"
         gallery.folder = json.loads(folder.read_text(encoding="utf-8")) if folder.is_file() else None
         if gallery.folder is not None and not gallery.folder.get("done"):  # removals since the last checkpoint are in the log
-            gallery.tombstones = set(gallery.folder.get("removed", [])) | {h["id"] for h, _ in records if h["op"] == "del"}
-        if gallery.index is not None and gallery.index.dead:
-            gallery._compact()  # nothing is served yet: in this thread
+            gallery.tombstones = set(gallery.folder.get("removed", [])) | removed
+        if gallery.index is not None and gallery.index.dead:  # nothing is served yet: in this thread
+            gallery._compact()
+        elif gallery.index is not None and gallery.index.training_due:
+            gallery._swap_index(gallery._reindexed(gallery.buffers[VECTORS][:gallery.count]), gallery.count)
         return gallery
 
     @property
@@ -139,15 +175,19 @@ class Gallery:
         return self.root / "log.bin"
 
     def close(self) -> None:
-        """Checkpoint (so the next start replays nothing) and close the log."""
-        with self.lock:
-            if self.log_handle is None:
-                return
-            if self.log_records:
-                self.checkpoint()
-            self.log_handle.close()
-            self.log_handle = None
-            self.compaction = None  # a rebuild still running is dropped when it ends (it writes no file)
+        """Checkpoint (so the next start replays nothing written before) and close the log. A checkpoint in flight
+        ends first; searches and writes go on during the save."""
+        with self.checkpoint_lock:
+            with self.lock:
+                if self.log_handle is None:
+                    return
+                job = self._seal() if self.log_records or self.sealed else None
+            if job is not None:
+                self._complete(job)
+            with self.lock:
+                self.log_handle.close()
+                self.log_handle = None
+                self.compaction = None  # a rebuild still running is dropped when it ends (it writes no file)
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -174,7 +214,9 @@ class Gallery:
                 new[:self.count] = old[:self.count]
                 self.buffers[name] = new
 
-    def _apply_put(self, ids: list[str], arrays: dict[str, np.ndarray]) -> None:
+    def _apply_put(self, ids: list[str], arrays: dict[str, np.ndarray], train: bool = False) -> None:
+        """Rows into fresh slots, their vectors into the index. train: the index may train here (a build: open, a
+        rebuild's thread); writes never do (a due IVF training is a rebuild: _maybe_compact)."""
         if VECTORS not in arrays:
             raise InputError(f"image rows without {VECTORS!r}; expected an artifact with shortlist graphs (export --shortlist)")
         self._ensure_capacity(arrays, len(ids))
@@ -188,7 +230,7 @@ class Gallery:
             self.index.remove(old)
             for slot in old:
                 self.slot_ids[slot] = ""
-        self.index.add(np.asarray(arrays[VECTORS], np.float32))
+        self.index.add(np.asarray(arrays[VECTORS], np.float32), train=train)
         for offset, image_id in enumerate(ids):
             if image_id in self.slots and self.slots[image_id] >= start:  # the same id twice in one call: the last wins
                 self.index.remove([self.slots[image_id]])
@@ -197,7 +239,7 @@ class Gallery:
             self.slot_ids.append(image_id)
         self.count += len(ids)
         assert len(self.index) == self.count == len(self.slot_ids)
-        if self.compaction is not None:  # the rows as stored: views of slots that are never written again
+        if self.compaction is not None and self.compaction.live is not None:  # the rows as stored: slots never written again
             self.compaction.journal.append(("put", list(ids), {k: v[start:self.count] for k, v in self.buffers.items()}))
 
     def _apply_remove(self, image_id: str) -> bool:
@@ -206,7 +248,7 @@ class Gallery:
             return False
         self.index.remove([slot])
         self.slot_ids[slot] = ""
-        if self.compaction is not None:
+        if self.compaction is not None and self.compaction.live is not None:
             self.compaction.journal.append(("del", image_id))
         return True
 
@@ -219,8 +261,23 @@ class Gallery:
         the minutes of a compaction at 1M (HNSW links, IVF k-means), so compactions call it without the lock."""
         fresh = Gallery(self.root, self.fingerprint, self.precision, self.index_kind, self.index_options)
         if ids:
-            fresh._apply_put(ids, arrays)
+            fresh._apply_put(ids, arrays, train=True)
         return fresh
+
+    def _reindexed(self, vectors: np.ndarray) -> VectorIndex:
+        """A new index over [N, dim] vectors (labels 0..N-1: the slots), trained for its size: a retraining's long part."""
+        index = VectorIndex(self.index_kind, vectors.shape[1], **self.index_options)
+        index.add(np.asarray(vectors, np.float32), train=True)
+        return index
+
+    def _swap_index(self, index: VectorIndex, done: int) -> None:
+        """Under the lock: `index`, built over the slots below `done`, gets the slots written since and every removal
+        (old and new: the dead labels of the index it replaces), then replaces it."""
+        if self.count > done:
+            index.add(np.asarray(self.buffers[VECTORS][done:self.count], np.float32), train=False)
+        index.remove(np.flatnonzero(self.index.live == 0))
+        assert len(index) == len(self.index) == self.count
+        self.index = index
 
     def _swap_in(self, fresh: "Gallery") -> None:
         self.buffers, self.count, self.slot_ids, self.slots, self.index = (fresh.buffers, fresh.count, fresh.slot_ids,
@@ -232,44 +289,61 @@ class Gallery:
         self._swap_in(self._rebuilt([self.slot_ids[s] for s in live], {k: v[live] for k, v in self.buffers.items()}))
 
     def _maybe_compact(self) -> None:
-        """Start a compaction in the background when a quarter is dead (and none is running)."""
-        if (self.compaction is None and self.index is not None
-                and self.index.dead >= max(COMPACT_MIN, COMPACT_FRACTION * self.count)):
+        """Start a rebuild in the background (none running): a compaction when a quarter is dead, else a retraining
+        when the IVF index is due for one."""
+        if self.compaction is not None or self.index is None:
+            return
+        if self.index.dead >= max(COMPACT_MIN, COMPACT_FRACTION * self.count):
             live = self._live()
-            job = _Compaction([self.slot_ids[s] for s in live], live, dict(self.buffers))
-            job.thread = threading.Thread(target=self._run_compaction, args=(job,), name=COMPACTION_THREAD, daemon=True)
-            self.compaction = job
-            job.thread.start()
+            job = _Compaction(self.count, dict(self.buffers), [self.slot_ids[s] for s in live], live)
+        elif self.index.training_due:
+            job = _Compaction(self.count, dict(self.buffers))
+        else:
+            return
+        job.thread = threading.Thread(target=self._run_compaction, args=(job,), name=COMPACTION_THREAD, daemon=True)
+        self.compaction = job
+        job.thread.start()
 
     def _run_compaction(self, job: _Compaction) -> None:
         try:
-            fresh = self._rebuilt(job.ids, {k: v[job.live] for k, v in job.buffers.items()})  # no lock: the long part
+            if job.live is not None:  # no lock: the long part (row copies, the index build)
+                fresh = self._rebuilt(job.ids, {k: v[job.live] for k, v in job.buffers.items()})
+            else:
+                index = self._reindexed(job.buffers[VECTORS][:job.count])
             with self.lock:
                 if self.compaction is not job:  # the gallery was closed meanwhile
                     return
-                for op in job.journal:  # the writes made during the rebuild, in order
-                    if op[0] == "put":
-                        fresh._apply_put(op[1], op[2])
-                    else:
-                        fresh._apply_remove(op[1])
-                self._swap_in(fresh)
+                if job.live is None:
+                    self._swap_index(index, job.count)
+                else:
+                    for op in job.journal:  # the writes made during the rebuild, in order
+                        if op[0] == "put":
+                            fresh._apply_put(op[1], op[2])
+                        else:
+                            fresh._apply_remove(op[1])
+                    self._swap_in(fresh)
                 self.compaction = None
-                self._maybe_compact()  # removals during the rebuild may have killed a quarter of the new slots
+                self._maybe_compact()  # removals meanwhile may have killed a quarter of the new slots, or adds made IVF due
         except Exception:  # noqa: BLE001 - a failed rebuild leaves the old rows and index in service; logged
-            log.exception("compacting the gallery %s failed; the next write tries again", self.root)
+            log.exception("rebuilding the gallery %s (%s) failed; the next write tries again", self.root,
+                          "compaction" if job.live is not None else "IVF retraining")
             with self.lock:
                 if self.compaction is job:
                     self.compaction = None
 
     def wait_compaction(self, timeout: float | None = None) -> bool:
-        """Wait for the compaction in flight (and any it started) to be swapped in; False if one still runs."""
+        """Wait for the rebuild in flight (and any it started) to be swapped in; False if one still runs."""
+        return self._join(lambda: self.compaction.thread if self.compaction is not None else None, timeout)
+
+    def _join(self, running, timeout: float | None) -> bool:
+        """Join running() (a thread or None, read under the lock) until it is None; False if one outlives timeout."""
         while True:
             with self.lock:
-                job = self.compaction
-            if job is None:
+                thread = running()
+            if thread is None:
                 return True
-            job.thread.join(timeout)
-            if job.thread.is_alive():
+            thread.join(timeout)
+            if thread.is_alive():
                 return False
 
     # ------------------------------------------------------------------------------ durable writes
@@ -302,8 +376,8 @@ class Gallery:
 
     def put_rows(self, cache: ImageCache, new_only: bool = False) -> None:
         """Add or replace many images at once (an import): every row of `cache`, then a checkpoint, so they are
-        durable when it returns through one snapshot write instead of one log record each (no photos).
-        new_only: as put's."""
+        durable when it returns through one snapshot write instead of one log record each (no photos); searches
+        and writes go on during the save. new_only: as put's."""
         if cache.fingerprint != self.fingerprint or cache.precision != self.precision:
             raise InputError(f"image rows of artifact {cache.fingerprint[:12]} at {cache.precision}: expected "
                              f"{self.fingerprint[:12]} at {self.precision}")
@@ -322,8 +396,8 @@ class Gallery:
                 return
             arrays = {k: np.asarray(v) if len(keep) == len(cache) else np.asarray(v)[keep] for k, v in cache.arrays.items()}
             self._apply_put([cache.ids[i] for i in keep], arrays)
-            self.checkpoint()
             self._maybe_compact()
+        self.checkpoint()  # its seal comes after the rows went in: its snapshot holds them
 
     def remove(self, image_id: str) -> bool:
         """Remove an image by id; False if it is not in the gallery. Durable when it returns."""
@@ -349,34 +423,83 @@ class Gallery:
         self.log_records += len(records)
 
     def _after_write(self) -> None:
-        if self.log_records >= self.snapshot_every:
-            self.checkpoint()
+        self._maybe_checkpoint()
         self._maybe_compact()
 
+    # ------------------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> None:
-        """Write a snapshot of the live rows and start an empty log (crash-safe at every step). The removals the
-        log held for the folder's pending indexing go to folder.json first."""
-        with self.lock:
-            snapshot = self.root / "snapshot"
-            if self.slots:
-                if self.index.dead:  # the live rows only (a compaction may be running: it is not waited for)
-                    live = self._live()
-                    rows = ImageCache([self.slot_ids[s] for s in live], {k: v[live] for k, v in self.buffers.items()},
-                                      self.fingerprint, self.precision)
-                else:
-                    rows = ImageCache(list(self.slot_ids[:self.count]), {k: v[:self.count] for k, v in self.buffers.items()},
-                                      self.fingerprint, self.precision)
-                rows.save(snapshot)
-            elif snapshot.exists():
-                shutil.rmtree(snapshot)
-            fsync_dir(self.root)
+        """Write a snapshot of the live rows and delete the log segments it holds; returns once it is on disk (after
+        the checkpoint in flight, if any). Searches and writes go on during the save: never call it holding the lock."""
+        with self.checkpoint_lock:
+            with self.lock:
+                if self.log_handle is None:  # closed: close() checkpointed
+                    return
+                job = self._seal()
+            self._complete(job)
+
+    def wait_checkpoint(self, timeout: float | None = None) -> bool:
+        """Wait for the checkpoint a write started (and any it started); False if one still runs."""
+        return self._join(lambda: self.checkpoint_thread, timeout)
+
+    def _maybe_checkpoint(self) -> None:
+        """Under the lock: when log.bin holds snapshot_every records and no checkpoint runs, seal it and save in a thread."""
+        if self.log_handle is None or self.log_records < self.snapshot_every or not self.checkpoint_lock.acquire(blocking=False):
+            return
+        try:
+            job = self._seal()
+        except BaseException:
+            self.checkpoint_lock.release()
+            raise
+        self.checkpoint_thread = threading.Thread(target=self._run_checkpoint, args=(job,), name=CHECKPOINT_THREAD, daemon=True)
+        self.checkpoint_thread.start()
+
+    def _run_checkpoint(self, job: _Checkpoint) -> None:
+        try:
+            self._complete(job)
+        except Exception:  # noqa: BLE001 - the segments stay (replayed on open); the next checkpoint covers them; logged
+            log.exception("checkpointing the gallery %s failed; its log segments stay for the next one", self.root)
+        finally:
+            with self.lock:
+                self.checkpoint_thread = None
+                self.checkpoint_lock.release()
+                self._maybe_checkpoint()  # the log may have reached snapshot_every again meanwhile
+
+    def _seal(self) -> _Checkpoint:
+        """Under the lock, holding checkpoint_lock: log.bin (if it holds records) becomes the next sealed segment and a
+        fresh one takes the writes; the slots now are what the snapshot will hold."""
+        if self.log_records:
+            segment = segment_path(self.root, self.sealed)
+            self.log_handle.close()
+            try:
+                os.replace(self.log_path, segment)
+            finally:
+                self.log_handle = open(self.log_path, "ab")
+            fsync_dir(self.root)  # both names on disk before a write to the new log.bin is acknowledged
+            self.sealed.append(segment)
+            self.log_records = 0
+        return _Checkpoint(self.slot_ids[:self.count], dict(self.buffers), list(self.sealed))
+
+    def _complete(self, job: _Checkpoint) -> None:
+        """Holding checkpoint_lock, not the lock: the snapshot (the long part), folder.json's removals, the segments deleted."""
+        ids, count = job.ids, len(job.ids)
+        if all(ids):
+            arrays = {k: v[:count] for k, v in job.buffers.items()}
+        else:  # the live rows only (dead slots wait for a compaction; one running is not waited for)
+            live = np.array([slot for slot, image_id in enumerate(ids) if image_id], dtype=np.int64)
+            ids, arrays = [ids[s] for s in live], {k: v[live] for k, v in job.buffers.items()}
+        snapshot = self.root / "snapshot"
+        if ids:
+            ImageCache(ids, arrays, self.fingerprint, self.precision).save(snapshot)
+        else:
+            remove_directory_durable(snapshot)
+        fsync_dir(self.root)
+        with self.lock:  # the segments' removals (in the tombstones since their writes or since open) outlive them
             if self.tombstones is not None and self.tombstones != set(self.folder.get("removed", [])):
                 self._write_folder({**self.folder, "removed": sorted(self.tombstones)})
-            if self.log_handle is not None:
-                self.log_handle.close()
-            write_file_durable(self.log_path, b"")
-            self.log_handle = open(self.log_path, "ab")
-            self.log_records = 0
+            self.sealed = [s for s in self.sealed if s not in job.segments]
+        for segment in job.segments:
+            segment.unlink(missing_ok=True)
+        fsync_dir(self.root)
 
     # ------------------------------------------------------------------------------ reading
     def view(self) -> ImageCache:

@@ -16,9 +16,11 @@ IVF (faiss.IndexIVFFlat, inner product): exact (a flat index) until IVF_TRAIN_AT
 k-means on a sample of them (at most IVF_TRAIN_PER_LIST per list) cuts the space into `nlist` lists
 (default: ivf_lists(n), ~sqrt(n)), every vector goes to its list, and a query scans the `nprobe`
 lists nearest to it. When it has grown IVF_RETRAIN_GROWTH-fold since, it is trained again for its
-new size (inside that add: at 1M a minute or two on 2 cores, under the gallery's lock), so lists stay
-~sqrt(n) long (20k -> 80k -> 320k -> 1.28M for a gallery indexed one photo at a time). Build
-time is bounded by the sample (minutes at 1M on 2 cores; HNSW took 14+ min at efConstruction 40).
+new size, so lists stay ~sqrt(n) long (20k -> 80k -> 320k -> 1.28M for a gallery indexed one photo
+at a time). Build time is bounded by the sample (minutes at 1M on 2 cores; HNSW took 14+ min at
+efConstruction 40). A standalone index trains inside the add that makes it due; the gallery adds
+with train=False (its writes hold its lock) and, when `training_due`, builds a fresh index over the
+same labels in a thread while this one keeps answering (engine/serve/gallery.py, _Compaction).
 
 FAISS indexes are not safe to add to while searching: callers serialise (engine/serve/gallery.py
 holds its lock around both). Threads: adding (HNSW links, IVF k-means) uses `threads` OpenMP threads; a
@@ -100,15 +102,21 @@ class VectorIndex:
     def live_count(self) -> int:
         return len(self) - self.dead
 
-    def add(self, vectors: np.ndarray) -> np.ndarray:
-        """Append [N, dim] vectors; returns their labels."""
+    @property
+    def training_due(self) -> bool:
+        """An IVF index that reached train_at untrained, or has grown IVF_RETRAIN_GROWTH-fold since its training."""
+        return self.kind == "ivf" and len(self) >= (IVF_RETRAIN_GROWTH * self.trained_at if self.trained else self.train_at)
+
+    def add(self, vectors: np.ndarray, train: bool = True) -> np.ndarray:
+        """Append [N, dim] vectors; returns their labels. train=False: never (re)train here, even when due
+        (the caller rebuilds off its lock: training takes minutes at 1M)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)  # [N, dim]
         start = len(self)
         if self.threads:
             _faiss().omp_set_num_threads(self.threads)
         self.index.add(vectors)
         self.live = np.concatenate([self.live, np.ones(len(vectors), np.uint8)])
-        if self.kind == "ivf" and len(self) >= (IVF_RETRAIN_GROWTH * self.trained_at if self.trained else self.train_at):
+        if train and self.training_due:
             self._train_ivf()
         return np.arange(start, start + len(vectors), dtype=np.int64)
 

@@ -2,7 +2,9 @@
 
     record = encode_record({"op": "put", "id": "cat.jpg"}, {"image_vectors": vector, ...})   # bytes to append
     records = read_log(Path("index/log.bin"))     # [(header, arrays)]; a torn tail is cut off the file
+    log_segments(Path("index"))                   # the sealed segments log-<n>.bin, oldest first
     write_file_durable(path, data)                # temp file, fsync, rename, fsync the folder
+    remove_directory_durable(path)                # rename to a temp name, fsync the folder, delete
 
 A record is MAGIC | u32 payload length | u32 crc32 of the payload | payload, and the payload is
 u32 header length | JSON header {"op": "put"|"del", "id", "arrays": [[name, dtype, shape]]} | raw arrays.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import sys
 import zlib
@@ -19,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.files import write_bytes_atomic
+from engine.files import settle_directory, temp_sibling, write_bytes_atomic
 
 LOG_MAGIC = b"BSL1"
 LOG_HEAD = struct.Struct("<4sII")  # magic, payload length, crc32 of the payload
+SEGMENT_PREFIX, SEGMENT_SUFFIX = "log-", ".bin"  # a sealed segment: log-000001.bin, log-000002.bin, ...
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,6 +41,35 @@ def write_file_durable(path: Path, data: bytes) -> None:
     """engine.files' atomic write (temp file, fsync, rename), then fsync the folder: the rename is on disk."""
     write_bytes_atomic(path, data, fsync=True)
     fsync_dir(path.parent)
+
+
+def remove_directory_durable(directory: Path) -> None:
+    """Delete a directory at once: renamed to a temp name (a reader sees it whole or not at all), then removed."""
+    settle_directory(directory)
+    if directory.exists():
+        doomed = temp_sibling(directory)
+        if doomed.exists():
+            shutil.rmtree(doomed)
+        os.replace(directory, doomed)
+        fsync_dir(directory.parent)
+        shutil.rmtree(doomed)
+
+
+def _segment_number(path: Path) -> int | None:
+    digits = path.name[len(SEGMENT_PREFIX):-len(SEGMENT_SUFFIX)]
+    return int(digits) if digits.isdigit() else None
+
+
+def log_segments(root: Path) -> list[Path]:
+    """The sealed log segments in `root`, oldest (lowest number) first."""
+    found = [(_segment_number(p), p) for p in Path(root).glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}")]
+    return [p for n, p in sorted((n, p) for n, p in found if n is not None)]
+
+
+def segment_path(root: Path, sealed: list[Path]) -> Path:
+    """The name of the next sealed segment: one past the newest of `sealed` (the segments still on disk)."""
+    number = _segment_number(sealed[-1]) + 1 if sealed else 1
+    return Path(root) / f"{SEGMENT_PREFIX}{number:06d}{SEGMENT_SUFFIX}"
 
 
 def encode_record(header: dict, arrays: dict[str, np.ndarray] | None = None) -> bytes:

@@ -1,7 +1,8 @@
 """Gallery compaction beside the service, on synthetic rows (no model): while the index rebuild is held
 (an add of more than one vector waits on an Event), searches, adds, replacements and removals finish and
 see the right images; the swapped-in result is the compaction of the live rows when it began followed by
-those writes; a crash (simulated and a real kill -9) before the swap leaves a correct gallery on disk."""
+those writes; a crash (simulated and a real kill -9) before the swap leaves a correct gallery on disk.
+An IVF index's (re)training is such a rebuild too: the old index answers until the trained one is swapped in."""
 
 from __future__ import annotations
 
@@ -23,22 +24,23 @@ from engine.serve.index import VectorIndex  # noqa: E402
 from tests.engine.serve.test_serve_gallery import DIM, FINGERPRINT, row  # noqa: E402,F401  (one synthetic row maker)
 WAIT = 20  # seconds a blocked rebuild or a call may take before the test fails (never reached when it passes)
 IVF_OPTIONS = {"train_at": 16, "nlist": 4, "nprobe": 4}  # trained from 16 rows on; every list scanned: exact
+IVF_TRAINING = {"train_at": 2000, "nlist": 16, "nprobe": 16}  # a training at an import of 2,500 rows; exact once trained
 REPO = Path(__file__).resolve().parents[3]
 
 
 class GatedIndex(VectorIndex):
-    """A VectorIndex whose adds of more than one vector (a compaction's rebuild: writes add one row at a time)
+    """A VectorIndex whose adds of more than one vector that may train (a rebuild's: writes add with train=False)
     set `started` and wait for `release`."""
 
     started: threading.Event
     release: threading.Event
 
-    def add(self, vectors):
-        if len(vectors) > 1:
+    def add(self, vectors, train=True):
+        if len(vectors) > 1 and train:
             GatedIndex.started.set()
             if not GatedIndex.release.wait(WAIT):
                 raise TimeoutError("the test never released the rebuild")
-        return super().add(vectors)
+        return super().add(vectors, train)
 
 
 @pytest.fixture()
@@ -89,7 +91,7 @@ def in_time(work, *args):
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(WAIT)
-    assert not thread.is_alive(), f"{work.__name__} did not finish while the rebuild was held: it waited on the gallery lock"
+    assert not thread.is_alive(), f"{work.__name__} did not finish while a rebuild or a save was held: it waited on the lock"
     if "error" in out:
         raise out["error"]
     return out.get("value")
@@ -97,8 +99,14 @@ def in_time(work, *args):
 
 def start_held_compaction(gallery: Gallery, gate) -> dict[str, int]:
     """img0..img31 added one at a time, img0..img7 removed: the 8th removal starts a compaction, held in its rebuild.
-    Returns the live ids and their row seeds."""
+    Returns the live ids and their row seeds. An IVF index's first training (a rebuild too) is let through first."""
     gallery.put([(f"img{i}", row(f"img{i}", i), None) for i in range(32)])
+    if gallery.compaction is not None:
+        assert gallery.index.training_due and gallery.compaction.live is None
+        gate.release.set()
+        assert gallery.wait_compaction(WAIT) and gallery.index.trained and gallery.count == 32
+        gate.started.clear()
+        gate.release.clear()
 
     def remove_eight():
         for i in range(8):
@@ -211,3 +219,51 @@ def test_kill_9_during_the_rebuild(tmp_path):
     live = expected_rows({**{f"img{i}": i for i in range(10, 32)}, "new0": 100, "img8": 108, "img3": 103})
     after = contents(open_gallery(tmp_path, "hnsw"))
     assert after.keys() == live.keys() and all(np.array_equal(after[i], live[i]) for i in live)
+
+
+def synthetic_rows(count: int, first: int, seed: int) -> ImageCache:
+    """`count` rows named v<first>, v<first+1>, ... (unit vectors), as an import brings them."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(count, DIM)).astype(np.float32)  # [N, DIM]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return ImageCache([f"v{first + i}" for i in range(count)],
+                      {"regions_attn": rng.normal(size=(count, 4, 3)).astype(np.float32), "image_vectors": vectors},
+                      FINGERPRINT, "fp32")
+
+
+def test_ivf_training_runs_beside_searches_and_writes(tmp_path, gate):
+    gallery = Gallery.open(tmp_path, FINGERPRINT, "fp32", index_kind="ivf", index_options=IVF_TRAINING)
+    first = synthetic_rows(2500, 0, seed=1)
+    in_time(gallery.put_rows, first)  # reaches train_at: the training runs in a thread, held
+    assert gate.started.wait(WAIT), "no IVF training started at train_at"
+    job = gallery.compaction
+    assert job is not None and job.live is None and not gallery.index.trained  # the flat index answers meanwhile
+    live = dict(zip(first.ids, first.arrays["image_vectors"]))
+    queries = synthetic_rows(8, 10_000, seed=2).arrays["image_vectors"]
+
+    def all_exact():
+        return all(in_time(searched, gallery, query, 10) == exact_top(live, query, 10) for query in queries)
+
+    assert all_exact()
+    more = synthetic_rows(200, 2500, seed=3)
+    in_time(gallery.put_rows, more)
+    in_time(gallery.put, [("v5", row("v5", 55), None), ("new", row("new", 56), None)])
+    assert in_time(gallery.remove, "v7") and in_time(gallery.remove, "v2600")
+    live.update(zip(more.ids, more.arrays["image_vectors"]))
+    live.update(expected_rows({"v5": 55, "new": 56}))
+    del live["v7"], live["v2600"]
+    assert all_exact() and gallery.compaction is job and not gallery.index.trained
+
+    gate.release.set()
+    assert gallery.wait_compaction(WAIT)
+    index = gallery.index
+    assert index.trained and (index.trained_at, index.nlist) == (2500, 16) and len(index) == gallery.count == 2702
+    assert index.dead == 3 and gallery.compaction is None  # same slots: v5's old one, v7, v2600
+    assert all_exact()  # every list scanned: exact
+    ids = sorted(live)
+    view, slots, _ = gallery.search(np.stack([live[i] for i in ids]), 1)
+    assert [view.ids[s[0]] for s in slots] == ids  # every vector found (its own nearest)
+    reopened = Gallery.open(tmp_path, FINGERPRINT, "fp32", index_kind="ivf", index_options=IVF_TRAINING)
+    assert reopened.index.trained and contents(reopened).keys() == live.keys()
+    gallery = reopened
+    assert all_exact()

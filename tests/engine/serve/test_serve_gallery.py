@@ -96,6 +96,7 @@ def test_close_checkpoints_and_snapshot_every(tmp_path):
     g = open_gallery(tmp_path, snapshot_every=3)
     for i in range(7):
         g.put([(f"img{i}", row(f"img{i}", i), None)])
+        assert g.wait_checkpoint(30)  # a write's checkpoint saves in a thread
     assert g.log_records == 1  # checkpointed after the 3rd and the 6th write
     g.close()
     assert g.log_path.stat().st_size == 0
