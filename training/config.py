@@ -226,6 +226,10 @@ class TrainConfig:
                                     # K-shortlist protocol hides: a re-ranker can be good at K=20 and poor over all pairs
     init_from: str = ""        # a BSSAN checkpoint directory whose weights (and input scales) start the run
                                # (fine-tuning with another loss); its model config must equal this run's
+    neighbour_share: float = 1.0  # loss=grid with mining: the share of an epoch's batch seeds followed by their first-stage
+                                  # neighbours (groups of training.mining.NEIGHBOUR_GROUP); the other seeds come alone, so
+                                  # lower shares put more random images (easy negatives, the bulk of an exhaustive
+                                  # ranking) beside the near scenes. 1: every seed (the session-4 recipe)
     input_dropout: float = 0.0  # image-grouped BSSAN batches: dropout on the region, object and word features of each
                                 # training step (a regulariser: W2R alone overfits, loss 8.4 -> 1.35 while dev peaks at
                                 # epoch 4); off at evaluation and in every exported graph
@@ -259,6 +263,8 @@ class TrainConfig:
                              f"got {self.negatives_per_kind} and {self.list_temperature}")
         if self.dev_exhaustive_images < 0:
             raise InputError(f"TrainConfig.dev_exhaustive_images: expected >= 0, got {self.dev_exhaustive_images}")
+        if not 0 <= self.neighbour_share <= 1:
+            raise InputError(f"TrainConfig.neighbour_share: expected 0 <= share <= 1, got {self.neighbour_share}")
         if not 0 <= self.input_dropout < 1 or (self.input_dropout > 0 and self.batch_images == 0):
             raise InputError(f"TrainConfig.input_dropout: expected 0 <= p < 1, and image-grouped batches (batch_images "
                              f">= 2) when p > 0; got p={self.input_dropout}, batch_images={self.batch_images}")

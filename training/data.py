@@ -191,7 +191,9 @@ class ImageBatches:
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's permutation of image indices (with mining: grouped by first-stage neighbours)."""
         permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
-        return permutation if self.mining is None or self.mining.fraction <= 0 else self.mining.group_order(permutation)
+        if self.mining is None or self.mining.fraction <= 0:
+            return permutation
+        return self.mining.group_order(permutation, rng=np.random.default_rng([self.seed, epoch, 1]))
 
     def batch_pairs(self, epoch: int, index: int, order: np.ndarray | None = None) -> int:
         """Positive pairs of batch `index` (for progress counts) without reading features."""

@@ -44,16 +44,20 @@ class Mining:
     text_vectors: np.ndarray       # [N_cap, K]
     guard: float
     neighbours: np.ndarray         # [N_img, g] nearest other images by first-stage image vectors
+    neighbour_share: float = 1.0   # share of batch seeds followed by their neighbours (TrainConfig.neighbour_share)
 
-    def group_order(self, permutation: np.ndarray, group: int = NEIGHBOUR_GROUP) -> np.ndarray:
+    def group_order(self, permutation: np.ndarray, group: int = NEIGHBOUR_GROUP,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
         """Every image once: walk `permutation`; each not-yet-placed image is followed by up to group-1
-        of its not-yet-placed neighbours."""
+        of its not-yet-placed neighbours (with neighbour_share < 1, only a seed that draws below the share:
+        `rng` decides, and is not drawn from at share 1, so those orders stay what they were)."""
         placed = np.zeros(len(permutation), dtype=bool)
         out = []
         for seed in permutation.tolist():
             if placed[seed]:
                 continue
-            members = [seed] + [n for n in self.neighbours[seed].tolist() if n >= 0 and not placed[n]][: group - 1]
+            followers = group - 1 if self.neighbour_share >= 1 or rng.random() < self.neighbour_share else 0
+            members = [seed] + [n for n in self.neighbours[seed].tolist() if n >= 0 and not placed[n]][:followers]
             placed[members] = True
             out.extend(members)
         return np.asarray(out, dtype=np.int64)
@@ -214,7 +218,7 @@ class FirstStage:
             with atomic_path(cache) as tmp, open(tmp, "wb") as handle:
                 np.savez(handle, captions_of_image=captions, images_of_caption=images)
         return Mining(captions, images, config.mined_fraction, self.image_vectors, self.text_vectors, config.mining_guard,
-                      image_neighbours(self.image_vectors, NEIGHBOUR_GROUP * 2))
+                      image_neighbours(self.image_vectors, NEIGHBOUR_GROUP * 2), config.neighbour_share)
 
     def scores(self, split) -> np.ndarray:
         """The first stage's scores [N_img, N_cap] of a split, as the product ranks by them: cosines, minus the

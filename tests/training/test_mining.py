@@ -56,6 +56,24 @@ def test_groups_visit_every_image_once_with_their_neighbours():
     assert set(order[1:5].tolist()) <= set(neighbours[first].tolist())
 
 
+def test_a_neighbour_share_below_one_leaves_some_seeds_alone_and_share_one_draws_nothing():
+    from dataclasses import replace
+
+    rng = np.random.default_rng(2)
+    vectors = _unit(rng.normal(size=(200, 4)).astype(np.float32))
+    mining = Mining(np.zeros((200, 1), np.int64), np.zeros((600, 1), np.int64), 0.5, vectors, np.zeros((600, 4), np.float32),
+                    0.9, image_neighbours(vectors, 6))
+    permutation = rng.permutation(200)
+    grouped = mining.group_order(permutation, group=5, rng=np.random.default_rng(0))
+    assert np.array_equal(grouped, mining.group_order(permutation, group=5))  # share 1: the rng is not needed
+    half = replace(mining, neighbour_share=0.5)
+    mixed = half.group_order(permutation, group=5, rng=np.random.default_rng(0))
+    assert sorted(mixed.tolist()) == list(range(200))
+    assert not np.array_equal(mixed, grouped)
+    alone = replace(mining, neighbour_share=0.0).group_order(permutation, group=5, rng=np.random.default_rng(0))
+    assert np.array_equal(alone, permutation)  # share 0: the shuffled order itself
+
+
 @pytest.fixture(scope="module")
 def dual_checkpoint(tmp_path_factory, tiny_store):
     return random_dual_checkpoint(tmp_path_factory.mktemp("first") / "dual", tiny_store)
