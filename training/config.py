@@ -148,7 +148,8 @@ class LossKind(str, enum.Enum):
     GRID = "grid"          # every image x every caption of an image-grouped batch is scored; per branch, softmax
                            # cross-entropy of each positive against ALL the batch's other images (text -> image) and
                            # all their captions (image -> text), InfoNCE-style. With a first stage and
-                           # mined_fraction > 0 the batch is built of neighbour groups (hard in-batch negatives);
+                           # mined_fraction > 0 (its value is not used) a share neighbour_share of the batch seeds
+                           # bring their first-stage neighbours (hard in-batch negatives; 0: random batches);
                            # with a first stage, near-duplicates are masked out (mining_guard). ~8x the pairs of a
                            # sampled step, scored as one grid at about the same CPU: teaches BSSAN to rank every
                            # candidate, not only to separate a positive from one sampled negative
