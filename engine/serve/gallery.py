@@ -73,8 +73,9 @@ from tqdm import tqdm
 
 from engine.cache import CACHE_JSON, ImageCache
 from engine.errors import InputError
+from engine.files import fsync_dir
 from engine.serve.index import VectorIndex
-from engine.serve.records import (encode_record, fsync_dir, log_segments, read_log, remove_directory_durable, segment_path,
+from engine.serve.records import (encode_record, log_segments, read_log, remove_directory_durable, segment_path,
                                   write_file_durable)
 
 log = logging.getLogger("engine.serve")

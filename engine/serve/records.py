@@ -22,19 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.files import settle_directory, temp_sibling, write_bytes_atomic
+from engine.files import fsync_dir, settle_directory, temp_sibling, write_bytes_atomic
 
 LOG_MAGIC = b"BSL1"
 LOG_HEAD = struct.Struct("<4sII")  # magic, payload length, crc32 of the payload
 SEGMENT_PREFIX, SEGMENT_SUFFIX = "log-", ".bin"  # a sealed segment: log-000001.bin, log-000002.bin, ...
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_file_durable(path: Path, data: bytes) -> None:

@@ -136,6 +136,16 @@ def plot_dev_curves(runs: dict[str, dict], out: Path) -> None:
     plt.close(fig)
 
 
+def write_row(out: Path, evals: Path, row: str, metrics: dict, training: dict, label: str | None = None,
+              source: str | None = None) -> None:
+    """OUT/<row>.json: the evaluation's metrics, its GNU time record (EVALS/<source or row>.time) and the scored
+    model's training record."""
+    payload = {"row": row, "metrics": metrics, "evaluation": gnu_time(evals / f"{source or row}.time"), "training": training}
+    if label is not None:
+        payload["label"] = label
+    (out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def branch_rows(args, prefix: str, label: str) -> list[str]:
     """Table lines (and one JSON each) of the branch rows PREFIX_{full,w2r,o2w}_{alone,fused,exh}."""
     runs, evals, lines = args.runs, args.runs / args.evals, []
@@ -145,9 +155,7 @@ def branch_rows(args, prefix: str, label: str) -> list[str]:
             row = f"{prefix}_{name}_{kind}"
             metrics = load(evals / f"{row}.json")
             if metrics is not None:
-                payload = {"row": row, "metrics": metrics, "evaluation": gnu_time(evals / f"{row}.time"),
-                           "training": training_record(runs / run)}
-                (args.out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+                write_row(args.out, evals, row, metrics, training_record(runs / run))
             lines.append(fmt_row(f"{ABLATION_NAMES[name]}{label}: {suffix}", metrics))
     return lines
 
@@ -172,9 +180,7 @@ def main(argv=None) -> int:
     for row, label, model, note in ROWS:
         metrics = load(evals / f"{row}.json")
         if metrics is not None:
-            payload = {"row": row, "label": label, "metrics": metrics, "evaluation": gnu_time(evals / f"{row}.time"),
-                       "training": trainings.get(model) or {}}
-            (args.out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            write_row(args.out, evals, row, metrics, trainings.get(model) or {}, label)
         lines.append(fmt_row(label, metrics, note))
     lines.append("| *branches under the reference's recipe and budget (loss=grid, 8 epochs each, the same first stage with its "
                  "correction; full with the paper's branch weights (1, 0.6))* | | | | | | | | | | | | |")
@@ -190,9 +196,7 @@ def main(argv=None) -> int:
         for kind, suffix in (("alone", "BSSAN alone at K=20"), ("fused", "fused at K=20")):
             metrics = load(evals / f"abl_{name}_{kind}.json")
             if metrics is not None:
-                payload = {"row": f"abl_{name}_{kind}", "metrics": metrics, "evaluation": gnu_time(evals / f"abl_{name}_{kind}.time"),
-                           "training": training_record(run)}
-                (args.out / f"abl_{name}_{kind}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+                write_row(args.out, evals, f"abl_{name}_{kind}", metrics, training_record(run))
             lines.append(fmt_row(f"{ABLATION_NAMES[name]}: {suffix}", metrics))
     (args.out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     curves = {"dual encoder, max pooling (reference first stage)": trainings["dual"],

@@ -1,5 +1,5 @@
-"""Add the evaluation's wall time / peak RSS (GNU time files) and the scored model's training record to the
-session-6 rows, as collect.py does for its table's rows.
+"""Session 6's rows, one JSON each, in collect.py's form (metrics, the evaluation's command / wall time / peak RSS,
+the scored model's training record), from the evaluation files in RUNS/EVALS.
 
     python results/flickr8k/s6/annotate.py --runs /work/runs --evals eval-s6
 """
@@ -9,11 +9,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from collect import gnu_time, training_record  # noqa: E402
+from collect import training_record, write_row  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-TIME_OF = {"test_alone_all": "share0_alone_all"}  # row -> its evaluation's name in the evals folder
-RUN_OF = {"br6_w2r": "s6-share0-w2r", "br6_o2w": "s6-share0-o2w", "ft25": "s6-ft25", "ftb50": "s6-ftb50"}
+ROWS = ("test_product_k20", "test_product_k100", "test_alone_k20", "test_alone_k100", "test_alone_all", "test_engine_fp32_k20",
+        "test_engine_fp16_k20", "test_engine_int8_k20", "test_engine_fp32_k100", "tune_fusion", "share0_tune_hub",
+        "share0_tune_score_weights", "ft25_tune_hub", "ft25_tune_score_weights", "ftb50_tune_hub", "ftb50_tune_score_weights",
+        "ftb50_tune_fusion", "ftb50_alone_all", *(f"br6_{b}_{k}" for b in ("w2r", "o2w")
+                                                  for k in ("tune_hub", "tune", "fused", "alone", "alone_all")))
+SOURCE = {"test_alone_all": "share0_alone_all"}  # row -> its evaluation's name in the evals folder
+RUN_OF = {"br6_w2r": "s6-share0-w2r", "br6_o2w": "s6-share0-o2w", "ft25": "s6-ft25", "ftb50": "s6-ftb50"}  # else s6-share0
 
 
 def main() -> None:
@@ -21,18 +26,13 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--evals", default="eval-s6")
     args = parser.parse_args()
-    for path in sorted(HERE.glob("*.json")):
-        if path.name.startswith("dev_curves"):
-            continue
-        row = json.loads(path.read_text())
-        name = path.stem
-        timing = gnu_time(args.runs / args.evals / f"{TIME_OF.get(name, name)}.time")
-        if timing:
-            row["evaluation"] = timing
-        run = next((run for prefix, run in RUN_OF.items() if name.startswith(prefix)), "s6-share0")
-        row["trained"] = training_record(args.runs / run)
-        path.write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
-    print(f"annotated {HERE}")
+    evals = args.runs / args.evals
+    for row in ROWS:
+        source = SOURCE.get(row, row)
+        metrics = json.loads((evals / f"{source}.json").read_text())
+        run = next((run for prefix, run in RUN_OF.items() if row.startswith(prefix)), "s6-share0")
+        write_row(HERE, evals, row, metrics, training_record(args.runs / run), source=source)
+    print(f"wrote {len(ROWS)} rows to {HERE}")
 
 
 if __name__ == "__main__":

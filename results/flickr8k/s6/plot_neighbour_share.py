@@ -4,12 +4,16 @@
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from collect import training_record  # noqa: E402
 
 RUNS = {  # run directory -> label
     "s4-grid": "full, neighbour groups (share 1; session 4 reference, 8-epoch cosine)",
@@ -18,14 +22,8 @@ RUNS = {  # run directory -> label
     "s6-share0-w2r": "W2R only, random batches",
     "s6-share0-o2w": "O2W only, random batches",
 }
-METRICS = (("dev", "BSSAN alone, K=20 (whole dev)"), ("fused", "fused product, K=20 (whole dev)"),
-           ("exhaustive", "BSSAN alone, every pair of 200 dev images"))
-
-
-def curve(run: Path) -> dict:
-    history = json.loads((run / "last" / "metrics.json").read_text())["dev"]
-    return {"epoch": [e["epoch"] for e in history], "dev": [e["dev"]["rsum"] for e in history],
-            "fused": [e["fusion"]["rsum"] for e in history], "exhaustive": [e["fusion"]["exhaustive"]["rsum"] for e in history]}
+METRICS = (("rsum", "BSSAN alone, K=20 (whole dev)"), ("fused_rsum", "fused product, K=20 (whole dev)"),
+           ("exhaustive_rsum", "BSSAN alone, every pair of 200 dev images"))
 
 
 def main() -> None:
@@ -33,11 +31,12 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    curves = {name: curve(args.runs / name) for name in RUNS if (args.runs / name / "last" / "metrics.json").is_file()}
+    curves = {name: training_record(args.runs / name).get("dev") for name in RUNS}
+    curves = {name: dev for name, dev in curves.items() if dev}
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     for ax, (key, title) in zip(axes, METRICS):
         for name, c in curves.items():
-            ax.plot(c["epoch"], c[key], marker="o", label=RUNS[name])
+            ax.plot([e["epoch"] for e in c], [e[key] for e in c], marker="o", label=RUNS[name])
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel("rsum")
