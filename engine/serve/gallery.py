@@ -44,13 +44,15 @@ runs outside the lock while writes go on.
 Compaction runs in a thread, one at a time: under the lock it notes the live slots (a slot below
 `count` is never written again, so references to the arrays suffice); without it, it copies the
 rows and builds the new index (HNSW links, IVF k-means: minutes at 1M), while searches use the
-old index (dead slots filtered) and writes go on, each also noted in its journal; under the lock
-again the journal is replayed onto the new rows, which are swapped in: exactly the compaction
-under the lock when it began, then those writes. An IVF index due for training (VectorIndex.
-training_due: it reached train_at or grew 4-fold; writes add with train=False) is rebuilt the
-same way without moving rows: a new index over the same slots is trained in the thread while the
-old one answers, and at the swap it gets the slots written since and every removal. Neither writes
-a file (the snapshot and log hold their inputs), so a crash during one loses nothing acknowledged.
+old index (dead slots filtered) and writes go on, each also noted in its journal; the journal is
+replayed onto the new rows (once without the lock, then under it only what came during that
+replay), which are swapped in: exactly the compaction under the lock when it began, then those
+writes. An IVF index due for training (VectorIndex.training_due: it reached train_at or grew
+4-fold; writes add with train=False) is rebuilt the same way without moving rows: a new index over
+the same slots is trained in the thread while the old one answers; it gets the slots written since
+(the same two steps) and, at the swap, every removal. Neither writes a file (the snapshot and log
+hold their inputs), so a crash during one loses nothing acknowledged. A failed rebuild leaves the
+old rows and index in service; writes retry it after RETRY_FIRST_S, doubled per failure in a row.
 
 The folder's first indexing (index_folder) and an import (engine/serve/state.py) add only images
 that are not in the gallery and were not removed through the API since that indexing began
@@ -66,6 +68,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +89,8 @@ FOLDER_CHUNK = 16  # images encoded and logged per step of the first indexing (o
 VECTORS = "image_vectors"  # the shortlist graph's output: the first stage's vectors
 COMPACTION_THREAD = "gallery-compaction"
 CHECKPOINT_THREAD = "gallery-checkpoint"
+RETRY_FIRST_S = 30.0  # a failed rebuild is retried by a write after this long, doubled per failure in a row ...
+RETRY_MAX_S = 3600.0  # ... up to an hour: a rebuild that keeps failing (no memory at 1M) does not start on every write
 
 
 def check_image_id(image_id: str) -> str:
@@ -135,6 +140,8 @@ class Gallery:
         self.checkpoint_lock = threading.Lock()  # one checkpoint at a time: held from its seal to its last deletion
         self.checkpoint_thread: threading.Thread | None = None  # the one a write started
         self.compaction: _Compaction | None = None  # the one in flight
+        self.rebuild_failures = 0  # failed rebuilds in a row; the next may start at retry_at (time.monotonic)
+        self.retry_at = 0.0
         self.folder: dict | None = None  # folder.json as last written or read (None: there is none)
         self.tombstones: set[str] | None = None  # ids removed through the API while the folder's first indexing is pending
 
@@ -168,7 +175,7 @@ class Gallery:
         if gallery.index is not None and gallery.index.dead:  # nothing is served yet: in this thread
             gallery._compact()
         elif gallery.index is not None and gallery.index.training_due:
-            gallery._swap_index(gallery._reindexed(gallery.buffers[VECTORS][:gallery.count]), gallery.count)
+            gallery._swap_index(gallery._reindexed(gallery.buffers[VECTORS][:gallery.count]))
         return gallery
 
     @property
@@ -271,11 +278,9 @@ class Gallery:
         index.add(np.asarray(vectors, np.float32), train=True)
         return index
 
-    def _swap_index(self, index: VectorIndex, done: int) -> None:
-        """Under the lock: `index`, built over the slots below `done`, gets the slots written since and every removal
-        (old and new: the dead labels of the index it replaces), then replaces it."""
-        if self.count > done:
-            index.add(np.asarray(self.buffers[VECTORS][done:self.count], np.float32), train=False)
+    def _swap_index(self, index: VectorIndex) -> None:
+        """Under the lock: `index`, built over every slot, gets every removal (old and new: the dead labels of the
+        index it replaces), then replaces it."""
         index.remove(np.flatnonzero(self.index.live == 0))
         assert len(index) == len(self.index) == self.count
         self.index = index
@@ -292,7 +297,7 @@ class Gallery:
     def _maybe_compact(self) -> None:
         """Start a rebuild in the background (none running): a compaction when a quarter is dead, else a retraining
         when the IVF index is due for one."""
-        if self.compaction is not None or self.index is None:
+        if self.compaction is not None or self.index is None or time.monotonic() < self.retry_at:
             return
         if self.index.dead >= max(COMPACT_MIN, COMPACT_FRACTION * self.count):
             live = self._live()
@@ -308,29 +313,50 @@ class Gallery:
     def _run_compaction(self, job: _Compaction) -> None:
         try:
             if job.live is not None:  # no lock: the long part (row copies, the index build)
-                fresh = self._rebuilt(job.ids, {k: v[job.live] for k, v in job.buffers.items()})
+                target = self._rebuilt(job.ids, {k: v[job.live] for k, v in job.buffers.items()})
             else:
-                index = self._reindexed(job.buffers[VECTORS][:job.count])
+                target = self._reindexed(job.buffers[VECTORS][:job.count])
+            done = self._catch_up(job, target, job.count if job.live is None else 0)  # no lock: the writes made meanwhile
             with self.lock:
                 if self.compaction is not job:  # the gallery was closed meanwhile
                     return
+                self._catch_up(job, target, done)  # under the lock: only those made during the first catch-up
                 if job.live is None:
-                    self._swap_index(index, job.count)
+                    self._swap_index(target)
                 else:
-                    for op in job.journal:  # the writes made during the rebuild, in order
-                        if op[0] == "put":
-                            fresh._apply_put(op[1], op[2])
-                        else:
-                            fresh._apply_remove(op[1])
-                    self._swap_in(fresh)
-                self.compaction = None
+                    self._swap_in(target)
+                self.compaction, self.rebuild_failures, self.retry_at = None, 0, 0.0
                 self._maybe_compact()  # removals meanwhile may have killed a quarter of the new slots, or adds made IVF due
         except Exception:  # noqa: BLE001 - a failed rebuild leaves the old rows and index in service; logged
-            log.exception("rebuilding the gallery %s (%s) failed; the next write tries again", self.root,
-                          "compaction" if job.live is not None else "IVF retraining")
             with self.lock:
-                if self.compaction is job:
-                    self.compaction = None
+                if self.compaction is not job:
+                    return
+                self.compaction = None
+                self.rebuild_failures += 1
+                wait = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self.rebuild_failures - 1))
+                self.retry_at = time.monotonic() + wait
+            log.exception("rebuilding the gallery %s (%s) failed (%d in a row); a write tries again in %.0f s or later",
+                          self.root, "compaction" if job.live is not None else "IVF retraining", self.rebuild_failures, wait)
+
+    def _catch_up(self, job: _Compaction, target, done: int) -> int:
+        """Bring a rebuild's result up to the writes made since it began, from `done` on: a retraining's new index
+        (`target`, a VectorIndex) gets the slots in [done, count) (a slot below count is never written again, so the
+        arrays read are the ones noted under the lock); a compaction's fresh Gallery replays its journal from entry
+        `done` (entries are only appended). Returns the point reached. Called once without the lock, so that the
+        second call, under it just before the swap, has only the writes made during the first."""
+        with self.lock:
+            end = self.count if job.live is None else len(job.journal)
+            vectors, ops = self.buffers.get(VECTORS), job.journal[done:end]
+        if job.live is None:
+            if end > done:
+                target.add(np.asarray(vectors[done:end], np.float32), train=False)
+            return end
+        for op in ops:  # in order
+            if op[0] == "put":
+                target._apply_put(op[1], op[2])
+            else:
+                target._apply_remove(op[1])
+        return end
 
     def wait_compaction(self, timeout: float | None = None) -> bool:
         """Wait for the rebuild in flight (and any it started) to be swapped in; False if one still runs."""

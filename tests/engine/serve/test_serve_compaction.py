@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +268,80 @@ def test_ivf_training_runs_beside_searches_and_writes(tmp_path, gate):
     assert reopened.index.trained and contents(reopened).keys() == live.keys()
     gallery = reopened
     assert all_exact()
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_writes_made_during_the_unlocked_catch_up_are_caught_up_under_the_lock(tmp_path, gate, monkeypatch, kind):
+    """The journal (a compaction) or the slots written since (an IVF retraining) are brought in twice: first
+    without the lock, then under it just before the swap; a write landing between the two is in the result."""
+    calls = []
+    catch_up = Gallery._catch_up
+
+    def with_a_write_between(self, job, target, done):
+        calls.append(self.lock._is_owned())
+        reached = catch_up(self, job, target, done)
+        if len(calls) == 1:  # between the two calls: a write from another client
+            in_time(self.put, [("late", row("late", 77), None)])
+        return reached
+
+    monkeypatch.setattr(Gallery, "_catch_up", with_a_write_between)
+    gallery = open_gallery(tmp_path, kind)
+    if kind == "ivf":  # a retraining: an import reaching train_at, held; then writes meanwhile
+        gallery = Gallery.open(tmp_path, FINGERPRINT, "fp32", index_kind="ivf", index_options=IVF_TRAINING)
+        first = synthetic_rows(2500, 0, seed=1)
+        in_time(gallery.put_rows, first)
+        assert gate.started.wait(WAIT) and gallery.compaction.live is None
+        live = dict(zip(first.ids, first.arrays["image_vectors"]))
+        in_time(gallery.put, [("v5", row("v5", 55), None)])
+        assert in_time(gallery.remove, "v7")
+        live.update(expected_rows({"v5": 55}))
+        del live["v7"]
+    else:
+        seeds = start_held_compaction(gallery, gate)
+        calls.clear()  # an IVF's first training is not this test's
+        in_time(writes_during, gallery, seeds)
+        live = expected_rows(seeds)
+    gate.release.set()
+    assert gallery.wait_compaction(WAIT)
+    assert calls == [False, True]  # the first catch-up ran without the lock, the second under it
+    live.update(expected_rows({"late": 77}))
+    after = contents(gallery)
+    assert after.keys() == live.keys() and all(np.array_equal(after[i], live[i]) for i in live)
+    assert len(gallery.index) == gallery.count and gallery.index.dead == gallery.count - len(live)
+    ids = sorted(live)
+    view, slots, _ = gallery.search(np.stack([live[i] for i in ids]), 1)
+    assert [view.ids[s[0]] for s in slots] == ids  # every vector found by the swapped-in index
+
+
+def test_a_failing_rebuild_is_retried_after_a_backoff_not_on_every_write(tmp_path, monkeypatch):
+    attempts = []
+
+    def broken(self, vectors):
+        attempts.append(len(vectors))
+        raise MemoryError("no memory for the k-means")
+
+    monkeypatch.setattr(Gallery, "_reindexed", broken)
+    gallery = Gallery.open(tmp_path, FINGERPRINT, "fp32", index_kind="ivf", index_options=IVF_TRAINING)
+    first = synthetic_rows(2500, 0, seed=1)
+    gallery.put_rows(first)  # due at train_at: the retraining fails
+    assert gallery.wait_compaction(WAIT) and attempts == [2500]
+    assert gallery.rebuild_failures == 1 and gallery.retry_at - time.monotonic() > gallery_module.RETRY_FIRST_S - 5
+    for i in range(5):  # writes within the backoff start nothing
+        gallery.put([(f"w{i}", row(f"w{i}", 200 + i), None)])
+        assert gallery.compaction is None
+    assert attempts == [2500] and not gallery.index.trained and gallery.index.training_due
+    live = {**dict(zip(first.ids, first.arrays["image_vectors"])), **expected_rows({f"w{i}": 200 + i for i in range(5)})}
+    query = row("q", 3).arrays["image_vectors"][0]
+    assert searched(gallery, query, 10) == exact_top(live, query, 10)  # the untrained index still answers, exactly
+
+    gallery.retry_at = 0.0  # the backoff has passed: the next write retries; a second failure doubles the wait
+    gallery.put([("w5", row("w5", 205), None)])
+    assert gallery.wait_compaction(WAIT) and attempts == [2500, 2506]
+    assert gallery.rebuild_failures == 2 and gallery.retry_at - time.monotonic() > 2 * gallery_module.RETRY_FIRST_S - 5
+
+    monkeypatch.undo()  # fixed (memory freed): after the backoff the retraining succeeds and the count resets
+    gallery.retry_at = 0.0
+    gallery.put([("w6", row("w6", 206), None)])
+    assert gallery.wait_compaction(WAIT)
+    assert gallery.index.trained and gallery.rebuild_failures == 0 and gallery.retry_at == 0.0
+    assert len(gallery.index) == gallery.count == 2507
