@@ -99,6 +99,35 @@ def retrieval_metrics(scores: np.ndarray, captions_per_image: int = 5, folds: in
     return {"i2t": i2t, "t2i": t2i, "rsum": _rsum(i2t, t2i)}
 
 
+def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], captions_per_image: int,
+                     samples: int = 2000, seed: int = 0) -> dict:
+    """How sure is "a ranks better than b"? rsum(a) - rsum(b) on the same queries, and its 95% interval over
+    `samples` resamplings of the test images with replacement (paired: both models see the same resample; an
+    image brings its image-to-text query and its captions' text-to-image queries, so the directions move
+    together). a, b: {"i2t": 1-based ranks [N_img], "t2i": 1-based ranks [N_img * captions_per_image]}, captions
+    image-major (image i's are i*cpi .. i*cpi + cpi - 1), as image_to_text_ranks / text_to_image_ranks give.
+    -> {"difference", "low", "high" (2.5th / 97.5th percentiles), "share_a_better" (of the resamples), "images",
+    "samples", "seed"}."""
+    per_image = []
+    for name, ranks in (("a", a), ("b", b)):
+        i2t, t2i = np.asarray(ranks["i2t"]), np.asarray(ranks["t2i"])
+        n = len(i2t)
+        if t2i.shape != (n * captions_per_image,):
+            raise InputError(f"ranks {name}: expected {n} x {captions_per_image} t2i ranks for {n} i2t ranks, got {t2i.shape}")
+        hits_i2t = sum((i2t <= k).astype(np.float64) for k in RECALL_AT) / n  # [N_img] share of R@1+R@5+R@10
+        hits_t2i = sum((t2i <= k).astype(np.float64) for k in RECALL_AT).reshape(n, captions_per_image).sum(1) / len(t2i)
+        per_image.append(100.0 * (hits_i2t + hits_t2i))  # rsum = the sum over images of these
+    if len(per_image[0]) != len(per_image[1]):
+        raise InputError(f"ranks: expected the same images for both models, got {len(per_image[0])} and {len(per_image[1])}")
+    delta = per_image[0] - per_image[1]  # [N_img]; its sum is rsum(a) - rsum(b)
+    n = len(delta)
+    rng = np.random.default_rng(seed)
+    draws = np.array([delta[rng.integers(0, n, n)].sum() for _ in range(samples)])  # one resample at a time: O(N) memory
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"difference": float(delta.sum()), "low": float(low), "high": float(high),
+            "share_a_better": float(np.mean(draws > 0)), "images": n, "samples": samples, "seed": seed}
+
+
 def format_metrics(metrics: dict) -> str:
     """One human line: 'i2t R@1 .. R@5 .. R@10 .. medr .. | t2i ... | rsum ...'."""
     def side(m: dict) -> str:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from engine.errors import InputError
-from engine.metrics import format_metrics, retrieval_metrics
+from engine.metrics import (format_metrics, image_to_text_ranks, paired_bootstrap, retrieval_metrics,
+                            text_to_image_ranks)
 
 
 def brute_force(scores: np.ndarray, cpi: int) -> dict:
@@ -67,3 +68,40 @@ def test_bad_inputs_name_the_problem():
     bad[1, 3] = np.nan
     with pytest.raises(InputError, match=r"non-finite value at index \[1, 3\]"):
         retrieval_metrics(bad, 5)
+
+
+def ranks_of(scores: np.ndarray, cpi: int) -> dict:
+    return {"i2t": image_to_text_ranks(scores, cpi), "t2i": text_to_image_ranks(scores, cpi)}
+
+
+def test_paired_bootstrap_difference_is_the_rsum_difference_and_its_interval_holds_it():
+    rng = np.random.default_rng(3)
+    truth = np.kron(np.eye(40), np.ones((1, 5)))  # [40, 200]: image i owns captions 5i..5i+4
+    strong, weak = truth + rng.normal(0, 0.6, truth.shape), truth + rng.normal(0, 1.2, truth.shape)
+    a, b = ranks_of(strong, 5), ranks_of(weak, 5)
+    out = paired_bootstrap(a, b, 5, samples=500, seed=1)
+    expected = retrieval_metrics(strong, 5)["rsum"] - retrieval_metrics(weak, 5)["rsum"]
+    assert out["difference"] == pytest.approx(expected) and expected > 50
+    assert out["low"] < out["difference"] < out["high"] and out["low"] > 0 and out["share_a_better"] == 1.0
+    assert paired_bootstrap(a, b, 5, samples=500, seed=1) == out  # the seed fixes the resamples
+    swapped = paired_bootstrap(b, a, 5, samples=500, seed=1)
+    assert swapped["difference"] == pytest.approx(-expected) and swapped["high"] == pytest.approx(-out["low"])
+
+
+def test_paired_bootstrap_of_a_model_against_itself_is_zero_and_a_tie_straddles_zero():
+    rng = np.random.default_rng(4)
+    truth = np.kron(np.eye(60), np.ones((1, 5)))
+    a = ranks_of(truth + rng.normal(0, 1.0, truth.shape), 5)
+    same = paired_bootstrap(a, a, 5, samples=200)
+    assert (same["difference"], same["low"], same["high"], same["share_a_better"]) == (0.0, 0.0, 0.0, 0.0)
+    b = ranks_of(truth + rng.normal(0, 1.0, truth.shape), 5)  # another draw of the same model: a tie
+    tie = paired_bootstrap(a, b, 5, samples=500)
+    assert tie["low"] < 0 < tie["high"] and 0.02 < tie["share_a_better"] < 0.98
+
+
+def test_paired_bootstrap_names_mismatched_ranks():
+    a = {"i2t": np.ones(4), "t2i": np.ones(20)}
+    with pytest.raises(InputError, match=r"ranks b: expected 4 x 5 t2i ranks"):
+        paired_bootstrap(a, {"i2t": np.ones(4), "t2i": np.ones(19)}, 5)
+    with pytest.raises(InputError, match="the same images"):
+        paired_bootstrap(a, {"i2t": np.ones(3), "t2i": np.ones(15)}, 5)
