@@ -15,7 +15,7 @@ Grids (score_matrix, exhaustive top_k): ONE image row x a bucket of up to `batch
 per call, so the image's regions_values are shared by every pair instead of gathered per pair.
 Pair lists (score_pairs, shortlist re-ranks): an image with many pairs gets calls of its own (on the
 grid path cut by length where a cost model says: grid_chunks), the rest are pooled across images (each
-pair gathers its image's rows). engine.score's shortlist mode gives score_pairs both directions' candidate
+pair gathers its image's rows; calls of at most POOLED_PAIRS_PER_CALL). engine.score's shortlist mode gives score_pairs both directions' candidate
 pairs at once, grouped by image (engine/journal.py: score_shortlists). Captions are bucketed by
 length (sorted, then cut into blocks, each padded only to its own longest caption: the W2R
 recurrence runs that many steps); `buckets=False` keeps the given order and pads every block to
@@ -95,6 +95,12 @@ PATHS = ("auto", "grid", "pair")  # Scorer path: the graphs that score a one-ima
 GRID_CALL_COST = 160.0
 GRID_PAIR_COST = 5.0
 FIRST_STAGE_CHUNK = 65536  # pairs per block of pair_first_stage's gathers (2 x 128 MB of vectors at K = 512)
+# Pooled pair calls (pairs of several image rows, each gathering its image's rows) hold at most this many pairs, cut
+# near-equal: each pair gathers its image's regions_values (49 x 512 floats), so a call of 256 moves 25 MB through the
+# cache and is slower per pair than several of 64. Measured on a served batch of 16 Flickr8K queries (1,600 pairs over
+# 1,331 gallery images, the reference artifact, 1 thread, 2 loaded cores): CPU per query 10.9 ms at 256, 9.9 at 128,
+# 9.0-9.1 at 64, 9.3 at 48, 9.8 at 32 (benchmarks/README.md "Serving").
+POOLED_PAIRS_PER_CALL = 64
 MIN_SPLIT_PAIRS = 32  # score_pairs cuts calls in halves (down to this many pairs) until every concurrent worker has one
 PAIR_OVERHEAD = 1.5  # allocator slack over a pair call's listed intermediates: at 512 pairs, flickr8k preset, 392 MB
 # estimated vs 358 MB measured (peak RSS minus the RSS before the first call)
@@ -556,7 +562,7 @@ class Scorer(Encoder):
         """Scores [N] (MS, fused as in score_grid) of pairs [N, 2] = (image row, caption row). Pairs are grouped by image: an image with
         at least SINGLE_ROW_PAIRS pairs (SINGLE_ROW_PAIRS_GRID on the grid path) is scored one image row per call
         (no gather; its grid graphs on the grid path); the rest are pooled, sorted by caption length (buckets),
-        several image rows per call."""
+        several image rows per call, near-equal calls of at most POOLED_PAIRS_PER_CALL pairs."""
         self._check_caches(images, captions)
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         for column, n, what in ((0, len(images), "image"), (1, len(captions), "caption")):
@@ -615,8 +621,9 @@ class Scorer(Encoder):
         if pooled:
             rest = np.concatenate(pooled)
             rest = rest[np.argsort(lengths[rest], kind="stable")]
-            several = self._fit(self.pairs_per_call, self.pairs_per_call, captions.max_length, resident, workers)
-            calls += [rest[s:s + several] for s in range(0, len(rest), several)]
+            several = self._fit(min(self.pairs_per_call, POOLED_PAIRS_PER_CALL), self.pairs_per_call, captions.max_length,
+                                resident, workers)
+            calls += np.array_split(rest, -(-len(rest) // several))  # near-equal calls of at most `several`, length order kept
         while 0 < len(calls) < workers:  # fewer calls than workers: halve the largest while it is big enough
             largest = max(range(len(calls)), key=lambda c: len(calls[c]))
             if len(calls[largest]) < 2 * MIN_SPLIT_PAIRS:

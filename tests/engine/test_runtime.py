@@ -295,3 +295,16 @@ def test_a_few_captions_against_many_images_are_pooled_into_pair_calls(scorer, c
     calls.clear()
     assert_close(scorer.score_grid(images, captions, image_rows=np.array([2])), matrix[2:3], 1e-6, "one image row")
     assert calls == []  # one image row x many captions stays on its grid call
+
+
+def test_pooled_pairs_go_in_near_equal_calls_of_at_most_the_pooled_size(scorer, caches, matrix):
+    from engine.runtime import POOLED_PAIRS_PER_CALL, resident_bytes
+
+    images, captions = caches
+    rng = np.random.default_rng(0)
+    pairs = np.stack([rng.integers(0, len(images), 150), rng.integers(0, len(captions), 150)], axis=1)  # few pairs per image
+    calls = scorer._pair_calls(images, captions, pairs, resident_bytes(images, captions))
+    sizes = sorted(len(c) for c in calls)
+    assert sizes == [50, 50, 50] and POOLED_PAIRS_PER_CALL < 150  # 150 pairs: 3 calls of 50, not 64 + 64 + 22
+    assert sorted(np.concatenate(calls).tolist()) == list(range(150))
+    assert_close(scorer.score_pairs(images, captions, pairs), matrix[pairs[:, 0], pairs[:, 1]], 1e-5, "pooled pairs vs the grid")
