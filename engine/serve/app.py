@@ -191,6 +191,31 @@ class BodyLimit:
         await response({"type": "http"}, None, send)
 
 
+class RequestTiming:
+    """ASGI middleware: each HTTP request's latency into `metrics`, labelled by its route's path template. Plain ASGI
+    (as BodyLimit): starlette's @app.middleware("http") runs every request through an extra task and memory streams."""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500  # 500 unless a response starts (an unhandled error is answered outside)
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:  # the router put the matched route into this scope
+            route = scope.get("route")
+            self.metrics.observe_request(getattr(route, "path", "unmatched"), scope["method"], status, time.perf_counter() - start)
+
+
 # ---------------------------------------------------------------------------------------------- the app
 def create_app(config: ServeConfig, state=None) -> FastAPI:
     """The app; its lifespan loads the model and the gallery (or takes `state`, a ServiceState, for tests)."""
@@ -277,15 +302,7 @@ def create_app(config: ServeConfig, state=None) -> FastAPI:
         log.exception("internal error on %s %s", request.method, request.url.path)
         return JSONResponse({"error": "internal error (logged by the server)"}, status_code=500)
 
-    @app.middleware("http")
-    async def _timing(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.observe_request(getattr(route, "path", "unmatched"), request.method, response.status_code,
-                                time.perf_counter() - start)
-        return response
-
+    app.add_middleware(RequestTiming, metrics=metrics)
     app.add_middleware(BodyLimit, limit=config.limits.max_body_bytes)
 
     # ---- page, health, metrics

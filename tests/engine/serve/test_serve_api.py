@@ -201,6 +201,11 @@ def test_metrics(client):
                  "bssan_pairs_per_second", "bssan_gallery_images 4.0", "bssan_batch_size"):
         assert name in text, name
     assert 'route="/v1/search"' in text
+    client.post("/v1/search", json={"text": "a horse", "top_k": 0})
+    client.get("/no/such/page")
+    text = client.get("/metrics").text
+    assert 'bssan_request_seconds_count{method="POST",route="/v1/search",status="400"}' in text  # an error keeps its route
+    assert 'bssan_request_seconds_count{method="GET",route="unmatched",status="404"}' in text
 
 
 def test_read_only_without_a_key(serve_artifact, gallery_dir, tmp_path, serve_photos):
