@@ -9,7 +9,7 @@ Parts (each writes its section of OUT/load_test.json; the plot is OUT/load_test.
 - gallery: a server on the first --gallery-size Flickr8K photos (indexed on its first start into
   build/load-test/, reused by later runs), text queries (Flickr8K captions) top_k=10 after a
   BSSAN re-rank of K=100, at each --clients count, micro-batching on and off: latency p50/p95/p99,
-  requests/s, errors. Each point stops after --requests requests or --seconds, whichever first.
+  requests/s, errors, the server's CPU per request and cores held, and the machine's busy / niced / idle cores. Each point stops after --requests requests or --seconds, whichever first.
 - vectors: the first stage alone on a synthetic index of --vectors unit vectors (a mixture of
   Gaussian clusters in the artifact's shortlist dimension; vectors only, no images): exact
   (IndexFlatIP) vs the --approximate indexes (IVF at several nprobe, HNSW at several efSearch),
@@ -167,6 +167,14 @@ class Server:
                 self.kill()
 
 
+def machine_cpu_seconds() -> dict:
+    """CPU seconds of the whole machine so far by kind (/proc/stat): niced = processes at nice > 0 (the shared
+    machine's background jobs), busy = every other process, idle. Differences over a point say who had the cores."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    user, nice, system, idle, iowait, irq, softirq = (t / os.sysconf("SC_CLK_TCK") for t in ticks)
+    return {"busy": user + system + irq + softirq, "niced": nice, "idle": idle + iowait}
+
+
 # ---------------------------------------------------------------------------------------------- traffic
 def percentiles(latencies: list[float]) -> dict:
     if not latencies:
@@ -233,7 +241,7 @@ def run_gallery(args, artifact: Path) -> dict:
         try:
             asyncio.run(drive(server.url, 2, 10, 60, texts[-50:], 10, 100))  # warm-up (not recorded)
             for clients in args.clients:
-                cpu = server.cpu_seconds()
+                cpu, machine = server.cpu_seconds(), machine_cpu_seconds()
                 load_before = os.getloadavg()[0]
                 point = asyncio.run(drive(server.url, clients, args.requests, args.seconds, texts[used:used + args.requests], 10, 100))
                 used += args.requests
@@ -242,10 +250,15 @@ def run_gallery(args, artifact: Path) -> dict:
                 # what a request costs the server in CPU time: on a shared, saturated machine (wall-clock
                 # latency then measures the queue for the cores), this is the figure that carries over
                 point["server_cpu_ms_per_request"] = round(1000 * (server.cpu_seconds() - cpu) / max(1, point["ok"]), 1)
+                # cores held over the point: the server's, and the machine's by kind (batching on and off can win
+                # different shares of a shared machine; on an idle one both should hold ~2 less the load generator)
+                point["server_cores"] = round((server.cpu_seconds() - cpu) / point["seconds"], 2)
+                point["machine_cores"] = {k: round((v - machine[k]) / point["seconds"], 2) for k, v in machine_cpu_seconds().items()}
                 point["load_average_1min"] = round(os.getloadavg()[0], 2)
                 print(f"gallery batching={batching} clients={clients}: p50 {point['p50_ms']} ms, p99 {point['p99_ms']} ms, "
                       f"{point['requests_per_s']} req/s, {point['errors']} errors, server CPU "
-                      f"{point['server_cpu_ms_per_request']} ms/request, load {point['load_average_1min']}", flush=True)
+                      f"{point['server_cpu_ms_per_request']} ms/request on {point['server_cores']} cores (machine {point['machine_cores']}), "
+                      f"load {point['load_average_1min']}", flush=True)
                 report["points"].append(point)
         finally:
             server.stop()
