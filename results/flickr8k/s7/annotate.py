@@ -13,6 +13,7 @@ from collect import training_record, write_row  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RUN_OF = {"br7_drop-w2r": "s7-drop-w2r", "br7_drop-o2w": "s7-drop-o2w",  # input_dropout 0.2, random batches
+          "br7_seed1-w2r": "s7-seed1-w2r", "br7_seed1-o2w": "s7-seed1-o2w",  # session 6's recipe, seed 1
           "s6_br6_w2r": "s6-share0-w2r", "s6_br6_o2w": "s6-share0-o2w"}  # session 6's branches, fused K=20 through the engine
 KINDS = {"br7": ("tune_hub", "tune", "fused", "alone", "alone_all", "fused_k20"), "s6_br6": ("fused_k20",)}
 
