@@ -146,6 +146,18 @@ def write_row(out: Path, evals: Path, row: str, metrics: dict, training: dict, l
     (out / f"{row}.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def write_rows(out: Path, runs: Path, evals: Path, rows: list[tuple[str, str, str]]) -> int:
+    """A session's rows: write_row for each (row, source, run) whose evaluation EVALS/<source>.json exists, with the
+    training record of RUNS/<run>. Returns how many were written."""
+    written = 0
+    for row, source, run in rows:
+        if (evals / f"{source}.json").is_file():
+            metrics = json.loads((evals / f"{source}.json").read_text())
+            write_row(out, evals, row, metrics, training_record(runs / run), source=source if source != row else None)
+            written += 1
+    return written
+
+
 def branch_rows(args, prefix: str, label: str) -> list[str]:
     """Table lines (and one JSON each) of the branch rows PREFIX_{full,w2r,o2w}_{alone,fused,exh}."""
     runs, evals, lines = args.runs, args.runs / args.evals, []

@@ -4,12 +4,11 @@ the scored model's training record), from the evaluation files in RUNS/EVALS.
     python results/flickr8k/s6/annotate.py --runs /work/runs --evals eval-s6
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from collect import training_record, write_row  # noqa: E402
+from collect import write_rows  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("test_product_k20", "test_product_k100", "test_alone_k20", "test_alone_k100", "test_alone_all", "test_engine_fp32_k20",
@@ -26,13 +25,9 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--evals", default="eval-s6")
     args = parser.parse_args()
-    evals = args.runs / args.evals
-    for row in ROWS:
-        source = SOURCE.get(row, row)
-        metrics = json.loads((evals / f"{source}.json").read_text())
-        run = next((run for prefix, run in RUN_OF.items() if row.startswith(prefix)), "s6-share0")
-        write_row(HERE, evals, row, metrics, training_record(args.runs / run), source=source)
-    print(f"wrote {len(ROWS)} rows to {HERE}")
+    rows = [(row, SOURCE.get(row, row), next((run for prefix, run in RUN_OF.items() if row.startswith(prefix)), "s6-share0"))
+            for row in ROWS]
+    print(f"wrote {write_rows(HERE, args.runs, args.runs / args.evals, rows)} rows to {HERE}")
 
 
 if __name__ == "__main__":
