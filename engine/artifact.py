@@ -29,6 +29,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from engine.errors import ArtifactError
 from engine.files import file_sha256
 from engine.graphs import GRAPHS, GraphSpec
@@ -85,6 +87,70 @@ def check_onnx_structure(path: str | os.PathLike) -> None:
         fields.add(number)
     if not {1, 7} <= fields:  # ModelProto.ir_version = 1, ModelProto.graph = 7
         raise ArtifactError(f"{path}: not an ONNX model (no ir_version or graph field); re-export it")
+
+
+def _fields(data: bytes, path: Path):
+    """(field number, wire type, value) of one protobuf message: an int for wire 0, bytes otherwise."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos, path)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos, path)
+        elif wire in (1, 2, 5):
+            size = 8 if wire == 1 else 4 if wire == 5 else None
+            if size is None:
+                size, pos = _varint(data, pos, path)
+            if pos + size > len(data):
+                raise ArtifactError(f"{path}: truncated ONNX file (field {number} needs {size} bytes); re-export it")
+            value, pos = data[pos:pos + size], pos + size
+        else:
+            raise ArtifactError(f"{path}: not an ONNX file (wire type {wire} of field {number}); re-export it")
+        yield number, wire, value
+
+
+_ONNX_FLOAT = 1  # TensorProto.DataType.FLOAT
+
+
+def onnx_initializers(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The float32 initializers of an ONNX model's main graph, read without onnx (ModelProto.graph = 7,
+    GraphProto.initializer = 5; TensorProto dims = 1, data_type = 2, float_data = 4, name = 8, raw_data = 9).
+    Other dtypes are skipped; a float initializer stored outside the file is an ArtifactError."""
+    path = Path(path)
+    check_onnx_structure(path)
+    data = path.read_bytes()
+    graph = next((v for n, w, v in _fields(data, path) if n == 7 and w == 2), b"")
+    out: dict[str, np.ndarray] = {}
+    for number, wire, tensor in _fields(graph, path):
+        if number != 5 or wire != 2:
+            continue
+        dims: list[int] = []
+        dtype, name, raw, floats = 0, "", None, b""
+        for n, w, v in _fields(tensor, path):
+            if n == 1:
+                if w == 0:
+                    dims.append(v)
+                else:  # packed
+                    p = 0
+                    while p < len(v):
+                        d, p = _varint(v, p, path)
+                        dims.append(d)
+            elif n == 2:
+                dtype = v
+            elif n == 4:
+                floats += v  # packed floats (wire 2), or one float (wire 5)
+            elif n == 8:
+                name = v.decode("utf-8", "replace")
+            elif n == 9:
+                raw = v
+        if dtype != _ONNX_FLOAT:
+            continue
+        values = np.frombuffer(raw if raw is not None else floats, dtype="<f4")
+        if values.size != int(np.prod(dims, dtype=np.int64)):
+            raise ArtifactError(f"{path}: initializer {name!r} has {values.size} floats for shape {dims} "
+                                f"(stored outside the file?); re-export it")
+        out[name] = values.reshape(dims).astype(np.float32)
+    return out
 
 
 def read_manifest(root: str | os.PathLike) -> dict:

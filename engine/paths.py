@@ -81,15 +81,16 @@ def recorded_choice(fingerprint: str, runner) -> dict | None:
     if path is None:
         return None
     entry = _read(path).get(machine_key(fingerprint, runner))
-    if not isinstance(entry, dict) or entry.get("path") not in ("grid", "pair"):
+    if not isinstance(entry, dict) or entry.get("path") not in ("grid", "pair", "kernel"):
         return None
     return entry
 
 
 def record_choice(fingerprint: str, runner, chosen: str, reason: str, measured: dict | None = None) -> Path | None:
-    """Record `chosen` ("grid" or "pair") for this machine and run (atomic rewrite of the file); its path, or None when off."""
-    if chosen not in ("grid", "pair"):
-        raise ValueError(f"path {chosen!r}: expected grid or pair")
+    """Record `chosen` ("grid", "pair" or "kernel") for this machine and run (atomic rewrite of the file); its path, or None
+    when off."""
+    if chosen not in ("grid", "pair", "kernel"):
+        raise ValueError(f"path {chosen!r}: expected grid, pair or kernel")
     path = record_file()
     if path is None:
         return None

@@ -82,7 +82,7 @@ SINGLE_ROW_PAIRS = 256
 # With grid graphs a one-image call gathers nothing and pays only the call's fixed cost, so smaller groups go
 # to one-image calls too (benchmarks/README.md: "Scoring paths").
 SINGLE_ROW_PAIRS_GRID = 32
-PATHS = ("auto", "grid", "pair")  # Scorer path: the graphs that score a one-image block (see Scorer.choose_path)
+PATHS = ("auto", "grid", "pair", "kernel")  # Scorer path: what scores a one-image block (see Scorer.choose_path)
 # score_pairs on the grid path: an image's pairs, sorted by caption length, are cut into calls where the cost model
 # of a grid call is lowest (grid_chunks), so a call's captions are padded to the longest of a narrow length range,
 # not of all the image's candidates (100 random captions span ~5-25 words; the recurrence runs the longest's steps
@@ -273,6 +273,7 @@ class Scorer(Encoder):
         if self.fusion.uses_first_stage and not self.has_shortlist:
             raise InputError(f"{artifact.root}: fusion {self.fusion.to_dict()} uses the first stage, but the runner has no "
                              f"shortlist graphs; expected an artifact exported with --shortlist (or fusion=False)")
+        self.w2r_kernel = None  # the fused W2R kernel (engine/kernels) on path "kernel"
         self.path, self.path_reason = self.choose_path(path)
         runner.reason = f"{runner.reason}; scoring path: {self.path_reason}"
         # pair/grid calls in flight at once (engine/backends/onnxruntime.py: one intra-op thread per call on the CPU)
@@ -297,15 +298,47 @@ class Scorer(Encoder):
             return False, f"{', '.join(other)} run at another precision than the pair graphs"
         return True, ""
 
+    def kernel_available(self) -> tuple[bool, str]:
+        """(True, "") when the fused W2R kernel (engine/kernels: built for this machine, fp32, CPU) can score this
+        artifact's one-image blocks, with the o2w branch on its grid graph; else (False, why not). Loads the kernel."""
+        from engine.kernels import KernelError, W2RKernel
+
+        if self.w2r_kernel is not None:
+            return True, ""
+        if not any(b == "w2r" for b, _ in self.branches):
+            return False, "the model has no w2r branch"
+        has_grid, why_not = self.grid_available()
+        if not has_grid:
+            return False, why_not
+        if self.runner.precision != "fp32" or self.runner.precisions.get("w2r_grid") != "fp32":
+            return False, f"the kernel is fp32 and this run is {self.runner.precision}"
+        if self.runner.backend is not Backend.ORT_CPU:
+            return False, f"the kernel runs beside ONNX Runtime's CPU backend, not {self.runner.backend.value}"
+        try:
+            self.w2r_kernel = W2RKernel.from_artifact(self.artifact)
+        except KernelError as exc:
+            return False, str(exc)
+        return True, ""
+
+    @property
+    def grid_like(self) -> bool:
+        """One-image blocks go through a grid call (the grid graphs, or the kernel + o2w_grid), not the pair graphs."""
+        return self.path in ("grid", "kernel")
+
     def choose_path(self, path: str = "auto") -> tuple[str, str]:
         """(path, reason): "grid" scores one-image blocks with the grid graphs (engine/graphs.py: no gathers, no If,
-        attention inside the recurrence step), "pair" with the pair graphs. auto: what `python -m benchmarks.run`
-        measured fastest for this artifact on this machine (engine.paths), else grid when the artifact has it."""
+        attention inside the recurrence step), "pair" with the pair graphs, "kernel" with the fused W2R kernel
+        (engine/kernels, built per machine) and the o2w grid graph. auto: what `python -m benchmarks.run` measured
+        fastest for this artifact on this machine (engine.paths), else grid when the artifact has it."""
         if path not in PATHS:
             raise InputError(f"path {path!r}: expected one of {list(PATHS)}")
         has_grid, why_not = self.grid_available()
         if path == "grid" and not has_grid:
             raise InputError(f"path 'grid': {why_not}; re-export the artifact (python -m export) or use path='pair'")
+        if path == "kernel":
+            ok, why_not = self.kernel_available()
+            if not ok:
+                raise InputError(f"path 'kernel': {why_not}")
         if path != "auto":
             return path, f"{path} (requested)"
         if not has_grid:
@@ -314,9 +347,14 @@ class Scorer(Encoder):
 
         recorded = recorded_choice(self.fingerprint, self.runner)
         if recorded is not None:
-            return recorded["path"], f"{recorded['path']} graphs ({recorded['reason']})"
+            if recorded["path"] != "kernel":
+                return recorded["path"], f"{recorded['path']} graphs ({recorded['reason']})"
+            ok, why_not = self.kernel_available()
+            if ok:
+                return "kernel", f"fused W2R kernel ({recorded['reason']})"
+            return "grid", f"grid graphs (the kernel was measured fastest here, but {why_not})"
         return "grid", ("grid graphs (they do a subset of the pair graphs' work: no gathers, no If; "
-                        "python -m benchmarks.run measures both on this machine and records the faster)")
+                        "python -m benchmarks.run measures the paths on this machine and records the fastest)")
 
     @classmethod
     def load(cls, artifact_dir: str | os.PathLike, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
@@ -453,7 +491,8 @@ class Scorer(Encoder):
         available = {**image_feeds, **caption_feeds}
         for branch, weight in self.branches:
             spec = GRAPHS[f"{branch}_grid"]
-            y = self.runner.infer(spec.name, {n: available[n] for n in spec.input_names})["scores"]
+            feeds = {n: available[n] for n in spec.input_names}
+            y = self.w2r_kernel(feeds) if branch == "w2r" and self.path == "kernel" else self.runner.infer(spec.name, feeds)["scores"]
             total = weight * y if total is None else total + weight * y
         if HUB_OFFSET in image_feeds:
             total = total - image_feeds[HUB_OFFSET][0]
@@ -508,7 +547,7 @@ class Scorer(Encoder):
         out = np.empty((len(image_rows), len(caption_rows)), dtype=np.float32)
         if not out.size:
             return out
-        if len(image_rows) > 1 and len(caption_rows) < (SINGLE_ROW_PAIRS_GRID if self.path == "grid" else SINGLE_ROW_PAIRS):
+        if len(image_rows) > 1 and len(caption_rows) < (SINGLE_ROW_PAIRS_GRID if self.grid_like else SINGLE_ROW_PAIRS):
             # many images x a few captions (a query's caption-side hub offsets: 32 bank images x 1 caption): one call per
             # image row would be 32 calls of one pair each; score_pairs pools them into pair-graph calls (1 caption:
             # 15.4 -> 3.0 ms, 4: 22.6 -> 14.2 ms, 16: 31 vs 32 ms; benchmarks/README.md "Scoring paths")
@@ -520,7 +559,7 @@ class Scorer(Encoder):
         column = np.empty(len(captions), dtype=np.int64)
         column[caption_rows] = np.arange(len(caption_rows))  # caption row -> output column
         groups = self._caption_groups(captions, caption_rows, block)
-        grid = self.path == "grid"
+        grid = self.grid_like
         with progress_bar(progress, out.size) as bar:
             def score_block(rows: np.ndarray, caption_feeds: dict, images_of_block: range) -> None:
                 pairs = np.stack([np.zeros(len(rows), np.int64), np.arange(len(rows))], axis=1)  # [B_txt, 2]
@@ -585,7 +624,7 @@ class Scorer(Encoder):
             def run(chosen: np.ndarray) -> None:
                 image_rows, image_pos = np.unique(pairs[chosen, 0], return_inverse=True)
                 caption_rows, caption_pos = np.unique(pairs[chosen, 1], return_inverse=True)
-                if self.path == "grid" and len(image_rows) == 1:  # one image row: its grid graph, nothing gathered
+                if self.grid_like and len(image_rows) == 1:  # one image row: its grid graph, nothing gathered
                     out[chosen] = self._grid_scores(images.rows(image_rows), captions.block(caption_rows, width))[caption_pos.reshape(-1)]
                 elif whole and len(image_rows) > 1:
                     local = np.stack([pairs[chosen, 0], caption_pos.reshape(-1)], axis=1)  # [n, 2] (image row, caption position)
@@ -609,10 +648,10 @@ class Scorer(Encoder):
         starts = np.flatnonzero(np.diff(pairs[order, 0], prepend=-1))
         single = self._fit(self.pairs_per_call, 1, captions.max_length, resident, workers)
         calls, pooled = [], []
-        threshold = SINGLE_ROW_PAIRS_GRID if self.path == "grid" else SINGLE_ROW_PAIRS
+        threshold = SINGLE_ROW_PAIRS_GRID if self.grid_like else SINGLE_ROW_PAIRS
         for group in np.split(order, starts[1:]):
             if len(group) >= threshold:
-                if self.path == "grid":  # length-sorted group cut where the modelled grid-call cost is lowest
+                if self.grid_like:  # length-sorted group cut where the modelled grid-call cost is lowest
                     calls += [group[chunk] for chunk in grid_chunks(lengths[group], single)]
                 else:
                     calls += [group[s:s + single] for s in range(0, len(group), single)]

@@ -1,0 +1,208 @@
+"""The fused W2R kernel: the w2r_grid graph's recurrence in one compiled pass (w2r_grid.c), called through ctypes.
+
+    python -m engine.kernels build        # compile for this machine (-O3 -march=native) into the cache; prints the path
+    python -m engine.kernels info         # where the library is (or why not), its SIMD width
+
+    from engine.kernels import W2RKernel, load_library
+    kernel = W2RKernel.from_artifact(artifact)   # weights read from the artifact's w2r_grid.fp32.onnx
+    y = kernel(feeds)                            # Y [captions] of ONE image row, as w2r_grid gives it
+
+Why: ONNX Runtime runs the W2R recurrence as a Loop of ~15 nodes per word; the kernel does the same math per block
+of captions with nothing written between steps: the attention logits, the softmax, ONE register-blocked GEMM
+[a_t, h] x [G; W_hh^T] started from gates_words[:, t], and the LSTM cell, each caption block running its own longest
+caption's steps. The MLP on the last state runs here in numpy (a few small GEMMs). Same inputs and output as the
+w2r_grid graph, whose initializers it reads (without onnx: engine.artifact.onnx_initializers), so the two cannot
+drift; tests/engine/test_kernels.py checks them against each other.
+
+The library is built per machine (the instructions it may use are this CPU's), never shipped: `build()` runs the
+system C compiler ($CC, else cc) into $BSSAN_KERNELS_DIR or $XDG_CACHE_HOME/bssan-engine/kernels (default
+~/.cache/...), named by the source, the flags and the CPU, and renamed into place when complete. CMakeLists.txt
+builds it the same way (it calls `python -m engine.kernels build`). Nothing is compiled when a Scorer loads:
+without a built library the kernel path is unavailable and the Scorer says why (engine/runtime.py). numpy and ctypes
+only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import ArtifactError, InputError
+
+SOURCE = Path(__file__).with_name("w2r_grid.c")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=gnu11", "-fPIC", "-shared")
+KERNELS_DIR_ENV = "BSSAN_KERNELS_DIR"
+MAX_DEPTH = 8  # MLP layers (w2r_grid.c MAX_DEPTH)
+_ERRORS = {-1: "sizes the kernel does not support", -2: "out of memory", -3: "a caption length outside [1, words]"}
+
+
+class KernelError(InputError):
+    """The kernel library cannot be built or loaded, or does not fit the model."""
+
+
+def kernels_dir() -> Path:
+    value = os.environ.get(KERNELS_DIR_ENV)
+    if value:
+        return Path(value)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "bssan-engine" / "kernels"
+
+
+def _cpu() -> str:
+    from engine.paths import cpu_model
+
+    return cpu_model()
+
+
+def library_path() -> Path:
+    """Where this machine's build of the current source lives (it may not exist yet)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu().encode()).hexdigest()[:16]
+    return kernels_dir() / f"libbssan_w2r-{key}.so"
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(shlex.split(name)[0]):
+            return name
+    return None
+
+
+def build(force: bool = False) -> Path:
+    """Compile w2r_grid.c for this machine (once; `force` rebuilds) and return the library's path."""
+    out = library_path()
+    if out.is_file() and not force:
+        return out
+    cc = compiler()
+    if cc is None:
+        raise KernelError(f"{SOURCE}: no C compiler found ($CC, cc, gcc, clang); install gcc to build the W2R kernel")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        partial = Path(tmp) / out.name
+        cmd = [*shlex.split(cc), *FLAGS, "-o", str(partial), str(SOURCE), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:300])
+            raise KernelError(f"{SOURCE}: {' '.join(cmd[:2])} failed (exit {done.returncode}): {first}")
+        os.replace(partial, out)
+    return out
+
+
+_LIBRARIES: dict[Path, ctypes.CDLL] = {}
+_LOCK = threading.Lock()
+
+
+def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
+    """The built library (default: library_path()); KernelError naming the fix when it is not built."""
+    path = Path(path) if path is not None else library_path()
+    with _LOCK:
+        if path in _LIBRARIES:
+            return _LIBRARIES[path]
+        if not path.is_file():
+            raise KernelError(f"{path}: the W2R kernel is not built for this machine; run `python -m engine.kernels build`")
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            raise KernelError(f"{path}: cannot load the W2R kernel ({exc}); rebuild it: python -m engine.kernels build --force") from None
+        p = ctypes.c_void_p
+        lib.bssan_w2r_grid.argtypes = [ctypes.c_int] * 5 + [p] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int, p, p, p, p, p]
+        lib.bssan_w2r_grid.restype = ctypes.c_int
+        lib.bssan_w2r_simd_width.restype = ctypes.c_int
+        lib.bssan_w2r_block_rows.restype = ctypes.c_int
+        _LIBRARIES[path] = lib
+        return lib
+
+
+def _f32(array: np.ndarray, name: str, ndim: int) -> np.ndarray:
+    if array.ndim != ndim:
+        raise InputError(f"W2R kernel input {name!r}: expected {ndim} dims, got shape {list(array.shape)}")
+    if array.dtype != np.float32:
+        raise InputError(f"W2R kernel input {name!r}: expected float32, got {array.dtype}")
+    return np.ascontiguousarray(array)
+
+
+class W2RKernel:
+    """Y of one image row x N caption rows (the w2r_grid graph's inputs and output) through the compiled kernel."""
+
+    def __init__(self, weight_hh_t: np.ndarray, mlp: list[tuple[np.ndarray, np.ndarray]], attn_bias: float, bounded: bool,
+                 input_weight_u_t: np.ndarray | None = None, library: ctypes.CDLL | None = None):
+        self.lib = library if library is not None else load_library()
+        self.weight_hh_t = np.ascontiguousarray(weight_hh_t, np.float32)
+        self.hidden = self.weight_hh_t.shape[0]
+        self.mlp = [(np.ascontiguousarray(w, np.float32), np.ascontiguousarray(b, np.float32)) for w, b in mlp]
+        widths = [self.hidden] + [w.shape[1] for w, _ in self.mlp]
+        if any(w.shape != (widths[k], widths[k + 1]) or b.shape != (widths[k + 1],) for k, (w, b) in enumerate(self.mlp)) \
+                or widths[-1] != 1 or not 1 <= len(self.mlp) <= MAX_DEPTH:
+            raise KernelError(f"W2R kernel: MLP layers {[list(w.shape) for w, _ in self.mlp]} do not chain from H={self.hidden} "
+                              f"to 1 in at most {MAX_DEPTH} layers")
+        self._widths = np.asarray(widths, np.int32)
+        self._mlp_weights = np.concatenate([w.reshape(-1) for w, _ in self.mlp])
+        self._mlp_biases = np.concatenate([b.reshape(-1) for _, b in self.mlp])
+        self.attn_bias, self.bounded = float(attn_bias), bool(bounded)
+        self.input_weight_u_t = None if input_weight_u_t is None else np.ascontiguousarray(input_weight_u_t, np.float32)
+        self.simd_width = int(self.lib.bssan_w2r_simd_width())
+        if self.weight_hh_t.shape != (self.hidden, 4 * self.hidden):
+            raise KernelError(f"W2R kernel: weight_hh_t shape {list(self.weight_hh_t.shape)}, expected [H, 4H]")
+        if self.hidden % self.simd_width:
+            raise KernelError(f"W2R kernel: hidden size {self.hidden} is not a multiple of this build's vector width "
+                              f"{self.simd_width} floats; the grid graphs serve this model")
+
+    @classmethod
+    def from_artifact(cls, artifact, library: ctypes.CDLL | None = None) -> "W2RKernel":
+        """The kernel with the weights of `artifact`'s fp32 w2r_grid graph (KernelError when it has none)."""
+        from engine.artifact import onnx_initializers
+
+        if not artifact.has_graph("w2r_grid", "fp32"):
+            raise KernelError(f"{artifact.root}: no graphs/w2r_grid.fp32.onnx to read the W2R weights from; re-export the artifact")
+        path = artifact.graph_path("w2r_grid", "fp32")
+        inits = onnx_initializers(path)
+        mlp, k = [], 0
+        while f"mlp_weight{k}" in inits:
+            mlp.append((inits[f"mlp_weight{k}"], inits[f"mlp_bias{k}"]))
+            k += 1
+        if "weight_hh_t" not in inits or not mlp:
+            raise ArtifactError(f"{path}: expected initializers weight_hh_t and mlp_weight0.. (the exporter's w2r_grid); re-export it")
+        model = artifact.info.model
+        return cls(inits["weight_hh_t"], mlp, attn_bias=float(model.attention_biases.get("w2r", 0.0)),
+                   bounded=model.attention_form == "tanh", input_weight_u_t=inits.get("input_weight_u_t"), library=library)
+
+    def run(self, regions_attn: np.ndarray, regions_values: np.ndarray, words: np.ndarray, gates_words: np.ndarray,
+            lengths: np.ndarray, want_hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(Y [N], h [N, H] after each caption's last real word, or None unless want_hidden)."""
+        keys = _f32(regions_attn, "regions_attn", 3)[0]
+        values = _f32(regions_values, "regions_values", 3)[0]
+        if self.input_weight_u_t is not None:  # "regions" artifacts: G = R W_ih_u^T once per call
+            values = np.ascontiguousarray(values @ self.input_weight_u_t)
+        words, gates_words = _f32(words, "words", 3), _f32(gates_words, "gates_words", 3)
+        lengths = np.ascontiguousarray(lengths, np.int64)
+        n, width, e = words.shape
+        d = keys.shape[0]
+        if values.shape != (d, 4 * self.hidden) or gates_words.shape != (n, width, 4 * self.hidden) or keys.shape[1] != e \
+                or lengths.shape != (n,):
+            raise InputError(f"W2R kernel: shapes regions_attn {list(keys.shape)}, regions_values {list(values.shape)}, words "
+                             f"{list(words.shape)}, gates_words {list(gates_words.shape)}, lengths {list(lengths.shape)} do "
+                             f"not fit H={self.hidden}")
+        scores = np.empty(n, np.float32)
+        h = np.empty((n, self.hidden), np.float32) if want_hidden else None
+        if n:
+            rc = self.lib.bssan_w2r_grid(d, e, self.hidden, width, n, keys.ctypes.data, values.ctypes.data, words.ctypes.data,
+                                         gates_words.ctypes.data, lengths.ctypes.data, self.weight_hh_t.ctypes.data,
+                                         self.attn_bias, int(self.bounded), len(self.mlp), self._widths.ctypes.data,
+                                         self._mlp_weights.ctypes.data, self._mlp_biases.ctypes.data, scores.ctypes.data,
+                                         None if h is None else h.ctypes.data)
+            if rc != 0:
+                raise InputError(f"W2R kernel: {_ERRORS.get(rc, f'error {rc}')} (lengths {int(lengths.min())}..{int(lengths.max())}, "
+                                 f"words axis {width})")
+        return scores, h
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Y [N] float32 from the w2r_grid graph's feeds."""
+        return self.run(feeds["regions_attn"], feeds["regions_values"], feeds["words"], feeds["gates_words"], feeds["lengths"])[0]

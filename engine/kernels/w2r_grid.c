@@ -1,0 +1,266 @@
+/* The W2R recurrence of one image x N captions in one pass: the w2r_grid graph's Loop (engine/graphs.py),
+ * fused. For each block of MR captions and each word t: the attention logits (the word against the image's
+ * regions_attn), the softmax over the D regions, ONE register-blocked GEMM [a_t, h] x [G; W_hh^T] started from
+ * gates_words[:, t], and the LSTM cell; h stays in the block's rows (L1/L2), nothing is written per step.
+ *
+ * Output: the LSTM state at each caption's last real word, h [N, H]; the MLP on it is the caller's (small).
+ * Same math as the graph; parity is checked by tests/engine/test_kernels.py and at export.
+ *
+ * Built per machine (-O3 -march=native): engine/kernels/__init__.py (`python -m engine.kernels build`) or
+ * CMakeLists.txt. Plain C11 + GCC/Clang vector extensions; no BLAS, no ONNX Runtime headers.
+ * Thread safety: no global state; every call allocates its own workspace (called with the GIL released).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+#define VW 16 /* floats per vector */
+#define MR 8  /* caption rows per block: MR x 2 accumulators + 2 B vectors + 1 broadcast <= 32 registers */
+#else
+#define VW 8
+#define MR 6 /* 16 registers (AVX2): 12 accumulators */
+#endif
+#define NR (2 * VW) /* columns per packed panel */
+#define MAX_DEPTH 8
+#ifndef SUPER
+#define SUPER 4 /* MR-row tiles advanced together */
+#endif
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static inline vf loadu(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void storeu(float *p, vf v) { memcpy(p, &v, sizeof v); }
+#if VW == 16
+#define SPLAT(x) ((vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x})
+#else
+#define SPLAT(x) ((vf){x, x, x, x, x, x, x, x})
+#endif
+static inline vf splat(float x) { return SPLAT(x); }
+static inline vf vselect(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
+static inline vf vmax(vf x, vf y) { return vselect((vi)(x > y), x, y); }
+static inline vf vmin(vf x, vf y) { return vselect((vi)(x < y), x, y); }
+
+/* exp(x) for a vector (Cephes' expf polynomial: relative error ~1e-7 over [-87, 88]). */
+static inline vf vexp(vf x) {
+  x = vmin(vmax(x, splat(-87.3f)), splat(88.3f));
+  vf fx = x * 1.44269504088896341f + 0.5f;
+  vi n = __builtin_convertvector(fx, vi);
+  vf tf = __builtin_convertvector(n, vf);
+  n = n + (vi)(tf > fx); /* truncation -> floor: (tf > fx) is -1 where the truncation rounded up */
+  tf = __builtin_convertvector(n, vf);
+  x = x - tf * 0.693359375f + tf * 2.12194440e-4f;
+  vf y = splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.0f;
+  vi bits = (n + 127) << 23;
+  return y * (vf)bits;
+}
+/* 1 / x: the hardware estimate and one Newton step (~22 bits; a division costs ~10x more) */
+static inline vf vrecip(vf x) {
+#if defined(__AVX512F__)
+  vf r = (vf)_mm512_rcp14_ps((__m512)x);
+#elif defined(__AVX__)
+  vf r = (vf)_mm256_rcp_ps((__m256)x);
+#else
+  return 1.0f / x;
+#endif
+  return r * (2.0f - x * r);
+}
+static inline vf vsigmoid(vf x) { return vrecip(1.0f + vexp(-x)); }
+static inline vf vtanh(vf x) { return 2.0f * vrecip(1.0f + vexp(-2.0f * x)) - 1.0f; }
+
+/* out[r, 0:NR] = (c0 ? c0[r] : 0) + sum_k a[r][k] * bp[k, 0:NR] for r < MR; bp one packed panel [K, NR]. */
+static inline void micro(int K, const float *const *a, const float *bp, const float *const *c0, float *out, int ldo) {
+  vf acc[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++) {
+    acc[r][0] = c0[r] ? loadu(c0[r]) : splat(0.0f);
+    acc[r][1] = c0[r] ? loadu(c0[r] + VW) : splat(0.0f);
+  }
+  for (int k = 0; k < K; k++) {
+    vf b0 = loadu(bp + (size_t)k * NR), b1 = loadu(bp + (size_t)k * NR + VW);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
+      vf ar = splat(a[r][k]);
+      acc[r][0] += ar * b0;
+      acc[r][1] += ar * b1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++) {
+    storeu(out + (size_t)r * ldo, acc[r][0]);
+    storeu(out + (size_t)r * ldo + VW, acc[r][1]);
+  }
+}
+
+/* Pack B [K, cols] (row stride ldb; B[k, j] = src[k * ldb + j], or src[j * ldb + k] when transposed) into
+ * ceil(cols / NR) panels [K, NR], zero past cols. */
+static void pack(const float *src, int K, int cols, int ldb, int transposed, float *dst) {
+  int panels = (cols + NR - 1) / NR;
+  for (int p = 0; p < panels; p++)
+    for (int k = 0; k < K; k++)
+      for (int j = 0; j < NR; j++) {
+        int col = p * NR + j;
+        dst[((size_t)p * K + k) * NR + j] = col < cols ? (transposed ? src[(size_t)col * ldb + k] : src[(size_t)k * ldb + col]) : 0.0f;
+      }
+}
+
+int bssan_w2r_simd_width(void) { return VW; }
+int bssan_w2r_block_rows(void) { return MR; }
+
+/* Returns 0, or a negative code: -1 bad sizes, -2 out of memory, -3 a length outside [1, words].
+ *   keys        [D, E]       regions_attn of the image (temperature folded in)
+ *   values      [D, 4H]      regions_values of the image (G = R W_ih_u^T)
+ *   words       [N, L, E]    caption rows (L = the words axis; row stride L * E)
+ *   gates_words [N, L, 4H]   T W_ih_t^T + b_ih + b_hh
+ *   lengths     [N]          real words per caption, in [1, L]
+ *   weight_hh_t [H, 4H]      W_hh^T, gate order i, f, g, o (nn.LSTM)
+ *   attn_bias, bounded       logits + attn_bias, then tanh when bounded (the paper's form)
+ *   depth, widths            the MLP on h: depth Linear layers, widths[0] = H ... widths[depth] = 1, tanh between
+ *   mlp_weights, mlp_biases  layer l's W [widths[l], widths[l+1]] (input-major: y = x W + b) and b, concatenated
+ *   scores      [N]          Y of each caption
+ *   h_out       [N, H]       the state after each caption's last real word (NULL: not wanted) */
+int bssan_w2r_grid(int D, int E, int H, int L, int N, const float *keys, const float *values, const float *words,
+                   const float *gates_words, const int64_t *lengths, const float *weight_hh_t, float attn_bias, int bounded,
+                   int depth, const int *widths, const float *mlp_weights, const float *mlp_biases, float *scores, float *h_out) {
+  if (D < 1 || E < 1 || H < 1 || L < 1 || N < 0 || H % VW != 0 || depth < 1 || depth > MAX_DEPTH || widths[0] != H ||
+      widths[depth] != 1)
+    return -1;
+  for (int l = 1; l <= depth; l++)
+    if (widths[l] < 1) return -1;
+  for (int n = 0; n < N; n++)
+    if (lengths[n] < 1 || lengths[n] > L) return -3;
+#if defined(__SSE__)
+  /* denormals to zero in and out (as the engine's ONNX Runtime sessions: set_denormal_as_zero): a trained model's
+   * focused attention makes softmax weights below 1e-38, and x86 multiplies denormals ~100x slower */
+  const unsigned int csr = _mm_getcsr();
+  _mm_setcsr(csr | 0x8040u); /* FTZ | DAZ */
+#endif
+  const int G4 = 4 * H, K = D + H, dpanels = (D + NR - 1) / NR, dpad = dpanels * NR, gpanels = G4 / NR;
+  const size_t SB = (size_t)SUPER * MR; /* captions advanced together: a packed panel is loaded once per SUPER tiles */
+  float *keys_p = aligned_alloc(64, sizeof(float) * (size_t)E * dpad);
+  float *step_p = aligned_alloc(64, sizeof(float) * (size_t)K * G4);
+  float *a = aligned_alloc(64, sizeof(float) * SB * K);          /* [SB, D + H]: attention of word t, then h */
+  float *cell = aligned_alloc(64, sizeof(float) * SB * H);       /* [SB, H] */
+  float *gates = aligned_alloc(64, sizeof(float) * SB * G4);     /* [SB, 4H] */
+  float *logits = aligned_alloc(64, sizeof(float) * SB * dpad);  /* [SB, D padded] */
+  float *tmp = malloc(sizeof(float) * (size_t)K * G4);
+  float *zero_row = calloc((size_t)(E > G4 ? E : G4) + NR, sizeof(float));
+  const float **wrow = malloc(sizeof(float *) * SB), **grow = malloc(sizeof(float *) * SB),
+              **arow = malloc(sizeof(float *) * SB), **crow = malloc(sizeof(float *) * SB), **none = calloc(SB, sizeof(float *));
+  /* the MLP's layers, packed like B; each layer's output [SB, padded width] */
+  float *mlp_p[MAX_DEPTH] = {0}, *bias_p[MAX_DEPTH] = {0}, *act[MAX_DEPTH] = {0};
+  int mpanels[MAX_DEPTH], mpad[MAX_DEPTH], mlp_ok = 1;
+  {
+    size_t woff = 0, boff = 0;
+    for (int l = 0; l < depth; l++) {
+      const int kin = widths[l], mout = widths[l + 1];
+      mpanels[l] = (mout + NR - 1) / NR;
+      mpad[l] = mpanels[l] * NR;
+      mlp_p[l] = aligned_alloc(64, sizeof(float) * (size_t)kin * mpad[l]);
+      bias_p[l] = calloc((size_t)mpad[l], sizeof(float));
+      act[l] = aligned_alloc(64, sizeof(float) * SB * mpad[l]);
+      if (!mlp_p[l] || !bias_p[l] || !act[l]) { mlp_ok = 0; break; }
+      pack(mlp_weights + woff, kin, mout, mout, 0, mlp_p[l]);
+      memcpy(bias_p[l], mlp_biases + boff, sizeof(float) * (size_t)mout);
+      woff += (size_t)kin * mout;
+      boff += (size_t)mout;
+    }
+  }
+  int rc = 0;
+  if (!mlp_ok || !keys_p || !step_p || !a || !cell || !gates || !logits || !tmp || !zero_row || !wrow || !grow || !arow || !crow || !none) {
+    rc = -2;
+    goto done;
+  }
+  pack(keys, E, D, E, 1, keys_p); /* B[e, j] = keys[j, e] */
+  memcpy(tmp, values, sizeof(float) * (size_t)D * G4); /* B = [G; W_hh^T] [D + H, 4H] */
+  memcpy(tmp + (size_t)D * G4, weight_hh_t, sizeof(float) * (size_t)H * G4);
+  pack(tmp, K, G4, G4, 0, step_p);
+  for (size_t r = 0; r < SB; r++) arow[r] = a + r * K;
+  for (int n0 = 0; n0 < N; n0 += (int)SB) {
+    const int rows = N - n0 < (int)SB ? N - n0 : (int)SB, tiles = (rows + MR - 1) / MR;
+    int steps = 0;
+    for (int r = 0; r < rows; r++) steps = lengths[n0 + r] > steps ? (int)lengths[n0 + r] : steps;
+    memset(a, 0, sizeof(float) * SB * K);
+    memset(cell, 0, sizeof(float) * SB * H);
+    for (int t = 0; t < steps; t++) {
+      for (int r = 0; r < tiles * MR; r++) {
+        const int live = r < rows && t < lengths[n0 + r];
+        wrow[r] = live ? words + ((size_t)(n0 + r) * L + t) * E : zero_row;
+        grow[r] = live ? gates_words + ((size_t)(n0 + r) * L + t) * G4 : zero_row;
+      }
+      /* logits [rows, D]: word t of each caption against every region (panel outside, tiles inside) */
+      for (int p = 0; p < dpanels; p++)
+        for (int s = 0; s < tiles; s++)
+          micro(E, wrow + s * MR, keys_p + (size_t)p * E * NR, none, logits + (size_t)s * MR * dpad + p * NR, dpad);
+      for (int r = 0; r < rows; r++) {
+        float *lg = logits + (size_t)r * dpad, *att = a + (size_t)r * K, mx = -INFINITY, sum = 0.0f;
+        for (int j = 0; j < D; j++) {
+          float v = lg[j] + attn_bias;
+          lg[j] = bounded ? tanhf(v) : v;
+          mx = lg[j] > mx ? lg[j] : mx;
+        }
+        for (int j = D; j < dpad; j++) lg[j] = -INFINITY; /* exp -> 0 past the regions */
+        vf vs = splat(0.0f);
+        for (int j = 0; j < dpad; j += VW) { vf e = vexp(loadu(lg + j) - mx); storeu(lg + j, e); vs += e; }
+        for (int i = 0; i < VW; i++) sum += vs[i];
+        const float inv = 1.0f / sum;
+        for (int j = 0; j < D; j++) att[j] = lg[j] * inv;
+      }
+      /* gates [rows, 4H] = gates_words[:, t] + [a_t, h] x [G; W_hh^T] */
+      for (int p = 0; p < gpanels; p++)
+        for (int s = 0; s < tiles; s++) {
+          for (int r = 0; r < MR; r++) crow[s * MR + r] = grow[s * MR + r] + p * NR;
+          micro(K, arow + s * MR, step_p + (size_t)p * K * NR, crow + s * MR, gates + (size_t)s * MR * G4 + p * NR, G4);
+        }
+      /* the LSTM cell (gate order i, f, g, o), only for the rows still inside their caption */
+      for (int r = 0; r < rows; r++) {
+        if (t >= lengths[n0 + r]) continue;
+        float *g = gates + (size_t)r * G4, *c = cell + (size_t)r * H, *h = a + (size_t)r * K + D;
+        for (int j = 0; j < H; j += VW) {
+          vf ig = vsigmoid(loadu(g + j)), fg = vsigmoid(loadu(g + H + j)), gg = vtanh(loadu(g + 2 * H + j)),
+             og = vsigmoid(loadu(g + 3 * H + j));
+          vf cn = fg * loadu(c + j) + ig * gg;
+          storeu(c + j, cn);
+          storeu(h + j, og * vtanh(cn));
+        }
+      }
+    }
+    if (h_out)
+      for (int r = 0; r < rows; r++) memcpy(h_out + (size_t)(n0 + r) * H, a + (size_t)r * K + D, sizeof(float) * H);
+    /* the MLP: layer l reads layer l-1's output (tanh applied in place; h for layer 0), bias as the GEMM's start */
+    for (int l = 0; l < depth; l++) {
+      const float *in_rows[SUPER * MR], *bias_rows[SUPER * MR];
+      for (int r = 0; r < tiles * MR; r++)
+        in_rows[r] = l == 0 ? a + (size_t)r * K + D : act[l - 1] + (size_t)r * mpad[l - 1];
+      if (l > 0)
+        for (int r = 0; r < tiles * MR; r++)
+          for (int j = 0; j < mpad[l - 1]; j += VW) storeu(act[l - 1] + (size_t)r * mpad[l - 1] + j, vtanh(loadu(act[l - 1] + (size_t)r * mpad[l - 1] + j)));
+      for (int p = 0; p < mpanels[l]; p++) {
+        for (int r = 0; r < tiles * MR; r++) bias_rows[r] = bias_p[l] + p * NR;
+        for (int s = 0; s < tiles; s++)
+          micro(widths[l], in_rows + s * MR, mlp_p[l] + (size_t)p * widths[l] * NR, bias_rows + s * MR,
+                act[l] + (size_t)s * MR * mpad[l] + p * NR, mpad[l]);
+      }
+    }
+    for (int r = 0; r < rows; r++) scores[n0 + r] = act[depth - 1][(size_t)r * mpad[depth - 1]];
+  }
+done:
+#if defined(__SSE__)
+  _mm_setcsr(csr);
+#endif
+  free(keys_p); free(step_p); free(a); free(cell); free(gates); free(logits); free(tmp); free(zero_row);
+  free(wrow); free(grow); free(arow); free(crow); free(none);
+  for (int l = 0; l < depth; l++) { free(mlp_p[l]); free(bias_p[l]); free(act[l]); }
+  return rc;
+}
