@@ -151,9 +151,6 @@ class W2RKernel:
         self.simd_width = int(self.lib.bssan_w2r_simd_width())
         if self.weight_hh_t.shape != (self.hidden, 4 * self.hidden):
             raise KernelError(f"W2R kernel: weight_hh_t shape {list(self.weight_hh_t.shape)}, expected [H, 4H]")
-        if self.hidden % self.simd_width:
-            raise KernelError(f"W2R kernel: hidden size {self.hidden} is not a multiple of this build's vector width "
-                              f"{self.simd_width} floats; the grid graphs serve this model")
 
     @classmethod
     def from_artifact(cls, artifact, library: ctypes.CDLL | None = None) -> "W2RKernel":

@@ -133,7 +133,7 @@ int bssan_w2r_block_rows(void) { return MR; }
 int bssan_w2r_grid(int D, int E, int H, int L, int N, const float *keys, const float *values, const float *words,
                    const float *gates_words, const int64_t *lengths, const float *weight_hh_t, float attn_bias, int bounded,
                    int depth, const int *widths, const float *mlp_weights, const float *mlp_biases, float *scores, float *h_out) {
-  if (D < 1 || E < 1 || H < 1 || L < 1 || N < 0 || H % VW != 0 || depth < 1 || depth > MAX_DEPTH || widths[0] != H ||
+  if (D < 1 || E < 1 || H < 1 || L < 1 || N < 0 || depth < 1 || depth > MAX_DEPTH || widths[0] != H ||
       widths[depth] != 1)
     return -1;
   for (int l = 1; l <= depth; l++)
@@ -146,13 +146,15 @@ int bssan_w2r_grid(int D, int E, int H, int L, int N, const float *keys, const f
   const unsigned int csr = _mm_getcsr();
   _mm_setcsr(csr | 0x8040u); /* FTZ | DAZ */
 #endif
-  const int G4 = 4 * H, K = D + H, dpanels = (D + NR - 1) / NR, dpad = dpanels * NR, gpanels = G4 / NR;
+  const int G4 = 4 * H, K = D + H, dpanels = (D + NR - 1) / NR, dpad = dpanels * NR, gpanels = (G4 + NR - 1) / NR,
+            gpad = gpanels * NR;
   const size_t SB = (size_t)SUPER * MR; /* captions advanced together: a packed panel is loaded once per SUPER tiles */
   float *keys_p = aligned_alloc(64, sizeof(float) * (size_t)E * dpad);
-  float *step_p = aligned_alloc(64, sizeof(float) * (size_t)K * G4);
+  float *step_p = aligned_alloc(64, sizeof(float) * (size_t)K * gpad);
+  float *gw = aligned_alloc(64, sizeof(float) * SB * gpad);      /* [SB, 4H padded]: gates_words[:, t], the GEMM's start */
   float *a = aligned_alloc(64, sizeof(float) * SB * K);          /* [SB, D + H]: attention of word t, then h */
   float *cell = aligned_alloc(64, sizeof(float) * SB * H);       /* [SB, H] */
-  float *gates = aligned_alloc(64, sizeof(float) * SB * G4);     /* [SB, 4H] */
+  float *gates = aligned_alloc(64, sizeof(float) * SB * gpad);   /* [SB, 4H padded] */
   float *logits = aligned_alloc(64, sizeof(float) * SB * dpad);  /* [SB, D padded] */
   float *tmp = malloc(sizeof(float) * (size_t)K * G4);
   float *zero_row = calloc((size_t)(E > G4 ? E : G4) + NR, sizeof(float));
@@ -178,7 +180,7 @@ int bssan_w2r_grid(int D, int E, int H, int L, int N, const float *keys, const f
     }
   }
   int rc = 0;
-  if (!mlp_ok || !keys_p || !step_p || !a || !cell || !gates || !logits || !tmp || !zero_row || !wrow || !grow || !arow || !crow || !none) {
+  if (!mlp_ok || !keys_p || !step_p || !gw || !a || !cell || !gates || !logits || !tmp || !zero_row || !wrow || !grow || !arow || !crow || !none) {
     rc = -2;
     goto done;
   }
@@ -197,7 +199,13 @@ int bssan_w2r_grid(int D, int E, int H, int L, int N, const float *keys, const f
       for (int r = 0; r < tiles * MR; r++) {
         const int live = r < rows && t < lengths[n0 + r];
         wrow[r] = live ? words + ((size_t)(n0 + r) * L + t) * E : zero_row;
-        grow[r] = live ? gates_words + ((size_t)(n0 + r) * L + t) * G4 : zero_row;
+        float *dst = gw + (size_t)r * gpad;
+        if (live)
+          memcpy(dst, gates_words + ((size_t)(n0 + r) * L + t) * G4, sizeof(float) * G4);
+        else
+          memset(dst, 0, sizeof(float) * G4);
+        memset(dst + G4, 0, sizeof(float) * (gpad - G4));
+        grow[r] = dst;
       }
       /* logits [rows, D]: word t of each caption against every region (panel outside, tiles inside) */
       for (int p = 0; p < dpanels; p++)
@@ -221,18 +229,25 @@ int bssan_w2r_grid(int D, int E, int H, int L, int N, const float *keys, const f
       for (int p = 0; p < gpanels; p++)
         for (int s = 0; s < tiles; s++) {
           for (int r = 0; r < MR; r++) crow[s * MR + r] = grow[s * MR + r] + p * NR;
-          micro(K, arow + s * MR, step_p + (size_t)p * K * NR, crow + s * MR, gates + (size_t)s * MR * G4 + p * NR, G4);
+          micro(K, arow + s * MR, step_p + (size_t)p * K * NR, crow + s * MR, gates + (size_t)s * MR * gpad + p * NR, gpad);
         }
       /* the LSTM cell (gate order i, f, g, o), only for the rows still inside their caption */
       for (int r = 0; r < rows; r++) {
         if (t >= lengths[n0 + r]) continue;
-        float *g = gates + (size_t)r * G4, *c = cell + (size_t)r * H, *h = a + (size_t)r * K + D;
-        for (int j = 0; j < H; j += VW) {
+        float *g = gates + (size_t)r * gpad, *c = cell + (size_t)r * H, *h = a + (size_t)r * K + D;
+        int j = 0;
+        for (; j + VW <= H; j += VW) {
           vf ig = vsigmoid(loadu(g + j)), fg = vsigmoid(loadu(g + H + j)), gg = vtanh(loadu(g + 2 * H + j)),
              og = vsigmoid(loadu(g + 3 * H + j));
           vf cn = fg * loadu(c + j) + ig * gg;
           storeu(c + j, cn);
           storeu(h + j, og * vtanh(cn));
+        }
+        for (; j < H; j++) { /* H not a multiple of the vector width */
+          const float ig = 1.0f / (1.0f + expf(-g[j])), fg = 1.0f / (1.0f + expf(-g[H + j])), gg = tanhf(g[2 * H + j]),
+                      og = 1.0f / (1.0f + expf(-g[3 * H + j]));
+          c[j] = fg * c[j] + ig * gg;
+          h[j] = og * tanhf(c[j]);
         }
       }
     }
@@ -259,7 +274,7 @@ done:
 #if defined(__SSE__)
   _mm_setcsr(csr);
 #endif
-  free(keys_p); free(step_p); free(a); free(cell); free(gates); free(logits); free(tmp); free(zero_row);
+  free(keys_p); free(step_p); free(gw); free(a); free(cell); free(gates); free(logits); free(tmp); free(zero_row);
   free(wrow); free(grow); free(arow); free(crow); free(none);
   for (int l = 0; l < depth; l++) { free(mlp_p[l]); free(bias_p[l]); free(act[l]); }
   return rc;

@@ -1,0 +1,167 @@
+"""The fused W2R kernel (engine/kernels): built per machine, the same math as the w2r_grid graph, a Scorer path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.artifact import load_artifact, onnx_initializers
+from engine.errors import InputError
+from engine.store import FeatureStore
+from tests.engine.conftest import assert_close
+
+kernels = pytest.importorskip("engine.kernels")
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory):
+    """Where the kernel was built for these tests (a temp dir, never ~/.cache), or a skip naming why it cannot be."""
+    directory = tmp_path_factory.mktemp("kernels")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(kernels.KERNELS_DIR_ENV, str(directory))
+        if kernels.compiler() is None:
+            pytest.skip("no C compiler (cc, gcc, clang): the W2R kernel cannot be built here")
+        path = kernels.build()
+        assert path.parent == directory and path.is_file()
+        assert kernels.build() == path  # built once
+    return directory
+
+
+@pytest.fixture(scope="module")
+def library(kernel_dir):
+    return kernels.load_library(next(kernel_dir.glob("libbssan_w2r-*.so")))
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_artifact):
+    return load_artifact(tiny_artifact)
+
+
+@pytest.fixture(scope="module")
+def grid_scorer(tiny_artifact):
+    from engine.runtime import Scorer
+
+    with Scorer.load(tiny_artifact, threads=1, path="grid") as scorer:
+        yield scorer
+
+
+@pytest.fixture(scope="module")
+def caches(grid_scorer, tiny_store):
+    split = FeatureStore(tiny_store).split("test")
+    return grid_scorer.encode_images(split), grid_scorer.encode_captions(split)
+
+
+def test_onnx_initializers_read_without_onnx_equal_onnx(artifact):
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    for name in ("w2r_grid", "w2r_pair", "o2w_pair"):
+        path = artifact.graph_path(name, "fp32")
+        want = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.data_type == 1}
+        got = onnx_initializers(path)
+        assert sorted(got) == sorted(want)
+        for key, value in want.items():
+            assert got[key].shape == value.shape and np.array_equal(got[key], value), key
+
+
+def _feeds(images, captions, image_row: int, rows: np.ndarray) -> dict:
+    block = captions.block(rows, int(captions.lengths[rows].max()))
+    return {**images.rows(np.array([image_row])), **block}
+
+
+@pytest.mark.parametrize("image_row", [0, 3])
+def test_kernel_equals_the_w2r_grid_graph(library, artifact, grid_scorer, caches, image_row):
+    """Every caption length of the tiny store, unsorted, blocks that do not fill the kernel's row tiles."""
+    images, captions = caches
+    kernel = kernels.W2RKernel.from_artifact(artifact, library)
+    assert kernel.bounded == (artifact.info.model.attention_form == "tanh")
+    rng = np.random.default_rng(image_row)
+    for count in (1, 7, 9, 33, len(captions)):
+        rows = rng.choice(len(captions), size=min(count, len(captions)), replace=False)
+        feeds = _feeds(images, captions, image_row, rows)
+        want = grid_scorer.runner.infer("w2r_grid", {k: feeds[k] for k in ("regions_attn", "regions_values", "words", "gates_words", "lengths")})["scores"]
+        got = kernel(feeds)
+        assert got.dtype == np.float32
+        assert_close(got, want, 2e-5, f"kernel vs w2r_grid, {count} captions")
+        scores, hidden = kernel.run(feeds["regions_attn"], feeds["regions_values"], feeds["words"], feeds["gates_words"],
+                                    feeds["lengths"], want_hidden=True)
+        assert np.array_equal(scores, got) and hidden.shape == (len(rows), kernel.hidden)
+
+
+def test_kernel_hidden_sizes_off_the_vector_width_and_the_scaled_form(library):
+    """A random W2R at H = 5, 16 and 37 (tails of the vector width) and both attention forms, against numpy."""
+    rng = np.random.default_rng(0)
+    for hidden, bounded in ((5, True), (16, False), (37, False)):
+        d, e, n, width = 7, 11, 19, 6
+        keys = rng.normal(size=(1, d, e)).astype(np.float32)
+        values = rng.normal(size=(1, d, 4 * hidden)).astype(np.float32)
+        words = rng.normal(size=(n, width, e)).astype(np.float32)
+        gates_words = rng.normal(size=(n, width, 4 * hidden)).astype(np.float32)
+        lengths = rng.integers(1, width + 1, size=n).astype(np.int64)
+        w_hh = (rng.normal(size=(hidden, 4 * hidden)) * 0.3).astype(np.float32)
+        mlp = [(rng.normal(size=(hidden, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)),
+               (rng.normal(size=(3, 1)).astype(np.float32), rng.normal(size=1).astype(np.float32))]
+        kernel = kernels.W2RKernel(w_hh, mlp, attn_bias=0.25, bounded=bounded, library=library)
+        want = np.empty(n, np.float32)
+        sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+        for i in range(n):
+            h, c = np.zeros(hidden), np.zeros(hidden)
+            for t in range(lengths[i]):
+                logits = keys[0] @ words[i, t] + 0.25
+                logits = np.tanh(logits) if bounded else logits
+                a = np.exp(logits - logits.max())
+                a /= a.sum()
+                g = gates_words[i, t] + a @ values[0] + h @ w_hh
+                c = sig(g[hidden:2 * hidden]) * c + sig(g[:hidden]) * np.tanh(g[2 * hidden:3 * hidden])
+                h = sig(g[3 * hidden:]) * np.tanh(c)
+            want[i] = (np.tanh(h @ mlp[0][0] + mlp[0][1]) @ mlp[1][0] + mlp[1][1])[0]
+        assert_close(kernel({"regions_attn": keys, "regions_values": values, "words": words, "gates_words": gates_words,
+                             "lengths": lengths}), want, 1e-4, f"kernel vs numpy, H={hidden}")
+
+
+def test_kernel_rejects_bad_input_with_one_line(library, artifact, caches):
+    images, captions = caches
+    kernel = kernels.W2RKernel.from_artifact(artifact, library)
+    feeds = _feeds(images, captions, 0, np.arange(4))
+    bad = dict(feeds, lengths=np.array([1, 2, 0, 1]))
+    with pytest.raises(InputError, match="a caption length outside"):
+        kernel(bad)
+    with pytest.raises(InputError, match="expected float32, got float64"):
+        kernel(dict(feeds, words=feeds["words"].astype(np.float64)))
+    with pytest.raises(InputError, match="do not fit H="):
+        kernel(dict(feeds, gates_words=feeds["gates_words"][:, :, :-1].copy()))
+
+
+def test_scorer_kernel_path_ranks_as_the_grid_path(kernel_dir, tiny_artifact, grid_scorer, caches, monkeypatch, tmp_path):
+    from engine.paths import record_choice
+    from engine.runtime import Scorer
+
+    monkeypatch.setenv(kernels.KERNELS_DIR_ENV, str(kernel_dir))
+    monkeypatch.setenv("BSSAN_PATHS", str(tmp_path / "paths.json"))
+    images, captions = caches
+    with Scorer.load(tiny_artifact, threads=2, path="kernel") as scorer:
+        assert scorer.path == "kernel" and "scoring path: kernel (requested)" in scorer.runner.reason
+        got = scorer.score_matrix(images, captions)
+        want = grid_scorer.score_matrix(images, captions)
+        assert_close(got, want, 5e-5, "kernel path vs grid path, fused product scores")
+        pairs = np.array([[0, 1], [2, 5], [2, 7], [4, 0]])
+        assert_close(scorer.score_pairs(images, captions, pairs), want[pairs[:, 0], pairs[:, 1]], 5e-5, "score_pairs")
+        record_choice(scorer.fingerprint, scorer.runner, "kernel", "measured: kernel 1 ms vs grid 2 ms")
+    with Scorer.load(tiny_artifact, threads=2) as auto:  # auto takes the recorded choice and says why
+        assert auto.path == "kernel" and "fused W2R kernel (measured: kernel 1 ms vs grid 2 ms)" in auto.runner.reason
+
+
+def test_kernel_path_unavailable_says_why(tiny_artifact, monkeypatch, tmp_path):
+    from engine.paths import record_choice
+    from engine.runtime import Scorer
+
+    monkeypatch.setenv(kernels.KERNELS_DIR_ENV, str(tmp_path / "empty"))  # nothing built there
+    monkeypatch.setenv("BSSAN_PATHS", str(tmp_path / "paths.json"))
+    with pytest.raises(InputError, match=r"path 'kernel': .*not built for this machine; run `python -m engine.kernels build`"):
+        Scorer.load(tiny_artifact, threads=1, path="kernel")
+    with Scorer.load(tiny_artifact, threads=1, precision="int8") as int8:
+        assert int8.kernel_available() == (False, int8.grid_available()[1])  # no grid graphs at int8
+    with Scorer.load(tiny_artifact, threads=1) as scorer:
+        record_choice(scorer.fingerprint, scorer.runner, "kernel", "measured elsewhere")
+    with Scorer.load(tiny_artifact, threads=1) as auto:  # recorded, but not built: the grid graphs, saying why
+        assert auto.path == "grid" and "the kernel was measured fastest here, but" in auto.runner.reason
