@@ -216,16 +216,22 @@ class CaptionCache:
     def max_length(self) -> int:
         return int(self.lengths.max()) if len(self) else 0
 
-    def block(self, rows: np.ndarray, words: int | None = None) -> dict[str, np.ndarray]:
+    def block(self, rows: np.ndarray, words: int | None = None, flat: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         """Arrays of the listed captions, word arrays padded with zeros to `words` (default: the
-        longest of these captions): {"words": [B_txt, L, E], ..., "lengths": [B_txt], "text_vectors": ...}."""
+        longest of these captions): {"words": [B_txt, L, E], ..., "lengths": [B_txt], "text_vectors": ...}.
+        Word arrays named in `flat` are not copied: the cache's own rows [total words, ...], with "word_offsets"
+        [B_txt] (each listed caption's first row), for a consumer that reads ragged rows (engine/kernels)."""
         rows = np.asarray(rows, dtype=np.int64)
         lengths = self.lengths[rows]  # [B_txt]
         width = int(lengths.max()) if words is None else int(words)
         spans = list(zip(self.offsets[rows].tolist(), lengths.tolist()))  # (first word row, words) of each caption
         out = {"lengths": lengths}
+        if flat:
+            out["word_offsets"] = self.offsets[rows]
         for name, array in self.arrays.items():
-            if name in WORD_ARRAYS:
+            if name in flat:
+                out[name] = array
+            elif name in WORD_ARRAYS:
                 # one contiguous copy per caption and a zeroed tail, no index arrays: the re-rank of a shortlist gathers
                 # every pair's caption (~40 KB at the reference sizes), and a fancy-index gather plus a masked scatter
                 # into a zeroed block took ~1.6x as long (~20% of score_pairs' CPU on Flickr8K test at K = 100)

@@ -484,6 +484,15 @@ class Scorer(Encoder):
             total = total - caption_feeds[HUB_OFFSET][pairs[:, 1]]
         return total.astype(np.float32, copy=False)
 
+    def _caption_block(self, captions: CaptionCache, rows: np.ndarray, width: int | None = None) -> dict[str, np.ndarray]:
+        """The caption feeds of a one-image call: padded blocks, except on the kernel path, whose W2R reads the cache's
+        word rows in place (a padded copy of 500 captions took longer than the kernel scoring them)."""
+        if self.path == "kernel":
+            from engine.kernels import FLAT_WORDS
+
+            return captions.block(rows, width, flat=FLAT_WORDS)
+        return captions.block(rows, width)
+
     def _grid_scores(self, image_feeds: dict, caption_feeds: dict) -> np.ndarray:
         """MS [B_txt] of ONE image row (image_feeds) with every caption row of caption_feeds, through the grid graphs
         (minus the image's hub offset when the cache has one)."""
@@ -491,8 +500,10 @@ class Scorer(Encoder):
         available = {**image_feeds, **caption_feeds}
         for branch, weight in self.branches:
             spec = GRAPHS[f"{branch}_grid"]
-            feeds = {n: available[n] for n in spec.input_names}
-            y = self.w2r_kernel(feeds) if branch == "w2r" and self.path == "kernel" else self.runner.infer(spec.name, feeds)["scores"]
+            if branch == "w2r" and self.path == "kernel":  # reads the caption cache's word rows in place (word_offsets)
+                y = self.w2r_kernel(available)
+            else:
+                y = self.runner.infer(spec.name, {n: available[n] for n in spec.input_names})["scores"]
             total = weight * y if total is None else total + weight * y
         if HUB_OFFSET in image_feeds:
             total = total - image_feeds[HUB_OFFSET][0]
@@ -571,11 +582,11 @@ class Scorer(Encoder):
 
             if len(image_rows) >= workers:  # each caption block once; its image rows spread over the workers
                 for rows, width in groups:
-                    caption_feeds = captions.block(rows, width)
+                    caption_feeds = self._caption_block(captions, rows, width)
                     self._run_calls([range(i, i + 1) for i in range(len(image_rows))],
                                     lambda one: score_block(rows, caption_feeds, one), workers)
             else:  # few image rows (a query): the caption blocks spread over the workers
-                self._run_calls(groups, lambda group: score_block(group[0], captions.block(*group), range(len(image_rows))),
+                self._run_calls(groups, lambda group: score_block(group[0], self._caption_block(captions, *group), range(len(image_rows))),
                                 workers)
         if fuse and self.fuses:
             out = self.fusion.apply(self.first_stage(images, captions, image_rows, caption_rows), out)
@@ -625,7 +636,7 @@ class Scorer(Encoder):
                 image_rows, image_pos = np.unique(pairs[chosen, 0], return_inverse=True)
                 caption_rows, caption_pos = np.unique(pairs[chosen, 1], return_inverse=True)
                 if self.grid_like and len(image_rows) == 1:  # one image row: its grid graph, nothing gathered
-                    out[chosen] = self._grid_scores(images.rows(image_rows), captions.block(caption_rows, width))[caption_pos.reshape(-1)]
+                    out[chosen] = self._grid_scores(images.rows(image_rows), self._caption_block(captions, caption_rows, width))[caption_pos.reshape(-1)]
                 elif whole and len(image_rows) > 1:
                     local = np.stack([pairs[chosen, 0], caption_pos.reshape(-1)], axis=1)  # [n, 2] (image row, caption position)
                     out[chosen] = self._pair_scores(images.arrays, captions.block(caption_rows, width), local)

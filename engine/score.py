@@ -63,7 +63,7 @@ from engine.graphs import PRECISIONS
 from engine.journal import JOURNAL_VERSION, UNIT_IMAGES, UNIT_SHORTLIST_IMAGES, Journal, output_lock, score_exhaustive, score_shortlists
 from engine.metrics import format_metrics
 from engine.ranking import first_stage_recall, two_stage_metrics
-from engine.runtime import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PAIRS_PER_CALL, Scorer, pair_keys, rank_rows
+from engine.runtime import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PAIRS_PER_CALL, PATHS, Scorer, pair_keys, rank_rows
 from engine.store import MANIFEST_NAME, STORE_FORMAT, FeatureStore
 from engine.text import tokenize
 
@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shortlist-checkpoint", type=Path, help="--backend torch: the dual-encoder checkpoint of the shortlist graphs")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_PAIRS_PER_CALL, help="pairs per pair-graph call")
+    parser.add_argument("--path", choices=PATHS, default="auto", help="what scores a one-image block: the grid graphs, the "
+                        "pair graphs, or the fused W2R kernel (python -m engine.kernels build); auto: the fastest that "
+                        "python -m benchmarks.run recorded for this machine, else grid")
     parser.add_argument("--threads", type=positive_int, help="intra-op threads (default: the backend's)")
     parser.add_argument("--memory-budget-mb", type=positive_float, default=DEFAULT_MEMORY_BUDGET_MB)
     parser.add_argument("--out", type=Path, help="results .jsonl or .tsv (written atomically; resumable)")
@@ -390,7 +393,7 @@ def score(args: argparse.Namespace, start: float) -> int:
     torch_options = ({"checkpoint": args.checkpoint, "shortlist_checkpoint": args.shortlist_checkpoint}
                      if args.backend == Backend.TORCH.value else {})
     with Scorer.load(args.model, args.backend, args.precision, args.threads, args.memory_budget_mb, args.batch_size,
-                     fusion=not args.no_fusion, **torch_options) as scorer:
+                     fusion=not args.no_fusion, path=args.path, **torch_options) as scorer:
         print(f"backend: {scorer.runner.backend.value} ({scorer.runner.reason}), precision {args.precision}, "
               f"fusion {scorer.fusion.to_dict()}", file=sys.stderr)
         if args.shortlist_k is not None:
@@ -408,7 +411,7 @@ def score(args: argparse.Namespace, start: float) -> int:
                "precision": args.precision, "threads": args.threads, "batch_size": args.batch_size,
                "memory_budget_mb": args.memory_budget_mb, "shortlist_k": args.shortlist_k, "directions": directions,
                "units": [UNIT_IMAGES, UNIT_SHORTLIST_IMAGES], "images": inputs.image_digest, "captions": inputs.caption_digest,
-               "fusion": scorer.fusion.to_dict()}
+               "fusion": scorer.fusion.to_dict(), "path": scorer.path}
         if args.image_shards is not None:
             key["image_shards"] = True  # its own journal arrays (engine/distributed/sharded.py)
         journal = Journal(args.out, key)

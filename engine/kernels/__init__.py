@@ -41,8 +41,9 @@ from engine.errors import ArtifactError, InputError
 SOURCE = Path(__file__).with_name("w2r_grid.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=gnu11", "-fPIC", "-shared")
 KERNELS_DIR_ENV = "BSSAN_KERNELS_DIR"
+FLAT_WORDS = ("words", "gates_words")  # the caption arrays the kernel reads in place (CaptionCache.block(flat=...))
 MAX_DEPTH = 8  # MLP layers (w2r_grid.c MAX_DEPTH)
-_ERRORS = {-1: "sizes the kernel does not support", -2: "out of memory", -3: "a caption length outside [1, words]"}
+_ERRORS = {-1: "sizes the kernel does not support", -2: "out of memory", -3: "a caption's words outside the word rows given"}
 
 
 class KernelError(InputError):
@@ -113,7 +114,8 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         except OSError as exc:
             raise KernelError(f"{path}: cannot load the W2R kernel ({exc}); rebuild it: python -m engine.kernels build --force") from None
         p = ctypes.c_void_p
-        lib.bssan_w2r_grid.argtypes = [ctypes.c_int] * 5 + [p] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int, p, p, p, p, p]
+        lib.bssan_w2r_grid.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_int64, ctypes.c_int] + [p] * 7
+                                       + [ctypes.c_float, ctypes.c_int, ctypes.c_int, p, p, p, p, p])
         lib.bssan_w2r_grid.restype = ctypes.c_int
         lib.bssan_w2r_simd_width.restype = ctypes.c_int
         lib.bssan_w2r_block_rows.restype = ctypes.c_int
@@ -172,34 +174,47 @@ class W2RKernel:
                    bounded=model.attention_form == "tanh", input_weight_u_t=inits.get("input_weight_u_t"), library=library)
 
     def run(self, regions_attn: np.ndarray, regions_values: np.ndarray, words: np.ndarray, gates_words: np.ndarray,
-            lengths: np.ndarray, want_hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """(Y [N], h [N, H] after each caption's last real word, or None unless want_hidden)."""
+            lengths: np.ndarray, offsets: np.ndarray | None = None, want_hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(Y [N], h [N, H] after each caption's last real word, or None unless want_hidden).
+        words / gates_words: a padded block [N, L, E] / [N, L, 4H] (offsets None), or word rows [T, E] / [T, 4H] with
+        caption n's words at rows offsets[n] .. offsets[n] + lengths[n] (a CaptionCache's own arrays: no copy)."""
         keys = _f32(regions_attn, "regions_attn", 3)[0]
         values = _f32(regions_values, "regions_values", 3)[0]
         if self.input_weight_u_t is not None:  # "regions" artifacts: G = R W_ih_u^T once per call
             values = np.ascontiguousarray(values @ self.input_weight_u_t)
-        words, gates_words = _f32(words, "words", 3), _f32(gates_words, "gates_words", 3)
         lengths = np.ascontiguousarray(lengths, np.int64)
-        n, width, e = words.shape
-        d = keys.shape[0]
-        if values.shape != (d, 4 * self.hidden) or gates_words.shape != (n, width, 4 * self.hidden) or keys.shape[1] != e \
-                or lengths.shape != (n,):
+        if offsets is None:
+            words, gates_words = _f32(words, "words", 3), _f32(gates_words, "gates_words", 3)
+            n, width = words.shape[:2]
+            if gates_words.shape[:2] != (n, width):
+                raise InputError(f"W2R kernel: words {list(words.shape)} and gates_words {list(gates_words.shape)}: expected "
+                                 f"the same [captions, words]")
+            offsets = np.arange(n, dtype=np.int64) * width
+            words, gates_words = words.reshape(n * width, -1), gates_words.reshape(n * width, -1)
+        else:
+            words, gates_words = _f32(words, "words", 2), _f32(gates_words, "gates_words", 2)
+            offsets = np.ascontiguousarray(offsets, np.int64)
+        n, d, e = len(lengths), keys.shape[0], words.shape[1]
+        if values.shape != (d, 4 * self.hidden) or gates_words.shape != (len(words), 4 * self.hidden) or keys.shape[1] != e \
+                or offsets.shape != (n,) or lengths.ndim != 1:
             raise InputError(f"W2R kernel: shapes regions_attn {list(keys.shape)}, regions_values {list(values.shape)}, words "
-                             f"{list(words.shape)}, gates_words {list(gates_words.shape)}, lengths {list(lengths.shape)} do "
-                             f"not fit H={self.hidden}")
+                             f"{list(words.shape)}, gates_words {list(gates_words.shape)}, lengths {list(lengths.shape)}, "
+                             f"offsets {list(offsets.shape)} do not fit H={self.hidden}")
         scores = np.empty(n, np.float32)
         h = np.empty((n, self.hidden), np.float32) if want_hidden else None
         if n:
-            rc = self.lib.bssan_w2r_grid(d, e, self.hidden, width, n, keys.ctypes.data, values.ctypes.data, words.ctypes.data,
-                                         gates_words.ctypes.data, lengths.ctypes.data, self.weight_hh_t.ctypes.data,
-                                         self.attn_bias, int(self.bounded), len(self.mlp), self._widths.ctypes.data,
-                                         self._mlp_weights.ctypes.data, self._mlp_biases.ctypes.data, scores.ctypes.data,
-                                         None if h is None else h.ctypes.data)
+            rc = self.lib.bssan_w2r_grid(d, e, self.hidden, len(words), n, keys.ctypes.data, values.ctypes.data, words.ctypes.data,
+                                         gates_words.ctypes.data, offsets.ctypes.data, lengths.ctypes.data,
+                                         self.weight_hh_t.ctypes.data, self.attn_bias, int(self.bounded), len(self.mlp),
+                                         self._widths.ctypes.data, self._mlp_weights.ctypes.data, self._mlp_biases.ctypes.data,
+                                         scores.ctypes.data, None if h is None else h.ctypes.data)
             if rc != 0:
                 raise InputError(f"W2R kernel: {_ERRORS.get(rc, f'error {rc}')} (lengths {int(lengths.min())}..{int(lengths.max())}, "
-                                 f"words axis {width})")
+                                 f"{len(words)} word rows)")
         return scores, h
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Y [N] float32 from the w2r_grid graph's feeds."""
-        return self.run(feeds["regions_attn"], feeds["regions_values"], feeds["words"], feeds["gates_words"], feeds["lengths"])[0]
+        """Y [N] float32 from the w2r_grid graph's feeds (padded words), or from a CaptionCache.block(..., flat=FLAT_WORDS)
+        (its word rows as they are, plus "word_offsets")."""
+        return self.run(feeds["regions_attn"], feeds["regions_values"], feeds["words"], feeds["gates_words"], feeds["lengths"],
+                        feeds.get("word_offsets"))[0]

@@ -118,28 +118,31 @@ static void pack(const float *src, int K, int cols, int ldb, int transposed, flo
 int bssan_w2r_simd_width(void) { return VW; }
 int bssan_w2r_block_rows(void) { return MR; }
 
-/* Returns 0, or a negative code: -1 bad sizes, -2 out of memory, -3 a length outside [1, words].
+/* Returns 0, or a negative code: -1 bad sizes, -2 out of memory, -3 a caption's words outside the word rows.
  *   keys        [D, E]       regions_attn of the image (temperature folded in)
  *   values      [D, 4H]      regions_values of the image (G = R W_ih_u^T)
- *   words       [N, L, E]    caption rows (L = the words axis; row stride L * E)
- *   gates_words [N, L, 4H]   T W_ih_t^T + b_ih + b_hh
- *   lengths     [N]          real words per caption, in [1, L]
+ *   words       [T, E]       word rows: caption n's word t is row offsets[n] + t (a padded block [N, L, E] is
+ *                            T = N * L rows with offsets n * L; a caption cache's ragged rows need no copy)
+ *   gates_words [T, 4H]      T W_ih_t^T + b_ih + b_hh, the same rows
+ *   offsets     [N]          each caption's first word row
+ *   lengths     [N]          real words per caption, >= 1, offsets[n] + lengths[n] <= T
  *   weight_hh_t [H, 4H]      W_hh^T, gate order i, f, g, o (nn.LSTM)
  *   attn_bias, bounded       logits + attn_bias, then tanh when bounded (the paper's form)
  *   depth, widths            the MLP on h: depth Linear layers, widths[0] = H ... widths[depth] = 1, tanh between
  *   mlp_weights, mlp_biases  layer l's W [widths[l], widths[l+1]] (input-major: y = x W + b) and b, concatenated
  *   scores      [N]          Y of each caption
  *   h_out       [N, H]       the state after each caption's last real word (NULL: not wanted) */
-int bssan_w2r_grid(int D, int E, int H, int L, int N, const float *keys, const float *values, const float *words,
-                   const float *gates_words, const int64_t *lengths, const float *weight_hh_t, float attn_bias, int bounded,
+int bssan_w2r_grid(int D, int E, int H, int64_t T, int N, const float *keys, const float *values, const float *words,
+                   const float *gates_words, const int64_t *offsets, const int64_t *lengths, const float *weight_hh_t,
+                   float attn_bias, int bounded,
                    int depth, const int *widths, const float *mlp_weights, const float *mlp_biases, float *scores, float *h_out) {
-  if (D < 1 || E < 1 || H < 1 || L < 1 || N < 0 || depth < 1 || depth > MAX_DEPTH || widths[0] != H ||
+  if (D < 1 || E < 1 || H < 1 || T < 0 || N < 0 || depth < 1 || depth > MAX_DEPTH || widths[0] != H ||
       widths[depth] != 1)
     return -1;
   for (int l = 1; l <= depth; l++)
     if (widths[l] < 1) return -1;
   for (int n = 0; n < N; n++)
-    if (lengths[n] < 1 || lengths[n] > L) return -3;
+    if (lengths[n] < 1 || offsets[n] < 0 || offsets[n] + lengths[n] > T) return -3;
 #if defined(__SSE__)
   /* denormals to zero in and out (as the engine's ONNX Runtime sessions: set_denormal_as_zero): a trained model's
    * focused attention makes softmax weights below 1e-38, and x86 multiplies denormals ~100x slower */
@@ -198,10 +201,10 @@ int bssan_w2r_grid(int D, int E, int H, int L, int N, const float *keys, const f
     for (int t = 0; t < steps; t++) {
       for (int r = 0; r < tiles * MR; r++) {
         const int live = r < rows && t < lengths[n0 + r];
-        wrow[r] = live ? words + ((size_t)(n0 + r) * L + t) * E : zero_row;
+        wrow[r] = live ? words + (size_t)(offsets[n0 + r] + t) * E : zero_row;
         float *dst = gw + (size_t)r * gpad;
         if (live)
-          memcpy(dst, gates_words + ((size_t)(n0 + r) * L + t) * G4, sizeof(float) * G4);
+          memcpy(dst, gates_words + (size_t)(offsets[n0 + r] + t) * G4, sizeof(float) * G4);
         else
           memset(dst, 0, sizeof(float) * G4);
         memset(dst + G4, 0, sizeof(float) * (gpad - G4));

@@ -86,6 +86,9 @@ def test_kernel_equals_the_w2r_grid_graph(library, artifact, grid_scorer, caches
         scores, hidden = kernel.run(feeds["regions_attn"], feeds["regions_values"], feeds["words"], feeds["gates_words"],
                                     feeds["lengths"], want_hidden=True)
         assert np.array_equal(scores, got) and hidden.shape == (len(rows), kernel.hidden)
+        flat = {**images.rows(np.array([image_row])), **captions.block(rows, flat=kernels.FLAT_WORDS)}
+        assert flat["words"] is captions.arrays["words"] and "word_offsets" in flat  # read in place, no copy
+        assert np.array_equal(kernel(flat), got)  # ragged rows in place == the padded block
 
 
 def test_kernel_hidden_sizes_off_the_vector_width_and_the_scaled_form(library):
@@ -124,7 +127,7 @@ def test_kernel_rejects_bad_input_with_one_line(library, artifact, caches):
     kernel = kernels.W2RKernel.from_artifact(artifact, library)
     feeds = _feeds(images, captions, 0, np.arange(4))
     bad = dict(feeds, lengths=np.array([1, 2, 0, 1]))
-    with pytest.raises(InputError, match="a caption length outside"):
+    with pytest.raises(InputError, match="a caption.s words outside the word rows given"):
         kernel(bad)
     with pytest.raises(InputError, match="expected float32, got float64"):
         kernel(dict(feeds, words=feeds["words"].astype(np.float64)))
