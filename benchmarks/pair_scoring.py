@@ -16,7 +16,9 @@ over the measured time. "max_abs_diff_vs_paper" checks that every scorer gives t
 `real_length_pass` scores REAL_IMAGES image rows against captions whose lengths follow Flickr8K
 test (bucketed: sorted by length, fixed blocks of `real_block` captions, each sliced to its longest
 caption), the baseline padding every caption to 30, and times the whole pass of each scorer in
-interleaved rounds (min / median / max and the process CPU time per pass are reported).
+interleaved rounds (min / median / max and the process CPU time per pass are reported). Its scorers are the
+sweep's plus `kernel` (REAL_SCORERS: the engine's fused W2R kernel path on one thread; skipped with the reason where
+the kernel cannot be built or run, like torch-bf16 without bf16 instructions).
 Every scorer runs on `threads` intra-op threads (default 1: ratios per core) except `engine`, which runs
 as a user gets it (engine.runtime.Scorer, threads=None: concurrent one-thread calls on every core).
 Cache costs (image and caption graphs) are timed once and amortised over the 1K x 5K protocol
@@ -36,13 +38,14 @@ from tqdm import tqdm
 
 from benchmarks.common import DEFAULT_THREADS, machine_info, set_threads, time_round_robin, write_json_atomic
 from benchmarks.flops import factored_pair_flops, flops_by_precision, peak_fraction, reference_pair_flops, total_flops
-from benchmarks.scorers import SCORER_NAMES, Scorer, export_graphs, make_scorer, random_inputs, random_model
+from benchmarks.scorers import SCORER_NAMES, Scorer, ScorerUnavailable, export_graphs, make_scorer, random_inputs, random_model
 from engine.runtime import DEFAULT_PAIRS_PER_CALL  # noqa: E402
 from engine.cli import ArgumentParser, command, output_file, positive_int
 
 PROTOCOL_IMAGES, PROTOCOL_CAPTIONS = 1000, 5000  # the 1K-image test protocol, 5 captions per image
 SPEED_SCORERS = ("paper-eager", "factored-eager", "torch-bf16", "ort-fp32-pair", "ort-fp32", "ort-int8-recurrence",
                  "ort-int8-projection", "engine")
+REAL_SCORERS = (*SPEED_SCORERS[:-1], "kernel", "engine")  # the real-length pass adds the engine's kernel path (one thread)
 REAL_IMAGES = 2  # image rows of the real-length pass: the engine runs its calls on every core (one image row per call)
 
 
@@ -54,6 +57,7 @@ class SweepConfig:
     min_calls: int = 3  # timed calls per point at least
     max_seconds: float = 4.0  # per point: a slow scorer stops after min_calls calls past this
     scorers: tuple[str, ...] = SPEED_SCORERS
+    real_scorers: tuple[str, ...] = REAL_SCORERS  # the real-length pass's scorers
     threads: int = 1  # intra-op threads of every scorer but `engine` (which runs as a user gets it: threads=None)
     seed: int = 0
     real_block: int = DEFAULT_PAIRS_PER_CALL  # captions per call in the real-length pass, every scorer (the engine's; fixed)
@@ -164,8 +168,10 @@ def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, 
     one_thread = peaks_report.get("peak_1thread", peaks)
     model = random_model(preset_name, sweep.seed)
     route = "gates" if model.w2r.pair_gathers_gates else "regions"
-    names, skipped = usable_scorers(sweep.scorers, peaks_report, route)
+    names, skipped = usable_scorers(sweep.real_scorers, peaks_report, route)
     precisions = tuple(dict.fromkeys(n[4:].replace("fp32-pair", "fp32") for n in names if n.startswith("ort-")))
+    if "kernel" in names and "fp32" not in precisions:  # the kernel path reads w2r_grid and runs the fp32 graphs
+        precisions = ("fp32", *precisions)
     graphs = export_graphs(model, work / preset_name, precisions) if precisions else {}
     inputs = random_inputs(model.config, lengths, seed=sweep.seed + 1000)
     order = np.argsort(lengths, kind="stable")
@@ -173,8 +179,13 @@ def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, 
     result = {"preset": preset_name, "captions": int(len(lengths)), "images": images, "block": sweep.real_block,
               "threads": sweep.threads, "skipped": skipped, "mean_length": float(np.mean(lengths)), "scorers": {}}
     prepared = {}
-    for name in names:
-        scorer = make_scorer(name, model, graphs, sweep.threads, work=work / preset_name)
+    for name in list(names):
+        try:
+            scorer = make_scorer(name, model, graphs, sweep.threads, work=work / preset_name)
+        except ScorerUnavailable as exc:  # e.g. the kernel without a C compiler: skipped with the reason
+            skipped[name] = str(exc)
+            names.remove(name)
+            continue
         cache = scorer.prepare(inputs)
         scores = np.empty((images, len(lengths)), np.float32)
         scorer.score_pass(blocks[-1:], 1, np.empty((1, len(lengths)), np.float32))  # warm-up: sessions, first allocations

@@ -18,6 +18,11 @@ Scorers (every one computes MS = Y + lambda Y' of the same model on the same inp
   Runtime CPU: image and text graphs once, then the grid graphs w2r_grid + o2w_grid (one image row, nothing
   gathered; fp32 only), else w2r_pair + o2w_pair with pairs [(0, r)]. ort-fp32-pair: the fp32 pair graphs
   even where grid graphs exist (the engine's path before issue 14).
+- kernel: the engine's third path: ort-fp32's image and text graphs, then each one-image block's W2R score
+  from the fused C kernel (engine.kernels.W2RKernel, built for this machine when the scorer is made, weights read
+  from the exported w2r_grid graph) and O2W from the o2w_grid graph. Where the kernel cannot run (no C compiler,
+  a failed build, a model it does not serve: engine.kernels.KernelError) making it raises ScorerUnavailable with
+  the reason, and the benchmarks list it as skipped.
 - engine: engine.runtime.Scorer on an artifact of the same model (export.pipeline, fp32), as a user gets
   it: its own scoring path choice, threads=None (every CPU: concurrent one-thread calls), caption blocks
   built by the caches. `score_pass` scores several image rows x every caption (score_grid).
@@ -40,7 +45,12 @@ import numpy as np
 from engine.graphs import GRAPHS
 
 ORT_PRECISIONS = ("fp32", "fp16", "int8-recurrence", "int8-projection")
-SCORER_NAMES = ("paper-eager", "factored-eager", "torch-bf16", *(f"ort-{p}" for p in ORT_PRECISIONS), "ort-fp32-pair", "engine")
+SCORER_NAMES = ("paper-eager", "factored-eager", "torch-bf16", *(f"ort-{p}" for p in ORT_PRECISIONS), "ort-fp32-pair", "kernel",
+                "engine")
+
+
+class ScorerUnavailable(Exception):
+    """A scorer that cannot run on this machine or for this model; the message says why (the benchmarks skip it)."""
 
 
 @dataclass
@@ -232,8 +242,59 @@ class OrtScorer(Scorer):
             name = f"{branch}_grid" if self.grid else f"{branch}_pair"
             if name in self.sessions and weight:
                 feeds = {n: available[n] for n in GRAPHS[name].input_names}
-                total += weight * self.sessions[name].run(None, feeds)[0]
+                total += weight * self.run_graph(name, feeds)
         return total
+
+    def run_graph(self, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The scores [N] of one branch's graph on `feeds`."""
+        return self.sessions[name].run(None, feeds)[0]
+
+
+class _GraphsArtifact:
+    """What engine.kernels.W2RKernel.from_artifact reads of an artifact, for graphs exported by export_graphs: the
+    fp32 w2r_grid graph and the W2R attention record (bias, form) exactly as the exporter writes it in a manifest."""
+
+    def __init__(self, model, graphs: dict[str, dict[str, Path]]):
+        from types import SimpleNamespace
+
+        from export.pipeline import _attention_record  # the exporter's own record: the manifest's biases and form
+
+        self.graphs = graphs
+        self.root = Path(graphs.get("fp32", {}).get("w2r_grid", Path("."))).parent
+        biases, form = _attention_record(model, None)
+        self.info = SimpleNamespace(model=SimpleNamespace(attention_biases=biases, attention_form=form))
+
+    def has_graph(self, name: str, precision: str = "fp32") -> bool:
+        return name in self.graphs.get(precision, {})
+
+    def graph_path(self, name: str, precision: str = "fp32") -> Path:
+        return Path(self.graphs[precision][name])
+
+
+class KernelScorer(OrtScorer):
+    """The engine's kernel path on one thread: ort-fp32's image/text graphs and o2w_grid, W2R through the fused
+    kernel (engine.kernels), the branches weighted as ort-fp32 weights them."""
+
+    def __init__(self, model, graphs: dict[str, dict[str, Path]], threads: int):
+        from engine.kernels import KernelError, W2RKernel, build, load_library
+
+        if model.w2r is None:
+            raise ScorerUnavailable("the model has no w2r branch: nothing for the W2R kernel to score")
+        if "w2r_grid" not in graphs.get("fp32", {}):
+            raise ScorerUnavailable("no fp32 w2r_grid graph was exported (the kernel reads its weights from it)")
+        try:
+            library = load_library(build())  # compiled once per machine and source (engine.kernels.kernels_dir())
+            self.kernel = W2RKernel.from_artifact(_GraphsArtifact(model, graphs), library=library)
+        except (KernelError, OSError) as exc:  # no C compiler, a failed build, a cache it cannot write
+            raise ScorerUnavailable(str(exc)) from None
+        super().__init__(model, graphs, "fp32", threads, grid=True)
+        self.name = "kernel"
+        if not self.grid:
+            raise ScorerUnavailable("the o2w_grid graph is missing: the kernel path scores O2W with it")
+        self.simd_width = self.kernel.simd_width
+
+    def run_graph(self, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.kernel(feeds) if name == "w2r_grid" else super().run_graph(name, feeds)
 
 
 class EngineScorer(Scorer):
@@ -293,6 +354,8 @@ def make_scorer(name: str, model, graphs: dict[str, dict[str, Path]] | None = No
         return EngineScorer(model, work, engine_threads)
     if name == "ort-fp32-pair":
         return OrtScorer(model, graphs or {}, "fp32", threads, grid=False)
+    if name == "kernel":
+        return KernelScorer(model, graphs or {}, threads)
     if name.startswith("ort-") and name[4:] in ORT_PRECISIONS:
         if graphs is None or name[4:] not in graphs:
             raise ValueError(f"scorer {name}: its graphs were not exported (have {sorted(graphs or {})})")

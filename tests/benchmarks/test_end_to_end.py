@@ -25,11 +25,22 @@ def test_missing_model_is_a_skip_with_the_reason(tmp_path):
     assert "not asked for" in report["extraction"]["skipped"]
 
 
-def test_retrieval_and_precision_on_the_demo_artifact(demo_artifact, tiny_store, tmp_path):
+def test_retrieval_and_precision_on_the_demo_artifact(demo_artifact, tiny_store, tmp_path, monkeypatch):
     from benchmarks.precision import artifact_precision
 
+    monkeypatch.setenv("BSSAN_KERNELS_DIR", str(tmp_path / "kernels"))  # the ranking check builds the kernel here
+    monkeypatch.setenv("BSSAN_PATHS", str(tmp_path / "paths.json"))  # and records its choice here, not in ~/.cache
     report = run_end_to_end(demo_artifact, tmp_path / "unused", tiny_store, tmp_path / "no-data", 10, (10, 50),
                             ("fp32", "int8"), 0, tmp_path, 1)
+    check = report["ranking_check"]
+    assert check["paths"][:2] == ["grid", "pair"] and set(check["pairs_per_s"]) == set(check["paths"])
+    if "kernel" not in check["paths"]:
+        assert check["kernel"]["skipped"]  # e.g. no C compiler: the two graph paths still checked
+    assert set(check["max_abs_diff_vs_grid"]) == set(check["paths"]) - {"grid"}
+    assert check["max_abs_diff"] == check["max_abs_diff_vs_grid"]["pair"] and max(check["max_abs_diff_vs_grid"].values()) < 1e-4
+    assert check["identical_recall"] == all(check["recall_equal_to_grid"].values())
+    assert check["faster"] in check["paths"] and check["recorded_in"] == str(tmp_path / "paths.json")
+    assert all(f"{p} " in check["reason"] for p in check["paths"])  # every timed path's pairs/s
     runs = report["retrieval"]["runs"]
     assert [r["precision"] for r in runs] == ["fp32", "int8"]
     for run in runs:
@@ -59,3 +70,31 @@ def test_synthetic_protocol_timing_without_model_or_store(tmp_path, monkeypatch)
     assert run["images"] == 12 and run["captions"] == 60 and run["exhaustive"]["pairs_per_s"] > 0
     assert run["projected_1k_x_5k_exhaustive_s"] == pytest.approx(5e6 / run["exhaustive"]["pairs_per_s"])
     assert set(run["shortlist"]) == {"k10"}
+
+
+def test_ranking_check_goes_on_without_the_kernel(demo_artifact, tiny_store, tmp_path, monkeypatch):
+    """No C compiler and no library: the kernel path is {"skipped": reason}; grid and pair are timed, and the faster
+    of those is recorded for the engine (engine.paths)."""
+    import json
+
+    import engine.kernels
+    from benchmarks.end_to_end import path_check
+
+    monkeypatch.setenv("BSSAN_KERNELS_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setenv("BSSAN_PATHS", str(tmp_path / "paths.json"))
+    monkeypatch.setattr(engine.kernels, "compiler", lambda: None)
+    check = path_check(demo_artifact, tiny_store, 4, rounds=1)
+    assert "no C compiler" in check["kernel"]["skipped"] and check["paths"] == ["grid", "pair"]
+    assert check["faster"] in ("grid", "pair") and "kernel not timed" in check["reason"]
+    (entry,) = json.loads((tmp_path / "paths.json").read_text()).values()
+    assert entry["path"] == check["faster"] and set(entry["measured"]) == {"grid", "pair"}
+
+
+def test_the_recorded_path_is_the_fastest_that_ranks_as_grid_does():
+    from benchmarks.end_to_end import fastest_equal_to_grid
+
+    rates = {"grid": 100.0, "pair": 80.0, "kernel": 300.0}
+    assert fastest_equal_to_grid(rates, {"grid": True, "pair": True, "kernel": True}) == ("kernel", [])
+    assert fastest_equal_to_grid(rates, {"grid": True, "pair": True, "kernel": False}) == ("grid", ["kernel"])
+    assert fastest_equal_to_grid({"grid": 100.0, "pair": 120.0}, {"grid": True, "pair": True}) == ("pair", [])
+    assert fastest_equal_to_grid({"grid": 100.0, "pair": 120.0}, {"pair": False}) == ("grid", ["pair"])

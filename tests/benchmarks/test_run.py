@@ -23,6 +23,8 @@ def quick_report(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench_run, "QUICK", TINY)
+        patch.setenv("BSSAN_KERNELS_DIR", str(root / "kernels"))  # the kernel scorer builds its library here, not in ~/.cache
+        patch.setenv("BSSAN_PATHS", str(root / "paths.json"))
         code = bench_run.main(["--quick", "--presets", "demo", "--threads", "1", "--json", str(root / "out.json"),
                                "--artifact", str(root / "none"), "--model", str(root / "none"), "--store", str(root / "none")])
     assert code == 0
@@ -68,6 +70,14 @@ def test_real_length_pass_is_interleaved_with_its_spread_and_the_engine_as_users
         assert row["block"] == TINY.real_block  # one fixed block for every scorer: no batch choice to flip
     assert "scoring path: grid graphs" in real["scorers"]["engine"]["reason"]
     assert real["scorers"]["engine"]["max_abs_diff_vs_paper"] < 1e-4 and real["scorers"]["ort-fp32"]["max_abs_diff_vs_paper"] < 1e-4
+    # the engine's kernel path on one thread: same scores, or skipped with the reason (no C compiler, a model it does not serve)
+    if "kernel" in real["scorers"]:
+        kernel = real["scorers"]["kernel"]
+        assert kernel["max_abs_diff_vs_paper"] < 1e-4 and kernel["threads"] == 1 and kernel["peak_used"] == "peak_1thread"
+        assert list(real["scorers"]).index("kernel") < list(real["scorers"]).index("engine")  # interleaved with the others
+    else:
+        assert real["skipped"]["kernel"]
+    assert "kernel" not in {p["scorer"] for p in report["pair_scoring"][0]["points"]}  # the sweep keeps its scorers
     assert report["peak"]["peak_at_start"].keys() == report["peak"]["peak_at_end"].keys()  # measured the same way twice
     assert {k["kernel"] for k in report["peak"]["kernels"]} == {k["kernel"] for k in report["peak"]["kernels_at_end"]}
 
@@ -119,6 +129,59 @@ def test_gpu_static_step_equals_the_model(form):
         assert torch.allclose(StaticPairScorer(model)(**feeds), want, atol=1e-5)
 
 
+def test_kernel_scorer_is_skipped_with_the_reason_without_a_compiler(tmp_path, monkeypatch):
+    """No C compiler (and no library built yet): the real-length pass lists the kernel scorer as skipped, runs the rest."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import numpy as np
+
+    import engine.kernels
+    from benchmarks.pair_scoring import SweepConfig, real_length_pass
+
+    monkeypatch.setenv("BSSAN_KERNELS_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(engine.kernels, "compiler", lambda: None)
+    sweep = SweepConfig(repeats=1, min_calls=1, max_seconds=0.05, real_block=4, real_min_seconds=0.0,
+                        real_scorers=("paper-eager", "ort-fp32", "kernel"))
+    real = real_length_pass("demo", np.array([2, 3, 4, 5, 6, 7]), sweep, {"peak": {"fp32": 1e11, "int8": 1e11}}, tmp_path,
+                            progress=False, images=1)
+    assert set(real["scorers"]) == {"paper-eager", "ort-fp32"}
+    assert "no C compiler" in real["skipped"]["kernel"]
+
+
+def test_kernel_scorer_gives_the_paper_scores(tmp_path, monkeypatch):
+    """The kernel scorer (ORT image/text and o2w_grid graphs, W2R through the fused kernel) at a hidden size that fills the
+    vector width and at the demo preset's 8: MS equal to the paper as written and to the ORT grid graphs."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import numpy as np
+    import torch
+
+    from benchmarks.scorers import ScorerUnavailable, export_graphs, make_scorer, random_inputs
+    from training.config import preset, replace_strict
+    from training.model import BSSAN
+
+    monkeypatch.setenv("BSSAN_KERNELS_DIR", str(tmp_path / "kernels"))
+    for k, config in enumerate((replace_strict(preset("demo"), w2r_hidden=16, w2r_mlp=(16, 1)), preset("demo"))):
+        torch.manual_seed(k)
+        model = BSSAN(config).eval()
+        graphs = export_graphs(model, tmp_path / f"graphs{k}")
+        try:
+            kernel = make_scorer("kernel", model, graphs, 1)
+        except ScorerUnavailable as exc:  # e.g. no C compiler on this machine
+            pytest.skip(f"kernel scorer unavailable: {exc}")
+        inputs = random_inputs(config, np.array([3, 8, 1, 5, 2, 8, 4]), seed=k)
+        paper, ort = make_scorer("paper-eager", model, graphs, 1), make_scorer("ort-fp32", model, graphs, 1)
+        rows = np.array([6, 0, 3, 2])
+        for scorer in (kernel, paper, ort):
+            scorer.prepare(inputs)
+        got = kernel.score(rows)
+        assert kernel.name == "kernel" and got.shape == (4,) and got.dtype == np.float32
+        assert np.abs(got - paper.score(rows)).max() <= 1e-4 and np.abs(got - ort.score(rows)).max() <= 1e-5
+        out = np.empty((2, len(inputs.lengths)), np.float32)
+        kernel.score_pass([np.arange(4), np.arange(4, 7)], 2, out)
+        assert np.array_equal(out[0], out[1]) and np.abs(out[0, rows] - got).max() <= 1e-6
+
+
 def _report(ort_rate: float, identical: bool | None, fraction: float = 0.5) -> dict:
     point = lambda scorer, rate, diff: {"scorer": scorer, "length": 30, "batch": 64, "pairs_per_s": rate,  # noqa: E731
                                         "protocol_pairs_per_s": rate, "max_abs_diff_vs_paper": diff}
@@ -149,6 +212,44 @@ def test_target_verdicts(ort_rate, identical, verdicts):
     assert eager["ratio"] == pytest.approx(ort_rate / 1000.0) and paper["ratio"] == pytest.approx(ort_rate / 100.0)
     assert peak["verdict"] == "PASS" and peak["ratio"] == 0.5
     assert bench_run.evaluate_targets(_report(3100.0, True, fraction=0.3), TINY)[3]["verdict"] == "FAIL"
+
+
+def _with_kernel(report: dict, kernel_rate: float, kernel_equal: bool | None, kernel_diff: float = 1e-7) -> dict:
+    """_report plus the kernel scorer in the real-length pass and, unless kernel_equal is None (kernel not checked), the
+    end-to-end check's three paths."""
+    real = report["real_lengths"][0]["scorers"]
+    real["ort-fp32-pair"] = {**real["ort-fp32"], "pairs_per_s": 1500.0, "protocol_pairs_per_s": 1500.0}
+    real["kernel"] = {**real["ort-fp32"], "pairs_per_s": kernel_rate, "protocol_pairs_per_s": kernel_rate,
+                      "max_abs_diff_vs_paper": kernel_diff}
+    check = report["end_to_end"]["ranking_check"]
+    if "skipped" not in check and kernel_equal is not None:
+        check.update(paths=["grid", "pair", "kernel"], max_abs_diff_vs_grid={"pair": 1e-7, "kernel": 2e-7},
+                     recall_equal_to_grid={"grid": True, "pair": True, "kernel": kernel_equal},
+                     identical_recall=check["identical_recall"] and kernel_equal)
+    elif "skipped" not in check:
+        check["kernel"] = {"skipped": "path 'kernel': no C compiler"}
+    return report
+
+
+@pytest.mark.parametrize("kernel_equal, identical, kernel_diff, engine_path, verdicts", [
+    (True, True, 1e-7, "kernel", ("PASS", "PASS")),         # the kernel validated and fastest: the engine's path
+    (False, True, 1e-7, "ort-fp32", ("FAIL", "FAIL")),      # its R@K differ from grid's: not the engine's path, and not equal
+    (True, True, 1e-3, "ort-fp32", ("PASS", "FAIL")),       # its scores differ from the paper's: not validated
+    (None, True, 1e-7, "ort-fp32", ("PASS", "FAIL")),       # the end-to-end check could not time it: not the engine's path
+    (True, None, 1e-7, "kernel", ("UNVERIFIED", "UNVERIFIED")),  # no ranking check: the fastest with equal scores
+])
+def test_targets_take_the_fastest_validated_engine_path(kernel_equal, identical, kernel_diff, engine_path, verdicts):
+    report = _with_kernel(_report(2500.0, identical), 4000.0, kernel_equal, kernel_diff)
+    rate = report["real_lengths"][0]["scorers"][engine_path]["protocol_pairs_per_s"]
+    assert bench_run._engine_graphs_name(report["real_lengths"][0], report["end_to_end"]["ranking_check"]) == engine_path
+    _, eager, paper, peak = bench_run.evaluate_targets(report, TINY)
+    assert (eager["verdict"], paper["verdict"]) == verdicts
+    assert eager["ratio"] == pytest.approx(rate / 1000.0) and paper["ratio"] == pytest.approx(rate / 100.0)
+    assert f"engine's path: {engine_path}" in eager["detail"] and f"({engine_path})" in peak["detail"]
+    if kernel_equal is not None and identical is not None:
+        assert "kernel 2e-07" in eager["detail"]  # max |score diff| of each path vs grid
+    if kernel_equal is None:
+        assert "kernel not checked: path 'kernel': no C compiler" in eager["detail"]
 
 
 def test_compare_agrees_within_the_tolerance(tmp_path, capsys):
