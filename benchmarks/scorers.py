@@ -293,8 +293,27 @@ class KernelScorer(OrtScorer):
             raise ScorerUnavailable("the o2w_grid graph is missing: the kernel path scores O2W with it")
         self.simd_width = self.kernel.simd_width
 
-    def run_graph(self, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.kernel(feeds) if name == "w2r_grid" else super().run_graph(name, feeds)
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        """As the engine's kernel path calls it: W2R reads the caption rows in place (the padded cache viewed as word
+        rows, caption r's words at r * L: engine.kernels' word_offsets), only o2w_grid gets a copied block."""
+        total = np.zeros(len(rows), np.float32)
+        cache, lengths = self.cache, self.inputs.lengths[rows]
+        for branch, weight in zip(("w2r", "o2w"), self.weights):
+            if not weight or f"{branch}_grid" not in self.sessions:
+                continue
+            if branch == "w2r":
+                width = cache["words"].shape[1]
+                feeds = {"regions_attn": cache["regions_attn"], "regions_values": cache["regions_values"],
+                         "words": cache["words"].reshape(-1, cache["words"].shape[2]),
+                         "gates_words": cache["gates_words"].reshape(-1, cache["gates_words"].shape[2]),
+                         "lengths": lengths, "word_offsets": np.asarray(rows, np.int64) * width}
+                total += weight * self.kernel(feeds)
+            else:
+                words = int(lengths.max())
+                feeds = {"objects_attn": cache["objects_attn"], "objects_mlp": cache["objects_mlp"],
+                         "states": cache["states"][rows][:, :words], "lengths": lengths}
+                total += weight * self.run_graph("o2w_grid", feeds)
+        return total
 
 
 class EngineScorer(Scorer):
@@ -314,7 +333,17 @@ class EngineScorer(Scorer):
             save_checkpoint(work / "engine-checkpoint", model, TrainConfig(), metrics={"weights": "random"})
             export_artifact(ExportOptions(model_dir=work / "engine-checkpoint", out=artifact, precisions=("fp32",),
                                           tensorrt="off", assets_dir=None, progress=False))
-        self.engine = EngineRuntime.load(artifact, backend="onnxruntime-cpu", threads=threads)
+        # The engine's fastest validated path: the fused kernel where it is built here (python -m benchmarks.run's
+        # end-to-end check records it for real artifacts when it measures faster; this random one has no record),
+        # else what a user gets (auto).
+        from engine.errors import InputError
+        from engine.kernels import build
+
+        try:
+            build()
+            self.engine = EngineRuntime.load(artifact, backend="onnxruntime-cpu", threads=threads, path="kernel")
+        except InputError:  # no compiler, a failed build (KernelError), a model the kernel path cannot take
+            self.engine = EngineRuntime.load(artifact, backend="onnxruntime-cpu", threads=threads)
         self.reason = self.engine.runner.reason
 
     def prepare(self, inputs: Inputs) -> dict:
