@@ -17,8 +17,8 @@ over the measured time. "max_abs_diff_vs_paper" checks that every scorer gives t
 test (bucketed: sorted by length, fixed blocks of `real_block` captions, each sliced to its longest
 caption), the baseline padding every caption to 30, and times the whole pass of each scorer in
 interleaved rounds (min / median / max and the process CPU time per pass are reported). Its scorers are the
-sweep's plus `kernel` (REAL_SCORERS: the engine's fused W2R kernel path on one thread; skipped with the reason where
-the kernel cannot be built or run, like torch-bf16 without bf16 instructions).
+sweep's (REAL_SCORERS), `kernel` among them: the engine's fused W2R kernel path on one thread, skipped with the reason
+where the kernel cannot be built or run, like torch-bf16 without bf16 instructions.
 Every scorer runs on `threads` intra-op threads (default 1: ratios per core) except `engine`, which runs
 as a user gets it (engine.runtime.Scorer, threads=None: concurrent one-thread calls on every core).
 Cache costs (image and caption graphs) are timed once and amortised over the 1K x 5K protocol
@@ -44,8 +44,8 @@ from engine.cli import ArgumentParser, command, output_file, positive_int
 
 PROTOCOL_IMAGES, PROTOCOL_CAPTIONS = 1000, 5000  # the 1K-image test protocol, 5 captions per image
 SPEED_SCORERS = ("paper-eager", "factored-eager", "torch-bf16", "ort-fp32-pair", "ort-fp32", "ort-int8-recurrence",
-                 "ort-int8-projection", "engine")
-REAL_SCORERS = (*SPEED_SCORERS[:-1], "kernel", "engine")  # the real-length pass adds the engine's kernel path (one thread)
+                 "ort-int8-projection", "kernel", "engine")  # kernel: the engine's fused W2R kernel path on one thread
+REAL_SCORERS = SPEED_SCORERS  # the real-length pass: the same scorers
 REAL_IMAGES = 2  # image rows of the real-length pass: the engine runs its calls on every core (one image row per call)
 
 
@@ -114,8 +114,15 @@ def sweep_preset(preset_name: str, sweep: SweepConfig, peaks_report: dict, work:
     route = "gates" if model.w2r.pair_gathers_gates else "regions"
     names, skipped = usable_scorers(sweep.scorers, peaks_report, route)
     precisions = tuple(dict.fromkeys(n[4:].replace("fp32-pair", "fp32") for n in names if n.startswith("ort-")))
+    if "kernel" in names and "fp32" not in precisions:  # the kernel path reads w2r_grid and runs the fp32 graphs
+        precisions = ("fp32", *precisions)
     graphs = export_graphs(model, work / preset_name, precisions) if precisions else {}
-    scorers = [make_scorer(n, model, graphs, sweep.threads, work=work / preset_name) for n in names]
+    scorers = []
+    for name in names:
+        try:
+            scorers.append(make_scorer(name, model, graphs, sweep.threads, work=work / preset_name))
+        except ScorerUnavailable as exc:  # e.g. the kernel without a C compiler: skipped with the reason
+            skipped[name] = str(exc)
     lengths = [n for n in sweep.lengths if n <= model.config.max_words]  # a preset with max_words < 30 (demo) skips the rest
     result = {"preset": preset_name, "config": model.config.to_dict(), "weights": f"random (seed {sweep.seed})",
               "ort_pair_graph_values": route, "skipped": skipped, "lengths": lengths, "points": [], "cache_seconds": {}}
