@@ -498,7 +498,10 @@ class Scorer(Encoder):
         available = {**image_feeds, **caption_feeds, "pairs": pairs}
         for branch, weight in self.branches:
             spec = GRAPHS[f"{branch}_pair"]
-            y = self.runner.infer(spec.name, {n: available[n] for n in spec.input_names})["scores"]
+            if branch == "w2r" and self.path == "kernel":  # image and caption rows read in place, nothing gathered
+                y = self.w2r_kernel.pairs(image_feeds, caption_feeds, pairs)
+            else:
+                y = self.runner.infer(spec.name, {n: available[n] for n in spec.input_names})["scores"]
             total = weight * y if total is None else total + weight * y
         if HUB_OFFSET in image_feeds:
             total = total - image_feeds[HUB_OFFSET][pairs[:, 0]]
@@ -659,9 +662,9 @@ class Scorer(Encoder):
                 caption_rows, caption_pos = np.unique(pairs[chosen, 1], return_inverse=True)
                 if self.grid_like and len(image_rows) == 1:  # one image row: its grid graph, nothing gathered
                     out[chosen] = self._grid_scores(images.rows(image_rows), self._caption_block(captions, caption_rows, width))[caption_pos.reshape(-1)]
-                elif whole and len(image_rows) > 1:
+                elif self.path == "kernel" or (whole and len(image_rows) > 1):  # the kernel reads the image rows in place
                     local = np.stack([pairs[chosen, 0], caption_pos.reshape(-1)], axis=1)  # [n, 2] (image row, caption position)
-                    out[chosen] = self._pair_scores(images.arrays, captions.block(caption_rows, width), local)
+                    out[chosen] = self._pair_scores(images.arrays, self._caption_block(captions, caption_rows, width), local)
                 else:
                     local = np.stack([image_pos.reshape(-1), caption_pos.reshape(-1)], axis=1)  # [n, 2]
                     out[chosen] = self._pair_scores(images.rows(image_rows), captions.block(caption_rows, width), local)

@@ -43,7 +43,8 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=gnu11", "-fPIC", "-
 KERNELS_DIR_ENV = "BSSAN_KERNELS_DIR"
 FLAT_WORDS = ("words", "gates_words")  # the caption arrays the kernel reads in place (CaptionCache.block(flat=...))
 MAX_DEPTH = 8  # MLP layers (w2r_grid.c MAX_DEPTH)
-_ERRORS = {-1: "sizes the kernel does not support", -2: "out of memory", -3: "a caption's words outside the word rows given"}
+_ERRORS = {-1: "sizes the kernel does not support", -2: "out of memory", -3: "a caption's words outside the word rows given",
+           -4: "an image row outside the image rows given"}
 
 
 class KernelError(InputError):
@@ -114,7 +115,7 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         except OSError as exc:
             raise KernelError(f"{path}: cannot load the W2R kernel ({exc}); rebuild it: python -m engine.kernels build --force") from None
         p = ctypes.c_void_p
-        lib.bssan_w2r_grid.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_int64, ctypes.c_int] + [p] * 7
+        lib.bssan_w2r_grid.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [p] * 8
                                        + [ctypes.c_float, ctypes.c_int, ctypes.c_int, p, p, p, p, p])
         lib.bssan_w2r_grid.restype = ctypes.c_int
         lib.bssan_w2r_simd_width.restype = ctypes.c_int
@@ -174,13 +175,26 @@ class W2RKernel:
                    bounded=model.attention_form == "tanh", input_weight_u_t=inits.get("input_weight_u_t"), library=library)
 
     def run(self, regions_attn: np.ndarray, regions_values: np.ndarray, words: np.ndarray, gates_words: np.ndarray,
-            lengths: np.ndarray, offsets: np.ndarray | None = None, want_hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+            lengths: np.ndarray, offsets: np.ndarray | None = None, image_rows: np.ndarray | None = None,
+            want_hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(Y [N], h [N, H] after each caption's last real word, or None unless want_hidden).
         words / gates_words: a padded block [N, L, E] / [N, L, 4H] (offsets None), or word rows [T, E] / [T, 4H] with
-        caption n's words at rows offsets[n] .. offsets[n] + lengths[n] (a CaptionCache's own arrays: no copy)."""
-        keys = _f32(regions_attn, "regions_attn", 3)[0]
-        values = _f32(regions_values, "regions_values", 3)[0]
-        if self.input_weight_u_t is not None:  # "regions" artifacts: G = R W_ih_u^T once per call
+        caption n's words at rows offsets[n] .. offsets[n] + lengths[n] (a CaptionCache's own arrays: no copy).
+        image_rows None: ONE image (regions_* [1, ...]) x every caption row; else caption row n is scored with
+        image row image_rows[n] of regions_* [I, ...] (pooled pairs: nothing gathered)."""
+        keys = _f32(regions_attn, "regions_attn", 3)
+        values = _f32(regions_values, "regions_values", 3)
+        if image_rows is None:
+            keys, values = keys[:1], values[:1]
+        else:
+            image_rows = np.ascontiguousarray(image_rows, np.int64)
+            if len(image_rows) and (image_rows.min() < 0 or image_rows.max() >= len(keys)):
+                raise InputError(f"W2R kernel: {_ERRORS[-4]} (rows {int(image_rows.min())}..{int(image_rows.max())}, "
+                                 f"{len(keys)} image rows)")
+        if self.input_weight_u_t is not None:  # "regions" artifacts: G = R W_ih_u^T, for the images used only
+            if image_rows is not None:
+                used, image_rows = np.unique(image_rows, return_inverse=True)
+                keys, values = np.ascontiguousarray(keys[used]), values[used]
             values = np.ascontiguousarray(values @ self.input_weight_u_t)
         lengths = np.ascontiguousarray(lengths, np.int64)
         if offsets is None:
@@ -194,16 +208,18 @@ class W2RKernel:
         else:
             words, gates_words = _f32(words, "words", 2), _f32(gates_words, "gates_words", 2)
             offsets = np.ascontiguousarray(offsets, np.int64)
-        n, d, e = len(lengths), keys.shape[0], words.shape[1]
-        if values.shape != (d, 4 * self.hidden) or gates_words.shape != (len(words), 4 * self.hidden) or keys.shape[1] != e \
-                or offsets.shape != (n,) or lengths.ndim != 1:
+        n, (i, d, e) = len(lengths), keys.shape
+        if values.shape != (i, d, 4 * self.hidden) or gates_words.shape != (len(words), 4 * self.hidden) or \
+                words.shape[1] != e or offsets.shape != (n,) or lengths.ndim != 1 or \
+                (image_rows is not None and image_rows.shape != (n,)):
             raise InputError(f"W2R kernel: shapes regions_attn {list(keys.shape)}, regions_values {list(values.shape)}, words "
                              f"{list(words.shape)}, gates_words {list(gates_words.shape)}, lengths {list(lengths.shape)}, "
                              f"offsets {list(offsets.shape)} do not fit H={self.hidden}")
         scores = np.empty(n, np.float32)
         h = np.empty((n, self.hidden), np.float32) if want_hidden else None
         if n:
-            rc = self.lib.bssan_w2r_grid(d, e, self.hidden, len(words), n, keys.ctypes.data, values.ctypes.data, words.ctypes.data,
+            rc = self.lib.bssan_w2r_grid(d, e, self.hidden, len(words), n, i, None if image_rows is None else image_rows.ctypes.data,
+                                         keys.ctypes.data, values.ctypes.data, words.ctypes.data,
                                          gates_words.ctypes.data, offsets.ctypes.data, lengths.ctypes.data,
                                          self.weight_hh_t.ctypes.data, self.attn_bias, int(self.bounded), len(self.mlp),
                                          self._widths.ctypes.data, self._mlp_weights.ctypes.data, self._mlp_biases.ctypes.data,
@@ -218,3 +234,20 @@ class W2RKernel:
         (its word rows as they are, plus "word_offsets")."""
         return self.run(feeds["regions_attn"], feeds["regions_values"], feeds["words"], feeds["gates_words"], feeds["lengths"],
                         feeds.get("word_offsets"))[0]
+
+    def pairs(self, image_feeds: dict[str, np.ndarray], caption_feeds: dict[str, np.ndarray], pairs: np.ndarray) -> np.ndarray:
+        """Y [N] of pairs [N, 2] = (image row, caption row): the w2r_pair graph's result, with the image cache rows and
+        the caption rows read in place (caption_feeds from CaptionCache.block(rows, flat=FLAT_WORDS), pairs' caption
+        column indexing those rows)."""
+        pairs = np.asarray(pairs, np.int64)
+        columns = pairs[:, 1]
+        offsets = caption_feeds.get("word_offsets")
+        if offsets is None:  # a padded block [B, L, ...]: caption b's words at rows b * L
+            width = caption_feeds["words"].shape[1]
+            words = caption_feeds["words"].reshape(-1, caption_feeds["words"].shape[2])
+            gates = caption_feeds["gates_words"].reshape(-1, caption_feeds["gates_words"].shape[2])
+            offsets = np.arange(len(caption_feeds["lengths"]), dtype=np.int64) * width
+        else:
+            words, gates = caption_feeds["words"], caption_feeds["gates_words"]
+        return self.run(image_feeds["regions_attn"], image_feeds["regions_values"], words, gates,
+                        caption_feeds["lengths"][columns], offsets[columns], image_rows=pairs[:, 0])[0]

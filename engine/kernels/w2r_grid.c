@@ -79,8 +79,33 @@ static inline vf vrecip(vf x) {
 static inline vf vsigmoid(vf x) { return vrecip(1.0f + vexp(-x)); }
 static inline vf vtanh(vf x) { return 2.0f * vrecip(1.0f + vexp(-2.0f * x)) - 1.0f; }
 
-/* out[r, 0:NR] = (c0 ? c0[r] : 0) + sum_k a[r][k] * bp[k, 0:NR] for r < MR; bp one packed panel [K, NR]. */
-static inline void micro(int K, const float *const *a, const float *bp, const float *const *c0, float *out, int ldo) {
+/* sum_i x[i] y[i] */
+static inline float dot(const float *x, const float *y, int n) {
+  vf acc0 = splat(0.0f), acc1 = splat(0.0f);
+  int i = 0;
+  for (; i + 2 * VW <= n; i += 2 * VW) {
+    acc0 += loadu(x + i) * loadu(y + i);
+    acc1 += loadu(x + i + VW) * loadu(y + i + VW);
+  }
+  for (; i + VW <= n; i += VW) acc0 += loadu(x + i) * loadu(y + i);
+  acc0 += acc1;
+  float sum = 0.0f;
+  for (int k = 0; k < VW; k++) sum += acc0[k];
+  for (; i < n; i++) sum += x[i] * y[i];
+  return sum;
+}
+
+/* y += alpha x */
+static inline void axpy(float alpha, const float *x, float *y, int n) {
+  const vf va = splat(alpha);
+  int i = 0;
+  for (; i + VW <= n; i += VW) storeu(y + i, loadu(y + i) + va * loadu(x + i));
+  for (; i < n; i++) y[i] += alpha * x[i];
+}
+
+/* out[r, 0:NR] = (c0 ? c0[r] : 0) + sum_k a[r][k] * bp[k * ldb, 0:NR] for r < MR; bp one panel [K, NR] with row stride
+ * ldb (NR when packed). */
+static inline void micro_ld(int K, const float *const *a, const float *bp, int ldb, const float *const *c0, float *out, int ldo) {
   vf acc[MR][2];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; r++) {
@@ -88,7 +113,7 @@ static inline void micro(int K, const float *const *a, const float *bp, const fl
     acc[r][1] = c0[r] ? loadu(c0[r] + VW) : splat(0.0f);
   }
   for (int k = 0; k < K; k++) {
-    vf b0 = loadu(bp + (size_t)k * NR), b1 = loadu(bp + (size_t)k * NR + VW);
+    vf b0 = loadu(bp + (size_t)k * ldb), b1 = loadu(bp + (size_t)k * ldb + VW);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++) {
       vf ar = splat(a[r][k]);
@@ -103,6 +128,42 @@ static inline void micro(int K, const float *const *a, const float *bp, const fl
   }
 }
 
+static inline void micro(int K, const float *const *a, const float *bp, const float *const *c0, float *out, int ldo) {
+  micro_ld(K, a, bp, NR, c0, out, ldo);
+}
+
+/* out[t * ldo + j] = words[t] . keys[j] for t < T, j < D: 4 words x 4 regions per pass, so each loaded vector serves 4 FMAs */
+static void logits_rows(const float *words, int T, const float *keys, int D, int E, float *out, int ldo) {
+  int t0 = 0;
+  for (; t0 + 4 <= T; t0 += 4) {
+    int j0 = 0;
+    for (; j0 + 4 <= D; j0 += 4) {
+      vf acc[4][4];
+      for (int u = 0; u < 4; u++)
+        for (int v = 0; v < 4; v++) acc[u][v] = splat(0.0f);
+      int e = 0;
+      for (; e + VW <= E; e += VW) {
+        vf w[4], k[4];
+        for (int u = 0; u < 4; u++) w[u] = loadu(words + (size_t)(t0 + u) * E + e);
+        for (int v = 0; v < 4; v++) k[v] = loadu(keys + (size_t)(j0 + v) * E + e);
+        for (int u = 0; u < 4; u++)
+          for (int v = 0; v < 4; v++) acc[u][v] += w[u] * k[v];
+      }
+      for (int u = 0; u < 4; u++)
+        for (int v = 0; v < 4; v++) {
+          float sum = 0.0f;
+          for (int i = 0; i < VW; i++) sum += acc[u][v][i];
+          for (int i = e; i < E; i++) sum += words[(size_t)(t0 + u) * E + i] * keys[(size_t)(j0 + v) * E + i];
+          out[(size_t)(t0 + u) * ldo + j0 + v] = sum;
+        }
+    }
+    for (; j0 < D; j0++)
+      for (int u = 0; u < 4; u++) out[(size_t)(t0 + u) * ldo + j0] = dot(words + (size_t)(t0 + u) * E, keys + (size_t)j0 * E, E);
+  }
+  for (; t0 < T; t0++)
+    for (int j = 0; j < D; j++) out[(size_t)t0 * ldo + j] = dot(words + (size_t)t0 * E, keys + (size_t)j * E, E);
+}
+
 /* Pack B [K, cols] (row stride ldb; B[k, j] = src[k * ldb + j], or src[j * ldb + k] when transposed) into
  * ceil(cols / NR) panels [K, NR], zero past cols. */
 static void pack(const float *src, int K, int cols, int ldb, int transposed, float *dst) {
@@ -115,12 +176,33 @@ static void pack(const float *src, int K, int cols, int ldb, int transposed, flo
       }
 }
 
+/* out[0:D] = softmax(bounded ? tanh(lg + bias) : lg + bias) over lg[0:D]; lg [dpad] is scratch (dpad a multiple of VW) */
+static inline void softmax_row(float *lg, int D, int dpad, float attn_bias, int bounded, float *out) {
+  float mx = -INFINITY, sum = 0.0f;
+  for (int j = 0; j < D; j++) {
+    const float v = lg[j] + attn_bias;
+    lg[j] = bounded ? tanhf(v) : v;
+    mx = lg[j] > mx ? lg[j] : mx;
+  }
+  for (int j = D; j < dpad; j++) lg[j] = -INFINITY; /* exp -> 0 past the regions */
+  vf vs = splat(0.0f);
+  for (int j = 0; j < dpad; j += VW) { vf e = vexp(loadu(lg + j) - mx); storeu(lg + j, e); vs += e; }
+  for (int i = 0; i < VW; i++) sum += vs[i];
+  const float inv = 1.0f / sum;
+  for (int j = 0; j < D; j++) out[j] = lg[j] * inv;
+}
+
 int bssan_w2r_simd_width(void) { return VW; }
 int bssan_w2r_block_rows(void) { return MR; }
 
-/* Returns 0, or a negative code: -1 bad sizes, -2 out of memory, -3 a caption's words outside the word rows.
- *   keys        [D, E]       regions_attn of the image (temperature folded in)
- *   values      [D, 4H]      regions_values of the image (G = R W_ih_u^T)
+/* Returns 0, or a negative code: -1 bad sizes, -2 out of memory, -3 a caption's words outside the word rows,
+ * -4 an image row outside [0, I).
+ *   I, image_rows            NULL: ONE image x every caption row (a grid block; I = 1). Else the pairs' images:
+ *                            caption row n is scored with image image_rows[n] of keys/values [I, ...] (a re-rank's
+ *                            pooled pairs: the W_hh product stays one GEMM over the rows, the attention and a_t G
+ *                            are per row)
+ *   keys        [I, D, E]    regions_attn (temperature folded in)
+ *   values      [I, D, 4H]   regions_values (G = R W_ih_u^T)
  *   words       [T, E]       word rows: caption n's word t is row offsets[n] + t (a padded block [N, L, E] is
  *                            T = N * L rows with offsets n * L; a caption cache's ragged rows need no copy)
  *   gates_words [T, 4H]      T W_ih_t^T + b_ih + b_hh, the same rows
@@ -130,37 +212,47 @@ int bssan_w2r_block_rows(void) { return MR; }
  *   attn_bias, bounded       logits + attn_bias, then tanh when bounded (the paper's form)
  *   depth, widths            the MLP on h: depth Linear layers, widths[0] = H ... widths[depth] = 1, tanh between
  *   mlp_weights, mlp_biases  layer l's W [widths[l], widths[l+1]] (input-major: y = x W + b) and b, concatenated
- *   scores      [N]          Y of each caption
+ *   scores      [N]          Y of each caption row
  *   h_out       [N, H]       the state after each caption's last real word (NULL: not wanted) */
-int bssan_w2r_grid(int D, int E, int H, int64_t T, int N, const float *keys, const float *values, const float *words,
-                   const float *gates_words, const int64_t *offsets, const int64_t *lengths, const float *weight_hh_t,
-                   float attn_bias, int bounded,
+int bssan_w2r_grid(int D, int E, int H, int64_t T, int N, int I, const int64_t *image_rows, const float *keys,
+                   const float *values, const float *words, const float *gates_words, const int64_t *offsets,
+                   const int64_t *lengths, const float *weight_hh_t, float attn_bias, int bounded,
                    int depth, const int *widths, const float *mlp_weights, const float *mlp_biases, float *scores, float *h_out) {
-  if (D < 1 || E < 1 || H < 1 || T < 0 || N < 0 || depth < 1 || depth > MAX_DEPTH || widths[0] != H ||
+  if (D < 1 || E < 1 || H < 1 || T < 0 || N < 0 || I < 1 || (!image_rows && I != 1) || depth < 1 || depth > MAX_DEPTH || widths[0] != H ||
       widths[depth] != 1)
     return -1;
   for (int l = 1; l <= depth; l++)
     if (widths[l] < 1) return -1;
   for (int n = 0; n < N; n++)
     if (lengths[n] < 1 || offsets[n] < 0 || offsets[n] + lengths[n] > T) return -3;
+  if (image_rows)
+    for (int n = 0; n < N; n++)
+      if (image_rows[n] < 0 || image_rows[n] >= I) return -4;
+  const int pairs = image_rows != NULL;
 #if defined(__SSE__)
   /* denormals to zero in and out (as the engine's ONNX Runtime sessions: set_denormal_as_zero): a trained model's
    * focused attention makes softmax weights below 1e-38, and x86 multiplies denormals ~100x slower */
   const unsigned int csr = _mm_getcsr();
   _mm_setcsr(csr | 0x8040u); /* FTZ | DAZ */
 #endif
-  const int G4 = 4 * H, K = D + H, dpanels = (D + NR - 1) / NR, dpad = dpanels * NR, gpanels = (G4 + NR - 1) / NR,
+  const int G4 = 4 * H, K = D + H, KS = pairs ? H : K /* rows of the step GEMM's B */, dpanels = (D + NR - 1) / NR, dpad = dpanels * NR, gpanels = (G4 + NR - 1) / NR,
             gpad = gpanels * NR;
   const size_t SB = (size_t)SUPER * MR; /* captions advanced together: a packed panel is loaded once per SUPER tiles */
+  int lmax = 1; /* pairs: every row's gate inputs of every step are made before the recurrence (each image read once) */
+  if (pairs)
+    for (int n = 0; n < N; n++) lmax = lengths[n] > lmax ? (int)lengths[n] : lmax;
+  lmax = (lmax + MR - 1) / MR * MR; /* the a_t G tiles write whole MR-row tiles */
+  float *pre = pairs ? aligned_alloc(64, sizeof(float) * SB * lmax * gpad) : NULL;   /* [SB, lmax, 4H padded] */
+  float *lgall = pairs ? aligned_alloc(64, sizeof(float) * (size_t)lmax * dpad) : NULL; /* [lmax, D padded] */
   float *keys_p = aligned_alloc(64, sizeof(float) * (size_t)E * dpad);
-  float *step_p = aligned_alloc(64, sizeof(float) * (size_t)K * gpad);
+  float *step_p = aligned_alloc(64, sizeof(float) * (size_t)KS * gpad);
   float *gw = aligned_alloc(64, sizeof(float) * SB * gpad);      /* [SB, 4H padded]: gates_words[:, t], the GEMM's start */
   float *a = aligned_alloc(64, sizeof(float) * SB * K);          /* [SB, D + H]: attention of word t, then h */
   float *cell = aligned_alloc(64, sizeof(float) * SB * H);       /* [SB, H] */
   float *gates = aligned_alloc(64, sizeof(float) * SB * gpad);   /* [SB, 4H padded] */
   float *logits = aligned_alloc(64, sizeof(float) * SB * dpad);  /* [SB, D padded] */
   float *tmp = malloc(sizeof(float) * (size_t)K * G4);
-  float *zero_row = calloc((size_t)(E > G4 ? E : G4) + NR, sizeof(float));
+  float *zero_row = calloc((size_t)(E > G4 ? E : G4) + dpad + NR, sizeof(float));
   const float **wrow = malloc(sizeof(float *) * SB), **grow = malloc(sizeof(float *) * SB),
               **arow = malloc(sizeof(float *) * SB), **crow = malloc(sizeof(float *) * SB), **none = calloc(SB, sizeof(float *));
   /* the MLP's layers, packed like B; each layer's output [SB, padded width] */
@@ -183,23 +275,57 @@ int bssan_w2r_grid(int D, int E, int H, int64_t T, int N, const float *keys, con
     }
   }
   int rc = 0;
-  if (!mlp_ok || !keys_p || !step_p || !gw || !a || !cell || !gates || !logits || !tmp || !zero_row || !wrow || !grow || !arow || !crow || !none) {
+  if (!mlp_ok || (pairs && (!pre || !lgall)) || !keys_p || !step_p || !gw || !a || !cell || !gates || !logits || !tmp || !zero_row || !wrow || !grow || !arow || !crow || !none) {
     rc = -2;
     goto done;
   }
-  pack(keys, E, D, E, 1, keys_p); /* B[e, j] = keys[j, e] */
-  memcpy(tmp, values, sizeof(float) * (size_t)D * G4); /* B = [G; W_hh^T] [D + H, 4H] */
-  memcpy(tmp + (size_t)D * G4, weight_hh_t, sizeof(float) * (size_t)H * G4);
-  pack(tmp, K, G4, G4, 0, step_p);
-  for (size_t r = 0; r < SB; r++) arow[r] = a + r * K;
+  if (pairs) { /* B = W_hh^T [H, 4H]; the attention and a_t G are per row */
+    pack(weight_hh_t, H, G4, G4, 0, step_p);
+    for (size_t r = 0; r < SB; r++) arow[r] = a + r * K + D;
+  } else {
+    pack(keys, E, D, E, 1, keys_p); /* B[e, j] = keys[j, e] */
+    memcpy(tmp, values, sizeof(float) * (size_t)D * G4); /* B = [G; W_hh^T] [D + H, 4H] */
+    memcpy(tmp + (size_t)D * G4, weight_hh_t, sizeof(float) * (size_t)H * G4);
+    pack(tmp, K, G4, G4, 0, step_p);
+    for (size_t r = 0; r < SB; r++) arow[r] = a + r * K;
+  }
   for (int n0 = 0; n0 < N; n0 += (int)SB) {
     const int rows = N - n0 < (int)SB ? N - n0 : (int)SB, tiles = (rows + MR - 1) / MR;
     int steps = 0;
     for (int r = 0; r < rows; r++) steps = lengths[n0 + r] > steps ? (int)lengths[n0 + r] : steps;
     memset(a, 0, sizeof(float) * SB * K);
     memset(cell, 0, sizeof(float) * SB * H);
+    if (pairs) /* each row's gate inputs of every step: gates_words + a_t G of its image (keys and G streamed once) */
+      for (int r = 0; r < rows; r++) {
+        const int len = (int)lengths[n0 + r];
+        const float *ki = keys + (size_t)image_rows[n0 + r] * D * E, *gi = values + (size_t)image_rows[n0 + r] * D * G4,
+                    *wr = words + (size_t)offsets[n0 + r] * E;
+        logits_rows(wr, len, ki, D, E, lgall, dpad);
+        float *pr = pre + (size_t)r * lmax * gpad;
+        for (int t = 0; t < len; t++) {
+          float *lg = lgall + (size_t)t * dpad;
+          softmax_row(lg, D, dpad, attn_bias, bounded, lg);
+          memcpy(pr + (size_t)t * gpad, gates_words + (size_t)(offsets[n0 + r] + t) * G4, sizeof(float) * G4);
+          memset(pr + (size_t)t * gpad + G4, 0, sizeof(float) * (gpad - G4));
+        }
+        if (G4 % NR == 0) { /* += a_t G as tiles of MR words x NR gate columns (G read in place: row stride 4H) */
+          for (int t0 = 0; t0 < len; t0 += MR) {
+            const float *arows[MR], *crows[MR];
+            for (int u = 0; u < MR; u++) arows[u] = t0 + u < len ? lgall + (size_t)(t0 + u) * dpad : zero_row;
+            for (int p = 0; p < gpanels; p++) {
+              for (int u = 0; u < MR; u++) crows[u] = t0 + u < len ? pr + (size_t)(t0 + u) * gpad + p * NR : zero_row;
+              micro_ld(D, arows, gi + p * NR, G4, crows, pr + (size_t)t0 * gpad + p * NR, gpad);
+            }
+          }
+        } else {
+          for (int j = 0; j < D; j++)
+            for (int t = 0; t < len; t++) axpy(lgall[(size_t)t * dpad + j], gi + (size_t)j * G4, pr + (size_t)t * gpad, G4);
+        }
+      }
     for (int t = 0; t < steps; t++) {
-      for (int r = 0; r < tiles * MR; r++) {
+      for (int r = 0; r < tiles * MR && pairs; r++)
+        grow[r] = r < rows && t < lengths[n0 + r] ? pre + ((size_t)r * lmax + t) * gpad : zero_row;
+      for (int r = 0; r < tiles * MR && !pairs; r++) {
         const int live = r < rows && t < lengths[n0 + r];
         wrow[r] = live ? words + (size_t)(offsets[n0 + r] + t) * E : zero_row;
         float *dst = gw + (size_t)r * gpad;
@@ -210,29 +336,17 @@ int bssan_w2r_grid(int D, int E, int H, int64_t T, int N, const float *keys, con
         memset(dst + G4, 0, sizeof(float) * (gpad - G4));
         grow[r] = dst;
       }
-      /* logits [rows, D]: word t of each caption against every region (panel outside, tiles inside) */
-      for (int p = 0; p < dpanels; p++)
-        for (int s = 0; s < tiles; s++)
-          micro(E, wrow + s * MR, keys_p + (size_t)p * E * NR, none, logits + (size_t)s * MR * dpad + p * NR, dpad);
-      for (int r = 0; r < rows; r++) {
-        float *lg = logits + (size_t)r * dpad, *att = a + (size_t)r * K, mx = -INFINITY, sum = 0.0f;
-        for (int j = 0; j < D; j++) {
-          float v = lg[j] + attn_bias;
-          lg[j] = bounded ? tanhf(v) : v;
-          mx = lg[j] > mx ? lg[j] : mx;
-        }
-        for (int j = D; j < dpad; j++) lg[j] = -INFINITY; /* exp -> 0 past the regions */
-        vf vs = splat(0.0f);
-        for (int j = 0; j < dpad; j += VW) { vf e = vexp(loadu(lg + j) - mx); storeu(lg + j, e); vs += e; }
-        for (int i = 0; i < VW; i++) sum += vs[i];
-        const float inv = 1.0f / sum;
-        for (int j = 0; j < D; j++) att[j] = lg[j] * inv;
+      if (!pairs) { /* logits [rows, D]: word t of each caption against every region (panel outside, tiles inside) */
+        for (int p = 0; p < dpanels; p++)
+          for (int s = 0; s < tiles; s++)
+            micro(E, wrow + s * MR, keys_p + (size_t)p * E * NR, none, logits + (size_t)s * MR * dpad + p * NR, dpad);
+        for (int r = 0; r < rows; r++) softmax_row(logits + (size_t)r * dpad, D, dpad, attn_bias, bounded, a + (size_t)r * K);
       }
-      /* gates [rows, 4H] = gates_words[:, t] + [a_t, h] x [G; W_hh^T] */
+      /* gates [rows, 4H] = gates_words[:, t] + [a_t, h] x [G; W_hh^T] (pairs: the start has a_t G; h x W_hh^T) */
       for (int p = 0; p < gpanels; p++)
         for (int s = 0; s < tiles; s++) {
           for (int r = 0; r < MR; r++) crow[s * MR + r] = grow[s * MR + r] + p * NR;
-          micro(K, arow + s * MR, step_p + (size_t)p * K * NR, crow + s * MR, gates + (size_t)s * MR * gpad + p * NR, gpad);
+          micro(KS, arow + s * MR, step_p + (size_t)p * KS * NR, crow + s * MR, gates + (size_t)s * MR * gpad + p * NR, gpad);
         }
       /* the LSTM cell (gate order i, f, g, o), only for the rows still inside their caption */
       for (int r = 0; r < rows; r++) {
@@ -277,6 +391,7 @@ done:
 #if defined(__SSE__)
   _mm_setcsr(csr);
 #endif
+  free(pre); free(lgall);
   free(keys_p); free(step_p); free(gw); free(a); free(cell); free(gates); free(logits); free(tmp); free(zero_row);
   free(wrow); free(grow); free(arow); free(crow); free(none);
   for (int l = 0; l < depth; l++) { free(mlp_p[l]); free(bias_p[l]); free(act[l]); }

@@ -91,6 +91,26 @@ def test_kernel_equals_the_w2r_grid_graph(library, artifact, grid_scorer, caches
         assert np.array_equal(kernel(flat), got)  # ragged rows in place == the padded block
 
 
+def test_kernel_pairs_equal_the_w2r_pair_graph(library, artifact, grid_scorer, caches):
+    """Pooled pairs (each caption row with its own image row), in place, against w2r_pair through ONNX Runtime."""
+    images, captions = caches
+    kernel = kernels.W2RKernel.from_artifact(artifact, library)
+    rng = np.random.default_rng(3)
+    for count in (1, 5, 8, 41):
+        pairs = np.stack([rng.integers(0, len(images), count), rng.integers(0, len(captions), count)], axis=1)
+        rows, column = np.unique(pairs[:, 1], return_inverse=True)
+        local = np.stack([pairs[:, 0], column.reshape(-1)], axis=1)
+        padded = captions.block(rows)
+        spec_feeds = {**images.arrays, **padded, "pairs": local}
+        want = grid_scorer.runner.infer("w2r_pair", {k: spec_feeds[k] for k in ("regions_attn", "regions_values", "words",
+                                                                               "gates_words", "lengths", "pairs")})["scores"]
+        flat = captions.block(rows, flat=kernels.FLAT_WORDS)
+        assert_close(kernel.pairs(images.arrays, flat, local), want, 2e-5, f"kernel pairs vs w2r_pair, {count} pairs")
+        assert np.array_equal(kernel.pairs(images.arrays, padded, local), kernel.pairs(images.arrays, flat, local))
+    with pytest.raises(InputError, match="an image row outside the image rows given"):
+        kernel.pairs(images.arrays, flat, np.array([[len(images), 0]]))
+
+
 def test_kernel_hidden_sizes_off_the_vector_width_and_the_scaled_form(library):
     """A random W2R at H = 5, 16 and 37 (tails of the vector width) and both attention forms, against numpy."""
     rng = np.random.default_rng(0)
