@@ -249,11 +249,11 @@ def run_gallery(args, artifact: Path) -> dict:
                 point["load_average_1min_before"] = round(load_before, 2)
                 # what a request costs the server in CPU time: on a shared, saturated machine (wall-clock
                 # latency then measures the queue for the cores), this is the figure that carries over
-                used = server.cpu_seconds() - cpu
-                point["server_cpu_ms_per_request"] = round(1000 * used / max(1, point["ok"]), 1)
+                cpu_used = server.cpu_seconds() - cpu  # (not `used`: that counts the captions sent so far)
+                point["server_cpu_ms_per_request"] = round(1000 * cpu_used / max(1, point["ok"]), 1)
                 # cores held over the point: the server's, and the machine's by kind (batching on and off can win
                 # different shares of a shared machine; on an idle one both should hold ~2 less the load generator)
-                point["server_cores"] = round(used / point["seconds"], 2)
+                point["server_cores"] = round(cpu_used / point["seconds"], 2)
                 point["machine_cores"] = {k: round((v - machine[k]) / point["seconds"], 2) for k, v in machine_cpu_seconds().items()}
                 point["load_average_1min"] = round(os.getloadavg()[0], 2)
                 print(f"gallery batching={batching} clients={clients}: p50 {point['p50_ms']} ms, p99 {point['p99_ms']} ms, "
