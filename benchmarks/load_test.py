@@ -238,6 +238,7 @@ def run_gallery(args, artifact: Path) -> dict:
         report.setdefault("first_ready_s", round(time.perf_counter() - started, 1))
         with __import__("httpx").Client(base_url=server.url) as http:
             report["gallery_images_served"] = http.get("/readyz").json()["gallery"]
+            report.setdefault("server_backend", http.get("/v1/info").json()["backend"])  # backend and scoring path, and why
         try:
             asyncio.run(drive(server.url, 2, 10, 60, texts[-50:], 10, 100))  # warm-up (not recorded)
             for clients in args.clients:
@@ -291,6 +292,7 @@ def run_service(args, artifact: Path) -> dict:
         shutil.copytree(snapshot, Path(folder) / "snapshot")
         gallery = Gallery.open(folder, scorer.fingerprint, scorer.cache_precision)
         service = SearchService(scorer, gallery)
+        report["backend"] = scorer.runner.reason  # backend and scoring path, and why
         service.search_texts([TextQuery(t) for t in texts[:4]])  # warm-up
         used = 4
         for batch in (1, 4, 16):
