@@ -46,6 +46,7 @@ import numpy as np
 from benchmarks.common import REPO_ROOT, machine_info
 from engine.cli import ArgumentParser, command, positive_float, positive_int
 from engine.files import package_versions, write_json_atomic
+from engine.runtime import PATHS
 
 WORK = REPO_ROOT / "build" / "load-test"
 FLICKR8K = REPO_ROOT.parent / "shared" / "data" / "flickr8k"
@@ -228,7 +229,7 @@ def run_gallery(args, artifact: Path) -> dict:
     used = 0  # every point sends captions no earlier point sent (nothing is answered from a warm cache)
     for batching in ("on", "off"):
         server_args = ["--model", str(artifact), "--gallery", str(folder), "--index", str(index), "--batching", batching,
-                       "--threads", str(args.threads), "--batch-workers", str(args.batch_workers),
+                       "--threads", str(args.threads), "--path", args.path, "--batch-workers", str(args.batch_workers),
                        "--max-wait-ms", str(args.max_wait_ms)]
         if args.import_store is not None:
             server_args += ["--import-store", str(args.import_store)]
@@ -288,7 +289,8 @@ def run_service(args, artifact: Path) -> dict:
     texts = caption_pool(args.captions, 2000)
     report = {"gallery_images": args.gallery_size, "top_k": 10, "rerank_k": 100, "points": []}
     with tempfile.TemporaryDirectory(prefix="bssan-load-") as folder, \
-            Scorer.load(artifact, backend="onnxruntime-cpu", threads=args.threads, spinning=False, text_threads=1) as scorer:  # as engine.serve
+            Scorer.load(artifact, backend="onnxruntime-cpu", threads=args.threads, spinning=False, text_threads=1,
+                        path=args.path) as scorer:  # as engine.serve
         shutil.copytree(snapshot, Path(folder) / "snapshot")
         gallery = Gallery.open(folder, scorer.fingerprint, scorer.cache_precision)
         service = SearchService(scorer, gallery)
@@ -527,6 +529,7 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=positive_float, default=30, help="seconds per point at most")
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--batch-workers", type=positive_int, default=2, help="the server's --batch-workers")
+    p.add_argument("--path", default="auto", choices=PATHS, help="the server's --path (scoring path)")
     p.add_argument("--max-wait-ms", type=positive_float, default=5.0, help="the server's --max-wait-ms")
     p.add_argument("--import-store", type=Path, help="feature store of the model's pipeline: the gallery's images it holds are "
                    "imported from their features on the first start (engine.serve --import-store)")

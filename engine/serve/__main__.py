@@ -23,6 +23,7 @@ from pathlib import Path
 from engine.cli import ArgumentParser, command, nonnegative_float, positive_float, positive_int
 from engine.errors import InputError
 from engine.graphs import PRECISIONS
+from engine.runtime import PATHS
 from engine.serve.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, DEFAULT_WORKERS
 from engine.serve.index import DEFAULT_EF_SEARCH, DEFAULT_HNSW_M, DEFAULT_NPROBE, INDEX_KINDS
 from engine.serve.service import Limits
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="onnxruntime-cpu", help="engine backend (auto, onnxruntime-cpu, ...)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--threads", type=positive_int, default=2, help="intra-op threads of the engine and FAISS")
+    p.add_argument("--path", default="auto", choices=PATHS, help="what scores BSSAN pairs: the grid/pair ONNX graphs or the "
+                   "fused W2R kernel (python -m engine.kernels build); auto: the fastest python -m benchmarks.run recorded here")
     p.add_argument("--index-kind", default="flat", choices=INDEX_KINDS, help="flat: exact inner product; hnsw, ivf: approximate (engine/serve/index.py)")
     p.add_argument("--hnsw-m", type=positive_int, default=DEFAULT_HNSW_M)
     p.add_argument("--ef-search", type=positive_int, default=DEFAULT_EF_SEARCH, help="HNSW: candidates kept per query")
@@ -79,7 +82,7 @@ def config_from_args(args):
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=int(args.max_image_mp * 1e6),
                     max_caption_chars=args.max_caption_chars, max_top_k=args.max_top_k, max_rerank_k=args.max_rerank_k)
     return ServeConfig(model=args.model, gallery=args.gallery, index_dir=args.index, import_store=args.import_store, captions=args.captions,
-                       backend=args.backend, precision=args.precision, threads=args.threads, index_kind=args.index_kind,
+                       backend=args.backend, precision=args.precision, threads=args.threads, path=args.path, index_kind=args.index_kind,
                        hnsw_m=args.hnsw_m, ef_search=args.ef_search, nprobe=args.nprobe, ivf_lists=args.ivf_lists, batching=args.batching == "on",
                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batch_workers=args.batch_workers,
                        api_key=key, limits=limits,

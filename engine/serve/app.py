@@ -70,6 +70,7 @@ class ServeConfig:
     backend: str = "onnxruntime-cpu"
     precision: str = "fp32"
     threads: int | None = 2
+    path: str = "auto"  # the Scorer's scoring path (engine.runtime.PATHS): auto takes what benchmarks.run recorded
     index_kind: str = "flat"
     hnsw_m: int = 32
     ef_search: int = 128

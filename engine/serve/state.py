@@ -142,7 +142,7 @@ class ServiceState:
         # the text graphs (recurrences over a query's few words) on one thread: cheaper and no slower there
         onnxruntime = parse_backend(config.backend) in (Backend.ORT_CPU, Backend.ORT_CUDA)
         scorer = Scorer.load(config.model, backend=config.backend, precision=config.precision, threads=config.threads,
-                             **({"spinning": False, "text_threads": 1} if onnxruntime else {}))
+                             path=config.path, **({"spinning": False, "text_threads": 1} if onnxruntime else {}))
         try:
             scorer.require_shortlist()
             if config.import_store is not None:  # a wrong store is a one-line error now, not a failed background import
