@@ -60,8 +60,12 @@ def machine_key(fingerprint: str, runner) -> str:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = "none"
+    # the scoring layout, not how it was asked for: on ONNX Runtime's CPU backend threads=None runs one one-thread
+    # call per core, the same layout as threads=<cores> (engine.serve's default 2 on a 2-core machine)
+    calls = getattr(runner, "concurrent_calls", 1)
+    threads = calls if runner.threads is None and calls > 1 else runner.threads
     return (f"{cpu_model()} x{os.cpu_count()} | onnxruntime {ort_version} | artifact {fingerprint[:16]} | "
-            f"{runner.backend.value} {runner.precision} threads={runner.threads}")
+            f"{runner.backend.value} {runner.precision} threads={threads}")
 
 
 def _read(path: Path) -> dict:

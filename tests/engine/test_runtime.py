@@ -4,6 +4,7 @@ precisions, image files and caption strings, and thread safety."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -263,6 +264,10 @@ def test_a_recorded_machine_choice_is_used_and_a_broken_record_ignored(tiny_arti
         assert scorer.path == "pair" and "pair graphs (measured: pair 1.0 ms vs grid 2.0 ms)" in scorer.runner.reason
     with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=2) as scorer:  # another key: the default
         assert scorer.path == "grid"
+        record_choice(scorer.fingerprint, scorer.runner, "pair", "measured on 2 one-thread calls")
+    if os.cpu_count() == 2:  # threads=None on 2 cores is the same layout (2 one-thread calls): the same record
+        with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=None) as scorer:
+            assert scorer.path == "pair" and "measured on 2 one-thread calls" in scorer.runner.reason
     record.write_text("{not json")
     with Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1) as scorer:
         assert scorer.path == "grid"
