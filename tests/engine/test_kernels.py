@@ -140,6 +140,11 @@ def test_kernel_hidden_sizes_off_the_vector_width_and_the_scaled_form(library):
             want[i] = (np.tanh(h @ mlp[0][0] + mlp[0][1]) @ mlp[1][0] + mlp[1][1])[0]
         assert_close(kernel({"regions_attn": keys, "regions_values": values, "words": words, "gates_words": gates_words,
                              "lengths": lengths}), want, 1e-4, f"kernel vs numpy, H={hidden}")
+        # pooled pairs (4H off the panel width too): image rows 1 and 2 hold this image, row 0 a decoy
+        decoy_keys, decoy_values = rng.normal(size=(1, d, e)).astype(np.float32), rng.normal(size=(1, d, 4 * hidden)).astype(np.float32)
+        many_keys, many_values = np.concatenate([decoy_keys, keys, keys]), np.concatenate([decoy_values, values, values])
+        got, _ = kernel.run(many_keys, many_values, words, gates_words, lengths, image_rows=rng.integers(1, 3, size=n))
+        assert_close(got, want, 1e-4, f"kernel pairs vs numpy, H={hidden}")
 
 
 def test_kernel_rejects_bad_input_with_one_line(library, artifact, caches):
