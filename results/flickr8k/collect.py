@@ -158,6 +158,21 @@ def write_rows(out: Path, runs: Path, evals: Path, rows: list[tuple[str, str, st
     return written
 
 
+def annotate_branches(here: Path, run_of: dict[str, str], kinds: dict[str, tuple[str, ...]], evals: str,
+                      argv: list[str] | None = None) -> None:
+    """A session's annotate.py: rows PREFIX_KIND for each branch evaluation PREFIX in `run_of` (-> its training run)
+    and each KIND of kinds[PREFIX without its last _part], from RUNS/EVALS into HERE."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--evals", default=evals)
+    args = parser.parse_args(argv)
+    rows = [(f"{prefix}_{kind}", f"{prefix}_{kind}", run) for prefix, run in run_of.items()
+            for kind in kinds[prefix.rsplit("_", 1)[0]]]
+    print(f"wrote {write_rows(here, args.runs, args.runs / args.evals, rows)} rows to {here}")
+
+
 def branch_rows(args, prefix: str, label: str) -> list[str]:
     """Table lines (and one JSON each) of the branch rows PREFIX_{full,w2r,o2w}_{alone,fused,exh}."""
     runs, evals, lines = args.runs, args.runs / args.evals, []

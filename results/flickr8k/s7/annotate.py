@@ -3,12 +3,11 @@ the scored model's training record), from the evaluation files in RUNS/EVALS.
 
     python results/flickr8k/s7/annotate.py --runs /work/runs --evals eval-s7
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from collect import write_rows  # noqa: E402
+from collect import annotate_branches  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RUN_OF = {"br7_drop-w2r": "s7-drop-w2r", "br7_drop-o2w": "s7-drop-o2w",  # input_dropout 0.2, random batches
@@ -17,15 +16,5 @@ RUN_OF = {"br7_drop-w2r": "s7-drop-w2r", "br7_drop-o2w": "s7-drop-o2w",  # input
 KINDS = {"br7": ("tune_hub", "tune", "fused", "alone", "alone_all", "fused_k20"), "s6_br6": ("fused_k20",)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=Path, required=True)
-    parser.add_argument("--evals", default="eval-s7")
-    args = parser.parse_args()
-    rows = [(f"{prefix}_{kind}", f"{prefix}_{kind}", run) for prefix, run in RUN_OF.items()
-            for kind in KINDS[prefix.rsplit("_", 1)[0]]]
-    print(f"wrote {write_rows(HERE, args.runs, args.runs / args.evals, rows)} rows to {HERE}")
-
-
 if __name__ == "__main__":
-    main()
+    annotate_branches(HERE, RUN_OF, KINDS, "eval-s7")
