@@ -208,6 +208,9 @@ class TrainConfig:
     dev_k: int = 20            # BSSAN: K of the dev protocol (the first stage's top K per query are re-scored)
     # --- negatives like those it will re-rank (BSSAN; needs first_stage) ---
     first_stage: str = ""      # a dual-encoder checkpoint directory: mining source, and the first stage of the dev protocol
+    first_stage_store: str = ""  # the first stage's own feature store when it reads another extractor's features than
+                                 # BSSAN (same images, captions and splits; e.g. BSSAN on a 14x14 grid, the dual
+                                 # encoder on its 7x7 store); "" = the training store
     mined_fraction: float = 0.0  # share of the sampled negatives (captions, and images with negative_images) drawn
                                  # from the first stage's top mining_k of the anchor instead of uniformly
     mining_k: int = 30         # mined negatives come from the first stage's top mining_k (of other images)

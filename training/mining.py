@@ -175,14 +175,17 @@ class FirstStage:
     """A dual-encoder checkpoint with its train-split vectors (cached in the BSSAN run directory)."""
 
     def __init__(self, directory: Path, checkpoint, weights_sha256: str, image_vectors: np.ndarray,
-                 text_vectors: np.ndarray, caption_image: np.ndarray, cache_dir: Path):
+                 text_vectors: np.ndarray, caption_image: np.ndarray, cache_dir: Path, inputs=None):
         self.directory, self.checkpoint, self.weights_sha256 = directory, checkpoint, weights_sha256
         self.image_vectors, self.text_vectors, self.caption_image = image_vectors, text_vectors, caption_image
         self.cache_dir = cache_dir
+        self.inputs = inputs  # its own feature store (TrainConfig.first_stage_store), or None: the training store's splits
         self._dev_scores: dict[str, np.ndarray] = {}
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, store, run_dir: Path) -> "FirstStage":
+    def load(cls, directory: str | os.PathLike, store, run_dir: Path, inputs=None) -> "FirstStage":
+        """The checkpoint and its train-split vectors; `inputs`: the first stage's own feature store (same images,
+        captions and splits as `store`, another extractor), read instead of `store` for everything it scores."""
         from training.checkpoint import ModelKind, first_stage_sha256, load_checkpoint
 
         directory = Path(directory)
@@ -190,7 +193,7 @@ class FirstStage:
         if checkpoint.kind is not ModelKind.DUAL_ENCODER:
             raise InputError(f"first_stage {directory}: expected a dual_encoder checkpoint, got {checkpoint.kind.value}")
         checkpoint.model.eval()
-        split = store.split("train")
+        split = store.split("train") if inputs is None else aligned_split(inputs, store.split("train"))
         word_set = checkpoint.train_config.word_set
         if word_set not in split.word_sets:
             raise InputError(f"first_stage {directory}: it reads words_{word_set}, the store's train split has {split.word_sets}")
@@ -204,7 +207,7 @@ class FirstStage:
             with atomic_path(cache) as tmp, open(tmp, "wb") as handle:  # a handle: np.savez would append .npz
                 np.savez(handle, images=images, texts=texts)
         return cls(directory, checkpoint, weights, images, texts, np.asarray(split.caption_image, dtype=np.int64),
-                   Path(run_dir))
+                   Path(run_dir), inputs)
 
     def mining(self, config) -> Mining:
         key = hashlib.sha256(f"{self.weights_sha256}:{config.mining_k}:{config.mining_guard}".encode()).hexdigest()[:12]
@@ -226,8 +229,22 @@ class FirstStage:
         if split.name not in self._dev_scores:  # DualEncoder.score_matrix: the correction applied when attached
             from training.evaluate import score_split
 
-            self._dev_scores[split.name] = score_split(self.checkpoint.model, split, self.checkpoint.train_config.word_set)
+            own = split if self.inputs is None else aligned_split(self.inputs, split)
+            self._dev_scores[split.name] = score_split(self.checkpoint.model, own, self.checkpoint.train_config.word_set)
         return self._dev_scores[split.name]
+
+
+def aligned_split(inputs, split):
+    """inputs.split(split.name), checked to hold the same images and captions in the same order as `split` (another
+    extractor's store of the same data); else a one-line InputError naming both stores."""
+    own = inputs.split(split.name)
+    same = own.num_images == split.num_images and np.array_equal(np.asarray(own.caption_image), np.asarray(split.caption_image)) \
+        and np.array_equal(np.asarray(own.lengths), np.asarray(split.lengths))
+    if not same:
+        raise InputError(f"first_stage_store {inputs.root}: its {split.name} split ({own.num_images} images, "
+                         f"{len(own.caption_image)} captions) is not the training store's ({split.num_images} images, "
+                         f"{len(split.caption_image)} captions, same order and lengths expected)")
+    return own
 
 
 @torch.no_grad()

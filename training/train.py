@@ -377,7 +377,8 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
     first_stage = None
     if kind is ModelKind.BSSAN and train_config.first_stage:
         from training.mining import FirstStage
-        first_stage = FirstStage.load(train_config.first_stage, store, out)
+        own = FeatureStore(train_config.first_stage_store) if train_config.first_stage_store else None
+        first_stage = FirstStage.load(train_config.first_stage, store, out, inputs=own)
     if kind is ModelKind.BSSAN and hasattr(model, "set_input_scales"):
         model.set_input_scales(input_scales(train_split, train_config.word_set))  # before the initial copy: part of w0
     if train_config.init_from:

@@ -26,6 +26,37 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def test_a_first_stage_reads_its_own_store_of_the_same_data(tmp_path, tiny_store, dual_checkpoint):
+    """TrainConfig.first_stage_store: the dual encoder embeds and scores from its own store (another extractor of
+    the same images and captions); a store of other data is refused with one line."""
+    import shutil
+
+    from training.mining import aligned_split
+
+    store = FeatureStore(tiny_store)
+    copy = tmp_path / "own-store"
+    shutil.copytree(tiny_store, copy)
+    own = FeatureStore(copy)
+    plain = FirstStage.load(dual_checkpoint, store, tmp_path / "plain")
+    routed = FirstStage.load(dual_checkpoint, store, tmp_path / "routed", inputs=own)
+    assert routed.inputs is own and np.array_equal(routed.image_vectors, plain.image_vectors)
+    dev = store.split("dev") if "dev" in store.manifest["splits"] else store.split("test")
+    assert np.array_equal(routed.scores(dev), plain.scores(dev))
+    test = store.split("test")  # asked for "test", the store answers with its train split: other images
+    with pytest.raises(InputError, match="first_stage_store .*: its test split .* is not the training store's"):
+        aligned_split(_Renamed(own, "train"), test)
+
+
+class _Renamed:
+    """A store that answers every split with its split NAME (data that does not line up with the one asked for)."""
+
+    def __init__(self, store, name):
+        self.store, self.name, self.root = store, name, store.root
+
+    def split(self, _name):
+        return self.store.split(self.name)
+
+
 def test_mined_captions_are_the_hardest_of_other_images_minus_near_duplicates():
     rng = np.random.default_rng(0)
     images = _unit(rng.normal(size=(6, 8)).astype(np.float32))
