@@ -68,13 +68,14 @@ static inline vf vexp(vf x) {
 /* 1 / x: the hardware estimate and one Newton step (~22 bits; a division costs ~10x more) */
 static inline vf vrecip(vf x) {
 #if defined(__AVX512F__)
-  vf r = (vf)_mm512_rcp14_ps((__m512)x);
-#elif defined(__AVX__)
-  vf r = (vf)_mm256_rcp_ps((__m256)x);
-#else
-  return 1.0f / x;
-#endif
+  const vf r = (vf)_mm512_rcp14_ps((__m512)x);
   return r * (2.0f - x * r);
+#elif defined(__AVX__)
+  const vf r = (vf)_mm256_rcp_ps((__m256)x);
+  return r * (2.0f - x * r);
+#else
+  return 1.0f / x; /* no estimate instruction in the vector width used: a division */
+#endif
 }
 static inline vf vsigmoid(vf x) { return vrecip(1.0f + vexp(-x)); }
 static inline vf vtanh(vf x) { return 2.0f * vrecip(1.0f + vexp(-2.0f * x)) - 1.0f; }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -111,8 +113,9 @@ def test_kernel_pairs_equal_the_w2r_pair_graph(library, artifact, grid_scorer, c
         kernel.pairs(images.arrays, flat, np.array([[len(images), 0]]))
 
 
-def test_kernel_hidden_sizes_off_the_vector_width_and_the_scaled_form(library):
-    """A random W2R at H = 5, 16 and 37 (tails of the vector width) and both attention forms, against numpy."""
+def _check_against_numpy(library) -> None:
+    """A random W2R at H = 5, 16 and 37 (tails of the vector width) and both attention forms, against numpy, as a
+    grid block and as pooled pairs."""
     rng = np.random.default_rng(0)
     for hidden, bounded in ((5, True), (16, False), (37, False)):
         d, e, n, width = 7, 11, 19, 6
@@ -145,6 +148,30 @@ def test_kernel_hidden_sizes_off_the_vector_width_and_the_scaled_form(library):
         many_keys, many_values = np.concatenate([decoy_keys, keys, keys]), np.concatenate([decoy_values, values, values])
         got, _ = kernel.run(many_keys, many_values, words, gates_words, lengths, image_rows=rng.integers(1, 3, size=n))
         assert_close(got, want, 1e-4, f"kernel pairs vs numpy, H={hidden}")
+
+
+def test_kernel_hidden_sizes_off_the_vector_width_and_the_scaled_form(library):
+    _check_against_numpy(library)
+
+
+@pytest.mark.parametrize("march", ["x86-64", "haswell"])
+def test_kernel_builds_and_agrees_for_other_instruction_sets(tmp_path, march):
+    """Machines differ (AVX2 on one, AVX-512 on the next): the source also builds for the x86-64 baseline (8-wide
+    vectors of SSE halves, divisions) and for AVX2 + FMA, and gives the same results there."""
+    import platform
+    import subprocess
+
+    cc = kernels.compiler()
+    if cc is None or platform.machine() != "x86_64":
+        pytest.skip("needs a C compiler on x86_64 (the -march names are x86's)")
+    if march == "haswell" and " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " ") + " ":
+        pytest.skip("this CPU has no AVX2: the haswell build cannot run here")
+    out = tmp_path / f"libw2r-{march}.so"
+    flags = [f if f != "-march=native" else f"-march={march}" for f in kernels.FLAGS]
+    subprocess.run([cc, *flags, "-Wno-psabi", "-o", str(out), str(kernels.SOURCE), "-lm"], check=True, capture_output=True)
+    library = kernels.load_library(out)
+    assert library.bssan_w2r_simd_width() == 8 and library.bssan_w2r_block_rows() == 6
+    _check_against_numpy(library)
 
 
 def test_kernel_rejects_bad_input_with_one_line(library, artifact, caches):
