@@ -6,13 +6,16 @@
     from engine.kernels import W2RKernel, load_library
     kernel = W2RKernel.from_artifact(artifact)   # weights read from the artifact's w2r_grid.fp32.onnx
     y = kernel(feeds)                            # Y [captions] of ONE image row, as w2r_grid gives it
+    y = kernel.pairs(image_feeds, caption_feeds, pairs)  # Y of pooled pairs, as w2r_pair gives it
 
 Why: ONNX Runtime runs the W2R recurrence as a Loop of ~15 nodes per word; the kernel does the same math per block
 of captions with nothing written between steps: the attention logits, the softmax, ONE register-blocked GEMM
 [a_t, h] x [G; W_hh^T] started from gates_words[:, t], and the LSTM cell, each caption block running its own longest
-caption's steps. The MLP on the last state runs here in numpy (a few small GEMMs). Same inputs and output as the
-w2r_grid graph, whose initializers it reads (without onnx: engine.artifact.onnx_initializers), so the two cannot
-drift; tests/engine/test_kernels.py checks them against each other.
+caption's steps, then the MLP on the last state. Pooled pairs (each caption row with its own image row) make every
+word's attention and a_t G first, then run W_hh as one GEMM over the rows. Image and caption rows are read in place
+(a caption cache's ragged word rows: CaptionCache.block(flat=FLAT_WORDS)). Same inputs and output as the w2r_grid
+and w2r_pair graphs, whose initializers it reads (without onnx: engine.artifact.onnx_initializers), so they cannot
+drift; tests/engine/test_kernels.py checks them against each other and against numpy.
 
 The library is built per machine (the instructions it may use are this CPU's), never shipped: `build()` runs the
 system C compiler ($CC, else cc) into $BSSAN_KERNELS_DIR or $XDG_CACHE_HOME/bssan-engine/kernels (default
