@@ -211,8 +211,23 @@ def pairs_of_keys(keys: np.ndarray, n_captions: int) -> np.ndarray:
 
 
 def rank_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, scores) of the k best entries of each row, best first; ties keep the lower index first."""
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # [Q, k]
+    """(indices, scores) of the k best entries of each row, best first; ties keep the lower index first.
+    For k well below the row length, a partition picks each row's k best and only they are sorted (the K=100
+    shortlist of 5,000 captions: ~5x less than a full sort); a row whose k-th best value is tied with an entry left
+    out is sorted whole, so the result is exactly the full stable sort's."""
+    scores = np.asarray(scores)
+    n = scores.shape[1] if scores.ndim == 2 else 0
+    if not 0 < k < n // 4 or scores.dtype.kind != "f" or np.isnan(scores).any():
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # [Q, k]
+        return order, np.take_along_axis(scores, order, axis=1)
+    negated = -scores
+    picked = np.argpartition(negated, k - 1, axis=1)[:, :k]  # each row's k best, in no order
+    values = np.take_along_axis(negated, picked, axis=1)
+    kth = values.max(axis=1, keepdims=True)
+    order = np.take_along_axis(picked, np.lexsort((picked, values), axis=1), axis=1)  # by value, then index
+    tied = (negated <= kth).sum(axis=1) > k  # the k-th best ties with an entry the partition may have left out
+    if tied.any():
+        order[tied] = np.argsort(negated[tied], axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(scores, order, axis=1)
 
 

@@ -252,6 +252,19 @@ def test_grid_path_only_where_the_graphs_run_at_the_runs_precision(tiny_artifact
         Scorer.load(tiny_artifact, backend="onnxruntime-cpu", threads=1, path="fastest")
 
 
+def test_rank_rows_equals_a_full_stable_sort_with_ties():
+    """The partition shortcut (k well below the row length) gives exactly the full stable sort: ties to the lower
+    index, also where the k-th best value is tied with entries beyond the k best."""
+    rng = np.random.default_rng(0)
+    for trial in range(120):
+        rows, n = int(rng.integers(1, 12)), int(rng.integers(1, 500))
+        k = int(rng.integers(1, n + 2))
+        scores = (rng.integers(0, 4, size=(rows, n)) if trial % 2 else np.round(rng.normal(size=(rows, n)), 1)).astype(np.float32)
+        want = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        got, values = rank_rows(scores, k)
+        assert np.array_equal(got, want) and np.array_equal(values, np.take_along_axis(scores, want, 1)), (rows, n, k)
+
+
 def test_a_recorded_machine_choice_is_used_and_a_broken_record_ignored(tiny_artifact, monkeypatch, tmp_path):
     from engine.paths import record_choice, recorded_choice
 
