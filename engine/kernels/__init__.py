@@ -95,7 +95,8 @@ def build(force: bool = False) -> Path:
         cmd = [*shlex.split(cc), *FLAGS, "-o", str(partial), str(SOURCE), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:300])
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:300]) \
+                or "no compiler output"
             raise KernelError(f"{SOURCE}: {' '.join(cmd[:2])} failed (exit {done.returncode}): {first}")
         os.replace(partial, out)
     return out

@@ -220,3 +220,19 @@ def test_kernel_path_unavailable_says_why(tiny_artifact, monkeypatch, tmp_path):
         record_choice(scorer.fingerprint, scorer.runner, "kernel", "measured elsewhere")
     with Scorer.load(tiny_artifact, threads=1) as auto:  # recorded, but not built: the grid graphs, saying why
         assert auto.path == "grid" and "the kernel was measured fastest here, but" in auto.runner.reason
+
+
+def test_build_failure_is_one_line_and_optional_for_cmake(tmp_path, monkeypatch, capsys):
+    """A compiler that fails: `build` exits 2 with one line naming the source; `build --optional` (CMake's kernel
+    target) warns and exits 0, so an artifact build does not fail for want of a compiler."""
+    from engine.kernels.__main__ import main
+
+    monkeypatch.setenv(kernels.KERNELS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exists everywhere, exits 1
+    assert main(["build"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "w2r_grid.c: false -O3 failed (exit 1)" in err and len(err.splitlines()) == 1
+    assert main(["build", "--optional"]) == 0
+    assert "the engine scores with its ONNX graphs" in capsys.readouterr().err
+    assert not list(tmp_path.glob("libbssan_w2r-*.so"))  # nothing half-built left behind
+
