@@ -1,10 +1,10 @@
-/* The W2R recurrence of one image x N captions in one pass: the w2r_grid graph's Loop (engine/graphs.py),
- * fused. For each block of MR captions and each word t: the attention logits (the word against the image's
- * regions_attn), the softmax over the D regions, ONE register-blocked GEMM [a_t, h] x [G; W_hh^T] started from
- * gates_words[:, t], and the LSTM cell; h stays in the block's rows (L1/L2), nothing is written per step.
- *
- * Output: the LSTM state at each caption's last real word, h [N, H]; the MLP on it is the caller's (small).
- * Same math as the graph; parity is checked by tests/engine/test_kernels.py and at export.
+/* The W2R branch of one image x N captions in one pass: the w2r_grid graph (engine/graphs.py), fused. For each
+ * block of MR captions and each word t: the attention logits (the word against the image's regions_attn), the
+ * softmax over the D regions, ONE register-blocked GEMM [a_t, h] x [G; W_hh^T] started from gates_words[:, t], and
+ * the LSTM cell; h stays in the block's rows (L1/L2), nothing is written per step; then the MLP on the state at
+ * each caption's last real word: Y [N]. Pooled pairs (each caption row with its own image row, the w2r_pair graph's
+ * work) take the same path with every word's attention and a_t G made first, per row.
+ * Same math as the graphs; parity is checked by tests/engine/test_kernels.py (graphs, numpy, three instruction sets).
  *
  * Built per machine (-O3 -march=native): engine/kernels/__init__.py (`python -m engine.kernels build`) or
  * CMakeLists.txt. Plain C11 + GCC/Clang vector extensions; no BLAS, no ONNX Runtime headers.
