@@ -250,33 +250,13 @@ class OrtScorer(Scorer):
         return self.sessions[name].run(None, feeds)[0]
 
 
-class _GraphsArtifact:
-    """What engine.kernels.W2RKernel.from_artifact reads of an artifact, for graphs exported by export_graphs: the
-    fp32 w2r_grid graph and the W2R attention record (bias, form) exactly as the exporter writes it in a manifest."""
-
-    def __init__(self, model, graphs: dict[str, dict[str, Path]]):
-        from types import SimpleNamespace
-
-        from export.pipeline import _attention_record  # the exporter's own record: the manifest's biases and form
-
-        self.graphs = graphs
-        self.root = Path(graphs.get("fp32", {}).get("w2r_grid", Path("."))).parent
-        biases, form = _attention_record(model, None)
-        self.info = SimpleNamespace(model=SimpleNamespace(attention_biases=biases, attention_form=form))
-
-    def has_graph(self, name: str, precision: str = "fp32") -> bool:
-        return name in self.graphs.get(precision, {})
-
-    def graph_path(self, name: str, precision: str = "fp32") -> Path:
-        return Path(self.graphs[precision][name])
-
-
 class KernelScorer(OrtScorer):
     """The engine's kernel path on one thread: ort-fp32's image/text graphs and o2w_grid, W2R through the fused
     kernel (engine.kernels), the branches weighted as ort-fp32 weights them."""
 
     def __init__(self, model, graphs: dict[str, dict[str, Path]], threads: int):
         from engine.kernels import KernelError, W2RKernel, build, load_library
+        from export.pipeline import attention_record
 
         if model.w2r is None:
             raise ScorerUnavailable("the model has no w2r branch: nothing for the W2R kernel to score")
@@ -284,7 +264,8 @@ class KernelScorer(OrtScorer):
             raise ScorerUnavailable("no fp32 w2r_grid graph was exported (the kernel reads its weights from it)")
         try:
             library = load_library(build())  # compiled once per machine and source (engine.kernels.kernels_dir())
-            self.kernel = W2RKernel.from_artifact(_GraphsArtifact(model, graphs), library=library)
+            biases, form = attention_record(model)  # as the exporter records them in a manifest
+            self.kernel = W2RKernel.from_graph(graphs["fp32"]["w2r_grid"], biases["w2r"], form == "tanh", library=library)
         except (KernelError, OSError) as exc:  # no C compiler, a failed build, a cache it cannot write
             raise ScorerUnavailable(str(exc)) from None
         super().__init__(model, graphs, "fp32", threads, grid=True)

@@ -111,7 +111,7 @@ def read_fusion(model_dir: Path, shortlist_dir: Path | None) -> Fusion:
     return fusion
 
 
-def _attention_record(model, shortlist) -> tuple[dict[str, float], str]:
+def attention_record(model, shortlist=None) -> tuple[dict[str, float], str]:
     """({"w2r": b, "o2w": b'}, form) exactly as the pair graphs hold them (engine/attention.py reads these)."""
     modules = build_graph_modules(model, torch.float32, True, shortlist)
     pair = {b: modules[f"{b}_pair"] for b in ("w2r", "o2w") if f"{b}_pair" in modules}
@@ -285,7 +285,7 @@ def _export_artifact(options: ExportOptions) -> dict:
         files = {str(p.relative_to(tmp)): file_entry(p) for p in sorted(tmp.rglob("*"))
                  if p.is_file() and p.name != MANIFEST_NAME and TENSORRT_DIR not in p.relative_to(tmp).parts}
         w_y, w_yp = model.scoring_weights
-        biases, form = _attention_record(model, shortlist)
+        biases, form = attention_record(model, shortlist)
         manifest = ArtifactManifest(
             created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             model=ModelRecord(

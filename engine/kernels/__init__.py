@@ -162,11 +162,19 @@ class W2RKernel:
     @classmethod
     def from_artifact(cls, artifact, library: ctypes.CDLL | None = None) -> "W2RKernel":
         """The kernel with the weights of `artifact`'s fp32 w2r_grid graph (KernelError when it has none)."""
-        from engine.artifact import onnx_initializers
-
         if not artifact.has_graph("w2r_grid", "fp32"):
             raise KernelError(f"{artifact.root}: no graphs/w2r_grid.fp32.onnx to read the W2R weights from; re-export the artifact")
-        path = artifact.graph_path("w2r_grid", "fp32")
+        model = artifact.info.model
+        return cls.from_graph(artifact.graph_path("w2r_grid", "fp32"), float(model.attention_biases.get("w2r", 0.0)),
+                              model.attention_form == "tanh", library)
+
+    @classmethod
+    def from_graph(cls, path: str | os.PathLike, attn_bias: float, bounded: bool,
+                   library: ctypes.CDLL | None = None) -> "W2RKernel":
+        """The kernel with the weights of a w2r_grid.fp32.onnx file; the attention's bias and form as the artifact's
+        manifest records them (export.pipeline.attention_record)."""
+        from engine.artifact import onnx_initializers
+
         inits = onnx_initializers(path)
         mlp, k = [], 0
         while f"mlp_weight{k}" in inits:
@@ -174,9 +182,8 @@ class W2RKernel:
             k += 1
         if "weight_hh_t" not in inits or not mlp:
             raise ArtifactError(f"{path}: expected initializers weight_hh_t and mlp_weight0.. (the exporter's w2r_grid); re-export it")
-        model = artifact.info.model
-        return cls(inits["weight_hh_t"], mlp, attn_bias=float(model.attention_biases.get("w2r", 0.0)),
-                   bounded=model.attention_form == "tanh", input_weight_u_t=inits.get("input_weight_u_t"), library=library)
+        return cls(inits["weight_hh_t"], mlp, attn_bias=attn_bias, bounded=bounded,
+                   input_weight_u_t=inits.get("input_weight_u_t"), library=library)
 
     def run(self, regions_attn: np.ndarray, regions_values: np.ndarray, words: np.ndarray, gates_words: np.ndarray,
             lengths: np.ndarray, offsets: np.ndarray | None = None, image_rows: np.ndarray | None = None,
