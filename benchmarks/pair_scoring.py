@@ -106,6 +106,23 @@ def usable_scorers(names: tuple[str, ...], peaks_report: dict, route: str) -> tu
     return run, skipped
 
 
+def build_scorers(names: list[str], skipped: dict[str, str], model, threads: int, work: Path) -> list[Scorer]:
+    """The scorers `names` on `model`, with the ONNX graphs they need exported into `work` (the kernel reads w2r_grid
+    and runs the fp32 graphs); one that cannot run here (ScorerUnavailable: the kernel without a C compiler) goes
+    into `skipped` with the reason."""
+    precisions = tuple(dict.fromkeys(n[4:].replace("fp32-pair", "fp32") for n in names if n.startswith("ort-")))
+    if "kernel" in names and "fp32" not in precisions:
+        precisions = ("fp32", *precisions)
+    graphs = export_graphs(model, work, precisions) if precisions else {}
+    scorers = []
+    for name in names:
+        try:
+            scorers.append(make_scorer(name, model, graphs, threads, work=work))
+        except ScorerUnavailable as exc:
+            skipped[name] = str(exc)
+    return scorers
+
+
 def sweep_preset(preset_name: str, sweep: SweepConfig, peaks_report: dict, work: Path, progress: bool = True) -> dict:
     """Every scorer x caption length x batch of one preset; see the module docstring."""
     set_threads(sweep.threads)
@@ -113,16 +130,7 @@ def sweep_preset(preset_name: str, sweep: SweepConfig, peaks_report: dict, work:
     model = random_model(preset_name, sweep.seed)
     route = "gates" if model.w2r.pair_gathers_gates else "regions"
     names, skipped = usable_scorers(sweep.scorers, peaks_report, route)
-    precisions = tuple(dict.fromkeys(n[4:].replace("fp32-pair", "fp32") for n in names if n.startswith("ort-")))
-    if "kernel" in names and "fp32" not in precisions:  # the kernel path reads w2r_grid and runs the fp32 graphs
-        precisions = ("fp32", *precisions)
-    graphs = export_graphs(model, work / preset_name, precisions) if precisions else {}
-    scorers = []
-    for name in names:
-        try:
-            scorers.append(make_scorer(name, model, graphs, sweep.threads, work=work / preset_name))
-        except ScorerUnavailable as exc:  # e.g. the kernel without a C compiler: skipped with the reason
-            skipped[name] = str(exc)
+    scorers = build_scorers(names, skipped, model, sweep.threads, work / preset_name)
     lengths = [n for n in sweep.lengths if n <= model.config.max_words]  # a preset with max_words < 30 (demo) skips the rest
     result = {"preset": preset_name, "config": model.config.to_dict(), "weights": f"random (seed {sweep.seed})",
               "ort_pair_graph_values": route, "skipped": skipped, "lengths": lengths, "points": [], "cache_seconds": {}}
@@ -176,23 +184,16 @@ def real_length_pass(preset_name: str, lengths: np.ndarray, sweep: SweepConfig, 
     model = random_model(preset_name, sweep.seed)
     route = "gates" if model.w2r.pair_gathers_gates else "regions"
     names, skipped = usable_scorers(sweep.real_scorers, peaks_report, route)
-    precisions = tuple(dict.fromkeys(n[4:].replace("fp32-pair", "fp32") for n in names if n.startswith("ort-")))
-    if "kernel" in names and "fp32" not in precisions:  # the kernel path reads w2r_grid and runs the fp32 graphs
-        precisions = ("fp32", *precisions)
-    graphs = export_graphs(model, work / preset_name, precisions) if precisions else {}
+    scorers = build_scorers(names, skipped, model, sweep.threads, work / preset_name)
+    names = [scorer.name for scorer in scorers]
     inputs = random_inputs(model.config, lengths, seed=sweep.seed + 1000)
     order = np.argsort(lengths, kind="stable")
     blocks = [order[i:i + sweep.real_block] for i in range(0, len(order), sweep.real_block)]  # buckets: sorted runs
     result = {"preset": preset_name, "captions": int(len(lengths)), "images": images, "block": sweep.real_block,
               "threads": sweep.threads, "skipped": skipped, "mean_length": float(np.mean(lengths)), "scorers": {}}
     prepared = {}
-    for name in list(names):
-        try:
-            scorer = make_scorer(name, model, graphs, sweep.threads, work=work / preset_name)
-        except ScorerUnavailable as exc:  # e.g. the kernel without a C compiler: skipped with the reason
-            skipped[name] = str(exc)
-            names.remove(name)
-            continue
+    for scorer in scorers:
+        name = scorer.name
         cache = scorer.prepare(inputs)
         scores = np.empty((images, len(lengths)), np.float32)
         scorer.score_pass(blocks[-1:], 1, np.empty((1, len(lengths)), np.float32))  # warm-up: sessions, first allocations

@@ -272,7 +272,6 @@ class KernelScorer(OrtScorer):
         self.name = "kernel"
         if not self.grid:
             raise ScorerUnavailable("the o2w_grid graph is missing: the kernel path scores O2W with it")
-        self.simd_width = self.kernel.simd_width
 
     def score(self, rows: np.ndarray) -> np.ndarray:
         """As the engine's kernel path calls it: W2R reads the caption rows in place (the padded cache viewed as word

@@ -59,54 +59,47 @@ def _varint(data: bytes, pos: int, path: Path) -> tuple[int, int]:
             raise ArtifactError(f"{path}: not an ONNX file (bad varint at byte {pos}); re-export it")
 
 
-def check_onnx_structure(path: str | os.PathLike) -> None:
-    """Walk the top-level protobuf fields of an ONNX ModelProto without onnx: raise a one-line
-    ArtifactError if the file is missing, empty, truncated or not a model (no ir_version or graph)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: ONNX file not found; re-export the artifact")
-    data = path.read_bytes()
-    if not data:
-        raise ArtifactError(f"{path}: empty ONNX file; re-export it")
-    pos, fields = 0, set()
+def _fields(data: bytes, path: Path):
+    """(field number, wire type, value) of one protobuf message, an int for wire 0, bytes otherwise; a one-line
+    ArtifactError where the bytes are not a message (truncated, a bad key)."""
+    pos = 0
     while pos < len(data):
         key, pos = _varint(data, pos, path)
         number, wire = key >> 3, key & 7
         if number == 0 or wire not in (0, 1, 2, 5):
             raise ArtifactError(f"{path}: not an ONNX file (bad field key {key} at byte {pos}); re-export it")
         if wire == 0:
-            _, pos = _varint(data, pos, path)
+            value, pos = _varint(data, pos, path)
         else:
             size = 8 if wire == 1 else 4 if wire == 5 else None
             if size is None:
                 size, pos = _varint(data, pos, path)
             if pos + size > len(data):
                 raise ArtifactError(f"{path}: truncated ONNX file (field {number} needs {size} bytes at byte {pos}, "
-                                    f"file has {len(data)}); re-export it")
-            pos += size
-        fields.add(number)
-    if not {1, 7} <= fields:  # ModelProto.ir_version = 1, ModelProto.graph = 7
-        raise ArtifactError(f"{path}: not an ONNX model (no ir_version or graph field); re-export it")
-
-
-def _fields(data: bytes, path: Path):
-    """(field number, wire type, value) of one protobuf message: an int for wire 0, bytes otherwise."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _varint(data, pos, path)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(data, pos, path)
-        elif wire in (1, 2, 5):
-            size = 8 if wire == 1 else 4 if wire == 5 else None
-            if size is None:
-                size, pos = _varint(data, pos, path)
-            if pos + size > len(data):
-                raise ArtifactError(f"{path}: truncated ONNX file (field {number} needs {size} bytes); re-export it")
+                                    f"the message has {len(data)}); re-export it")
             value, pos = data[pos:pos + size], pos + size
-        else:
-            raise ArtifactError(f"{path}: not an ONNX file (wire type {wire} of field {number}); re-export it")
         yield number, wire, value
+
+
+def _model_fields(path: str | os.PathLike) -> list[tuple[int, int, int | bytes]]:
+    """The top-level fields of an ONNX ModelProto file, read without onnx; a one-line ArtifactError if the file is
+    missing, empty, truncated or not a model (no ir_version or graph)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: ONNX file not found; re-export the artifact")
+    data = path.read_bytes()
+    if not data:
+        raise ArtifactError(f"{path}: empty ONNX file; re-export it")
+    fields = list(_fields(data, path))
+    if not {1, 7} <= {number for number, _, _ in fields}:  # ModelProto.ir_version = 1, ModelProto.graph = 7
+        raise ArtifactError(f"{path}: not an ONNX model (no ir_version or graph field); re-export it")
+    return fields
+
+
+def check_onnx_structure(path: str | os.PathLike) -> None:
+    """Walk the top-level protobuf fields of an ONNX ModelProto without onnx: raise a one-line
+    ArtifactError if the file is missing, empty, truncated or not a model (no ir_version or graph)."""
+    _model_fields(path)
 
 
 _ONNX_FLOAT = 1  # TensorProto.DataType.FLOAT
@@ -117,9 +110,7 @@ def onnx_initializers(path: str | os.PathLike) -> dict[str, np.ndarray]:
     GraphProto.initializer = 5; TensorProto dims = 1, data_type = 2, float_data = 4, name = 8, raw_data = 9).
     Other dtypes are skipped; a float initializer stored outside the file is an ArtifactError."""
     path = Path(path)
-    check_onnx_structure(path)
-    data = path.read_bytes()
-    graph = next((v for n, w, v in _fields(data, path) if n == 7 and w == 2), b"")
+    graph = next((v for n, w, v in _model_fields(path) if n == 7 and w == 2), b"")
     out: dict[str, np.ndarray] = {}
     for number, wire, tensor in _fields(graph, path):
         if number != 5 or wire != 2:

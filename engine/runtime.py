@@ -171,6 +171,7 @@ def grid_chunks(lengths: np.ndarray, cap: int) -> list[slice]:
 
 
 _BLAS_LIMIT: list = []  # the threadpoolctl limiter, kept for the life of the process
+_BLAS_LIMITED = "; numpy BLAS limited to 1 thread"
 
 
 def limit_blas_threads() -> str:
@@ -179,7 +180,7 @@ def limit_blas_threads() -> str:
     calls (Flickr8K 1K x 5K exhaustive through engine.score, kernel path, 2 cores: 132 s -> 89 s). Returns the
     clause for runner.reason ("" when threadpoolctl is missing or no BLAS is loaded)."""
     if _BLAS_LIMIT:
-        return "; numpy BLAS limited to 1 thread"
+        return _BLAS_LIMITED
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -188,7 +189,7 @@ def limit_blas_threads() -> str:
     if not limiter.get_original_num_threads().get("blas"):
         return ""
     _BLAS_LIMIT.append(limiter)
-    return "; numpy BLAS limited to 1 thread"
+    return _BLAS_LIMITED
 
 
 def shortlist_pairs(direction: str, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -212,8 +213,8 @@ def pairs_of_keys(keys: np.ndarray, n_captions: int) -> np.ndarray:
 
 def rank_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, scores) of the k best entries of each row, best first; ties keep the lower index first.
-    For k well below the row length, a partition picks each row's k best and only they are sorted (the K=100
-    shortlist of 5,000 captions: ~5x less than a full sort); a row whose k-th best value is tied with an entry left
+    For k well below the row length, a partition picks each row's k best and only they are sorted (1,024 x 1,024,
+    k = 100: 14 ms instead of 54); a row whose k-th best value is tied with an entry left
     out is sorted whole, so the result is exactly the full stable sort's."""
     scores = np.asarray(scores)
     n = scores.shape[1] if scores.ndim == 2 else 0

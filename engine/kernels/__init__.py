@@ -128,6 +128,20 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         return lib
 
 
+def _word_rows(words: np.ndarray, gates_words: np.ndarray, offsets: np.ndarray | None):
+    """(words [T, E], gates_words [T, 4H], offsets [B]): a padded block [B, L, ...] viewed as word rows (caption b's
+    words at rows b * L), or ragged rows with their offsets as given (a CaptionCache's own arrays)."""
+    if offsets is not None:
+        return _f32(words, "words", 2), _f32(gates_words, "gates_words", 2), np.ascontiguousarray(offsets, np.int64)
+    words, gates_words = _f32(words, "words", 3), _f32(gates_words, "gates_words", 3)
+    count, width = words.shape[:2]
+    if gates_words.shape[:2] != (count, width):
+        raise InputError(f"W2R kernel: words {list(words.shape)} and gates_words {list(gates_words.shape)}: expected "
+                         f"the same [captions, words]")
+    return (words.reshape(count * width, -1), gates_words.reshape(count * width, -1),
+            np.arange(count, dtype=np.int64) * width)
+
+
 def _f32(array: np.ndarray, name: str, ndim: int) -> np.ndarray:
     if array.ndim != ndim:
         raise InputError(f"W2R kernel input {name!r}: expected {ndim} dims, got shape {list(array.shape)}")
@@ -155,7 +169,6 @@ class W2RKernel:
         self._mlp_biases = np.concatenate([b.reshape(-1) for _, b in self.mlp])
         self.attn_bias, self.bounded = float(attn_bias), bool(bounded)
         self.input_weight_u_t = None if input_weight_u_t is None else np.ascontiguousarray(input_weight_u_t, np.float32)
-        self.simd_width = int(self.lib.bssan_w2r_simd_width())
         if self.weight_hh_t.shape != (self.hidden, 4 * self.hidden):
             raise KernelError(f"W2R kernel: weight_hh_t shape {list(self.weight_hh_t.shape)}, expected [H, 4H]")
 
@@ -208,17 +221,7 @@ class W2RKernel:
                 keys, values = np.ascontiguousarray(keys[used]), values[used]
             values = np.ascontiguousarray(values @ self.input_weight_u_t)
         lengths = np.ascontiguousarray(lengths, np.int64)
-        if offsets is None:
-            words, gates_words = _f32(words, "words", 3), _f32(gates_words, "gates_words", 3)
-            n, width = words.shape[:2]
-            if gates_words.shape[:2] != (n, width):
-                raise InputError(f"W2R kernel: words {list(words.shape)} and gates_words {list(gates_words.shape)}: expected "
-                                 f"the same [captions, words]")
-            offsets = np.arange(n, dtype=np.int64) * width
-            words, gates_words = words.reshape(n * width, -1), gates_words.reshape(n * width, -1)
-        else:
-            words, gates_words = _f32(words, "words", 2), _f32(gates_words, "gates_words", 2)
-            offsets = np.ascontiguousarray(offsets, np.int64)
+        words, gates_words, offsets = _word_rows(words, gates_words, offsets)
         n, (i, d, e) = len(lengths), keys.shape
         if values.shape != (i, d, 4 * self.hidden) or gates_words.shape != (len(words), 4 * self.hidden) or \
                 words.shape[1] != e or offsets.shape != (n,) or lengths.ndim != 1 or \
@@ -252,13 +255,6 @@ class W2RKernel:
         column indexing those rows)."""
         pairs = np.asarray(pairs, np.int64)
         columns = pairs[:, 1]
-        offsets = caption_feeds.get("word_offsets")
-        if offsets is None:  # a padded block [B, L, ...]: caption b's words at rows b * L
-            width = caption_feeds["words"].shape[1]
-            words = caption_feeds["words"].reshape(-1, caption_feeds["words"].shape[2])
-            gates = caption_feeds["gates_words"].reshape(-1, caption_feeds["gates_words"].shape[2])
-            offsets = np.arange(len(caption_feeds["lengths"]), dtype=np.int64) * width
-        else:
-            words, gates = caption_feeds["words"], caption_feeds["gates_words"]
+        words, gates, offsets = _word_rows(caption_feeds["words"], caption_feeds["gates_words"], caption_feeds.get("word_offsets"))
         return self.run(image_feeds["regions_attn"], image_feeds["regions_values"], words, gates,
                         caption_feeds["lengths"][columns], offsets[columns], image_rows=pairs[:, 0])[0]
