@@ -34,6 +34,7 @@ import shutil
 import signal
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,9 @@ from engine.files import atomic_path, exclusive_lock, remove_stale_temps, write_
 
 UNIT_IMAGES = 8  # exhaustive: image rows of the score matrix per journaled unit (~40k pairs at 5,000 captions)
 # shortlist: images per journaled unit; a unit scores every re-rank pair (of any direction) of its images
-# (~32k pairs in Flickr8K test's 1K x 5K at K=100: ~500 pairs per image)
-UNIT_SHORTLIST_IMAGES = 64
+# (~128k pairs, ~2.3 s on 2 cores, in Flickr8K test's 1K x 5K at K=100: ~500 pairs per image). Units are scored one
+# after another, each a barrier for the pair workers: 64-image units cost 0.4 s more of the 20 s K=100 run
+UNIT_SHORTLIST_IMAGES = 256
 STOP_AFTER_ENV = "BSSAN_SCORE_STOP_AFTER"
 JOURNAL_VERSION = 3  # 2: exhaustive units hold BSSAN MS (fused afterwards), shortlist units their MS too;
 # 3: shortlist units are the MS of the union of both directions' candidate pairs, image by image
@@ -220,18 +222,28 @@ def score_shortlists(scorer: Scorer, images: ImageCache, captions: CaptionCache,
              for start, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
     done_pairs = sum(s.stop - s.start for unit, s in units if unit in journal.done)
     todo = [(unit, s) for unit, s in units if unit not in journal.done]
-    with tqdm(total=len(pairs), initial=done_pairs, desc=f"re-ranking {'+'.join(shortlist_ks)}", unit="pair", unit_scale=True,
-              file=sys.stderr, mininterval=BAR_INTERVAL) as bar:
-        results = (pool.score_pairs([pairs[s] for _, s in todo]) if pool is not None else
-                   (scorer.score_pairs(images, captions, pairs[s], progress=bar, fuse=False) for _, s in todo))
-        for (unit, s), result in zip(todo, results):
-            bssan[s] = result  # MS; fused with the first stage by rank_candidates
-            if pool is not None:
-                bar.update(len(result))
-            journal.finish_unit(unit, bssan)
+    # the union's first-stage cosines (row by row: the same values rank_candidates would compute per direction), on a
+    # side thread while the BSSAN pairs are scored: its gathers (~1.2 s at Flickr8K test K = 100) leave the tail
+    side = ThreadPoolExecutor(1, thread_name_prefix="bssan-first-stage") if scorer.fuses else None
+    first = side.submit(scorer.pair_first_stage, images, captions, pairs) if side is not None else None
+    try:
+        with tqdm(total=len(pairs), initial=done_pairs, desc=f"re-ranking {'+'.join(shortlist_ks)}", unit="pair", unit_scale=True,
+                  file=sys.stderr, mininterval=BAR_INTERVAL) as bar:
+            results = (pool.score_pairs([pairs[s] for _, s in todo]) if pool is not None else
+                       (scorer.score_pairs(images, captions, pairs[s], progress=bar, fuse=False) for _, s in todo))
+            for (unit, s), result in zip(todo, results):
+                bssan[s] = result  # MS; fused with the first stage by rank_candidates
+                if pool is not None:
+                    bar.update(len(result))
+                journal.finish_unit(unit, bssan)
+        first = first.result() if first is not None else None
+    finally:
+        if side is not None:
+            side.shutdown(wait=False, cancel_futures=True)
     bssan = np.asarray(bssan)
     rankings = {}
     for d, c in candidates.items():
         index = np.searchsorted(keys, pair_keys(wanted[d], n_cap))
-        rankings[d] = scorer.rank_candidates(images, captions, d, np.arange(len(c)), c, bssan[index], c.shape[1])
+        rankings[d] = scorer.rank_candidates(images, captions, d, np.arange(len(c)), c, bssan[index], c.shape[1],
+                                             first=None if first is None else first[index])
     return pairs, bssan, rankings

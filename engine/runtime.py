@@ -94,6 +94,7 @@ PATHS = ("auto", "grid", "pair", "kernel")  # Scorer path: what scores a one-ima
 # 6% lower than the near-equal chunks of <= 64 used before.
 GRID_CALL_COST = 160.0
 GRID_PAIR_COST = 5.0
+FIRST_STAGE_RUN = 16  # pair_first_stage broadcasts each image's vector when its pairs average this many per image
 FIRST_STAGE_CHUNK = 65536  # pairs per block of pair_first_stage's gathers (2 x 128 MB of vectors at K = 512)
 # Pooled pair calls (pairs of several image rows, each gathering its image's rows) hold at most this many pairs, cut
 # near-equal: each pair gathers its image's regions_values (49 x 512 floats), so a call of 256 moves 25 MB through the
@@ -311,7 +312,12 @@ class Scorer(Encoder):
             raise InputError(f"{artifact.root}: fusion {self.fusion.to_dict()} uses the first stage, but the runner has no "
                              f"shortlist graphs; expected an artifact exported with --shortlist (or fusion=False)")
         self.w2r_kernel = None  # the fused W2R kernel (engine/kernels) on path "kernel"
+        self.o2w_kernel = None  # and its O2W kernel, where the artifact's o2w_grid names its weights (else o2w_grid)
+        self.o2w_kernel_missing = ""
         self.path, self.path_reason = self.choose_path(path)
+        if self.path == "kernel" and any(b == "o2w" for b, _ in self.branches):
+            self.path_reason += ("; O2W through its kernel too" if self.o2w_kernel is not None
+                                 else f"; O2W through the o2w_grid graph ({self.o2w_kernel_missing})")
         runner.reason = f"{runner.reason}; scoring path: {self.path_reason}"
         # pair/grid calls in flight at once (engine/backends/onnxruntime.py: one intra-op thread per call on the CPU)
         self.concurrent_calls = max(1, int(getattr(runner, "concurrent_calls", 1)))
@@ -339,7 +345,7 @@ class Scorer(Encoder):
     def kernel_available(self) -> tuple[bool, str]:
         """(True, "") when the fused W2R kernel (engine/kernels: built for this machine, fp32, CPU) can score this
         artifact's one-image blocks, with the o2w branch on its grid graph; else (False, why not). Loads the kernel."""
-        from engine.kernels import KernelError, W2RKernel
+        from engine.kernels import KernelError, O2WKernel, W2RKernel
 
         if self.w2r_kernel is not None:
             return True, ""
@@ -356,6 +362,11 @@ class Scorer(Encoder):
             self.w2r_kernel = W2RKernel.from_artifact(self.artifact)
         except KernelError as exc:
             return False, str(exc)
+        if any(b == "o2w" for b, _ in self.branches):
+            try:
+                self.o2w_kernel = O2WKernel.from_artifact(self.artifact, library=self.w2r_kernel.lib)
+            except KernelError as exc:  # an artifact exported before the O2W kernel: O2W stays on its grid graph
+                self.o2w_kernel, self.o2w_kernel_missing = None, str(exc)
         return True, ""
 
     @property
@@ -525,13 +536,16 @@ class Scorer(Encoder):
             total = total - caption_feeds[HUB_OFFSET][pairs[:, 1]]
         return total.astype(np.float32, copy=False)
 
-    def _caption_block(self, captions: CaptionCache, rows: np.ndarray, width: int | None = None) -> dict[str, np.ndarray]:
-        """The caption feeds of a one-image call: padded blocks, except on the kernel path, whose W2R reads the cache's
-        word rows in place (a padded copy of 500 captions took longer than the kernel scoring them)."""
+    def _caption_block(self, captions: CaptionCache, rows: np.ndarray, width: int | None = None,
+                       pooled: bool = False) -> dict[str, np.ndarray]:
+        """The caption feeds of a call: padded blocks, except on the kernel path, whose W2R (and O2W, in a one-image call:
+        not `pooled`) reads the cache's word rows in place (a padded copy of 500 captions took longer than the W2R kernel
+        scoring them; the O2W states' copy was 1.7 of the 37 CPU-s of Flickr8K test at K=100)."""
         if self.path == "kernel":
-            from engine.kernels import FLAT_WORDS
+            from engine.kernels import FLAT_STATES, FLAT_WORDS
 
-            return captions.block(rows, width, flat=FLAT_WORDS)
+            flat = FLAT_WORDS + (FLAT_STATES if self.o2w_kernel is not None and not pooled else ())
+            return captions.block(rows, width, flat=flat)
         return captions.block(rows, width)
 
     def _grid_scores(self, image_feeds: dict, caption_feeds: dict) -> np.ndarray:
@@ -543,6 +557,8 @@ class Scorer(Encoder):
             spec = GRAPHS[f"{branch}_grid"]
             if branch == "w2r" and self.path == "kernel":  # reads the caption cache's word rows in place (word_offsets)
                 y = self.w2r_kernel(available)
+            elif branch == "o2w" and self.path == "kernel" and self.o2w_kernel is not None:  # likewise
+                y = self.o2w_kernel(available)
             else:
                 y = self.runner.infer(spec.name, {n: available[n] for n in spec.input_names})["scores"]
             total = weight * y if total is None else total + weight * y
@@ -641,6 +657,22 @@ class Scorer(Encoder):
         """Dual-encoder cosines [N] of pairs [N, 2] (image row, caption row), float32."""
         self.require_shortlist()
         out = np.empty(len(pairs), np.float32)
+        order = np.argsort(pairs[:, 0], kind="stable")
+        runs = np.flatnonzero(np.diff(pairs[order, 0], prepend=-1))  # first pair of each image, in image order
+        if len(pairs) >= FIRST_STAGE_RUN * len(runs):  # long runs per image (a re-rank: ~500 per image at K=100)
+            # each image's vector broadcast against its captions' rows: the same row-by-row dot products (the same
+            # bits: tests/engine/test_runtime.py), without gathering [N, K] image rows (1.55 of 37 CPU-s at K=100)
+            ends = np.append(runs[1:], len(pairs))
+            image_vectors = images.arrays["image_vectors"]
+            for start in range(0, len(pairs), FIRST_STAGE_CHUNK):
+                chunk = order[start:start + FIRST_STAGE_CHUNK]
+                text_vectors = np.asarray(captions.arrays["text_vectors"][pairs[chunk, 1]], np.float32)  # [n, K]
+                first, last = np.searchsorted(runs, start, "right") - 1, np.searchsorted(runs, start + len(chunk), "left")
+                for a, b in zip(runs[first:last], ends[first:last]):
+                    a, b = max(int(a), start) - start, min(int(b), start + len(chunk)) - start
+                    vector = np.asarray(image_vectors[pairs[chunk[a], 0]], np.float32)
+                    out[chunk[a:b]] = np.einsum("nk,nk->n", np.broadcast_to(vector, (b - a, len(vector))), text_vectors[a:b])
+            return out
         for start in range(0, len(pairs), FIRST_STAGE_CHUNK):  # chunks: no [N, K] copies of both sides at once
             chunk = pairs[start:start + FIRST_STAGE_CHUNK]
             image_vectors = np.asarray(images.arrays["image_vectors"][chunk[:, 0]], np.float32)  # [n, K]
@@ -680,7 +712,7 @@ class Scorer(Encoder):
                     out[chosen] = self._grid_scores(images.rows(image_rows), self._caption_block(captions, caption_rows, width))[caption_pos.reshape(-1)]
                 elif self.path == "kernel" or (whole and len(image_rows) > 1):  # the kernel reads the image rows in place
                     local = np.stack([pairs[chosen, 0], caption_pos.reshape(-1)], axis=1)  # [n, 2] (image row, caption position)
-                    out[chosen] = self._pair_scores(images.arrays, self._caption_block(captions, caption_rows, width), local)
+                    out[chosen] = self._pair_scores(images.arrays, self._caption_block(captions, caption_rows, width, pooled=True), local)
                 else:
                     local = np.stack([image_pos.reshape(-1), caption_pos.reshape(-1)], axis=1)  # [n, 2]
                     out[chosen] = self._pair_scores(images.rows(image_rows), captions.block(caption_rows, width), local)
@@ -780,14 +812,16 @@ class Scorer(Encoder):
         return ranking
 
     def rank_candidates(self, images: ImageCache, captions: CaptionCache, direction: str, queries: np.ndarray,
-                        candidates: np.ndarray, bssan: np.ndarray, k: int) -> Ranking:
+                        candidates: np.ndarray, bssan: np.ndarray, k: int, first: np.ndarray | None = None) -> Ranking:
         """The k best of each query's candidates [Q, S] (rows of the other side) by the product score, given the BSSAN
         MS of every candidate (bssan: [Q * S] or [Q, S], pairs in shortlist_pairs order): fused with the first stage
-        per self.fusion; ties in the product score keep the lower row first, as in the exhaustive ranking."""
+        per self.fusion; ties in the product score keep the lower row first, as in the exhaustive ranking. `first`:
+        the candidates' pair_first_stage cosines when the caller has them already (the same order as bssan)."""
         shape = candidates.shape
         bssan = np.asarray(bssan, np.float32).reshape(-1)
-        rescored = (self.fusion.apply(self.pair_first_stage(images, captions, shortlist_pairs(direction, queries, candidates)), bssan)
-                    if self.fuses else bssan)
+        if self.fuses and first is None:
+            first = self.pair_first_stage(images, captions, shortlist_pairs(direction, queries, candidates))
+        rescored = self.fusion.apply(np.asarray(first, np.float32).reshape(-1), bssan) if self.fuses else bssan
         rescored, bssan = rescored.reshape(shape), bssan.reshape(shape)
         order = np.lexsort((candidates, -rescored), axis=1)[:, :k]
         indices, values = np.take_along_axis(candidates, order, 1), np.take_along_axis(rescored, order, 1)

@@ -127,21 +127,22 @@ class FoldedMLP(nn.Module):
         super().__init__()
         self.depth = len(layers)
         for k, (weight, bias) in enumerate(layers):
-            _buffer(self, f"weight{k}", weight, dtype)
+            # held input-major: the traced graphs' initializers keep these names (mlp.weight_t1, mlp.bias1, ...), which
+            # the O2W kernel reads from o2w_grid (engine/kernels); a transposed-at-trace copy would be named onnx::MatMul_N
+            _buffer(self, f"weight_t{k}", weight.t().contiguous(), dtype)
             _buffer(self, f"bias{k}", bias, dtype)
 
     def layer(self, k: int) -> tuple[Tensor, Tensor]:
-        return getattr(self, f"weight{k}"), getattr(self, f"bias{k}")
+        """(W [out, in], b [out]) of layer k."""
+        return getattr(self, f"weight_t{k}").t(), getattr(self, f"bias{k}")
 
     def continue_from_first(self, z: Tensor) -> Tensor:
         for k in range(1, self.depth):
-            weight, bias = self.layer(k)
-            z = torch.tanh(z) @ weight.t() + bias
+            z = torch.tanh(z) @ getattr(self, f"weight_t{k}") + getattr(self, f"bias{k}")
         return z[..., 0]
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.layer(0)
-        return self.continue_from_first(x @ weight.t() + bias)
+        return self.continue_from_first(x @ self.weight_t0 + self.bias0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,6 +237,9 @@ class TrainConfig:
     input_dropout: float = 0.0  # image-grouped BSSAN batches: dropout on the region, object and word features of each
                                 # training step (a regulariser: W2R alone overfits, loss 8.4 -> 1.35 while dev peaks at
                                 # epoch 4); off at evaluation and in every exported graph
+    state_dropout: float = 0.0  # BSSAN: dropout on each branch's matching state in training, where the inputs stay whole
+                                # (W2R: the LSTM's last state h before its MLP; O2W: each attended v_j before the MLP on
+                                # [o_j; v_j]); off at evaluation and in every exported graph
 
     def __post_init__(self) -> None:
         _coerce_enums(self)  # TrainConfig(loss="grid") means LossKind.GRID (code compares with `is`)
@@ -269,6 +272,8 @@ class TrainConfig:
             raise InputError(f"TrainConfig.dev_exhaustive_images: expected >= 0, got {self.dev_exhaustive_images}")
         if not 0 <= self.neighbour_share <= 1:
             raise InputError(f"TrainConfig.neighbour_share: expected 0 <= share <= 1, got {self.neighbour_share}")
+        if not 0 <= self.state_dropout < 1:
+            raise InputError(f"TrainConfig.state_dropout: expected 0 <= p < 1; got {self.state_dropout}")
         if not 0 <= self.input_dropout < 1 or (self.input_dropout > 0 and self.batch_images == 0):
             raise InputError(f"TrainConfig.input_dropout: expected 0 <= p < 1, and image-grouped batches (batch_images "
                              f">= 2) when p > 0; got p={self.input_dropout}, batch_images={self.batch_images}")

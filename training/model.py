@@ -155,6 +155,7 @@ class W2R(nn.Module):
         add_attention_parameters(self, config.attention)                 # b: scalar (paper), or a temperature
         self.lstm = nn.LSTM(config.region_dim + config.word_dim, config.w2r_hidden, batch_first=True)  # input [u; t]
         self.mlp = MLP(config.w2r_hidden, config.w2r_mlp)
+        self.state_dropout = 0.0  # training only (TrainConfig.state_dropout): dropout on h before the MLP
 
     @property
     def pair_gathers_gates(self) -> bool:
@@ -180,7 +181,8 @@ class W2R(nn.Module):
         return {"words": words, "gates_words": words @ self._split_input_weight()[1].t() + bias, "lengths": lengths}
 
     def _finish(self, gates: Tensor, lengths: Tensor) -> Tensor:
-        return self.mlp(lstm_recurrence(gates, lengths, self.lstm.weight_hh_l0))
+        h = lstm_recurrence(gates, lengths, self.lstm.weight_hh_l0)  # [N, H]
+        return self.mlp(nn.functional.dropout(h, self.state_dropout, self.training))
 
     def attention(self, image_cache: Cache, text_cache: Cache, image_index: Tensor, text_index: Tensor,
                   negative: Negative = False) -> Tensor:
@@ -241,6 +243,7 @@ class O2W(nn.Module):
         self.attn_weight = _bilinear(config.object_dim, config.o2w_hidden)  # W': Q x H2
         add_attention_parameters(self, config.attention)                    # b': scalar (paper), or a temperature
         self.mlp = MLP(config.object_dim + config.o2w_hidden, config.o2w_mlp)  # on [o_j; v_j]
+        self.state_dropout = 0.0  # training only (TrainConfig.state_dropout): dropout on v_j before the MLP
 
     def encode_image(self, objects: Tensor) -> Cache:
         """objects [B_img, P, Q] -> objects_attn = O W' [B_img, P, H2], objects_mlp = O W1_o^T + b1 [B_img, P, h1]."""
@@ -281,6 +284,7 @@ class O2W(nn.Module):
         """Y' [N] of the pairs (image_index[n], text_index[n])."""
         attn = self.attention(image_cache, text_cache, image_index, text_index, negative)  # [N, P, L]
         attended = attn @ text_cache["states"][text_index]  # v_j: [N, P, H2]
+        attended = nn.functional.dropout(attended, self.state_dropout, self.training)
         first = self.mlp.first
         z = image_cache["objects_mlp"][image_index] + attended @ first.weight[:, self.object_dim:].t()  # [N, P, h1]
         return self.mlp.continue_from_first(z).mean(dim=1)  # mean over objects (eq. 14)

@@ -381,6 +381,9 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
         first_stage = FirstStage.load(train_config.first_stage, store, out, inputs=own)
     if kind is ModelKind.BSSAN and hasattr(model, "set_input_scales"):
         model.set_input_scales(input_scales(train_split, train_config.word_set))  # before the initial copy: part of w0
+    for branch in (getattr(model, "w2r", None), getattr(model, "o2w", None)):
+        if branch is not None:
+            branch.state_dropout = train_config.state_dropout  # training mode only; not part of the weights
     if train_config.init_from:
         start_from(model, model_config, train_config.init_from)  # weights and input scales of an earlier run
     initial_path = out / INITIAL_WEIGHTS

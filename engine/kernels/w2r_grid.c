@@ -400,3 +400,129 @@ done:
   for (int l = 0; l < depth; l++) { free(mlp_p[l]); free(bias_p[l]); free(act[l]); }
   return rc;
 }
+
+/* The O2W branch of one image x N captions: the o2w_grid graph (engine/graphs.py), in place on a caption cache's
+ * ragged word rows (no padded copy). Per caption, every object's attention over the caption's real words (softmax
+ * of objects_attn[j] . s_w + b, tanh first when bounded; eq. 9), v_j = sum_w b[j, w] s_w (eq. 11) as one small GEMM
+ * read from the word rows, then for a block of captions x objects at once: z_j = objects_mlp[j] + v_j first_states_t,
+ * the MLP's remaining layers (tanh between) and the mean over the P objects (eq. 13-14).
+ * Returns 0, or -1 bad sizes, -2 out of memory, -3 a caption's words outside the word rows.
+ *   objects_attn   [P, H2]   O W' of the image
+ *   objects_mlp    [P, h1]   O W1_o^T + b1 (BatchNorm folded)
+ *   states         [T, H2]   Bi-LSTM states, word rows as bssan_w2r_grid's words (offsets, lengths)
+ *   first_states_t [H2, h1]  the first layer's state half, input-major
+ *   depth, widths            the layers after the first: widths[0] = h1 ... widths[depth] = 1, tanh before each
+ *   mlp_weights, mlp_biases  those layers' W [widths[l], widths[l+1]] (input-major) and b, concatenated
+ *   scores         [N]       Y' of each caption row */
+int bssan_o2w_grid(int P, int H2, int64_t T, int N, const float *objects_attn, const float *objects_mlp, const float *states,
+                   const int64_t *offsets, const int64_t *lengths, float attn_bias, int bounded, const float *first_states_t,
+                   int depth, const int *widths, const float *mlp_weights, const float *mlp_biases, float *scores) {
+  if (P < 1 || H2 < 1 || T < 0 || N < 0 || depth < 1 || depth > MAX_DEPTH || widths[0] < 1 || widths[depth] != 1) return -1;
+  for (int l = 1; l <= depth; l++)
+    if (widths[l] < 1) return -1;
+  int lmax = 1;
+  for (int n = 0; n < N; n++) {
+    if (lengths[n] < 1 || offsets[n] < 0 || offsets[n] + lengths[n] > T) return -3;
+    lmax = lengths[n] > lmax ? (int)lengths[n] : lmax;
+  }
+#if defined(__SSE__)
+  const unsigned int csr = _mm_getcsr();
+  _mm_setcsr(csr | 0x8040u); /* FTZ | DAZ, as bssan_w2r_grid */
+#endif
+  const int h1 = widths[0], lpad = (lmax + VW - 1) / VW * VW, ptiles = (P + MR - 1) / MR, in_place = H2 % NR == 0;
+  const int CB = P >= 64 ? 1 : 64 / P;                                     /* captions per block */
+  const int rows_max = CB * P, RB = (rows_max + MR - 1) / MR * MR + ptiles * MR; /* + spill of the last caption's tiles */
+  const int hpad = (H2 + NR - 1) / NR * NR, h1panels = (h1 + NR - 1) / NR, h1pad = h1panels * NR;
+  float *lg = aligned_alloc(64, sizeof(float) * (size_t)ptiles * MR * lpad); /* [P padded, lpad] logits, then weights */
+  float *v = aligned_alloc(64, sizeof(float) * (size_t)RB * hpad);          /* [RB, H2 padded]: v_j of the block */
+  float *first_p = aligned_alloc(64, sizeof(float) * (size_t)H2 * h1pad);
+  float *om = calloc((size_t)P * h1pad + NR, sizeof(float));                 /* objects_mlp padded to h1pad */
+  float *zero_row = calloc((size_t)(H2 > lpad ? H2 : lpad) + hpad + NR, sizeof(float));
+  float *mlp_p[MAX_DEPTH] = {0}, *bias_p[MAX_DEPTH] = {0}, *act[MAX_DEPTH + 1] = {0};
+  int mpanels[MAX_DEPTH + 1], mpad[MAX_DEPTH + 1], rc = 0;
+  mpanels[0] = h1panels;
+  mpad[0] = h1pad;
+  act[0] = aligned_alloc(64, sizeof(float) * (size_t)RB * h1pad);
+  int ok = lg && v && first_p && om && zero_row && act[0];
+  size_t woff = 0, boff = 0;
+  for (int l = 0; l < depth && ok; l++) { /* layer l + 1 of the MLP: widths[l] -> widths[l + 1] */
+    const int kin = widths[l], mout = widths[l + 1];
+    mpanels[l + 1] = (mout + NR - 1) / NR;
+    mpad[l + 1] = mpanels[l + 1] * NR;
+    mlp_p[l] = aligned_alloc(64, sizeof(float) * (size_t)kin * mpad[l + 1]);
+    bias_p[l] = calloc((size_t)mpad[l + 1], sizeof(float));
+    act[l + 1] = aligned_alloc(64, sizeof(float) * (size_t)RB * mpad[l + 1]);
+    if (!mlp_p[l] || !bias_p[l] || !act[l + 1]) { ok = 0; break; }
+    pack(mlp_weights + woff, kin, mout, mout, 0, mlp_p[l]);
+    memcpy(bias_p[l], mlp_biases + boff, sizeof(float) * (size_t)mout);
+    woff += (size_t)kin * mout;
+    boff += (size_t)mout;
+  }
+  if (!ok) { rc = -2; goto done; }
+  pack(first_states_t, H2, h1, h1, 0, first_p);
+  for (int j = 0; j < P; j++) memcpy(om + (size_t)j * h1pad, objects_mlp + (size_t)j * h1, sizeof(float) * (size_t)h1);
+  memset(lg, 0, sizeof(float) * (size_t)ptiles * MR * lpad);
+  for (int n0 = 0; n0 < N; n0 += CB) {
+    const int caps = N - n0 < CB ? N - n0 : CB, rows = caps * P, tiles = (rows + MR - 1) / MR;
+    for (int c = 0; c < caps; c++) {
+      const int len = (int)lengths[n0 + c], dpad = (len + VW - 1) / VW * VW;
+      const float *s = states + (size_t)offsets[n0 + c] * H2;
+      logits_rows(objects_attn, P, s, len, H2, lg, lpad); /* lg[j, w] = o_j W' . s_w */
+      for (int j = 0; j < P; j++) softmax_row(lg + (size_t)j * lpad, len, dpad, attn_bias, bounded, lg + (size_t)j * lpad);
+      float *vc = v + (size_t)c * P * hpad;
+      if (in_place) { /* v [P, H2] = b [P, len] x S [len, H2], S read in place (row stride H2), tiles of MR objects */
+        for (int t = 0; t < ptiles; t++) {
+          const float *arows[MR], *none_rows[MR] = {0};
+          for (int u = 0; u < MR; u++) arows[u] = t * MR + u < P ? lg + (size_t)(t * MR + u) * lpad : zero_row;
+          for (int p = 0; p < hpad / NR; p++)
+            micro_ld(len, arows, s + p * NR, H2, none_rows, vc + (size_t)t * MR * hpad + p * NR, hpad); /* rows past P spill */
+        }
+      } else {
+        for (int j = 0; j < P; j++) {
+          float *vj = vc + (size_t)j * hpad;
+          memset(vj, 0, sizeof(float) * (size_t)hpad);
+          for (int w = 0; w < len; w++) axpy(lg[(size_t)j * lpad + w], s + (size_t)w * H2, vj, H2);
+        }
+      }
+    }
+    { /* z [rows, h1] = objects_mlp[row % P] + v first_states_t */
+      const float *in_rows[MR], *start[MR];
+      for (int p = 0; p < h1panels; p++)
+        for (int t = 0; t < tiles; t++) {
+          for (int u = 0; u < MR; u++) {
+            const int r = t * MR + u;
+            in_rows[u] = r < rows ? v + (size_t)r * hpad : zero_row;
+            start[u] = r < rows ? om + (size_t)(r % P) * h1pad + p * NR : NULL;
+          }
+          micro(H2, in_rows, first_p + (size_t)p * H2 * NR, start, act[0] + (size_t)t * MR * h1pad + p * NR, h1pad);
+        }
+    }
+    for (int l = 0; l < depth; l++) { /* tanh, then layer l + 1 with its bias as the GEMM's start */
+      const int kin = widths[l];
+      for (int r = 0; r < tiles * MR; r++)
+        for (int j = 0; j < mpad[l]; j += VW) storeu(act[l] + (size_t)r * mpad[l] + j, vtanh(loadu(act[l] + (size_t)r * mpad[l] + j)));
+      const float *in_rows[MR], *start[MR];
+      for (int p = 0; p < mpanels[l + 1]; p++)
+        for (int t = 0; t < tiles; t++) {
+          for (int u = 0; u < MR; u++) {
+            in_rows[u] = act[l] + (size_t)(t * MR + u) * mpad[l];
+            start[u] = bias_p[l] + p * NR;
+          }
+          micro(kin, in_rows, mlp_p[l] + (size_t)p * kin * NR, start, act[l + 1] + (size_t)t * MR * mpad[l + 1] + p * NR, mpad[l + 1]);
+        }
+    }
+    for (int c = 0; c < caps; c++) { /* the mean over the P objects (eq. 14) */
+      float sum = 0.0f;
+      for (int j = 0; j < P; j++) sum += act[depth][(size_t)(c * P + j) * mpad[depth]];
+      scores[n0 + c] = sum / (float)P;
+    }
+  }
+done:
+#if defined(__SSE__)
+  _mm_setcsr(csr);
+#endif
+  free(lg); free(v); free(first_p); free(om); free(zero_row);
+  for (int l = 0; l <= depth; l++) free(act[l]);
+  for (int l = 0; l < depth; l++) { free(mlp_p[l]); free(bias_p[l]); }
+  return rc;
+}

@@ -113,6 +113,62 @@ def test_kernel_pairs_equal_the_w2r_pair_graph(library, artifact, grid_scorer, c
         kernel.pairs(images.arrays, flat, np.array([[len(images), 0]]))
 
 
+def test_o2w_kernel_equals_the_o2w_grid_graph(library, artifact, grid_scorer, caches):
+    """O2W of one image x caption rows: padded block and the cache's ragged state rows in place, against o2w_grid."""
+    images, captions = caches
+    kernel = kernels.O2WKernel.from_artifact(artifact, library)
+    assert sorted(k for k in onnx_initializers(artifact.graph_path("o2w_grid", "fp32")) if k.startswith("pair.mlp.weight_t"))
+    rng = np.random.default_rng(5)
+    for image_row in (0, 2):
+        for count in (1, 6, 13, len(captions)):
+            rows = rng.choice(len(captions), size=min(count, len(captions)), replace=False)
+            feeds = _feeds(images, captions, image_row, rows)
+            want = grid_scorer.runner.infer("o2w_grid", {k: feeds[k] for k in ("objects_attn", "objects_mlp", "states", "lengths")})["scores"]
+            got = kernel(feeds)
+            assert got.dtype == np.float32
+            assert_close(got, want, 2e-5, f"O2W kernel vs o2w_grid, {count} captions")
+            flat = {**images.rows(np.array([image_row])), **captions.block(rows, flat=kernels.FLAT_STATES)}
+            assert flat["states"] is captions.arrays["states"]  # read in place, no copy
+            assert np.array_equal(kernel(flat), got)
+    with pytest.raises(InputError, match="a caption.s words outside the word rows given"):
+        kernel(dict(feeds, lengths=np.where(np.arange(len(rows)) == 0, 0, feeds["lengths"])))
+    with pytest.raises(InputError, match="do not fit H2="):
+        kernel(dict(feeds, states=feeds["states"][:, :, :-1].copy()))
+
+
+def test_o2w_kernel_against_numpy_off_the_vector_width(library):
+    _check_o2w_against_numpy(library)
+
+
+def _check_o2w_against_numpy(library) -> None:
+    """A random O2W (P objects, H2 and h1 off the panel width, both attention forms) against numpy."""
+    rng = np.random.default_rng(1)
+    for objects, hidden, first, bounded in ((3, 64, 40, True), (10, 20, 64, False), (17, 33, 7, False)):
+        mlp = [(rng.standard_normal((first, 5)).astype(np.float32) * 0.3, rng.standard_normal(5).astype(np.float32)),
+               (rng.standard_normal((5, 1)).astype(np.float32), rng.standard_normal(1).astype(np.float32))]
+        first_t = rng.standard_normal((hidden, first)).astype(np.float32) * 0.2
+        kernel = kernels.O2WKernel(first_t, mlp, attn_bias=0.3, bounded=bounded, library=library)
+        lengths = rng.integers(1, 9, 11)
+        states = np.zeros((11, 8, hidden), np.float32)
+        for n, length in enumerate(lengths):
+            states[n, :length] = rng.standard_normal((length, hidden))
+        keys = rng.standard_normal((1, objects, hidden)).astype(np.float32) * 0.3
+        start = rng.standard_normal((1, objects, first)).astype(np.float32)
+        want = []
+        for n, length in enumerate(lengths):
+            s = states[n, :length].astype(np.float64)
+            logits = keys[0] @ s.T + 0.3
+            logits = np.tanh(logits) if bounded else logits
+            b = np.exp(logits - logits.max(1, keepdims=True))
+            b /= b.sum(1, keepdims=True)
+            z = start[0] + (b @ s) @ first_t
+            for w, bias in mlp:
+                z = np.tanh(z) @ w + bias
+            want.append(z[:, 0].mean())
+        assert_close(kernel.run(keys, start, states, lengths), np.array(want, np.float32), 1e-4,
+                     f"O2W kernel vs numpy, P={objects} H2={hidden} h1={first}")
+
+
 def _check_against_numpy(library) -> None:
     """A random W2R at H = 5, 16 and 37 (tails of the vector width) and both attention forms, against numpy, as a
     grid block and as pooled pairs."""
@@ -172,6 +228,7 @@ def test_kernel_builds_and_agrees_for_other_instruction_sets(tmp_path, march):
     library = kernels.load_library(out)
     assert library.bssan_w2r_simd_width() == 8 and library.bssan_w2r_block_rows() == 6
     _check_against_numpy(library)
+    _check_o2w_against_numpy(library)
 
 
 def test_kernel_rejects_bad_input_with_one_line(library, artifact, caches):
@@ -196,6 +253,7 @@ def test_scorer_kernel_path_ranks_as_the_grid_path(kernel_dir, tiny_artifact, gr
     images, captions = caches
     with Scorer.load(tiny_artifact, threads=2, path="kernel") as scorer:
         assert scorer.path == "kernel" and "scoring path: kernel (requested)" in scorer.runner.reason
+        assert scorer.o2w_kernel is not None and "O2W through its kernel too" in scorer.runner.reason
         got = scorer.score_matrix(images, captions)
         want = grid_scorer.score_matrix(images, captions)
         assert_close(got, want, 5e-5, "kernel path vs grid path, fused product scores")
@@ -204,6 +262,23 @@ def test_scorer_kernel_path_ranks_as_the_grid_path(kernel_dir, tiny_artifact, gr
         record_choice(scorer.fingerprint, scorer.runner, "kernel", "measured: kernel 1 ms vs grid 2 ms")
     with Scorer.load(tiny_artifact, threads=2) as auto:  # auto takes the recorded choice and says why
         assert auto.path == "kernel" and "fused W2R kernel (measured: kernel 1 ms vs grid 2 ms)" in auto.runner.reason
+
+
+def test_kernel_path_keeps_o2w_on_its_graph_for_an_older_artifact(kernel_dir, tiny_artifact, grid_scorer, caches, monkeypatch):
+    """An artifact whose o2w_grid does not name its MLP weights (exported before the O2W kernel): W2R on the kernel,
+    O2W on the o2w_grid graph, and the reason says so."""
+    from engine.runtime import Scorer
+
+    monkeypatch.setenv(kernels.KERNELS_DIR_ENV, str(kernel_dir))
+
+    def older(cls, artifact, library=None):
+        raise kernels.KernelError(f"{artifact.root}: no initializers pair.first_states_t (exported before the O2W kernel)")
+
+    monkeypatch.setattr(kernels.O2WKernel, "from_artifact", classmethod(older))
+    images, captions = caches
+    with Scorer.load(tiny_artifact, threads=1, path="kernel") as scorer:
+        assert scorer.o2w_kernel is None and "O2W through the o2w_grid graph (" in scorer.runner.reason
+        assert_close(scorer.score_matrix(images, captions), grid_scorer.score_matrix(images, captions), 5e-5, "W2R kernel + o2w_grid")
 
 
 def test_kernel_path_unavailable_says_why(tiny_artifact, monkeypatch, tmp_path):

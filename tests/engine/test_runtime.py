@@ -326,3 +326,24 @@ def test_pooled_pairs_go_in_near_equal_calls_of_at_most_the_pooled_size(scorer, 
     assert sizes == [50, 50, 50] and POOLED_PAIRS_PER_CALL < 150  # 150 pairs: 3 calls of 50, not 64 + 64 + 22
     assert sorted(np.concatenate(calls).tolist()) == list(range(150))
     assert_close(scorer.score_pairs(images, captions, pairs), matrix[pairs[:, 0], pairs[:, 1]], 1e-5, "pooled pairs vs the grid")
+
+
+def test_pair_first_stage_broadcast_route_is_bit_equal_to_the_gathers(monkeypatch):
+    """Long runs of pairs per image broadcast the image's vector instead of gathering it: the same dot products, bit
+    for bit, whatever the chunking (so a re-rank's fused scores do not depend on which route ran)."""
+    import engine.runtime as runtime
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(1)
+    images = SimpleNamespace(arrays={"image_vectors": rng.standard_normal((40, 130)).astype(np.float32)})
+    captions = SimpleNamespace(arrays={"text_vectors": rng.standard_normal((300, 130)).astype(np.float32)})
+    scorer = object.__new__(runtime.Scorer)
+    scorer.require_shortlist = lambda: None
+    many = np.stack([rng.permutation(np.repeat(np.arange(40), 50)), rng.integers(0, 300, 2000)], axis=1)  # 50 per image
+    few = np.stack([rng.integers(0, 40, 300), rng.integers(0, 300, 300)], axis=1)  # ~8 per image: the gathers
+    for pairs in (many, few, many[:0]):
+        for chunk in (7, 777, runtime.FIRST_STAGE_CHUNK):
+            monkeypatch.setattr(runtime, "FIRST_STAGE_CHUNK", chunk)
+            got = runtime.Scorer.pair_first_stage(scorer, images, captions, pairs)
+            want = np.einsum("nk,nk->n", images.arrays["image_vectors"][pairs[:, 0]], captions.arrays["text_vectors"][pairs[:, 1]])
+            assert got.dtype == np.float32 and np.array_equal(got, want), (len(pairs), chunk)

@@ -348,3 +348,38 @@ def test_input_dropout_changes_training_inputs_only(tiny_store):
         TrainConfig(input_dropout=0.2)  # pair batches: not supported
     with pytest.raises(InputError, match="input_dropout"):
         TrainConfig(batch_images=4, input_dropout=1.0)
+
+
+def test_state_dropout_acts_in_training_only(tiny_store, tmp_path):
+    """state_dropout drops each branch's matching state (W2R's h before its MLP, O2W's v_j) in training mode only: an
+    eval-mode model scores as without it, and the trainer sets it on both branches."""
+    from training.model import BSSAN
+
+    split = FeatureStore(tiny_store).split("train")
+    batch = ImageBatches(split, "glove50", 4, seed=0, grid=True).batch(0, 0)
+    config = preset("demo").__class__(**{**preset("demo").__dict__, "region_dim": batch.regions.shape[-1],
+                                         "object_dim": batch.objects.shape[-1], "word_dim": batch.words.shape[-1],
+                                         "region_count": batch.regions.shape[1], "object_count": batch.objects.shape[1]})
+    torch.manual_seed(0)
+    model = BSSAN(config)
+    def forward_grid():
+        images, texts = model.encode_images(batch.regions, batch.objects), model.encode_texts(batch.words, batch.lengths)
+        return model.score_grid_cached(images, texts)
+
+    model.eval()
+    plain = forward_grid()
+    for branch in (model.w2r, model.o2w):
+        branch.state_dropout = 0.5
+    again = forward_grid()
+    assert all(torch.equal(a, b) for a, b in zip(plain, again))  # eval: no dropout
+    model.train()
+    torch.manual_seed(1)
+    dropped = forward_grid()
+    for branch in (model.w2r, model.o2w):
+        branch.state_dropout = 0.0
+    torch.manual_seed(1)
+    kept = forward_grid()
+    assert not torch.equal(dropped[0], kept[0]) and not torch.equal(dropped[1], kept[1])  # both branches dropped
+    with pytest.raises(InputError, match="state_dropout"):
+        TrainConfig(state_dropout=1.0)
+    assert TrainConfig(state_dropout=0.3).to_dict()["state_dropout"] == 0.3
