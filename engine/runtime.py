@@ -527,6 +527,8 @@ class Scorer(Encoder):
             spec = GRAPHS[f"{branch}_pair"]
             if branch == "w2r" and self.path == "kernel":  # image and caption rows read in place, nothing gathered
                 y = self.w2r_kernel.pairs(image_feeds, caption_feeds, pairs)
+            elif branch == "o2w" and self.path == "kernel" and self.o2w_kernel is not None:  # likewise
+                y = self.o2w_kernel.pairs(image_feeds, caption_feeds, pairs)
             else:
                 y = self.runner.infer(spec.name, {n: available[n] for n in spec.input_names})["scores"]
             total = weight * y if total is None else total + weight * y
@@ -536,15 +538,14 @@ class Scorer(Encoder):
             total = total - caption_feeds[HUB_OFFSET][pairs[:, 1]]
         return total.astype(np.float32, copy=False)
 
-    def _caption_block(self, captions: CaptionCache, rows: np.ndarray, width: int | None = None,
-                       pooled: bool = False) -> dict[str, np.ndarray]:
-        """The caption feeds of a call: padded blocks, except on the kernel path, whose W2R (and O2W, in a one-image call:
-        not `pooled`) reads the cache's word rows in place (a padded copy of 500 captions took longer than the W2R kernel
-        scoring them; the O2W states' copy was 1.7 of the 37 CPU-s of Flickr8K test at K=100)."""
+    def _caption_block(self, captions: CaptionCache, rows: np.ndarray, width: int | None = None) -> dict[str, np.ndarray]:
+        """The caption feeds of a call: padded blocks, except on the kernel path, whose W2R (and O2W, with its kernel)
+        reads the cache's word rows in place (a padded copy of 500 captions took longer than the W2R kernel scoring
+        them; the O2W states' copy was 1.7 of the 37 CPU-s of Flickr8K test at K=100)."""
         if self.path == "kernel":
             from engine.kernels import FLAT_STATES, FLAT_WORDS
 
-            flat = FLAT_WORDS + (FLAT_STATES if self.o2w_kernel is not None and not pooled else ())
+            flat = FLAT_WORDS + (FLAT_STATES if self.o2w_kernel is not None else ())
             return captions.block(rows, width, flat=flat)
         return captions.block(rows, width)
 
@@ -712,7 +713,7 @@ class Scorer(Encoder):
                     out[chosen] = self._grid_scores(images.rows(image_rows), self._caption_block(captions, caption_rows, width))[caption_pos.reshape(-1)]
                 elif self.path == "kernel" or (whole and len(image_rows) > 1):  # the kernel reads the image rows in place
                     local = np.stack([pairs[chosen, 0], caption_pos.reshape(-1)], axis=1)  # [n, 2] (image row, caption position)
-                    out[chosen] = self._pair_scores(images.arrays, self._caption_block(captions, caption_rows, width, pooled=True), local)
+                    out[chosen] = self._pair_scores(images.arrays, self._caption_block(captions, caption_rows, width), local)
                 else:
                     local = np.stack([image_pos.reshape(-1), caption_pos.reshape(-1)], axis=1)  # [n, 2]
                     out[chosen] = self._pair_scores(images.rows(image_rows), captions.block(caption_rows, width), local)

@@ -1,4 +1,5 @@
-"""The fused W2R kernel: the w2r_grid graph's recurrence in one compiled pass (w2r_grid.c), called through ctypes.
+"""The fused W2R kernel: the w2r_grid graph's recurrence in one compiled pass (w2r_grid.c), called through ctypes;
+and beside it the O2W kernel (the o2w_grid graph, reading the captions' states in place).
 
     python -m engine.kernels build        # compile for this machine (-O3 -march=native) into the cache; prints the path
     python -m engine.kernels info         # where the library is (or why not), its SIMD width
@@ -7,6 +8,8 @@
     kernel = W2RKernel.from_artifact(artifact)   # weights read from the artifact's w2r_grid.fp32.onnx
     y = kernel(feeds)                            # Y [captions] of ONE image row, as w2r_grid gives it
     y = kernel.pairs(image_feeds, caption_feeds, pairs)  # Y of pooled pairs, as w2r_pair gives it
+    o2w = O2WKernel.from_artifact(artifact)      # weights read from o2w_grid.fp32.onnx (named since session 9's export)
+    y_prime = o2w(feeds)                         # Y' [captions] of ONE image row, as o2w_grid gives it
 
 Why: ONNX Runtime runs the W2R recurrence as a Loop of ~15 nodes per word; the kernel does the same math per block
 of captions with nothing written between steps: the attention logits, the softmax, ONE register-blocked GEMM
@@ -123,7 +126,7 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         lib.bssan_w2r_grid.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [p] * 8
                                        + [ctypes.c_float, ctypes.c_int, ctypes.c_int, p, p, p, p, p])
         lib.bssan_w2r_grid.restype = ctypes.c_int
-        lib.bssan_o2w_grid.argtypes = ([ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int] + [p] * 5
+        lib.bssan_o2w_grid.argtypes = ([ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [p] * 6
                                        + [ctypes.c_float, ctypes.c_int, p, ctypes.c_int, p, p, p, p])
         lib.bssan_o2w_grid.restype = ctypes.c_int
         lib.bssan_w2r_simd_width.restype = ctypes.c_int
@@ -313,11 +316,19 @@ class O2WKernel:
         return cls(inits["pair.first_states_t"], mlp, attn_bias=attn_bias, bounded=bounded, library=library)
 
     def run(self, objects_attn: np.ndarray, objects_mlp: np.ndarray, states: np.ndarray, lengths: np.ndarray,
-            offsets: np.ndarray | None = None) -> np.ndarray:
-        """Y' [N] of ONE image (objects_* [1, P, ...]) x every caption row. states: a padded block [N, L, H2] (offsets
-        None), or word rows [T, H2] with caption n's words at offsets[n] .. offsets[n] + lengths[n] (no copy)."""
-        keys = _f32(objects_attn, "objects_attn", 3)[0]
-        start = _f32(objects_mlp, "objects_mlp", 3)[0]
+            offsets: np.ndarray | None = None, image_rows: np.ndarray | None = None) -> np.ndarray:
+        """Y' [N] of ONE image (objects_* [1, P, ...]) x every caption row, or with image_rows: caption row n with image
+        row image_rows[n] of objects_* [I, P, ...] (pooled pairs, read in place). states: a padded block [N, L, H2]
+        (offsets None), or word rows [T, H2] with caption n's words at offsets[n] .. offsets[n] + lengths[n] (no copy)."""
+        keys = _f32(objects_attn, "objects_attn", 3)
+        start = _f32(objects_mlp, "objects_mlp", 3)
+        if image_rows is None:
+            keys, start = keys[:1], start[:1]
+        else:
+            image_rows = np.ascontiguousarray(image_rows, np.int64)
+            if len(image_rows) and (image_rows.min() < 0 or image_rows.max() >= len(keys)):
+                raise InputError(f"O2W kernel: {_ERRORS[-4]} (rows {int(image_rows.min())}..{int(image_rows.max())}, "
+                                 f"{len(keys)} image rows)")
         if offsets is None:
             states = _f32(states, "states", 3)
             offsets = np.arange(len(states), dtype=np.int64) * states.shape[1]
@@ -325,15 +336,17 @@ class O2WKernel:
         else:
             states, offsets = _f32(states, "states", 2), np.ascontiguousarray(offsets, np.int64)
         lengths = np.ascontiguousarray(lengths, np.int64)
-        n, (p, h2) = len(lengths), keys.shape
-        if h2 != self.hidden or start.shape != (p, self.first) or states.shape[1] != h2 or offsets.shape != (n,) or lengths.ndim != 1:
+        n, (i, p, h2) = len(lengths), keys.shape
+        if h2 != self.hidden or start.shape != (i, p, self.first) or states.shape[1] != h2 or offsets.shape != (n,) or \
+                lengths.ndim != 1 or (image_rows is not None and image_rows.shape != (n,)):
             raise InputError(f"O2W kernel: shapes objects_attn {list(objects_attn.shape)}, objects_mlp {list(objects_mlp.shape)}, "
                              f"states {list(states.shape)}, lengths {list(lengths.shape)}, offsets {list(offsets.shape)} do not fit "
                              f"H2={self.hidden}, h1={self.first}")
         keys, start = np.ascontiguousarray(keys), np.ascontiguousarray(start)
         scores = np.empty(n, np.float32)
         if n:
-            rc = self.lib.bssan_o2w_grid(p, h2, len(states), n, keys.ctypes.data, start.ctypes.data, states.ctypes.data,
+            rc = self.lib.bssan_o2w_grid(p, h2, len(states), n, i, None if image_rows is None else image_rows.ctypes.data,
+                                         keys.ctypes.data, start.ctypes.data, states.ctypes.data,
                                          offsets.ctypes.data, lengths.ctypes.data, self.attn_bias, int(self.bounded),
                                          self.first_states_t.ctypes.data, self.depth, self._widths.ctypes.data,
                                          self._mlp_weights.ctypes.data, self._mlp_biases.ctypes.data, scores.ctypes.data)
@@ -346,3 +359,16 @@ class O2WKernel:
         """Y' [N] float32 from the o2w_grid graph's feeds (padded states), or from a CaptionCache.block(..., flat=FLAT_STATES)
         (its word rows as they are, plus "word_offsets")."""
         return self.run(feeds["objects_attn"], feeds["objects_mlp"], feeds["states"], feeds["lengths"], feeds.get("word_offsets"))
+
+    def pairs(self, image_feeds: dict[str, np.ndarray], caption_feeds: dict[str, np.ndarray], pairs: np.ndarray) -> np.ndarray:
+        """Y' [N] of pairs [N, 2] = (image row, caption row): the o2w_pair graph's result, image cache rows and caption
+        rows read in place (caption_feeds from CaptionCache.block(rows, flat=FLAT_STATES), or a padded block)."""
+        pairs = np.asarray(pairs, np.int64)
+        columns = pairs[:, 1]
+        states, offsets = caption_feeds["states"], caption_feeds.get("word_offsets")
+        if offsets is None:  # a padded block [B, L, H2] as word rows
+            states = _f32(states, "states", 3)
+            offsets = np.arange(len(states), dtype=np.int64) * states.shape[1]
+            states = states.reshape(-1, states.shape[2])
+        return self.run(image_feeds["objects_attn"], image_feeds["objects_mlp"], states, caption_feeds["lengths"][columns],
+                        np.asarray(offsets, np.int64)[columns], image_rows=pairs[:, 0])

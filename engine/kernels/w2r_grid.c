@@ -406,18 +406,26 @@ done:
  * of objects_attn[j] . s_w + b, tanh first when bounded; eq. 9), v_j = sum_w b[j, w] s_w (eq. 11) as one small GEMM
  * read from the word rows, then for a block of captions x objects at once: z_j = objects_mlp[j] + v_j first_states_t,
  * the MLP's remaining layers (tanh between) and the mean over the P objects (eq. 13-14).
- * Returns 0, or -1 bad sizes, -2 out of memory, -3 a caption's words outside the word rows.
- *   objects_attn   [P, H2]   O W' of the image
- *   objects_mlp    [P, h1]   O W1_o^T + b1 (BatchNorm folded)
+ * Returns 0, or -1 bad sizes, -2 out of memory, -3 a caption's words outside the word rows, -4 an image row outside [0, I).
+ *   I, image_rows            NULL: ONE image x every caption row (I = 1). Else pooled pairs: caption row n with image
+ *                            image_rows[n] of objects_* [I, ...], read in place
+ *   objects_attn   [I, P, H2]   O W' of the images
+ *   objects_mlp    [I, P, h1]   O W1_o^T + b1 (BatchNorm folded)
  *   states         [T, H2]   Bi-LSTM states, word rows as bssan_w2r_grid's words (offsets, lengths)
  *   first_states_t [H2, h1]  the first layer's state half, input-major
  *   depth, widths            the layers after the first: widths[0] = h1 ... widths[depth] = 1, tanh before each
  *   mlp_weights, mlp_biases  those layers' W [widths[l], widths[l+1]] (input-major) and b, concatenated
  *   scores         [N]       Y' of each caption row */
-int bssan_o2w_grid(int P, int H2, int64_t T, int N, const float *objects_attn, const float *objects_mlp, const float *states,
-                   const int64_t *offsets, const int64_t *lengths, float attn_bias, int bounded, const float *first_states_t,
-                   int depth, const int *widths, const float *mlp_weights, const float *mlp_biases, float *scores) {
-  if (P < 1 || H2 < 1 || T < 0 || N < 0 || depth < 1 || depth > MAX_DEPTH || widths[0] < 1 || widths[depth] != 1) return -1;
+int bssan_o2w_grid(int P, int H2, int64_t T, int N, int I, const int64_t *image_rows, const float *objects_attn,
+                   const float *objects_mlp, const float *states, const int64_t *offsets, const int64_t *lengths, float attn_bias,
+                   int bounded, const float *first_states_t, int depth, const int *widths, const float *mlp_weights,
+                   const float *mlp_biases, float *scores) {
+  if (P < 1 || H2 < 1 || T < 0 || N < 0 || I < 1 || (!image_rows && I != 1) || depth < 1 || depth > MAX_DEPTH || widths[0] < 1 ||
+      widths[depth] != 1)
+    return -1;
+  if (image_rows)
+    for (int n = 0; n < N; n++)
+      if (image_rows[n] < 0 || image_rows[n] >= I) return -4;
   for (int l = 1; l <= depth; l++)
     if (widths[l] < 1) return -1;
   int lmax = 1;
@@ -436,7 +444,7 @@ int bssan_o2w_grid(int P, int H2, int64_t T, int N, const float *objects_attn, c
   float *lg = aligned_alloc(64, sizeof(float) * (size_t)ptiles * MR * lpad); /* [P padded, lpad] logits, then weights */
   float *v = aligned_alloc(64, sizeof(float) * (size_t)RB * hpad);          /* [RB, H2 padded]: v_j of the block */
   float *first_p = aligned_alloc(64, sizeof(float) * (size_t)H2 * h1pad);
-  float *om = calloc((size_t)P * h1pad + NR, sizeof(float));                 /* objects_mlp padded to h1pad */
+  float *om = calloc((size_t)CB * P * h1pad + NR, sizeof(float));            /* the block's objects_mlp rows, padded */
   float *zero_row = calloc((size_t)(H2 > lpad ? H2 : lpad) + hpad + NR, sizeof(float));
   float *mlp_p[MAX_DEPTH] = {0}, *bias_p[MAX_DEPTH] = {0}, *act[MAX_DEPTH + 1] = {0};
   int mpanels[MAX_DEPTH + 1], mpad[MAX_DEPTH + 1], rc = 0;
@@ -460,14 +468,19 @@ int bssan_o2w_grid(int P, int H2, int64_t T, int N, const float *objects_attn, c
   }
   if (!ok) { rc = -2; goto done; }
   pack(first_states_t, H2, h1, h1, 0, first_p);
-  for (int j = 0; j < P; j++) memcpy(om + (size_t)j * h1pad, objects_mlp + (size_t)j * h1, sizeof(float) * (size_t)h1);
+  if (!image_rows) /* one image: its rows once for every caption slot of a block */
+    for (int r = 0; r < CB * P; r++) memcpy(om + (size_t)r * h1pad, objects_mlp + (size_t)(r % P) * h1, sizeof(float) * (size_t)h1);
   memset(lg, 0, sizeof(float) * (size_t)ptiles * MR * lpad);
   for (int n0 = 0; n0 < N; n0 += CB) {
     const int caps = N - n0 < CB ? N - n0 : CB, rows = caps * P, tiles = (rows + MR - 1) / MR;
     for (int c = 0; c < caps; c++) {
       const int len = (int)lengths[n0 + c], dpad = (len + VW - 1) / VW * VW;
+      const size_t image = image_rows ? (size_t)image_rows[n0 + c] : 0;
       const float *s = states + (size_t)offsets[n0 + c] * H2;
-      logits_rows(objects_attn, P, s, len, H2, lg, lpad); /* lg[j, w] = o_j W' . s_w */
+      if (image_rows)
+        for (int j = 0; j < P; j++)
+          memcpy(om + ((size_t)c * P + j) * h1pad, objects_mlp + (image * P + j) * h1, sizeof(float) * (size_t)h1);
+      logits_rows(objects_attn + image * P * H2, P, s, len, H2, lg, lpad); /* lg[j, w] = o_j W' . s_w */
       for (int j = 0; j < P; j++) softmax_row(lg + (size_t)j * lpad, len, dpad, attn_bias, bounded, lg + (size_t)j * lpad);
       float *vc = v + (size_t)c * P * hpad;
       if (in_place) { /* v [P, H2] = b [P, len] x S [len, H2], S read in place (row stride H2), tiles of MR objects */
@@ -492,7 +505,7 @@ int bssan_o2w_grid(int P, int H2, int64_t T, int N, const float *objects_attn, c
           for (int u = 0; u < MR; u++) {
             const int r = t * MR + u;
             in_rows[u] = r < rows ? v + (size_t)r * hpad : zero_row;
-            start[u] = r < rows ? om + (size_t)(r % P) * h1pad + p * NR : NULL;
+            start[u] = r < rows ? om + (size_t)r * h1pad + p * NR : NULL;
           }
           micro(H2, in_rows, first_p + (size_t)p * H2 * NR, start, act[0] + (size_t)t * MR * h1pad + p * NR, h1pad);
         }

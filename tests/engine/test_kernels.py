@@ -136,6 +136,26 @@ def test_o2w_kernel_equals_the_o2w_grid_graph(library, artifact, grid_scorer, ca
         kernel(dict(feeds, states=feeds["states"][:, :, :-1].copy()))
 
 
+def test_o2w_kernel_pairs_equal_the_o2w_pair_graph(library, artifact, grid_scorer, caches):
+    """Pooled pairs (each caption row with its own image row), states and image rows in place, against o2w_pair."""
+    images, captions = caches
+    kernel = kernels.O2WKernel.from_artifact(artifact, library)
+    rng = np.random.default_rng(4)
+    for count in (1, 5, 9, 41):
+        pairs = np.stack([rng.integers(0, len(images), count), rng.integers(0, len(captions), count)], axis=1)
+        rows, column = np.unique(pairs[:, 1], return_inverse=True)
+        local = np.stack([pairs[:, 0], column.reshape(-1)], axis=1)
+        padded = captions.block(rows)
+        spec_feeds = {**images.arrays, **padded, "pairs": local}
+        want = grid_scorer.runner.infer("o2w_pair", {k: spec_feeds[k] for k in ("objects_attn", "objects_mlp", "states",
+                                                                               "lengths", "pairs")})["scores"]
+        flat = captions.block(rows, flat=kernels.FLAT_STATES)
+        assert_close(kernel.pairs(images.arrays, flat, local), want, 2e-5, f"O2W kernel pairs vs o2w_pair, {count} pairs")
+        assert np.array_equal(kernel.pairs(images.arrays, padded, local), kernel.pairs(images.arrays, flat, local))
+    with pytest.raises(InputError, match="an image row outside the image rows given"):
+        kernel.pairs(images.arrays, flat, np.array([[len(images), 0]]))
+
+
 def test_o2w_kernel_against_numpy_off_the_vector_width(library):
     _check_o2w_against_numpy(library)
 
@@ -152,21 +172,27 @@ def _check_o2w_against_numpy(library) -> None:
         states = np.zeros((11, 8, hidden), np.float32)
         for n, length in enumerate(lengths):
             states[n, :length] = rng.standard_normal((length, hidden))
-        keys = rng.standard_normal((1, objects, hidden)).astype(np.float32) * 0.3
-        start = rng.standard_normal((1, objects, first)).astype(np.float32)
-        want = []
-        for n, length in enumerate(lengths):
-            s = states[n, :length].astype(np.float64)
-            logits = keys[0] @ s.T + 0.3
+        keys = rng.standard_normal((3, objects, hidden)).astype(np.float32) * 0.3
+        start = rng.standard_normal((3, objects, first)).astype(np.float32)
+        image_rows = rng.integers(0, 3, len(lengths))
+
+        def numpy_o2w(image: int, n: int) -> float:
+            s = states[n, :lengths[n]].astype(np.float64)
+            logits = keys[image] @ s.T + 0.3
             logits = np.tanh(logits) if bounded else logits
             b = np.exp(logits - logits.max(1, keepdims=True))
             b /= b.sum(1, keepdims=True)
-            z = start[0] + (b @ s) @ first_t
+            z = start[image] + (b @ s) @ first_t
             for w, bias in mlp:
                 z = np.tanh(z) @ w + bias
-            want.append(z[:, 0].mean())
-        assert_close(kernel.run(keys, start, states, lengths), np.array(want, np.float32), 1e-4,
-                     f"O2W kernel vs numpy, P={objects} H2={hidden} h1={first}")
+            return z[:, 0].mean()
+
+        grid = np.array([numpy_o2w(0, n) for n in range(len(lengths))], np.float32)
+        assert_close(kernel.run(keys, start, states, lengths), grid, 1e-4, f"O2W kernel vs numpy, P={objects} H2={hidden} h1={first}")
+        pooled = np.array([numpy_o2w(i, n) for n, i in enumerate(image_rows)], np.float32)
+        assert_close(kernel.pairs({"objects_attn": keys, "objects_mlp": start}, {"states": states, "lengths": lengths},
+                                  np.stack([image_rows, np.arange(len(lengths))], axis=1)), pooled, 1e-4,
+                     f"O2W kernel pairs vs numpy, P={objects} H2={hidden} h1={first}")
 
 
 def _check_against_numpy(library) -> None:
