@@ -237,6 +237,9 @@ class TrainConfig:
     input_dropout: float = 0.0  # image-grouped BSSAN batches: dropout on the region, object and word features of each
                                 # training step (a regulariser: W2R alone overfits, loss 8.4 -> 1.35 while dev peaks at
                                 # epoch 4); off at evaluation and in every exported graph
+    lstm_forget_bias: float = 0.0  # BSSAN: initial forget-gate bias of every LSTM (W2R's, O2W's Bi-LSTM both ways; nn.LSTM
+                                   # initialises it like the other gates, ~U(-1/sqrt(H), 1/sqrt(H)) twice); 1 is the usual
+                                   # remedy for early forgetting (Jozefowicz et al. 2015). Initialisation only
     state_dropout: float = 0.0  # BSSAN: dropout on each branch's matching state in training, where the inputs stay whole
                                 # (W2R: the LSTM's last state h before its MLP; O2W: each attended v_j before the MLP on
                                 # [o_j; v_j]); off at evaluation and in every exported graph

@@ -366,6 +366,16 @@ def train(store_path: str | os.PathLike, out: str | os.PathLike, kind: ModelKind
         lock.close()
 
 
+def set_forget_bias(model: nn.Module, value: float) -> None:
+    """Every nn.LSTM of the model starts with forget-gate bias `value` (b_ih's forget slice; b_hh's forget slice 0)."""
+    with torch.no_grad():
+        for lstm in (m for m in model.modules() if isinstance(m, nn.LSTM)):
+            hidden = lstm.hidden_size
+            for name, bias in lstm.named_parameters():
+                if name.startswith("bias_"):  # nn.LSTM's gate order i, f, g, o
+                    bias[hidden:2 * hidden] = value if name.startswith("bias_ih") else 0.0
+
+
 def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, train_config: TrainConfig, save_every: float,
            save_every_batches: int, stop_after_batches: int, progress: bool, plot: bool, command: list[str] | None,
            wait_for_dev: float = 0.0) -> dict:
@@ -384,6 +394,8 @@ def _train(store: FeatureStore, out: Path, kind: ModelKind, model_config: Any, t
     for branch in (getattr(model, "w2r", None), getattr(model, "o2w", None)):
         if branch is not None:
             branch.state_dropout = train_config.state_dropout  # training mode only; not part of the weights
+    if kind is ModelKind.BSSAN and train_config.lstm_forget_bias:
+        set_forget_bias(model, train_config.lstm_forget_bias)  # before the initial copy: part of w0
     if train_config.init_from:
         start_from(model, model_config, train_config.init_from)  # weights and input scales of an earlier run
     initial_path = out / INITIAL_WEIGHTS

@@ -383,3 +383,26 @@ def test_state_dropout_acts_in_training_only(tiny_store, tmp_path):
     with pytest.raises(InputError, match="state_dropout"):
         TrainConfig(state_dropout=1.0)
     assert TrainConfig(state_dropout=0.3).to_dict()["state_dropout"] == 0.3
+
+
+def test_lstm_forget_bias_initialisation():
+    """lstm_forget_bias sets the forget slice of every LSTM's b_ih (both directions of O2W's Bi-LSTM), zeroes b_hh's,
+    and leaves the other gates' biases as nn.LSTM drew them."""
+    from training.model import BSSAN
+    from training.train import set_forget_bias
+
+    torch.manual_seed(0)
+    model = BSSAN(preset("demo"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    set_forget_bias(model, 1.0)
+    lstms = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
+    assert len(lstms) == 2
+    for lstm in lstms:
+        h = lstm.hidden_size
+        for name, bias in lstm.named_parameters():
+            if name.startswith("bias_"):
+                assert torch.all(bias[h:2 * h] == (1.0 if name.startswith("bias_ih") else 0.0)), name
+    after = model.state_dict()
+    changed = [k for k in after if not torch.equal(after[k], before[k])]
+    assert changed and all("bias_" in k for k in changed)
+    assert TrainConfig(lstm_forget_bias=1.0).to_dict()["lstm_forget_bias"] == 1.0
