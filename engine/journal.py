@@ -34,7 +34,6 @@ import shutil
 import signal
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -222,28 +221,18 @@ def score_shortlists(scorer: Scorer, images: ImageCache, captions: CaptionCache,
              for start, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
     done_pairs = sum(s.stop - s.start for unit, s in units if unit in journal.done)
     todo = [(unit, s) for unit, s in units if unit not in journal.done]
-    # the union's first-stage cosines (row by row: the same values rank_candidates would compute per direction), on a
-    # side thread while the BSSAN pairs are scored: its gathers (~1.2 s at Flickr8K test K = 100) leave the tail
-    side = ThreadPoolExecutor(1, thread_name_prefix="bssan-first-stage") if scorer.fuses else None
-    first = side.submit(scorer.pair_first_stage, images, captions, pairs) if side is not None else None
-    try:
-        with tqdm(total=len(pairs), initial=done_pairs, desc=f"re-ranking {'+'.join(shortlist_ks)}", unit="pair", unit_scale=True,
-                  file=sys.stderr, mininterval=BAR_INTERVAL) as bar:
-            results = (pool.score_pairs([pairs[s] for _, s in todo]) if pool is not None else
-                       (scorer.score_pairs(images, captions, pairs[s], progress=bar, fuse=False) for _, s in todo))
-            for (unit, s), result in zip(todo, results):
-                bssan[s] = result  # MS; fused with the first stage by rank_candidates
-                if pool is not None:
-                    bar.update(len(result))
-                journal.finish_unit(unit, bssan)
-        first = first.result() if first is not None else None
-    finally:
-        if side is not None:
-            side.shutdown(wait=False, cancel_futures=True)
+    with tqdm(total=len(pairs), initial=done_pairs, desc=f"re-ranking {'+'.join(shortlist_ks)}", unit="pair", unit_scale=True,
+              file=sys.stderr, mininterval=BAR_INTERVAL) as bar:
+        results = (pool.score_pairs([pairs[s] for _, s in todo]) if pool is not None else
+                   (scorer.score_pairs(images, captions, pairs[s], progress=bar, fuse=False) for _, s in todo))
+        for (unit, s), result in zip(todo, results):
+            bssan[s] = result  # MS; fused with the first stage by rank_candidates
+            if pool is not None:
+                bar.update(len(result))
+            journal.finish_unit(unit, bssan)
     bssan = np.asarray(bssan)
     rankings = {}
     for d, c in candidates.items():
         index = np.searchsorted(keys, pair_keys(wanted[d], n_cap))
-        rankings[d] = scorer.rank_candidates(images, captions, d, np.arange(len(c)), c, bssan[index], c.shape[1],
-                                             first=None if first is None else first[index])
+        rankings[d] = scorer.rank_candidates(images, captions, d, np.arange(len(c)), c, bssan[index], c.shape[1])
     return pairs, bssan, rankings

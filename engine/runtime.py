@@ -813,16 +813,14 @@ class Scorer(Encoder):
         return ranking
 
     def rank_candidates(self, images: ImageCache, captions: CaptionCache, direction: str, queries: np.ndarray,
-                        candidates: np.ndarray, bssan: np.ndarray, k: int, first: np.ndarray | None = None) -> Ranking:
+                        candidates: np.ndarray, bssan: np.ndarray, k: int) -> Ranking:
         """The k best of each query's candidates [Q, S] (rows of the other side) by the product score, given the BSSAN
         MS of every candidate (bssan: [Q * S] or [Q, S], pairs in shortlist_pairs order): fused with the first stage
-        per self.fusion; ties in the product score keep the lower row first, as in the exhaustive ranking. `first`:
-        the candidates' pair_first_stage cosines when the caller has them already (the same order as bssan)."""
+        per self.fusion; ties in the product score keep the lower row first, as in the exhaustive ranking."""
         shape = candidates.shape
         bssan = np.asarray(bssan, np.float32).reshape(-1)
-        if self.fuses and first is None:
-            first = self.pair_first_stage(images, captions, shortlist_pairs(direction, queries, candidates))
-        rescored = self.fusion.apply(np.asarray(first, np.float32).reshape(-1), bssan) if self.fuses else bssan
+        rescored = (self.fusion.apply(self.pair_first_stage(images, captions, shortlist_pairs(direction, queries, candidates)), bssan)
+                    if self.fuses else bssan)
         rescored, bssan = rescored.reshape(shape), bssan.reshape(shape)
         order = np.lexsort((candidates, -rescored), axis=1)[:, :k]
         indices, values = np.take_along_axis(candidates, order, 1), np.take_along_axis(rescored, order, 1)
