@@ -157,6 +157,28 @@ def _f32(array: np.ndarray, name: str, ndim: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _image_inputs(kernel: str, arrays: dict[str, np.ndarray], image_rows: np.ndarray | None):
+    """([arrays as float32 [I, ...]], image_rows): each array's first row only without image_rows (ONE image x every
+    caption row), else every row, with image_rows (int64) checked against them (pooled pairs)."""
+    out = [_f32(array, name, 3) for name, array in arrays.items()]
+    if image_rows is None:
+        return [array[:1] for array in out], None
+    image_rows = np.ascontiguousarray(image_rows, np.int64)
+    if len(image_rows) and (image_rows.min() < 0 or image_rows.max() >= len(out[0])):
+        raise InputError(f"{kernel} kernel: {_ERRORS[-4]} (rows {int(image_rows.min())}..{int(image_rows.max())}, "
+                         f"{len(out[0])} image rows)")
+    return out, image_rows
+
+
+def _mlp_layers(inits: dict[str, np.ndarray], weight: str, bias: str, first: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(W, b)] of the initializers named weight.format(k), bias.format(k) for k = first, first + 1, ... while present."""
+    layers, k = [], first
+    while weight.format(k) in inits:
+        layers.append((inits[weight.format(k)], inits[bias.format(k)]))
+        k += 1
+    return layers
+
+
 def _mlp_chain(layers: list[tuple[np.ndarray, np.ndarray]], width: int, what: str):
     """(widths int32 [depth + 1], weights concatenated, biases concatenated) of input-major layers (y = x W + b) that
     chain from `width` to 1; KernelError when they do not."""
@@ -170,8 +192,28 @@ def _mlp_chain(layers: list[tuple[np.ndarray, np.ndarray]], width: int, what: st
             np.concatenate([b.reshape(-1) for _, b in layers]))
 
 
-class W2RKernel:
+class _BranchKernel:
+    """What both kernels share: their weights come from the artifact's fp32 grid graph of their branch."""
+
+    BRANCH = ""
+
+    @classmethod
+    def from_artifact(cls, artifact, library: ctypes.CDLL | None = None):
+        """The kernel with the weights of `artifact`'s fp32 <branch>_grid graph (KernelError when it has none); the
+        attention's bias and form as the artifact's manifest records them (export.pipeline.attention_record)."""
+        graph = f"{cls.BRANCH}_grid"
+        if not artifact.has_graph(graph, "fp32"):
+            raise KernelError(f"{artifact.root}: no graphs/{graph}.fp32.onnx to read the {cls.BRANCH.upper()} weights from; "
+                              f"re-export the artifact")
+        model = artifact.info.model
+        return cls.from_graph(artifact.graph_path(graph, "fp32"), float(model.attention_biases.get(cls.BRANCH, 0.0)),
+                              model.attention_form == "tanh", library)
+
+
+class W2RKernel(_BranchKernel):
     """Y of one image row x N caption rows (the w2r_grid graph's inputs and output) through the compiled kernel."""
+
+    BRANCH = "w2r"
 
     def __init__(self, weight_hh_t: np.ndarray, mlp: list[tuple[np.ndarray, np.ndarray]], attn_bias: float, bounded: bool,
                  input_weight_u_t: np.ndarray | None = None, library: ctypes.CDLL | None = None):
@@ -186,15 +228,6 @@ class W2RKernel:
             raise KernelError(f"W2R kernel: weight_hh_t shape {list(self.weight_hh_t.shape)}, expected [H, 4H]")
 
     @classmethod
-    def from_artifact(cls, artifact, library: ctypes.CDLL | None = None) -> "W2RKernel":
-        """The kernel with the weights of `artifact`'s fp32 w2r_grid graph (KernelError when it has none)."""
-        if not artifact.has_graph("w2r_grid", "fp32"):
-            raise KernelError(f"{artifact.root}: no graphs/w2r_grid.fp32.onnx to read the W2R weights from; re-export the artifact")
-        model = artifact.info.model
-        return cls.from_graph(artifact.graph_path("w2r_grid", "fp32"), float(model.attention_biases.get("w2r", 0.0)),
-                              model.attention_form == "tanh", library)
-
-    @classmethod
     def from_graph(cls, path: str | os.PathLike, attn_bias: float, bounded: bool,
                    library: ctypes.CDLL | None = None) -> "W2RKernel":
         """The kernel with the weights of a w2r_grid.fp32.onnx file; the attention's bias and form as the artifact's
@@ -202,10 +235,7 @@ class W2RKernel:
         from engine.artifact import onnx_initializers
 
         inits = onnx_initializers(path)
-        mlp, k = [], 0
-        while f"mlp_weight{k}" in inits:
-            mlp.append((inits[f"mlp_weight{k}"], inits[f"mlp_bias{k}"]))
-            k += 1
+        mlp = _mlp_layers(inits, "mlp_weight{}", "mlp_bias{}", 0)
         if "weight_hh_t" not in inits or not mlp:
             raise ArtifactError(f"{path}: expected initializers weight_hh_t and mlp_weight0.. (the exporter's w2r_grid); re-export it")
         return cls(inits["weight_hh_t"], mlp, attn_bias=attn_bias, bounded=bounded,
@@ -219,15 +249,8 @@ class W2RKernel:
         caption n's words at rows offsets[n] .. offsets[n] + lengths[n] (a CaptionCache's own arrays: no copy).
         image_rows None: ONE image (regions_* [1, ...]) x every caption row; else caption row n is scored with
         image row image_rows[n] of regions_* [I, ...] (pooled pairs: nothing gathered)."""
-        keys = _f32(regions_attn, "regions_attn", 3)
-        values = _f32(regions_values, "regions_values", 3)
-        if image_rows is None:
-            keys, values = keys[:1], values[:1]
-        else:
-            image_rows = np.ascontiguousarray(image_rows, np.int64)
-            if len(image_rows) and (image_rows.min() < 0 or image_rows.max() >= len(keys)):
-                raise InputError(f"W2R kernel: {_ERRORS[-4]} (rows {int(image_rows.min())}..{int(image_rows.max())}, "
-                                 f"{len(keys)} image rows)")
+        (keys, values), image_rows = _image_inputs("W2R", {"regions_attn": regions_attn, "regions_values": regions_values},
+                                                   image_rows)
         if self.input_weight_u_t is not None:  # "regions" artifacts: G = R W_ih_u^T, for the images used only
             if image_rows is not None:
                 used, image_rows = np.unique(image_rows, return_inverse=True)
@@ -273,10 +296,12 @@ class W2RKernel:
                         caption_feeds["lengths"][columns], offsets[columns], image_rows=pairs[:, 0])[0]
 
 
-class O2WKernel:
+class O2WKernel(_BranchKernel):
     """Y' of one image row x N caption rows (the o2w_grid graph's inputs and output) through the compiled kernel
     (w2r_grid.c bssan_o2w_grid): the captions' Bi-LSTM states read in place from a caption cache's word rows, so the
     re-rank copies no padded states block (1.7 CPU-s of the Flickr8K test K=100 run, beside 3.7 CPU-s of o2w_grid)."""
+
+    BRANCH = "o2w"
 
     def __init__(self, first_states_t: np.ndarray, mlp: list[tuple[np.ndarray, np.ndarray]], attn_bias: float, bounded: bool,
                  library: ctypes.CDLL | None = None):
@@ -290,15 +315,6 @@ class O2WKernel:
         self.attn_bias, self.bounded = float(attn_bias), bool(bounded)
 
     @classmethod
-    def from_artifact(cls, artifact, library: ctypes.CDLL | None = None) -> "O2WKernel":
-        """The kernel with the weights of `artifact`'s fp32 o2w_grid graph (KernelError when it has none)."""
-        if not artifact.has_graph("o2w_grid", "fp32"):
-            raise KernelError(f"{artifact.root}: no graphs/o2w_grid.fp32.onnx to read the O2W weights from; re-export the artifact")
-        model = artifact.info.model
-        return cls.from_graph(artifact.graph_path("o2w_grid", "fp32"), float(model.attention_biases.get("o2w", 0.0)),
-                              model.attention_form == "tanh", library)
-
-    @classmethod
     def from_graph(cls, path: str | os.PathLike, attn_bias: float, bounded: bool,
                    library: ctypes.CDLL | None = None) -> "O2WKernel":
         """The kernel with the weights of an o2w_grid.fp32.onnx file (its initializers pair.first_states_t and
@@ -306,10 +322,7 @@ class O2WKernel:
         from engine.artifact import onnx_initializers
 
         inits = onnx_initializers(path)
-        mlp, k = [], 1
-        while f"pair.mlp.weight_t{k}" in inits:
-            mlp.append((inits[f"pair.mlp.weight_t{k}"], inits[f"pair.mlp.bias{k}"]))
-            k += 1
+        mlp = _mlp_layers(inits, "pair.mlp.weight_t{}", "pair.mlp.bias{}", 1)
         if "pair.first_states_t" not in inits or not mlp:
             raise KernelError(f"{path}: no initializers pair.first_states_t and pair.mlp.weight_t1.. (exported before the O2W "
                               f"kernel); re-export the artifact to score O2W with the kernel")
@@ -320,15 +333,7 @@ class O2WKernel:
         """Y' [N] of ONE image (objects_* [1, P, ...]) x every caption row, or with image_rows: caption row n with image
         row image_rows[n] of objects_* [I, P, ...] (pooled pairs, read in place). states: a padded block [N, L, H2]
         (offsets None), or word rows [T, H2] with caption n's words at offsets[n] .. offsets[n] + lengths[n] (no copy)."""
-        keys = _f32(objects_attn, "objects_attn", 3)
-        start = _f32(objects_mlp, "objects_mlp", 3)
-        if image_rows is None:
-            keys, start = keys[:1], start[:1]
-        else:
-            image_rows = np.ascontiguousarray(image_rows, np.int64)
-            if len(image_rows) and (image_rows.min() < 0 or image_rows.max() >= len(keys)):
-                raise InputError(f"O2W kernel: {_ERRORS[-4]} (rows {int(image_rows.min())}..{int(image_rows.max())}, "
-                                 f"{len(keys)} image rows)")
+        (keys, start), image_rows = _image_inputs("O2W", {"objects_attn": objects_attn, "objects_mlp": objects_mlp}, image_rows)
         if offsets is None:
             states = _f32(states, "states", 3)
             offsets = np.arange(len(states), dtype=np.int64) * states.shape[1]

@@ -9,6 +9,7 @@ import pytest
 
 from engine.artifact import load_artifact, onnx_initializers
 from engine.errors import InputError
+from engine.graphs import GRAPHS
 from engine.store import FeatureStore
 from tests.engine.conftest import assert_close
 
@@ -93,21 +94,30 @@ def test_kernel_equals_the_w2r_grid_graph(library, artifact, grid_scorer, caches
         assert np.array_equal(kernel(flat), got)  # ragged rows in place == the padded block
 
 
-def test_kernel_pairs_equal_the_w2r_pair_graph(library, artifact, grid_scorer, caches):
-    """Pooled pairs (each caption row with its own image row), in place, against w2r_pair through ONNX Runtime."""
+def _pooled_pairs(rng, images, captions, count: int):
+    """(caption rows, pairs [count, 2] of (image row, position in those rows), their padded caption block, the pair
+    graphs' feeds) of `count` random pairs."""
+    pairs = np.stack([rng.integers(0, len(images), count), rng.integers(0, len(captions), count)], axis=1)
+    rows, column = np.unique(pairs[:, 1], return_inverse=True)
+    local = np.stack([pairs[:, 0], column.reshape(-1)], axis=1)
+    padded = captions.block(rows)
+    return rows, local, padded, {**images.arrays, **padded, "pairs": local}
+
+
+@pytest.mark.parametrize("branch", ["w2r", "o2w"])
+def test_kernel_pairs_equal_the_pair_graph(library, artifact, grid_scorer, caches, branch):
+    """Pooled pairs (each caption row with its own image row), image and caption rows in place, against the branch's
+    pair graph through ONNX Runtime."""
     images, captions = caches
-    kernel = kernels.W2RKernel.from_artifact(artifact, library)
+    kernel = (kernels.W2RKernel if branch == "w2r" else kernels.O2WKernel).from_artifact(artifact, library)
+    flat_names = kernels.FLAT_WORDS if branch == "w2r" else kernels.FLAT_STATES
+    inputs = GRAPHS[f"{branch}_pair"].input_names
     rng = np.random.default_rng(3)
-    for count in (1, 5, 8, 41):
-        pairs = np.stack([rng.integers(0, len(images), count), rng.integers(0, len(captions), count)], axis=1)
-        rows, column = np.unique(pairs[:, 1], return_inverse=True)
-        local = np.stack([pairs[:, 0], column.reshape(-1)], axis=1)
-        padded = captions.block(rows)
-        spec_feeds = {**images.arrays, **padded, "pairs": local}
-        want = grid_scorer.runner.infer("w2r_pair", {k: spec_feeds[k] for k in ("regions_attn", "regions_values", "words",
-                                                                               "gates_words", "lengths", "pairs")})["scores"]
-        flat = captions.block(rows, flat=kernels.FLAT_WORDS)
-        assert_close(kernel.pairs(images.arrays, flat, local), want, 2e-5, f"kernel pairs vs w2r_pair, {count} pairs")
+    for count in (1, 5, 8, 9, 41):
+        rows, local, padded, spec_feeds = _pooled_pairs(rng, images, captions, count)
+        want = grid_scorer.runner.infer(f"{branch}_pair", {k: spec_feeds[k] for k in inputs})["scores"]
+        flat = captions.block(rows, flat=flat_names)
+        assert_close(kernel.pairs(images.arrays, flat, local), want, 2e-5, f"{branch} kernel pairs vs {branch}_pair, {count} pairs")
         assert np.array_equal(kernel.pairs(images.arrays, padded, local), kernel.pairs(images.arrays, flat, local))
     with pytest.raises(InputError, match="an image row outside the image rows given"):
         kernel.pairs(images.arrays, flat, np.array([[len(images), 0]]))
@@ -134,26 +144,6 @@ def test_o2w_kernel_equals_the_o2w_grid_graph(library, artifact, grid_scorer, ca
         kernel(dict(feeds, lengths=np.where(np.arange(len(rows)) == 0, 0, feeds["lengths"])))
     with pytest.raises(InputError, match="do not fit H2="):
         kernel(dict(feeds, states=feeds["states"][:, :, :-1].copy()))
-
-
-def test_o2w_kernel_pairs_equal_the_o2w_pair_graph(library, artifact, grid_scorer, caches):
-    """Pooled pairs (each caption row with its own image row), states and image rows in place, against o2w_pair."""
-    images, captions = caches
-    kernel = kernels.O2WKernel.from_artifact(artifact, library)
-    rng = np.random.default_rng(4)
-    for count in (1, 5, 9, 41):
-        pairs = np.stack([rng.integers(0, len(images), count), rng.integers(0, len(captions), count)], axis=1)
-        rows, column = np.unique(pairs[:, 1], return_inverse=True)
-        local = np.stack([pairs[:, 0], column.reshape(-1)], axis=1)
-        padded = captions.block(rows)
-        spec_feeds = {**images.arrays, **padded, "pairs": local}
-        want = grid_scorer.runner.infer("o2w_pair", {k: spec_feeds[k] for k in ("objects_attn", "objects_mlp", "states",
-                                                                               "lengths", "pairs")})["scores"]
-        flat = captions.block(rows, flat=kernels.FLAT_STATES)
-        assert_close(kernel.pairs(images.arrays, flat, local), want, 2e-5, f"O2W kernel pairs vs o2w_pair, {count} pairs")
-        assert np.array_equal(kernel.pairs(images.arrays, padded, local), kernel.pairs(images.arrays, flat, local))
-    with pytest.raises(InputError, match="an image row outside the image rows given"):
-        kernel.pairs(images.arrays, flat, np.array([[len(images), 0]]))
 
 
 def test_o2w_kernel_against_numpy_off_the_vector_width(library):
