@@ -255,7 +255,7 @@ class KernelScorer(OrtScorer):
     kernel (engine.kernels), the branches weighted as ort-fp32 weights them."""
 
     def __init__(self, model, graphs: dict[str, dict[str, Path]], threads: int):
-        from engine.kernels import KernelError, W2RKernel, build, load_library
+        from engine.kernels import KernelError, O2WKernel, W2RKernel, build, load_library
         from export.pipeline import attention_record
 
         if model.w2r is None:
@@ -268,14 +268,21 @@ class KernelScorer(OrtScorer):
             self.kernel = W2RKernel.from_graph(graphs["fp32"]["w2r_grid"], biases["w2r"], form == "tanh", library=library)
         except (KernelError, OSError) as exc:  # no C compiler, a failed build, a cache it cannot write
             raise ScorerUnavailable(str(exc)) from None
+        self.o2w_kernel = None  # as the engine: O2W through its kernel when the graph names its weights, else o2w_grid
+        if model.o2w is not None and "o2w_grid" in graphs.get("fp32", {}):
+            try:
+                self.o2w_kernel = O2WKernel.from_graph(graphs["fp32"]["o2w_grid"], biases["o2w"], form == "tanh", library=library)
+            except KernelError:
+                pass
         super().__init__(model, graphs, "fp32", threads, grid=True)
         self.name = "kernel"
         if not self.grid:
             raise ScorerUnavailable("the o2w_grid graph is missing: the kernel path scores O2W with it")
 
     def score(self, rows: np.ndarray) -> np.ndarray:
-        """As the engine's kernel path calls it: W2R reads the caption rows in place (the padded cache viewed as word
-        rows, caption r's words at r * L: engine.kernels' word_offsets), only o2w_grid gets a copied block."""
+        """As the engine's kernel path calls it: W2R (and O2W, with its kernel) reads the caption rows in place (the
+        padded cache viewed as word rows, caption r's words at r * L: engine.kernels' word_offsets); o2w_grid, where
+        the graph predates the O2W kernel, gets a copied block."""
         total = np.zeros(len(rows), np.float32)
         cache, lengths = self.cache, self.inputs.lengths[rows]
         for branch, weight in zip(("w2r", "o2w"), self.weights):
@@ -288,6 +295,12 @@ class KernelScorer(OrtScorer):
                          "gates_words": cache["gates_words"].reshape(-1, cache["gates_words"].shape[2]),
                          "lengths": lengths, "word_offsets": np.asarray(rows, np.int64) * width}
                 total += weight * self.kernel(feeds)
+            elif self.o2w_kernel is not None:  # the states read in place, like W2R's words
+                width = cache["states"].shape[1]
+                feeds = {"objects_attn": cache["objects_attn"], "objects_mlp": cache["objects_mlp"],
+                         "states": cache["states"].reshape(-1, cache["states"].shape[2]), "lengths": lengths,
+                         "word_offsets": np.asarray(rows, np.int64) * width}
+                total += weight * self.o2w_kernel(feeds)
             else:
                 words = int(lengths.max())
                 feeds = {"objects_attn": cache["objects_attn"], "objects_mlp": cache["objects_mlp"],
