@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from engine.errors import InputError
 from training.config import AttentionForm
 from training.model import BSSAN, MLP
 
@@ -419,6 +420,9 @@ def build_graph_modules(model: BSSAN, dtype: torch.dtype = torch.float32, recurr
     """{graph name: eval-mode module} for the model's branches (and the shortlist encoders of a
     DualEncoder `shortlist`), ready to trace. `recurrence_fp32` only matters when dtype is float16.
     `grid`: also the grid graphs' modules (w2r_grid, o2w_grid; fp32 only: engine.graphs.GRID_PRECISIONS)."""
+    if getattr(model.config, "w2r_readout", "last") != "last":
+        raise InputError(f"w2r_readout {model.config.w2r_readout!r}: the graphs and the kernels implement the paper's "
+                         f"'last' readout only; evaluate this model with training.evaluate")
     modules: dict[str, nn.Module] = {}
     model = model.folded()  # input scales and attention temperatures moved into the weights: no extra graph ops
     with torch.no_grad():

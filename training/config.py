@@ -93,9 +93,14 @@ class ModelConfig(InputSizes):
     input_scaling: bool = False  # multiply regions, objects and words by per-channel 1/RMS of the train split
                                  # (buffers saved with the weights; folded into the first linear maps at export)
     attention: AttentionForm = AttentionForm.TANH
+    w2r_readout: str = "last"  # what W2R's MLP reads: "last", the LSTM state at the caption's last real word (paper), or
+                               # "mean", the mean of its states over the real words (training and torch evaluation only:
+                               # export, the ONNX graphs and the kernels implement "last")
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
+        if self.w2r_readout not in ("last", "mean"):
+            raise InputError(f"ModelConfig.w2r_readout: expected 'last' or 'mean', got {self.w2r_readout!r}")
         for name in ("region_count", "region_dim", "object_count", "object_dim", "word_dim",
                      "max_words", "w2r_hidden", "o2w_hidden"):
             if getattr(self, name) < 1:

@@ -71,10 +71,11 @@ def attend(logits: Tensor, negative: Negative, uniform_negatives: bool, mask: Te
     return torch.where(negative[..., None, None], uniform, weights)
 
 
-def lstm_recurrence(gate_inputs: Tensor, lengths: Tensor, weight_hh: Tensor) -> Tensor:
+def lstm_recurrence(gate_inputs: Tensor, lengths: Tensor, weight_hh: Tensor, mean: bool = False) -> Tensor:
     """nn.LSTM's recurrence on precomputed gate inputs x_t W_ih^T + b_ih + b_hh.
 
-    gate_inputs [N, L, 4H], lengths [N] -> hidden state at each sequence's last real step [N, H].
+    gate_inputs [N, L, 4H], lengths [N] -> hidden state at each sequence's last real step [N, H] (`mean`: the mean
+    of its states over the real steps).
     Like a packed sequence, step t runs only on the sequences still going: rows are sorted by
     length (longest first), so step t works on the first n_t rows and a row's output is taken
     at its last real step; padding never costs a step.
@@ -87,15 +88,20 @@ def lstm_recurrence(gate_inputs: Tensor, lengths: Tensor, weight_hh: Tensor) -> 
     inputs = gate_inputs[order, :steps].unbind(1)  # unbind, not [:, t]: its backward is one stack
     h = gate_inputs.new_zeros(n, four_h // 4)
     c = gate_inputs.new_zeros(n, four_h // 4)
-    finished = []  # hidden states of the rows whose last step is t, for t = 0, 1, ...
+    total = gate_inputs.new_zeros(n, four_h // 4) if mean else None  # running sum of each row's states
+    finished = []  # hidden states (or their sums) of the rows whose last step is t, for t = 0, 1, ...
     for t in range(steps):
         rows = active[t]
         gates = inputs[t][:rows] + h[:rows] @ weight_hh.t()  # [n_t, 4H]
         i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTM's gate order
         c = torch.sigmoid(f) * c[:rows] + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
-        finished.append(h[active[t + 1]:rows])
+        if mean:
+            total = total[:rows] + h
+        finished.append((total if mean else h)[active[t + 1]:rows])
     out_sorted = torch.cat(finished[::-1]) if finished else gate_inputs.new_zeros(0, four_h // 4)  # longest first
+    if mean:
+        out_sorted = out_sorted / sorted_lengths[:, None].to(out_sorted.dtype)
     return out_sorted[torch.argsort(order)]
 
 
@@ -156,6 +162,7 @@ class W2R(nn.Module):
         self.lstm = nn.LSTM(config.region_dim + config.word_dim, config.w2r_hidden, batch_first=True)  # input [u; t]
         self.mlp = MLP(config.w2r_hidden, config.w2r_mlp)
         self.state_dropout = 0.0  # training only (TrainConfig.state_dropout): dropout on h before the MLP
+        self.readout = config.w2r_readout  # the MLP reads the last state (paper) or the mean of the states
 
     @property
     def pair_gathers_gates(self) -> bool:
@@ -181,7 +188,7 @@ class W2R(nn.Module):
         return {"words": words, "gates_words": words @ self._split_input_weight()[1].t() + bias, "lengths": lengths}
 
     def _finish(self, gates: Tensor, lengths: Tensor) -> Tensor:
-        h = lstm_recurrence(gates, lengths, self.lstm.weight_hh_l0)  # [N, H]
+        h = lstm_recurrence(gates, lengths, self.lstm.weight_hh_l0, mean=self.readout == "mean")  # [N, H]
         return self.mlp(nn.functional.dropout(h, self.state_dropout, self.training))
 
     def attention(self, image_cache: Cache, text_cache: Cache, image_index: Tensor, text_index: Tensor,

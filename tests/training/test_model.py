@@ -98,6 +98,34 @@ def test_explicit_recurrence_equals_nn_lstm():
     gates = x @ lstm.weight_ih_l0.t() + lstm.bias_ih_l0 + lstm.bias_hh_l0
     out, _ = lstm(x)
     torch.testing.assert_close(lstm_recurrence(gates, lengths, lstm.weight_hh_l0), out[torch.arange(6), lengths - 1])
+    real = (torch.arange(7)[None, :] < lengths[:, None]).to(out.dtype)[..., None]  # [6, 7, 1]
+    torch.testing.assert_close(lstm_recurrence(gates, lengths, lstm.weight_hh_l0, mean=True),
+                               (out * real).sum(1) / lengths[:, None].to(out.dtype))  # mean over the real steps
+
+
+def test_w2r_mean_readout_trains_in_torch_and_export_refuses_it():
+    """w2r_readout='mean' (beyond the paper): W2R's MLP reads the mean of the LSTM states; the graphs implement only
+    the paper's last state, so export says so instead of writing graphs of another model."""
+    from dataclasses import replace
+
+    from engine.errors import InputError
+    from export.graphs import build_graph_modules
+    from training.config import preset
+
+    config = replace(preset("demo"), w2r_readout="mean")
+    torch.manual_seed(0)
+    model = BSSAN(config).eval()
+    last = BSSAN(replace(config, w2r_readout="last")).eval()
+    last.load_state_dict(model.state_dict())
+    d = config
+    regions, objects = torch.randn(3, d.region_count, d.region_dim), torch.randn(3, d.object_count, d.object_dim)
+    words, lengths = torch.randn(3, d.max_words, d.word_dim), torch.tensor([d.max_words, 2, 1])
+    y_mean, y_last = model(regions, objects, words, lengths)[0], last(regions, objects, words, lengths)[0]
+    assert torch.equal(y_mean[2], y_last[2]) and not torch.allclose(y_mean[:2], y_last[:2])  # one word: the same state
+    with pytest.raises(InputError, match="w2r_readout 'mean'"):
+        build_graph_modules(model, torch.float32)
+    with pytest.raises(InputError, match="w2r_readout"):
+        replace(config, w2r_readout="max")
 
 
 def test_gradients_equal_reference():
