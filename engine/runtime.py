@@ -344,7 +344,8 @@ class Scorer(Encoder):
 
     def kernel_available(self) -> tuple[bool, str]:
         """(True, "") when the fused W2R kernel (engine/kernels: built for this machine, fp32, CPU) can score this
-        artifact's one-image blocks, with the o2w branch on its grid graph; else (False, why not). Loads the kernel."""
+        artifact's one-image blocks and pooled pairs, O2W on its kernel too (on its graphs for an artifact exported before the
+        O2W kernel); else (False, why not). Loads the kernels."""
         from engine.kernels import KernelError, O2WKernel, W2RKernel
 
         if self.w2r_kernel is not None:
