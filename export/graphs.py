@@ -134,16 +134,18 @@ class FoldedMLP(nn.Module):
             _buffer(self, f"bias{k}", bias, dtype)
 
     def layer(self, k: int) -> tuple[Tensor, Tensor]:
-        """(W [out, in], b [out]) of layer k."""
-        return getattr(self, f"weight_t{k}").t(), getattr(self, f"bias{k}")
+        """(W^T [in, out], b [out]) of layer k: y = x W^T + b."""
+        return getattr(self, f"weight_t{k}"), getattr(self, f"bias{k}")
 
     def continue_from_first(self, z: Tensor) -> Tensor:
         for k in range(1, self.depth):
-            z = torch.tanh(z) @ getattr(self, f"weight_t{k}") + getattr(self, f"bias{k}")
+            weight_t, bias = self.layer(k)
+            z = torch.tanh(z) @ weight_t + bias
         return z[..., 0]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.continue_from_first(x @ self.weight_t0 + self.bias0)
+        weight_t, bias = self.layer(0)
+        return self.continue_from_first(x @ weight_t + bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,10 +355,10 @@ class W2RGrid(nn.Module):
         h = node("Gather", [node("Reshape", ["h_all", const("flat_h", np.array([-1, hidden], np.int64))], "h_flat"), rows],
                  "h", axis=0)  # [N, H]
         for k in range(pair.mlp.depth):
-            weight, bias_k = pair.mlp.layer(k)
+            weight_t, bias_k = pair.mlp.layer(k)
             if k:
                 h = node("Tanh", [h], f"mlp_tanh{k}")
-            h = node("Gemm", [h, const(f"mlp_weight{k}", weight.t().contiguous().numpy()), const(f"mlp_bias{k}", bias_k.numpy())],
+            h = node("Gemm", [h, const(f"mlp_weight{k}", weight_t.contiguous().numpy()), const(f"mlp_bias{k}", bias_k.numpy())],
                      f"mlp{k}")
         node("Reshape", [h, const("flat", np.array([-1], np.int64))], "scores")
         f32 = TensorProto.FLOAT
@@ -420,7 +422,7 @@ def build_graph_modules(model: BSSAN, dtype: torch.dtype = torch.float32, recurr
     """{graph name: eval-mode module} for the model's branches (and the shortlist encoders of a
     DualEncoder `shortlist`), ready to trace. `recurrence_fp32` only matters when dtype is float16.
     `grid`: also the grid graphs' modules (w2r_grid, o2w_grid; fp32 only: engine.graphs.GRID_PRECISIONS)."""
-    if getattr(model.config, "w2r_readout", "last") != "last":
+    if model.config.w2r_readout != "last":
         raise InputError(f"w2r_readout {model.config.w2r_readout!r}: the graphs and the kernels implement the paper's "
                          f"'last' readout only; evaluate this model with training.evaluate")
     modules: dict[str, nn.Module] = {}

@@ -135,25 +135,24 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         return lib
 
 
-def _word_rows(words: np.ndarray, gates_words: np.ndarray, offsets: np.ndarray | None):
-    """(words [T, E], gates_words [T, 4H], offsets [B]): a padded block [B, L, ...] viewed as word rows (caption b's
-    words at rows b * L), or ragged rows with their offsets as given (a CaptionCache's own arrays)."""
+def _word_rows(kernel: str, arrays: dict[str, np.ndarray], offsets: np.ndarray | None):
+    """([arrays as word rows [T, ...]], offsets [B]): padded blocks [B, L, ...] viewed as word rows (caption b's words
+    at rows b * L), or ragged rows with their offsets as given (a CaptionCache's own arrays)."""
     if offsets is not None:
-        return _f32(words, "words", 2), _f32(gates_words, "gates_words", 2), np.ascontiguousarray(offsets, np.int64)
-    words, gates_words = _f32(words, "words", 3), _f32(gates_words, "gates_words", 3)
-    count, width = words.shape[:2]
-    if gates_words.shape[:2] != (count, width):
-        raise InputError(f"W2R kernel: words {list(words.shape)} and gates_words {list(gates_words.shape)}: expected "
+        return [_f32(array, name, 2) for name, array in arrays.items()], np.ascontiguousarray(offsets, np.int64)
+    blocks = [_f32(array, name, 3) for name, array in arrays.items()]
+    count, width = blocks[0].shape[:2]
+    if any(block.shape[:2] != (count, width) for block in blocks):
+        raise InputError(f"{kernel} kernel: {', '.join(f'{n} {list(b.shape)}' for n, b in zip(arrays, blocks))}: expected "
                          f"the same [captions, words]")
-    return (words.reshape(count * width, -1), gates_words.reshape(count * width, -1),
-            np.arange(count, dtype=np.int64) * width)
+    return [block.reshape(count * width, -1) for block in blocks], np.arange(count, dtype=np.int64) * width
 
 
 def _f32(array: np.ndarray, name: str, ndim: int) -> np.ndarray:
     if array.ndim != ndim:
-        raise InputError(f"W2R kernel input {name!r}: expected {ndim} dims, got shape {list(array.shape)}")
+        raise InputError(f"kernel input {name!r}: expected {ndim} dims, got shape {list(array.shape)}")
     if array.dtype != np.float32:
-        raise InputError(f"W2R kernel input {name!r}: expected float32, got {array.dtype}")
+        raise InputError(f"kernel input {name!r}: expected float32, got {array.dtype}")
     return np.ascontiguousarray(array)
 
 
@@ -257,7 +256,7 @@ class W2RKernel(_BranchKernel):
                 keys, values = np.ascontiguousarray(keys[used]), values[used]
             values = np.ascontiguousarray(values @ self.input_weight_u_t)
         lengths = np.ascontiguousarray(lengths, np.int64)
-        words, gates_words, offsets = _word_rows(words, gates_words, offsets)
+        (words, gates_words), offsets = _word_rows("W2R", {"words": words, "gates_words": gates_words}, offsets)
         n, (i, d, e) = len(lengths), keys.shape
         if values.shape != (i, d, 4 * self.hidden) or gates_words.shape != (len(words), 4 * self.hidden) or \
                 words.shape[1] != e or offsets.shape != (n,) or lengths.ndim != 1 or \
@@ -291,7 +290,8 @@ class W2RKernel(_BranchKernel):
         column indexing those rows)."""
         pairs = np.asarray(pairs, np.int64)
         columns = pairs[:, 1]
-        words, gates, offsets = _word_rows(caption_feeds["words"], caption_feeds["gates_words"], caption_feeds.get("word_offsets"))
+        (words, gates), offsets = _word_rows("W2R", {"words": caption_feeds["words"], "gates_words": caption_feeds["gates_words"]},
+                                             caption_feeds.get("word_offsets"))
         return self.run(image_feeds["regions_attn"], image_feeds["regions_values"], words, gates,
                         caption_feeds["lengths"][columns], offsets[columns], image_rows=pairs[:, 0])[0]
 
@@ -334,12 +334,7 @@ class O2WKernel(_BranchKernel):
         row image_rows[n] of objects_* [I, P, ...] (pooled pairs, read in place). states: a padded block [N, L, H2]
         (offsets None), or word rows [T, H2] with caption n's words at offsets[n] .. offsets[n] + lengths[n] (no copy)."""
         (keys, start), image_rows = _image_inputs("O2W", {"objects_attn": objects_attn, "objects_mlp": objects_mlp}, image_rows)
-        if offsets is None:
-            states = _f32(states, "states", 3)
-            offsets = np.arange(len(states), dtype=np.int64) * states.shape[1]
-            states = states.reshape(-1, states.shape[2])
-        else:
-            states, offsets = _f32(states, "states", 2), np.ascontiguousarray(offsets, np.int64)
+        (states,), offsets = _word_rows("O2W", {"states": states}, offsets)
         lengths = np.ascontiguousarray(lengths, np.int64)
         n, (i, p, h2) = len(lengths), keys.shape
         if h2 != self.hidden or start.shape != (i, p, self.first) or states.shape[1] != h2 or offsets.shape != (n,) or \
@@ -370,10 +365,6 @@ class O2WKernel(_BranchKernel):
         rows read in place (caption_feeds from CaptionCache.block(rows, flat=FLAT_STATES), or a padded block)."""
         pairs = np.asarray(pairs, np.int64)
         columns = pairs[:, 1]
-        states, offsets = caption_feeds["states"], caption_feeds.get("word_offsets")
-        if offsets is None:  # a padded block [B, L, H2] as word rows
-            states = _f32(states, "states", 3)
-            offsets = np.arange(len(states), dtype=np.int64) * states.shape[1]
-            states = states.reshape(-1, states.shape[2])
+        (states,), offsets = _word_rows("O2W", {"states": caption_feeds["states"]}, caption_feeds.get("word_offsets"))
         return self.run(image_feeds["objects_attn"], image_feeds["objects_mlp"], states, caption_feeds["lengths"][columns],
-                        np.asarray(offsets, np.int64)[columns], image_rows=pairs[:, 0])
+                        offsets[columns], image_rows=pairs[:, 0])
