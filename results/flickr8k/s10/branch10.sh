@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# branch10.sh NAME RUN [THREADS]: hub + fusion on dev, test fused K=20, test alone exhaustive (scores saved)
+# branch10.sh NAME RUN [THREADS [THREADS_ALONE]]: hub + fusion on dev, test fused K=20, test alone exhaustive (scores saved)
 set -e
 NAME=$1; RUN=$2; T=${3:-1}; TA=${4:-$T}
 E=/work/runs/eval-s10; mkdir -p $E
