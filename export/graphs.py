@@ -425,6 +425,9 @@ def build_graph_modules(model: BSSAN, dtype: torch.dtype = torch.float32, recurr
     if model.config.w2r_readout != "last":
         raise InputError(f"w2r_readout {model.config.w2r_readout!r}: the graphs and the kernels implement the paper's "
                          f"'last' readout only; evaluate this model with training.evaluate")
+    if model.config.w2r_regions != "grid":
+        raise InputError(f"w2r_regions {model.config.w2r_regions!r}: the graphs and the kernels implement the paper's "
+                         f"'grid' regions only; evaluate this model with training.evaluate")
     modules: dict[str, nn.Module] = {}
     model = model.folded()  # input scales and attention temperatures moved into the weights: no extra graph ops
     with torch.no_grad():

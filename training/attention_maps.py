@@ -146,13 +146,16 @@ def pair_attention(model: BSSAN, regions: np.ndarray, objects: np.ndarray, word_
     """Weights and score of one pair. word_vectors [L, E] may be padded past len(words) (zeros):
     padding never gets weight (W2R rows are dropped, O2W masks it), so the result is the same."""
     length = len(words)
+    if model.config.w2r_regions != "grid":
+        raise InputError(f"w2r_regions {model.config.w2r_regions!r}: the attention pictures draw W2R's weights on the "
+                         f"{model.config.region_count} grid cells only")
     if not 1 <= length <= min(len(word_vectors), model.config.max_words):
         raise InputError(f"words: {length} words for {len(word_vectors)} word vectors; expected 1..{model.config.max_words} words, "
                          f"at most one per vector")
     regions, objects = np.asarray(regions, np.float32)[None], np.asarray(objects, np.float32)[None]  # [1, D, M], [1, P, Q]
     vectors, lengths, index = np.asarray(word_vectors, np.float32)[None], np.array([length]), np.zeros(1, np.int64)  # [1, L, E]
     weights = model.attention_weights(regions, objects, vectors, lengths, index, index)
-    image_cache = model.encode_images(regions if model.w2r else None, objects if model.o2w else None)
+    image_cache = model.encode_images(regions if model.w2r else None, objects if model.needs_objects else None)
     text_cache = model.encode_texts(vectors, lengths)
     y, y_prime = model.score_cached(image_cache, text_cache, torch.as_tensor(index), torch.as_tensor(index))
     branch_scores = {name: float(value[0]) for name, value, built in (("w2r", y, model.w2r), ("o2w", y_prime, model.o2w)) if built}

@@ -96,11 +96,19 @@ class ModelConfig(InputSizes):
     w2r_readout: str = "last"  # what W2R's MLP reads: "last", the LSTM state at the caption's last real word (paper), or
                                # "mean", the mean of its states over the real words (training and torch evaluation only:
                                # export, the ONNX graphs and the kernels implement "last")
+    w2r_regions: str = "grid"  # what W2R attends over: "grid", the D cells of the feature map (paper), or "grid+objects",
+                               # those cells and the P detector boxes (D + P regions; needs region_dim == object_dim;
+                               # training and torch evaluation only, like w2r_readout="mean")
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
         if self.w2r_readout not in ("last", "mean"):
             raise InputError(f"ModelConfig.w2r_readout: expected 'last' or 'mean', got {self.w2r_readout!r}")
+        if self.w2r_regions not in ("grid", "grid+objects"):
+            raise InputError(f"ModelConfig.w2r_regions: expected 'grid' or 'grid+objects', got {self.w2r_regions!r}")
+        if self.w2r_regions == "grid+objects" and self.region_dim != self.object_dim:
+            raise InputError(f"ModelConfig.w2r_regions 'grid+objects': expected region_dim == object_dim, "
+                             f"got {self.region_dim} and {self.object_dim}")
         for name in ("region_count", "region_dim", "object_count", "object_dim", "word_dim",
                      "max_words", "w2r_hidden", "o2w_hidden"):
             if getattr(self, name) < 1:

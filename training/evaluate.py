@@ -151,13 +151,13 @@ def rescore_pairs(model: nn.Module, split: SplitFeatures, word_set: str, image_i
     caches trimmed to its longest caption, so padding costs no attention or recurrence work."""
     lengths = np.asarray(split.lengths)
     image_cache = model.encode_images(np.asarray(split.regions) if model.w2r else None,
-                                      np.asarray(split.objects) if model.o2w else None,
+                                      np.asarray(split.objects) if model.needs_objects else None,
                                       gates=model.w2r is not None and model.w2r.pair_gathers_gates)
     text_cache = model.encode_texts(np.asarray(split.words(word_set)), lengths)
     offsets = None  # the hub correction (engine/hub.py), when the model has one: beta r(i) of each image, gamma s(c) of each caption
     if getattr(model, "hub", None) is not None:
         offsets = model.hub_offsets(np.asarray(split.regions) if model.w2r else None,
-                                    np.asarray(split.objects) if model.o2w else None).numpy()
+                                    np.asarray(split.objects) if model.needs_objects else None).numpy()
         text_offsets = model.hub_text_offsets(np.asarray(split.words(word_set)), lengths).numpy()
     order = np.lexsort((image_index, lengths[text_index]))  # by caption length, then image
     out = np.empty(len(order), dtype=np.float32)

@@ -400,15 +400,31 @@ class BSSAN(nn.Module):
         """regions [B_img, D, M], objects [B_img, P, Q] -> per-image caches (see W2R/O2W.encode_image)."""
         c = self.config
         cache = {}
+        if self.needs_objects:
+            objects = self._tensor(objects)
+            self._check("objects", objects, (c.object_count, c.object_dim))
+            objects = self.scale_inputs(None, objects, None)[1]
         if self.w2r is not None:
             regions = self._tensor(regions)
             self._check("regions", regions, (c.region_count, c.region_dim))
-            cache["w2r"] = self.w2r.encode_image(self.scale_inputs(regions, None, None)[0], gates)
+            regions = self.scale_inputs(regions, None, None)[0]
+            if c.w2r_regions == "grid+objects":  # W2R attends over the cells and the boxes: [B_img, D + P, M]
+                regions = torch.cat([regions, objects], dim=1)
+            cache["w2r"] = self.w2r.encode_image(regions, gates)
         if self.o2w is not None:
-            objects = self._tensor(objects)
-            self._check("objects", objects, (c.object_count, c.object_dim))
-            cache["o2w"] = self.o2w.encode_image(self.scale_inputs(None, objects, None)[1])
+            cache["o2w"] = self.o2w.encode_image(objects)
         return cache
+
+    @property
+    def w2r_region_count(self) -> int:
+        """How many regions W2R attends over: D, or D + P with w2r_regions='grid+objects'."""
+        c = self.config
+        return c.region_count + (c.object_count if c.w2r_regions == "grid+objects" else 0)
+
+    @property
+    def needs_objects(self) -> bool:
+        """Whether encode_images reads the objects: O2W does, and W2R with w2r_regions='grid+objects'."""
+        return self.o2w is not None or (self.w2r is not None and self.config.w2r_regions == "grid+objects")
 
     def encode_texts(self, words, lengths) -> dict[str, Cache]:
         """words [B_txt, L <= max_words, E], lengths [B_txt] -> per-caption caches."""
@@ -474,7 +490,7 @@ class BSSAN(nn.Module):
         image_index, text_index = self._tensor(image_index, torch.long), self._tensor(text_index, torch.long)
         n_images, max_len = len(regions if self.w2r else objects), words.shape[1]
         gates = (self.w2r is not None and self.w2r.pair_gathers_gates
-                 and len(image_index) * max_len > n_images * self.config.region_count)
+                 and len(image_index) * max_len > n_images * self.w2r_region_count)
         image_cache = self.encode_images(regions, objects, gates=gates)
         text_cache = self.encode_texts(words, lengths)
         if isinstance(negative, Tensor):
@@ -552,7 +568,7 @@ class BSSAN(nn.Module):
             bar = tqdm(total=n_img * n_cap, unit="pair", unit_scale=True, desc="scoring")
         for i in range(0, n_img, image_block):
             rows = slice(i, min(i + image_block, n_img))
-            image_cache = self.encode_images(regions[rows] if self.w2r else None, objects[rows] if self.o2w else None)
+            image_cache = self.encode_images(regions[rows] if self.w2r else None, objects[rows] if self.needs_objects else None)
             for j in range(0, n_cap, caption_block):
                 cols = np.sort(order[j:j + caption_block])  # sorted: memory maps read forward
                 max_len = int(lengths_np[cols].max())
@@ -569,7 +585,7 @@ class BSSAN(nn.Module):
         image_index, text_index = np.asarray(image_index), np.asarray(text_index)
         images, image_pos = np.unique(image_index, return_inverse=True)
         texts, text_pos = np.unique(text_index, return_inverse=True)
-        image_cache = self.encode_images(regions[images] if self.w2r else None, objects[images] if self.o2w else None,
+        image_cache = self.encode_images(regions[images] if self.w2r else None, objects[images] if self.needs_objects else None,
                                          gates=self.w2r is not None and self.w2r.pair_gathers_gates)
         lengths_np = np.asarray(lengths.cpu() if isinstance(lengths, Tensor) else lengths)
         text_cache = self.encode_texts(words[torch.as_tensor(texts)] if isinstance(words, Tensor) else np.asarray(words[texts]),
@@ -587,7 +603,7 @@ class BSSAN(nn.Module):
         out = torch.cat(scores) if scores else torch.empty(0)
         if self.hub is not None and len(out):  # each listed image's (and caption's) offset: only the referenced ones
             images = np.unique(np.asarray(image_index))
-            offsets = self.hub_offsets(regions[images] if self.w2r else None, objects[images] if self.o2w else None)
+            offsets = self.hub_offsets(regions[images] if self.w2r else None, objects[images] if self.needs_objects else None)
             out = out - offsets.to(out.dtype)[image_pos.cpu()].to(out.device)
             if self.hub.has_images:
                 texts = np.unique(np.asarray(text_index))
@@ -599,7 +615,7 @@ class BSSAN(nn.Module):
 
     @torch.no_grad()
     def attention_weights(self, regions, objects, words, lengths, image_index, text_index) -> dict[str, Tensor]:
-        """Test-time attention of the listed pairs: "word_to_region" [N, L, D] (W2R; rows of padding
+        """Test-time attention of the listed pairs: "word_to_region" [N, L, D] (W2R, D + P regions with grid+objects; rows of padding
         words are zero) and "object_to_word" [N, P, L] (O2W; zero at padding), for built branches."""
         image_cache, text_cache, image_pos, text_pos = self._pair_caches(regions, objects, words, lengths, image_index, text_index)
         out = {}

@@ -128,6 +128,37 @@ def test_w2r_mean_readout_trains_in_torch_and_export_refuses_it():
         replace(config, w2r_readout="max")
 
 
+def test_w2r_grid_plus_objects_attends_over_both_and_export_refuses_it():
+    """w2r_regions='grid+objects' (beyond the paper): W2R attends over the D grid cells and the P boxes, so its
+    attention rows have D + P weights and a box's features change Y; export refuses it (the graphs take the grid)."""
+    from dataclasses import replace
+
+    from engine.errors import InputError
+    from export.graphs import build_graph_modules
+    from training.config import preset
+
+    d = replace(preset("demo"), variant="w2r", w2r_regions="grid+objects")
+    torch.manual_seed(0)
+    model = BSSAN(d).eval()
+    regions, objects = torch.randn(3, d.region_count, d.region_dim), torch.randn(3, d.object_count, d.object_dim)
+    words, lengths = torch.randn(3, d.max_words, d.word_dim), torch.tensor([d.max_words, 2, 1])
+    index = torch.arange(3)
+    attention = model.attention_weights(regions, objects, words, lengths, index, index)["word_to_region"]
+    assert attention.shape[-1] == d.region_count + d.object_count
+    y = model(regions, objects, words, lengths)[0]
+    moved = objects.clone()
+    moved[1, 0] += 1.0
+    y_moved = model(regions, moved, words, lengths)[0]
+    assert torch.equal(y[[0, 2]], y_moved[[0, 2]]) and not torch.allclose(y[1], y_moved[1])
+    grid = model.score_matrix(regions, objects, words, lengths, hub=False)
+    pairs = model.score_pairs(regions, objects, words, lengths, index.repeat_interleave(3), index.repeat(3))
+    torch.testing.assert_close(grid.reshape(-1), pairs, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="w2r_regions 'grid\\+objects'"):
+        build_graph_modules(model, torch.float32)
+    with pytest.raises(InputError, match="region_dim == object_dim"):
+        replace(d, object_dim=d.region_dim + 1)
+
+
 def test_gradients_equal_reference():
     model = make_model(variant="w2r")  # one branch keeps the reference's BN batches identical
     regions, objects, words, lengths = make_inputs(model)
