@@ -361,6 +361,8 @@ class BSSAN(nn.Module):
         need no extra ops. Exact up to float rounding."""
         import copy
 
+        if self.config.w2r_regions != "grid" and self.config.input_scaling:  # W2R's weights read regions AND objects
+            raise InputError(f"w2r_regions {self.config.w2r_regions!r}: W2R reads inputs of two scales; only 'grid' folds")
         folded = copy.deepcopy(self)
         c = self.config
         if c.input_scaling:

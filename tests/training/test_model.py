@@ -155,6 +155,8 @@ def test_w2r_grid_plus_objects_attends_over_both_and_export_refuses_it():
     torch.testing.assert_close(grid.reshape(-1), pairs, rtol=1e-4, atol=1e-5)
     with pytest.raises(InputError, match="w2r_regions 'grid\\+objects'"):
         build_graph_modules(model, torch.float32)
+    with pytest.raises(InputError, match="only 'grid' folds"):
+        BSSAN(replace(d, input_scaling=True)).folded()
     with pytest.raises(InputError, match="region_dim == object_dim"):
         replace(d, object_dim=d.region_dim + 1)
 
