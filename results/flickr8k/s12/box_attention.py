@@ -28,12 +28,11 @@ def main() -> None:
     lengths = np.asarray(split.lengths)
     weights = model.attention_weights(split.regions, split.objects, split.words(ckpt.train_config.word_set), lengths,
                                       images, captions)["word_to_region"]  # [N, L, D + P]
-    real = torch.as_tensor((np.arange(weights.shape[1])[None] < lengths[captions][:, None]).astype(np.float32))
-    words = real.sum()
-    out = {"checkpoint": args.checkpoint, "dev_images": args.images, "real_words": int(words),
-           "box_mass": float((weights[..., config.region_count:].sum(-1) * real).sum() / words),
+    words = int(lengths[captions].sum())  # padding words' rows are zero (attention_weights): sums run over real words
+    out = {"checkpoint": args.checkpoint, "dev_images": args.images, "real_words": words,
+           "box_mass": float(weights[..., config.region_count:].sum() / words),
            "box_mass_uniform": config.object_count / (config.region_count + config.object_count),
-           "max_weight": float((weights.max(-1).values * real).sum() / words)}
+           "max_weight": float(weights.max(-1).values.sum() / words)}
     print(json.dumps(out, indent=1))
 
 
