@@ -93,17 +93,19 @@ class ModelConfig(InputSizes):
     input_scaling: bool = False  # multiply regions, objects and words by per-channel 1/RMS of the train split
                                  # (buffers saved with the weights; folded into the first linear maps at export)
     attention: AttentionForm = AttentionForm.TANH
-    w2r_readout: str = "last"  # what W2R's MLP reads: "last", the LSTM state at the caption's last real word (paper), or
-                               # "mean", the mean of its states over the real words (training and torch evaluation only:
-                               # export, the ONNX graphs and the kernels implement "last")
+    w2r_readout: str = "last"  # what W2R's MLP reads: "last", the LSTM state at the caption's last real word (paper),
+                               # "mean", the mean of its states over the real words, or "per_word", each real word's
+                               # state, Y being the mean of those scores (as O2W's Y' is over objects); the last two
+                               # are training and torch evaluation only: export, the ONNX graphs and the kernels
+                               # implement "last"
     w2r_regions: str = "grid"  # what W2R attends over: "grid", the D cells of the feature map (paper), or "grid+objects",
                                # those cells and the P detector boxes (D + P regions; needs region_dim == object_dim;
                                # training and torch evaluation only, like w2r_readout="mean")
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
-        if self.w2r_readout not in ("last", "mean"):
-            raise InputError(f"ModelConfig.w2r_readout: expected 'last' or 'mean', got {self.w2r_readout!r}")
+        if self.w2r_readout not in ("last", "mean", "per_word"):
+            raise InputError(f"ModelConfig.w2r_readout: expected 'last', 'mean' or 'per_word', got {self.w2r_readout!r}")
         if self.w2r_regions not in ("grid", "grid+objects"):
             raise InputError(f"ModelConfig.w2r_regions: expected 'grid' or 'grid+objects', got {self.w2r_regions!r}")
         if self.w2r_regions == "grid+objects" and self.region_dim != self.object_dim:

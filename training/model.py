@@ -71,11 +71,12 @@ def attend(logits: Tensor, negative: Negative, uniform_negatives: bool, mask: Te
     return torch.where(negative[..., None, None], uniform, weights)
 
 
-def lstm_recurrence(gate_inputs: Tensor, lengths: Tensor, weight_hh: Tensor, mean: bool = False) -> Tensor:
+def lstm_recurrence(gate_inputs: Tensor, lengths: Tensor, weight_hh: Tensor, mean: bool = False,
+                    every_step: bool = False) -> Tensor:
     """nn.LSTM's recurrence on precomputed gate inputs x_t W_ih^T + b_ih + b_hh.
 
     gate_inputs [N, L, 4H], lengths [N] -> hidden state at each sequence's last real step [N, H] (`mean`: the mean
-    of its states over the real steps).
+    of its states over the real steps; `every_step`: every state [N, L, H], zeros after a sequence's last real step).
     Like a packed sequence, step t runs only on the sequences still going: rows are sorted by
     length (longest first), so step t works on the first n_t rows and a row's output is taken
     at its last real step; padding never costs a step.
@@ -90,15 +91,22 @@ def lstm_recurrence(gate_inputs: Tensor, lengths: Tensor, weight_hh: Tensor, mea
     c = gate_inputs.new_zeros(n, four_h // 4)
     total = gate_inputs.new_zeros(n, four_h // 4) if mean else None  # running sum of each row's states
     finished = []  # hidden states (or their sums) of the rows whose last step is t, for t = 0, 1, ...
+    states = []  # every_step: the states of step t, zero-padded to [N, H] (rows longest first)
     for t in range(steps):
         rows = active[t]
         gates = inputs[t][:rows] + h[:rows] @ weight_hh.t()  # [n_t, 4H]
         i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTM's gate order
         c = torch.sigmoid(f) * c[:rows] + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
+        if every_step:
+            states.append(nn.functional.pad(h, (0, 0, 0, n - rows)))
         if mean:
             total = total[:rows] + h
         finished.append((total if mean else h)[active[t + 1]:rows])
+    if every_step:
+        out = torch.stack(states, 1) if states else gate_inputs.new_zeros(n, 0, four_h // 4)  # [N, steps, H]
+        out = nn.functional.pad(out, (0, 0, 0, gate_inputs.shape[1] - steps))  # [N, L, H]
+        return out[torch.argsort(order)]
     out_sorted = torch.cat(finished[::-1]) if finished else gate_inputs.new_zeros(0, four_h // 4)  # longest first
     if mean:
         out_sorted = out_sorted / sorted_lengths[:, None].to(out_sorted.dtype)
@@ -188,6 +196,12 @@ class W2R(nn.Module):
         return {"words": words, "gates_words": words @ self._split_input_weight()[1].t() + bias, "lengths": lengths}
 
     def _finish(self, gates: Tensor, lengths: Tensor) -> Tensor:
+        if self.readout == "per_word":  # the MLP scores each real word's state; Y is their mean (like O2W's eq. 14)
+            states = lstm_recurrence(gates, lengths, self.lstm.weight_hh_l0, every_step=True)  # [N, L, H]
+            real = torch.arange(states.shape[1], device=lengths.device)[None, :] < lengths[:, None]  # [N, L]
+            per_word = states.new_zeros(real.shape)
+            per_word[real] = self.mlp(nn.functional.dropout(states[real], self.state_dropout, self.training))
+            return per_word.sum(1) / lengths.to(per_word.dtype)
         h = lstm_recurrence(gates, lengths, self.lstm.weight_hh_l0, mean=self.readout == "mean")  # [N, H]
         return self.mlp(nn.functional.dropout(h, self.state_dropout, self.training))
 

@@ -101,6 +101,39 @@ def test_explicit_recurrence_equals_nn_lstm():
     real = (torch.arange(7)[None, :] < lengths[:, None]).to(out.dtype)[..., None]  # [6, 7, 1]
     torch.testing.assert_close(lstm_recurrence(gates, lengths, lstm.weight_hh_l0, mean=True),
                                (out * real).sum(1) / lengths[:, None].to(out.dtype))  # mean over the real steps
+    torch.testing.assert_close(lstm_recurrence(gates, lengths, lstm.weight_hh_l0, every_step=True),
+                               out * real)  # every real step's state, zeros after the last
+
+
+def test_w2r_per_word_readout_is_the_mean_of_each_words_score():
+    """w2r_readout='per_word' (beyond the paper): W2R's MLP scores each real word's LSTM state and Y is their mean;
+    padding words never count, a one-word caption scores as with the paper's last state, export refuses it."""
+    from dataclasses import replace
+
+    from engine.errors import InputError
+    from export.graphs import build_graph_modules
+    from training.config import preset
+
+    config = replace(preset("demo"), variant="w2r", w2r_readout="per_word")
+    torch.manual_seed(0)
+    model = BSSAN(config).eval()
+    last = BSSAN(replace(config, w2r_readout="last")).eval()
+    last.load_state_dict(model.state_dict())
+    d = config
+    regions, objects = torch.randn(3, d.region_count, d.region_dim), torch.randn(3, d.object_count, d.object_dim)
+    words, lengths = torch.randn(3, d.max_words, d.word_dim), torch.tensor([d.max_words, 2, 1])
+    with torch.no_grad():
+        y_word, y_last = model(regions, objects, words, lengths)[0], last(regions, objects, words, lengths)[0]
+        # the second caption's two words, scored by the paper's readout on its one- and two-word prefixes
+        prefixes = [last(regions[1:2], objects[1:2], words[1:2], torch.tensor([k]))[0] for k in (1, 2)]
+        padded = words.clone()
+        padded[1, 2:] = 1e3  # what lies after a caption's last real word changes nothing
+        y_padded = model(regions, objects, padded, lengths)[0]
+    assert torch.equal(y_word[2], y_last[2]) and not torch.allclose(y_word[:2], y_last[:2])
+    torch.testing.assert_close(y_word[1], (prefixes[0][0] + prefixes[1][0]) / 2)
+    torch.testing.assert_close(y_padded, y_word)
+    with pytest.raises(InputError, match="w2r_readout 'per_word'"):
+        build_graph_modules(model, torch.float32)
 
 
 def test_w2r_mean_readout_trains_in_torch_and_export_refuses_it():
