@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 PY=.venv/bin/python
 [ -x "$PY" ] || python3 -m venv .venv
 "$PY" -m pip install --quiet --upgrade pip
-"$PY" -m pip install --quiet -e '.[train,export,features,dev,serve]'
+"$PY" -m pip install --quiet -c constraints.txt -e '.[train,export,features,dev,serve]'
 [ -f build/assets/roi_align.json ] || "$PY" -m export.backbones --out build/assets
 [ -f build/assets/ssd-mobilenet-v2-coco.json ] || "$PY" -m export.detector --out build/assets  # older build/assets
 [ -f build/assets/minilm.onnx ] || "$PY" -m export.text --out build/assets
