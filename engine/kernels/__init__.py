@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,7 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
                                        + [ctypes.c_float, ctypes.c_int, ctypes.c_int, p, p, p, p, p])
         lib.bssan_w2r_grid.restype = ctypes.c_int
         lib.bssan_o2w_grid.argtypes = ([ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [p] * 6
-                                       + [ctypes.c_float, ctypes.c_int, p, ctypes.c_int, p, p, p, p])
+                                       + [ctypes.c_float, ctypes.c_int, p, p, ctypes.c_int, p, p, p, p])
         lib.bssan_o2w_grid.restype = ctypes.c_int
         lib.bssan_w2r_simd_width.restype = ctypes.c_int
         lib.bssan_w2r_block_rows.restype = ctypes.c_int
@@ -299,7 +300,10 @@ class W2RKernel(_BranchKernel):
 class O2WKernel(_BranchKernel):
     """Y' of one image row x N caption rows (the o2w_grid graph's inputs and output) through the compiled kernel
     (w2r_grid.c bssan_o2w_grid): the captions' Bi-LSTM states read in place from a caption cache's word rows, so the
-    re-rank copies no padded states block (1.7 CPU-s of the Flickr8K test K=100 run, beside 3.7 CPU-s of o2w_grid)."""
+    re-rank copies no padded states block (1.7 CPU-s of the Flickr8K test K=100 run, beside 3.7 CPU-s of o2w_grid).
+    Those word rows are also projected through the MLP's first layer once (`projected`: S first_states_t, kept while
+    the cache's array lives), so a pair's first layer is z_j = objects_mlp[j] + b_j (S first_states_t), a [P, len] x
+    [len, h1] product instead of [P, len] x [len, H2] then [P, H2] x [H2, h1]: equal by linearity, to float rounding."""
 
     BRANCH = "o2w"
 
@@ -313,6 +317,25 @@ class O2WKernel(_BranchKernel):
         self.depth = len(mlp)
         self._widths, self._mlp_weights, self._mlp_biases = _mlp_chain(mlp, self.first, f"O2W kernel (h1={self.first})")
         self.attn_bias, self.bounded = float(attn_bias), bool(bounded)
+        # the kernel reads the projected rows in place in whole panels of 2 vectors: h1 a multiple of them (the
+        # reference's 128; else the two products per pair, as before)
+        self.projects = self.first % (2 * self.lib.bssan_w2r_simd_width()) == 0
+        self._projections: dict[int, tuple[weakref.ref, np.ndarray]] = {}  # id(states) -> (the array, its projection)
+        self._projections_lock = threading.Lock()
+
+    def projected(self, states: np.ndarray) -> np.ndarray:
+        """states [T, H2] x first_states_t [T, h1], made once per array object (a caption cache's own word rows, as
+        CaptionCache.block(flat=FLAT_STATES) hands them to every call) and kept while that array lives."""
+        key = id(states)
+        with self._projections_lock:
+            hit = self._projections.get(key)
+            if hit is not None and hit[0]() is states:
+                return hit[1]
+        out = np.ascontiguousarray(_f32(states, "states", 2) @ self.first_states_t, np.float32)  # [T, h1]
+        with self._projections_lock:
+            self._projections = {k: v for k, v in self._projections.items() if v[0]() is not None}  # the dead ones go
+            self._projections[key] = (weakref.ref(states), out)
+        return out
 
     @classmethod
     def from_graph(cls, path: str | os.PathLike, attn_bias: float, bounded: bool,
@@ -332,8 +355,10 @@ class O2WKernel(_BranchKernel):
             offsets: np.ndarray | None = None, image_rows: np.ndarray | None = None) -> np.ndarray:
         """Y' [N] of ONE image (objects_* [1, P, ...]) x every caption row, or with image_rows: caption row n with image
         row image_rows[n] of objects_* [I, P, ...] (pooled pairs, read in place). states: a padded block [N, L, H2]
-        (offsets None), or word rows [T, H2] with caption n's words at offsets[n] .. offsets[n] + lengths[n] (no copy)."""
+        (offsets None), or word rows [T, H2] with caption n's words at offsets[n] .. offsets[n] + lengths[n] (no copy;
+        then their projection through the first layer is made once per array and used: `projected`)."""
         (keys, start), image_rows = _image_inputs("O2W", {"objects_attn": objects_attn, "objects_mlp": objects_mlp}, image_rows)
+        rows_given = states if offsets is not None and self.projects else None  # a cache's own rows: projection kept
         (states,), offsets = _word_rows("O2W", {"states": states}, offsets)
         lengths = np.ascontiguousarray(lengths, np.int64)
         n, (i, p, h2) = len(lengths), keys.shape
@@ -343,12 +368,14 @@ class O2WKernel(_BranchKernel):
                              f"states {list(states.shape)}, lengths {list(lengths.shape)}, offsets {list(offsets.shape)} do not fit "
                              f"H2={self.hidden}, h1={self.first}")
         keys, start = np.ascontiguousarray(keys), np.ascontiguousarray(start)
+        states_mlp = self.projected(rows_given) if rows_given is not None and n else None
         scores = np.empty(n, np.float32)
         if n:
             rc = self.lib.bssan_o2w_grid(p, h2, len(states), n, i, None if image_rows is None else image_rows.ctypes.data,
                                          keys.ctypes.data, start.ctypes.data, states.ctypes.data,
                                          offsets.ctypes.data, lengths.ctypes.data, self.attn_bias, int(self.bounded),
-                                         self.first_states_t.ctypes.data, self.depth, self._widths.ctypes.data,
+                                         self.first_states_t.ctypes.data, None if states_mlp is None else states_mlp.ctypes.data,
+                                         self.depth, self._widths.ctypes.data,
                                          self._mlp_weights.ctypes.data, self._mlp_biases.ctypes.data, scores.ctypes.data)
             if rc != 0:
                 raise InputError(f"O2W kernel: {_ERRORS.get(rc, f'error {rc}')} (lengths {int(lengths.min())}..{int(lengths.max())}, "

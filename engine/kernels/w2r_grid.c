@@ -406,6 +406,9 @@ done:
  * of objects_attn[j] . s_w + b, tanh first when bounded; eq. 9), v_j = sum_w b[j, w] s_w (eq. 11) as one small GEMM
  * read from the word rows, then for a block of captions x objects at once: z_j = objects_mlp[j] + v_j first_states_t,
  * the MLP's remaining layers (tanh between) and the mean over the P objects (eq. 13-14).
+ * With states_mlp (each word row's s_w first_states_t, made once per caption by the caller), z_j = objects_mlp[j] +
+ * sum_w b[j, w] (s_w first_states_t) is ONE small GEMM [P, len] x [len, h1] per pair, the same sum by linearity: the
+ * pair's P x H2 x h1 product (the most of its work at the reference sizes) is gone.
  * Returns 0, or -1 bad sizes, -2 out of memory, -3 a caption's words outside the word rows, -4 an image row outside [0, I).
  *   I, image_rows            NULL: ONE image x every caption row (I = 1). Else pooled pairs: caption row n with image
  *                            image_rows[n] of objects_* [I, ...], read in place
@@ -413,13 +416,14 @@ done:
  *   objects_mlp    [I, P, h1]   O W1_o^T + b1 (BatchNorm folded)
  *   states         [T, H2]   Bi-LSTM states, word rows as bssan_w2r_grid's words (offsets, lengths)
  *   first_states_t [H2, h1]  the first layer's state half, input-major
+ *   states_mlp     [T, h1]   NULL, or states x first_states_t (the same word rows)
  *   depth, widths            the layers after the first: widths[0] = h1 ... widths[depth] = 1, tanh before each
  *   mlp_weights, mlp_biases  those layers' W [widths[l], widths[l+1]] (input-major) and b, concatenated
  *   scores         [N]       Y' of each caption row */
 int bssan_o2w_grid(int P, int H2, int64_t T, int N, int I, const int64_t *image_rows, const float *objects_attn,
                    const float *objects_mlp, const float *states, const int64_t *offsets, const int64_t *lengths, float attn_bias,
-                   int bounded, const float *first_states_t, int depth, const int *widths, const float *mlp_weights,
-                   const float *mlp_biases, float *scores) {
+                   int bounded, const float *first_states_t, const float *states_mlp, int depth, const int *widths,
+                   const float *mlp_weights, const float *mlp_biases, float *scores) {
   if (P < 1 || H2 < 1 || T < 0 || N < 0 || I < 1 || (!image_rows && I != 1) || depth < 1 || depth > MAX_DEPTH || widths[0] < 1 ||
       widths[depth] != 1)
     return -1;
@@ -441,6 +445,7 @@ int bssan_o2w_grid(int P, int H2, int64_t T, int N, int I, const int64_t *image_
   const int CB = P >= 64 ? 1 : 64 / P;                                     /* captions per block */
   const int rows_max = CB * P, RB = (rows_max + MR - 1) / MR * MR + ptiles * MR; /* + spill of the last caption's tiles */
   const int hpad = (H2 + NR - 1) / NR * NR, h1panels = (h1 + NR - 1) / NR, h1pad = h1panels * NR;
+  const int projected = states_mlp && h1 % NR == 0; /* z straight from the projected rows (read in place: whole panels) */
   float *lg = aligned_alloc(64, sizeof(float) * (size_t)ptiles * MR * lpad); /* [P padded, lpad] logits, then weights */
   float *v = aligned_alloc(64, sizeof(float) * (size_t)RB * hpad);          /* [RB, H2 padded]: v_j of the block */
   float *first_p = aligned_alloc(64, sizeof(float) * (size_t)H2 * h1pad);
@@ -482,6 +487,18 @@ int bssan_o2w_grid(int P, int H2, int64_t T, int N, int I, const int64_t *image_
           memcpy(om + ((size_t)c * P + j) * h1pad, objects_mlp + (image * P + j) * h1, sizeof(float) * (size_t)h1);
       logits_rows(objects_attn + image * P * H2, P, s, len, H2, lg, lpad); /* lg[j, w] = o_j W' . s_w */
       for (int j = 0; j < P; j++) softmax_row(lg + (size_t)j * lpad, len, dpad, attn_bias, bounded, lg + (size_t)j * lpad);
+      if (projected) { /* z [P, h1] = objects_mlp rows + b [P, len] x states_mlp [len, h1], tiles of MR objects */
+        const float *sp = states_mlp + (size_t)offsets[n0 + c] * h1;
+        for (int t = 0; t < ptiles; t++) {
+          const float *arows[MR], *crows[MR];
+          for (int u = 0; u < MR; u++) arows[u] = t * MR + u < P ? lg + (size_t)(t * MR + u) * lpad : zero_row;
+          for (int q = 0; q < h1panels; q++) {
+            for (int u = 0; u < MR; u++) crows[u] = t * MR + u < P ? om + ((size_t)c * P + t * MR + u) * h1pad + q * NR : NULL;
+            micro_ld(len, arows, sp + q * NR, h1, crows, act[0] + ((size_t)c * P + t * MR) * h1pad + q * NR, h1pad); /* rows past P spill */
+          }
+        }
+        continue;
+      }
       float *vc = v + (size_t)c * P * hpad;
       if (in_place) { /* v [P, H2] = b [P, len] x S [len, H2], S read in place (row stride H2), tiles of MR objects */
         for (int t = 0; t < ptiles; t++) {
@@ -498,7 +515,7 @@ int bssan_o2w_grid(int P, int H2, int64_t T, int N, int I, const int64_t *image_
         }
       }
     }
-    { /* z [rows, h1] = objects_mlp[row % P] + v first_states_t */
+    if (!projected) { /* z [rows, h1] = objects_mlp[row % P] + v first_states_t */
       const float *in_rows[MR], *start[MR];
       for (int p = 0; p < h1panels; p++)
         for (int t = 0; t < tiles; t++) {

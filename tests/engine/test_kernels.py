@@ -139,7 +139,10 @@ def test_o2w_kernel_equals_the_o2w_grid_graph(library, artifact, grid_scorer, ca
             assert_close(got, want, 2e-5, f"O2W kernel vs o2w_grid, {count} captions")
             flat = {**images.rows(np.array([image_row])), **captions.block(rows, flat=kernels.FLAT_STATES)}
             assert flat["states"] is captions.arrays["states"]  # read in place, no copy
-            assert np.array_equal(kernel(flat), got)
+            if kernel.projects:  # the cache's rows through the first layer once (kernel.projected): equal to rounding
+                assert_close(kernel(flat), got, 2e-5, f"O2W kernel on projected rows vs padded, {count} captions")
+            else:
+                assert np.array_equal(kernel(flat), got)
     with pytest.raises(InputError, match="a caption.s words outside the word rows given"):
         kernel(dict(feeds, lengths=np.where(np.arange(len(rows)) == 0, 0, feeds["lengths"])))
     with pytest.raises(InputError, match="do not fit H2="):
@@ -153,7 +156,7 @@ def test_o2w_kernel_against_numpy_off_the_vector_width(library):
 def _check_o2w_against_numpy(library) -> None:
     """A random O2W (P objects, H2 and h1 off the panel width, both attention forms) against numpy."""
     rng = np.random.default_rng(1)
-    for objects, hidden, first, bounded in ((3, 64, 40, True), (10, 20, 64, False), (17, 33, 7, False)):
+    for objects, hidden, first, bounded in ((3, 64, 40, True), (10, 20, 64, False), (17, 33, 7, False), (9, 48, 128, True)):
         mlp = [(rng.standard_normal((first, 5)).astype(np.float32) * 0.3, rng.standard_normal(5).astype(np.float32)),
                (rng.standard_normal((5, 1)).astype(np.float32), rng.standard_normal(1).astype(np.float32))]
         first_t = rng.standard_normal((hidden, first)).astype(np.float32) * 0.2
@@ -183,6 +186,18 @@ def _check_o2w_against_numpy(library) -> None:
         assert_close(kernel.pairs({"objects_attn": keys, "objects_mlp": start}, {"states": states, "lengths": lengths},
                                   np.stack([image_rows, np.arange(len(lengths))], axis=1)), pooled, 1e-4,
                      f"O2W kernel pairs vs numpy, P={objects} H2={hidden} h1={first}")
+        # a caption cache's ragged rows read in place: their projection through the first layer is made once
+        rows = np.concatenate([states[n, :length] for n, length in enumerate(lengths)])  # [T, H2]
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        assert kernel.projects == (first % (2 * library.bssan_w2r_simd_width()) == 0)
+        assert_close(kernel.run(keys, start, rows, lengths, offsets), grid, 1e-4, f"O2W kernel on rows vs numpy, h1={first}")
+        assert_close(kernel.run(keys, start, rows, lengths, offsets, image_rows=image_rows), pooled, 1e-4,
+                     f"O2W kernel pairs on rows vs numpy, h1={first}")
+        if kernel.projects:
+            projection = kernel.projected(rows)
+            assert kernel.projected(rows) is projection  # once per array, not per call
+            np.testing.assert_allclose(projection, rows @ first_t, rtol=1e-5, atol=1e-5)
+            assert kernel.projected(rows.copy()) is not projection  # another array: its own
 
 
 def _check_against_numpy(library) -> None:
