@@ -105,16 +105,14 @@ def test_explicit_recurrence_equals_nn_lstm():
                                out * real)  # every real step's state, zeros after the last
 
 
-def test_w2r_per_word_readout_is_the_mean_of_each_words_score():
-    """w2r_readout='per_word' (beyond the paper): W2R's MLP scores each real word's LSTM state and Y is their mean;
-    padding words never count, a one-word caption scores as with the paper's last state, export refuses it."""
+def _readout_and_last(readout: str, **changes):
+    """(model with W2R's `readout`, the same weights with the paper's last-state readout, inputs): 3 captions of
+    max_words, 2 and 1 words, demo sizes."""
     from dataclasses import replace
 
-    from engine.errors import InputError
-    from export.graphs import build_graph_modules
     from training.config import preset
 
-    config = replace(preset("demo"), variant="w2r", w2r_readout="per_word")
+    config = replace(preset("demo"), w2r_readout=readout, **changes)
     torch.manual_seed(0)
     model = BSSAN(config).eval()
     last = BSSAN(replace(config, w2r_readout="last")).eval()
@@ -122,6 +120,16 @@ def test_w2r_per_word_readout_is_the_mean_of_each_words_score():
     d = config
     regions, objects = torch.randn(3, d.region_count, d.region_dim), torch.randn(3, d.object_count, d.object_dim)
     words, lengths = torch.randn(3, d.max_words, d.word_dim), torch.tensor([d.max_words, 2, 1])
+    return model, last, (regions, objects, words, lengths)
+
+
+def test_w2r_per_word_readout_is_the_mean_of_each_words_score():
+    """w2r_readout='per_word' (beyond the paper): W2R's MLP scores each real word's LSTM state and Y is their mean;
+    padding words never count, a one-word caption scores as with the paper's last state, export refuses it."""
+    from engine.errors import InputError
+    from export.graphs import build_graph_modules
+
+    model, last, (regions, objects, words, lengths) = _readout_and_last("per_word", variant="w2r")
     with torch.no_grad():
         y_word, y_last = model(regions, objects, words, lengths)[0], last(regions, objects, words, lengths)[0]
         # the second caption's two words, scored by the paper's readout on its one- and two-word prefixes
@@ -143,22 +151,14 @@ def test_w2r_mean_readout_trains_in_torch_and_export_refuses_it():
 
     from engine.errors import InputError
     from export.graphs import build_graph_modules
-    from training.config import preset
 
-    config = replace(preset("demo"), w2r_readout="mean")
-    torch.manual_seed(0)
-    model = BSSAN(config).eval()
-    last = BSSAN(replace(config, w2r_readout="last")).eval()
-    last.load_state_dict(model.state_dict())
-    d = config
-    regions, objects = torch.randn(3, d.region_count, d.region_dim), torch.randn(3, d.object_count, d.object_dim)
-    words, lengths = torch.randn(3, d.max_words, d.word_dim), torch.tensor([d.max_words, 2, 1])
-    y_mean, y_last = model(regions, objects, words, lengths)[0], last(regions, objects, words, lengths)[0]
+    model, last, inputs = _readout_and_last("mean")
+    y_mean, y_last = model(*inputs)[0], last(*inputs)[0]
     assert torch.equal(y_mean[2], y_last[2]) and not torch.allclose(y_mean[:2], y_last[:2])  # one word: the same state
     with pytest.raises(InputError, match="w2r_readout 'mean'"):
         build_graph_modules(model, torch.float32)
     with pytest.raises(InputError, match="w2r_readout"):
-        replace(config, w2r_readout="max")
+        replace(model.config, w2r_readout="max")
 
 
 def test_w2r_grid_plus_objects_attends_over_both_and_export_refuses_it():
