@@ -170,7 +170,7 @@ class W2R(nn.Module):
         self.lstm = nn.LSTM(config.region_dim + config.word_dim, config.w2r_hidden, batch_first=True)  # input [u; t]
         self.mlp = MLP(config.w2r_hidden, config.w2r_mlp)
         self.state_dropout = 0.0  # training only (TrainConfig.state_dropout): dropout on h before the MLP
-        self.readout = config.w2r_readout  # the MLP reads the last state (paper) or the mean of the states
+        self.readout = config.w2r_readout  # the MLP reads the last state (paper), the mean state, or every state (per_word)
 
     @property
     def pair_gathers_gates(self) -> bool:

@@ -324,8 +324,9 @@ class O2WKernel(_BranchKernel):
         self._projections_lock = threading.Lock()
 
     def projected(self, states: np.ndarray) -> np.ndarray:
-        """states [T, H2] x first_states_t [T, h1], made once per array object (a caption cache's own word rows, as
-        CaptionCache.block(flat=FLAT_STATES) hands them to every call) and kept while that array lives."""
+        """states [T, H2] x first_states_t [H2, h1] -> [T, h1], made once per array object (a caption cache's own word
+        rows, as CaptionCache.block(flat=FLAT_STATES) hands them to every call) and kept while that array lives: as
+        many bytes again as the states at the reference sizes (h1 = H2), which the Scorer's memory plan does not count."""
         key = id(states)
         with self._projections_lock:
             hit = self._projections.get(key)
