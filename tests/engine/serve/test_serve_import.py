@@ -48,6 +48,14 @@ def test_import_equals_encoding_the_files(serve_artifact, serve_photos, tmp_path
 
         gallery = Gallery.open(tmp_path / "index", scorer.fingerprint, scorer.cache_precision)
         names = {p.name for p in folder.iterdir()}
+        # the same pipeline with its export-time parity measured again (another OpenCV): still the same pipeline
+        remeasured = json.loads((serve_artifact / "manifest.json").read_text())["preprocessing"]
+        remeasured = remeasured.get("extractor", remeasured)
+        parity = [part for part in remeasured.values() if isinstance(part, dict) and any(k.startswith("parity") for k in part)]
+        assert parity, "the artifact's extractor record names no parity figure"
+        for part in parity:
+            part.update({k: "re-measured" for k in part if k.startswith("parity")})
+        assert _without_fingerprints(remeasured) == record
         assert import_store(scorer, gallery, store, names, progress=False) == 3
         assert set(gallery.ids()) == {p.name for p in stored}
         assert import_store(scorer, gallery, store, names, progress=False) == 0  # already there: nothing again
