@@ -472,7 +472,7 @@ int bssan_o2w_grid(int P, int H2, int64_t T, int N, int I, const int64_t *image_
     boff += (size_t)mout;
   }
   if (!ok) { rc = -2; goto done; }
-  pack(first_states_t, H2, h1, h1, 0, first_p);
+  if (!projected) pack(first_states_t, H2, h1, h1, 0, first_p); /* the projected rows already hold it */
   if (!image_rows) /* one image: its rows once for every caption slot of a block */
     for (int r = 0; r < CB * P; r++) memcpy(om + (size_t)r * h1pad, objects_mlp + (size_t)(r % P) * h1, sizeof(float) * (size_t)h1);
   memset(lg, 0, sizeof(float) * (size_t)ptiles * MR * lpad);
