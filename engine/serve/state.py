@@ -59,22 +59,43 @@ IMPORT_CHUNK = 1024  # store rows encoded per step of an import (the arrays of 1
 
 
 def _without_fingerprints(record):
-    """The extractor record without what does not make the features: fingerprints, and the parity figures measured when
-    the graphs were exported (`parity_*`: the same graphs exported beside another OpenCV give another last digit)."""
+    """The extractor record without what does not make the features: fingerprints, graph bytes' sha256 (checked apart:
+    same_graphs) and the parity figures measured when the graphs were exported (`parity_*`: the same graphs exported
+    beside another OpenCV give another last digit)."""
     if isinstance(record, dict):
-        return {k: _without_fingerprints(v) for k, v in record.items() if k != "fingerprint" and not k.startswith("parity")}
+        return {k: _without_fingerprints(v) for k, v in record.items()
+                if k not in ("fingerprint", "graph_sha256") and not k.startswith("parity")}
     return record
+
+
+def graph_differences(trained: dict, store: dict) -> list[str]:
+    """Sections (backbone, objects) whose graphs are not the same: engine.assets.check_same_graph's rule on the two
+    records alone: the same sha256, or else both fingerprints recorded and within tolerance of each other (the same
+    weights exported on another CPU fold constants with other last bits: session 14's Xeon vs the reference's EPYC)."""
+    from engine.assets import FINGERPRINT_TOLERANCE, fingerprint_difference
+
+    differ = []
+    for section in sorted(set(trained) | set(store)):
+        a, b = trained.get(section), store.get(section)
+        if not isinstance(a, dict) or not isinstance(b, dict) or a.get("graph_sha256") == b.get("graph_sha256"):
+            continue
+        fa, fb = a.get("fingerprint"), b.get("fingerprint")
+        tolerance = float((fa or {}).get("tolerance", FINGERPRINT_TOLERANCE))
+        if not (isinstance(fa, dict) and isinstance(fb, dict) and fingerprint_difference(fa, fb) <= tolerance):
+            differ.append(f"{section} (graph sha256 differs and the fingerprints do not match)")
+    return differ
 
 
 def check_store_pipeline(artifact, store_manifest: dict, store_dir: Path) -> None:
     """InputError unless the store's features come from the pipeline the artifact's model was trained on."""
     info = artifact.manifest.get("preprocessing") or {}
-    trained = _without_fingerprints(info.get("extractor", info) or {})
-    store = _without_fingerprints(store_manifest.get("extractor") or {})
-    if not trained or trained != store:
-        differ = sorted(k for k in set(trained) | set(store) if trained.get(k) != store.get(k)) or ["(no record)"]
+    trained_record, store_record = info.get("extractor", info) or {}, store_manifest.get("extractor") or {}
+    trained, store = _without_fingerprints(trained_record), _without_fingerprints(store_record)
+    differ = sorted(k for k in set(trained) | set(store) if trained.get(k) != store.get(k))
+    differ += graph_differences(trained_record, store_record)
+    if not trained or differ:
         raise InputError(f"--import-store {store_dir}: its extractor differs from the model's preprocessing in "
-                         f"{', '.join(differ)}; expected features made by the pipeline the model was trained with")
+                         f"{', '.join(differ or ['(no record)'])}; expected features made by the pipeline the model was trained with")
 
 
 def import_store(scorer: Scorer, gallery: Gallery, store_dir: Path, names: set[str], progress: bool = True,

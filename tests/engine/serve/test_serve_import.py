@@ -43,7 +43,7 @@ def test_import_equals_encoding_the_files(serve_artifact, serve_photos, tmp_path
         stored = sorted(folder.iterdir())[:3]  # the store holds 3 of the 4 (and one image not in the folder)
         regions, objects = scorer.image_features(stored + [serve_photos[5]])
         record = json.loads((serve_artifact / "manifest.json").read_text())["preprocessing"]
-        record = _without_fingerprints(record.get("extractor", record))
+        record = record.get("extractor", record)  # as a store made by the same pipeline records it
         store = write_store(tmp_path / "store", record, [p.name for p in stored] + ["elsewhere.jpg"], regions, objects)
 
         gallery = Gallery.open(tmp_path / "index", scorer.fingerprint, scorer.cache_precision)
@@ -55,7 +55,7 @@ def test_import_equals_encoding_the_files(serve_artifact, serve_photos, tmp_path
         assert parity, "the artifact's extractor record names no parity figure"
         for part in parity:
             part.update({k: "re-measured" for k in part if k.startswith("parity")})
-        assert _without_fingerprints(remeasured) == record
+        assert _without_fingerprints(remeasured) == _without_fingerprints(record)
         assert import_store(scorer, gallery, store, names, progress=False) == 3
         assert set(gallery.ids()) == {p.name for p in stored}
         assert import_store(scorer, gallery, store, names, progress=False) == 0  # already there: nothing again
@@ -74,3 +74,20 @@ def test_import_equals_encoding_the_files(serve_artifact, serve_photos, tmp_path
         with pytest.raises(InputError, match="boxes_per_image"):
             import_store(scorer, fresh, wrong, names, progress=False)
         assert not fresh.ids()
+
+        # the same weights exported on another CPU: other graph bytes, fingerprints within tolerance -> the same pipeline
+        graphs = [k for k, part in record.items() if isinstance(part, dict) and "graph_sha256" in part and "fingerprint" in part]
+        assert graphs, "the artifact's extractor record names no graph with a fingerprint"
+        section = graphs[0]
+        values = np.asarray(record[section]["fingerprint"]["values"], np.float64)
+        for scale, accepted in ((1 + 1e-6, True), (1 + 1e-2, False)):
+            moved = {**record[section], "graph_sha256": "0" * 64,
+                     "fingerprint": {**record[section]["fingerprint"], "values": (values * scale).tolist()}}
+            other_cpu = write_store(tmp_path / f"other-cpu-{accepted}", dict(record, **{section: moved}), [stored[0].name],
+                                    regions[:1], objects[:1])
+            if accepted:
+                assert import_store(scorer, fresh, other_cpu, {stored[0].name}, progress=False) == 1
+            else:
+                with pytest.raises(InputError, match=f"{section} \\(graph sha256 differs and the fingerprints do not match\\)"):
+                    import_store(scorer, fresh, other_cpu, names, progress=False)
+        assert fresh.ids() == [stored[0].name]
