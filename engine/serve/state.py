@@ -70,8 +70,8 @@ def _without_fingerprints(record):
 
 def graph_differences(trained: dict, store: dict) -> list[str]:
     """Sections (backbone, objects) whose graphs are not the same: engine.assets.check_same_graph's rule on the two
-    records alone: the same sha256, or else both fingerprints recorded and within tolerance of each other (the same
-    weights exported on another CPU fold constants with other last bits: session 14's Xeon vs the reference's EPYC)."""
+    records alone: the same sha256, or else both fingerprints recorded and within tolerance of each other (session 14:
+    the backbone exported on its Xeon had other bytes than the reference's, its probe outputs within ~2e-6)."""
     from engine.assets import FINGERPRINT_TOLERANCE, fingerprint_difference
 
     differ = []
