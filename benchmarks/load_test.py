@@ -18,6 +18,10 @@ Parts (each writes its section of OUT/load_test.json; the plot is OUT/load_test.
   hands the scorer): wall and CPU ms per query.
 - durability: searches and adds at once, the server killed (SIGKILL) mid-burst, restarted: every
   acknowledged add must be in the gallery.
+- restart: a gallery (engine.serve.gallery, in process) of --restart-size synthetic rows (the vectors of the
+  vectors part plus a one-number row) with each --approximate index: its first build, close() (which saves the
+  index beside the snapshot), the next open loading it, and an open rebuilding it (the saved files deleted); the
+  loaded index must answer as the closed one did.
 
 --model: an artifact with shortlist graphs whose image pipeline runs here. Without it, a
 RANDOM-WEIGHT artifact with the reference model's sizes (models/reference and
@@ -50,7 +54,7 @@ from engine.runtime import PATHS
 
 WORK = REPO_ROOT / "build" / "load-test"
 FLICKR8K = REPO_ROOT.parent / "shared" / "data" / "flickr8k"
-PARTS = ("gallery", "service", "vectors", "durability")
+PARTS = ("gallery", "service", "vectors", "durability", "restart")
 SERVE_LIBRARIES = ("fastapi", "uvicorn", "faiss-cpu", "httpx", "onnxruntime", "numpy")
 KEY = "load-test-key-0123456789abcdef"
 
@@ -465,6 +469,70 @@ def run_durability(args, artifact: Path) -> dict:
     return report
 
 
+# ---------------------------------------------------------------------------------------------- restart
+def run_restart(args, dim: int) -> dict:
+    import shutil
+    import tempfile
+
+    from engine.cache import ImageCache
+    from engine.serve import gallery as gallery_module
+    from engine.serve.gallery import Gallery
+    from engine.serve.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_HNSW_M
+
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((args.clusters, dim), dtype=np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    vectors = synthetic_vectors(rng, centers, args.restart_size, args.spread)
+    queries = synthetic_vectors(rng, centers, 50, args.spread)
+    rows = ImageCache([f"img{i}" for i in range(len(vectors))], {"image_vectors": vectors, "tag": np.zeros((len(vectors), 1), np.float32)},
+                      "synthetic", "fp32")
+    report = {"size": len(vectors), "dim": dim, "data": "synthetic rows: unit vectors (as the vectors part) and one float each",
+              "load_average_1min_at_start": round(os.getloadavg()[0], 2), "indexes": {}}
+    for kind in args.approximate:
+        options = {"threads": args.threads}
+        if kind == "hnsw":
+            options.update(hnsw_m=args.hnsw_m or DEFAULT_HNSW_M, ef_construction=args.ef_construction or DEFAULT_EF_CONSTRUCTION)
+        elif args.ivf_lists:
+            options.update(nlist=args.ivf_lists)
+        folder = Path(tempfile.mkdtemp(prefix=f"bssan-restart-{kind}-", dir=WORK))
+        try:
+            def opened() -> tuple[Gallery, float]:
+                started = time.perf_counter()
+                g = Gallery.open(folder, "synthetic", "fp32", index_kind=kind, index_options=options)
+                g.wait_compaction()  # an IVF index due for training trains in a thread: serving at full recall after it
+                return g, time.perf_counter() - started
+
+            g, _ = opened()
+            started = time.perf_counter()
+            g.put_rows(rows)
+            g.wait_compaction()
+            built = time.perf_counter() - started
+            before = g.index.search(queries, 100)
+            started = time.perf_counter()
+            g.close()
+            closed = time.perf_counter() - started
+            saved = folder / gallery_module.INDEX_FILE
+            g, loaded = opened()
+            after = g.index.search(queries, 100)
+            same = bool(np.array_equal(before[0], after[0]))
+            g.close()
+            saved_mb = saved.stat().st_size / 2**20 if saved.is_file() else 0.0
+            saved.unlink(missing_ok=True)
+            (folder / gallery_module.INDEX_JSON).unlink(missing_ok=True)
+            g, rebuilt = opened()
+            g.close()
+            point = {"first_build_s": round(built, 1), "close_with_save_s": round(closed, 1), "open_loading_saved_s": round(loaded, 1),
+                     "open_rebuilding_s": round(rebuilt, 1), "saved_index_mb": round(saved_mb, 1), "loaded_answers_as_before": same,
+                     "options": options}
+            print(f"restart {kind} ({len(vectors):,} rows): first build {point['first_build_s']} s, close {point['close_with_save_s']} s, "
+                  f"open loading the saved index {point['open_loading_saved_s']} s vs rebuilding {point['open_rebuilding_s']} s; "
+                  f"same answers {same}", flush=True)
+            report["indexes"][kind] = point
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    return report
+
+
 # ---------------------------------------------------------------------------------------------- plot and main
 def plot(report: dict, path: Path) -> None:
     import matplotlib
@@ -474,7 +542,8 @@ def plot(report: dict, path: Path) -> None:
 
     approximate = [(name, label, key) for name, label, key in (("ivf", "IVF (nprobe)", "nprobe"), ("hnsw", "HNSW (efSearch)", "ef_search"))
                    if name in report.get("vectors", {})]
-    columns = (2 if "gallery" in report else 0) + (1 if approximate else 0)
+    restart = report.get("restart", {}).get("indexes", {})
+    columns = (2 if "gallery" in report else 0) + (1 if approximate else 0) + (1 if restart else 0)
     if not columns:
         return
     fig, axes = plt.subplots(1, columns, figsize=(6 * columns, 4.2), squeeze=False)
@@ -494,9 +563,20 @@ def plot(report: dict, path: Path) -> None:
             ax.set_xticks(sorted({p["clients"] for p in g["points"]}), labels=[str(c) for c in sorted({p["clients"] for p in g["points"]})])
             ax.grid(alpha=.3)
             ax.legend(fontsize=8)
+    if restart:
+        ax = axes[-1]
+        kinds = list(restart)
+        x = np.arange(len(kinds))
+        for offset, key, label in ((-0.2, "open_rebuilding_s", "open, rebuilding the index"), (0.2, "open_loading_saved_s", "open, loading the saved index")):
+            bars = ax.bar(x + offset, [restart[k][key] for k in kinds], 0.4, label=label)
+            ax.bar_label(bars, fmt="%.1f s", fontsize=8)
+        ax.set_xticks(x, labels=[k.upper() for k in kinds])
+        ax.set(ylabel="seconds", title=f"gallery restart, {report['restart']['size']:,} rows")
+        ax.grid(alpha=.3, axis="y")
+        ax.legend(fontsize=8)
     if approximate:
         v = report["vectors"]
-        ax = axes[-1]
+        ax = axes[-2 if restart else -1]
         for name, label, key in approximate:
             points = v[name]["points"]
             ax.plot([p["ms_per_query_p50"] for p in points], [p["recall_at_100"] for p in points], marker="o",
@@ -544,6 +624,7 @@ def parse_args(argv=None):
     p.add_argument("--ivf-lists", type=positive_int, help="IVF lists (default: engine.serve.index.ivf_lists(--vectors))")
     p.add_argument("--nprobe", type=positive_int, nargs="+", default=[8, 16, 32, 64, 128, 256])
     p.add_argument("--build-seconds", type=positive_float, default=3600, help="give up building HNSW after this long")
+    p.add_argument("--restart-size", type=positive_int, default=200_000, help="rows of the restart part's gallery")
     p.add_argument("--durability-adds", type=positive_int, default=30, help="kill -9 after this many acknowledged adds ...")
     p.add_argument("--durability-seconds", type=positive_float, default=120, help="... or after this long")
     return p.parse_args(argv)
@@ -573,6 +654,9 @@ def main(argv=None) -> int:
         elif part == "vectors":
             dim = json.loads((artifact / "manifest.json").read_text())["dims"]["shortlist_dim"] if artifact else 512
             report["vectors"] = run_vectors(args, dim)
+        elif part == "restart":
+            dim = json.loads((artifact / "manifest.json").read_text())["dims"]["shortlist_dim"] if artifact else 512
+            report["restart"] = run_restart(args, dim)
         else:
             report["durability"] = run_durability(args, artifact)
         report[part]["wall_s"] = round(time.perf_counter() - started, 1)

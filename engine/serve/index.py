@@ -84,6 +84,7 @@ class VectorIndex:
         faiss = _faiss()
         self.threads, self.search_threads = int(threads) if threads else None, max(1, int(search_threads))
         self.kind, self.dim, self.ef_search = kind, dim, ef_search
+        self.hnsw_m, self.ef_construction = int(hnsw_m), int(ef_construction)
         self.nprobe, self.nlist, self.fixed_nlist, self.train_at, self.trained_at = nprobe, nlist, nlist, max(1, train_at), 0
         self.trained = kind != "ivf"  # an IVF index is a flat one until train_at vectors are there
         if kind in ("flat", "ivf"):
@@ -135,6 +136,45 @@ class VectorIndex:
         index.set_direct_map_type(faiss.DirectMap.Array)  # reconstruct_n for the next retraining
         index.add(vectors)
         self.index, self.nlist, self.trained, self.trained_at = index, nlist, True, len(vectors)
+
+    # the options a saved index was built with: a restart with others rebuilds (search-time ones may change)
+    BUILD_OPTIONS = {"hnsw": ("hnsw_m", "ef_construction"), "ivf": ("fixed_nlist",), "flat": ()}
+
+    def build_record(self) -> dict:
+        """What this index was built as: kind, dim, build options, size and (IVF) its training; saved beside it."""
+        record = {"kind": self.kind, "dim": self.dim, "count": len(self), "trained": self.trained, "trained_at": self.trained_at,
+                  "nlist": self.nlist, "fixed_nlist": self.fixed_nlist, "faiss": getattr(_faiss(), "__version__", "?")}
+        if self.kind == "hnsw":
+            record.update(hnsw_m=self.hnsw_m, ef_construction=self.ef_construction)
+        return record
+
+    def save(self, path) -> None:
+        """The FAISS index to `path` (faiss.write_index into a temp file, fsynced, renamed: a reader sees the old file or
+        the new one). With build_record(), what load() needs. No removals: tombstones are not part of a saved index."""
+        from engine.files import atomic_path
+
+        if self.dead:
+            raise InputError(f"index with {self.dead} removed labels: expected none to save (compact first)")
+        with atomic_path(path) as tmp:
+            _faiss().write_index(self.index, str(tmp))
+
+    @classmethod
+    def load(cls, path, record: dict, **options) -> "VectorIndex":
+        """The index save() wrote, built as `record` (its build_record()) says; search-time options (ef_search, nprobe,
+        threads) from `options`. InputError if the file is not that index (callers check its sha256 first: FAISS may
+        not survive reading a damaged file)."""
+        faiss = _faiss()
+        out = cls(record["kind"], int(record["dim"]), **options)
+        try:
+            index = faiss.read_index(str(path))  # the concrete class (IndexHNSWFlat, IndexIVFFlat), owned by the proxy
+        except RuntimeError as exc:
+            raise InputError(f"{path}: FAISS cannot read it ({str(exc).splitlines()[0][:200]})") from None
+        if index.ntotal != record["count"] or index.d != out.dim:
+            raise InputError(f"{path}: {index.ntotal} vectors of dim {index.d}; expected {record['count']} of dim {out.dim}")
+        out.index = index
+        out.trained, out.trained_at, out.nlist = bool(record["trained"]), int(record["trained_at"]), record["nlist"]
+        out.live = np.ones(index.ntotal, dtype=np.uint8)
+        return out
 
     def remove(self, labels) -> None:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)

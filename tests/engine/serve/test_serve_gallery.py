@@ -4,6 +4,8 @@ resumable first indexing of a folder, and exact vs HNSW search."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -300,3 +302,80 @@ def test_an_import_leaves_out_removed_and_uploaded_images(tmp_path):
     assert after.keys() == {"b.jpg", "c.jpg"}
     assert np.array_equal(after["b.jpg"], row("b.jpg", 2).arrays["image_vectors"][0])  # the upload, not the import's row
     assert open_gallery(tmp_path).folder_state()["removed"] == ["a.jpg"]  # put_rows checkpointed: kept in folder.json
+
+
+def spread_rows(count: int, seed: int = 0) -> ImageCache:
+    """`count` synthetic rows whose vectors form clusters (an IVF index trains on them)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(8, DIM))
+    vectors = (centres[rng.integers(0, 8, count)] + 0.3 * rng.normal(size=(count, DIM))).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return ImageCache([f"img{i}" for i in range(count)], {"regions_attn": rng.normal(size=(count, 4, 3)).astype(np.float32),
+                                                          "image_vectors": vectors}, FINGERPRINT, "fp32")
+
+
+@pytest.mark.parametrize("kind, options", [("hnsw", {"hnsw_m": 8}), ("ivf", {"train_at": 100, "nlist": 8, "nprobe": 2})])
+def test_an_approximate_index_saved_at_close_is_loaded_not_rebuilt(tmp_path, monkeypatch, kind, options, caplog):
+    """close() saves an HNSW / trained IVF index beside the snapshot; the next open loads it (no vector added to a
+    fresh index) and answers exactly as before; writes after it (the log) are added on top; another build option,
+    a damaged file or removals at close make the next open rebuild, never fail."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="engine.serve")
+    rows = spread_rows(600)
+    queries = rows.arrays["image_vectors"][:20] + 0.05
+    g = open_gallery(tmp_path, index_kind=kind, index_options=options)
+    g.put_rows(rows)
+    assert g.wait_compaction(30)  # IVF: writes never train; the retraining they start runs in a thread
+    before = g.index.search(queries, 10)
+    g.close()
+    assert (tmp_path / gallery_module.INDEX_FILE).is_file() and (tmp_path / gallery_module.INDEX_JSON).is_file()
+
+    added = []
+    real_add = VectorIndex.add
+    monkeypatch.setattr(VectorIndex, "add", lambda self, vectors, train=True: added.append(len(vectors)) or real_add(self, vectors, train))
+    again = open_gallery(tmp_path, index_kind=kind, index_options=options)
+    assert added == [] and len(again.index) == 600
+    after = again.index.search(queries, 10)
+    assert np.array_equal(before[0], after[0]) and np.allclose(before[1], after[1])
+    if kind == "ivf":
+        assert again.index.trained and again.index.nlist == 8
+    again.put([("new", row("new", 1234), None)])  # in the log, not in the saved index
+    assert again.search(row("new", 1234).arrays["image_vectors"], 1)[1][0].size == 1
+    # no close (kill -9): the snapshot and the saved index still match; the log's write is added on top
+    added.clear()
+    third = open_gallery(tmp_path, index_kind=kind, index_options=options)
+    assert added == [1] and len(third.index) == 601 and "new" in third
+    view, slots, _ = third.search(row("new", 1234).arrays["image_vectors"], 1)
+    assert view.ids[slots[0][0]] == "new"
+    third.close()  # the snapshot now holds 601 rows: the index is saved again for them
+    meta = json.loads((tmp_path / gallery_module.INDEX_JSON).read_text())
+    assert meta["count"] == 601
+
+    # another build option: rebuilt
+    added.clear()
+    other = dict(options, hnsw_m=16) if kind == "hnsw" else dict(options, nlist=16)
+    rebuilt = open_gallery(tmp_path, index_kind=kind, index_options=other)
+    assert added == [601] and "differ" in caplog.text
+    rebuilt.close()  # saved for the new options
+    # a damaged file: rebuilt (its sha256 is checked before FAISS reads it)
+    saved = tmp_path / gallery_module.INDEX_FILE
+    data = bytearray(saved.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    saved.write_bytes(bytes(data))
+    added.clear()
+    damaged = open_gallery(tmp_path, index_kind=kind, index_options=other)
+    assert added == [601] and "damaged" in caplog.text
+    assert damaged.remove("img0")
+    damaged.close()  # a removal: the snapshot's rows are renumbered, so no index is saved for them
+    assert not (tmp_path / gallery_module.INDEX_JSON).is_file() or json.loads((tmp_path / gallery_module.INDEX_JSON).read_text())["count"] != 600
+    added.clear()
+    last = open_gallery(tmp_path, index_kind=kind, index_options=other)
+    assert added == [600] and "img0" not in last and len(last.index) == 600
+
+
+def test_a_flat_index_is_never_saved(tmp_path):
+    g = open_gallery(tmp_path)
+    g.put_rows(spread_rows(50))
+    g.close()
+    assert not (tmp_path / gallery_module.INDEX_FILE).exists()
