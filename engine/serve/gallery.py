@@ -17,10 +17,12 @@ On disk (`index_dir`):
     log-<n>.bin      sealed segments (n grows): writes before a checkpoint that has not deleted them yet
     blobs/<sha>      uploaded photos (the page shows them), written before their log record
     folder.json      the folder's first indexing: {"folder", "done", "skipped": {file: reason}, "removed": [ids]}
-    first-stage.faiss, first-stage.json   an approximate index (HNSW, trained IVF) saved at close with what it
-                     was built as and the sha256 of its file and of the snapshot's vectors it indexes: the next open
-                     loads it instead of rebuilding (HNSW links / IVF k-means: minutes at 1M), when all of that
-                     matches; else (a crash, another --hnsw-m, a damaged file, removals at close) it rebuilds as before
+    first-stage.faiss, first-stage.json   an approximate index (HNSW, trained IVF) with what it was built as and
+                     the sha256 of its file and of the vectors it indexes (slots 0..n-1); saved at close and after an
+                     import (when the snapshot holds exactly its slots) and by a rebuild (IVF training, compaction) before
+                     it is swapped in. An open whose snapshot starts with those n vectors loads it and adds the rest
+                     instead of rebuilding (HNSW links / IVF k-means: minutes at 1M); anything else (other --hnsw-m or
+                     --ivf-lists, other vectors, a damaged file) rebuilds as before, one log line saying why
 
 Durability: a write is acknowledged only after its log record is fsynced, so an acknowledged
 write survives kill -9. On open the snapshot is loaded and the segments replayed, sealed ones oldest
@@ -148,6 +150,7 @@ class Gallery:
         self.log_handle = None
         self.sealed: list[Path] = []  # sealed segments no snapshot holds yet, oldest first
         self.checkpoint_lock = threading.Lock()  # one checkpoint at a time: held from its seal to its last deletion
+        self.index_file_lock = threading.Lock()  # one writer of first-stage.faiss / .json at a time
         self.checkpoint_thread: threading.Thread | None = None  # the one a write started
         self.compaction: _Compaction | None = None  # the one in flight
         self.rebuild_failures = 0  # failed rebuilds in a row; the next may start at retry_at (time.monotonic)
@@ -236,12 +239,12 @@ class Gallery:
     def _apply_put(self, ids: list[str], arrays: dict[str, np.ndarray], train: bool = False, index: VectorIndex | None = None) -> None:
         """Rows into fresh slots, their vectors into the index. train: the index may train here (a build: open, a
         rebuild's thread); writes never do (a due IVF training is a rebuild: _maybe_compact). index: an empty
-        gallery's first rows come with their index already built (a saved one: _saved_index), not added to one."""
+        gallery's first rows come with an index built over the first len(index) of them (a saved one: _saved_index)."""
         if VECTORS not in arrays:
             raise InputError(f"image rows without {VECTORS!r}; expected an artifact with shortlist graphs (export --shortlist)")
         self._ensure_capacity(arrays, len(ids))
-        if index is not None:
-            assert self.index is None and not self.count and len(index) == len(ids) == len(set(ids))
+        if index is not None:  # it holds the first len(index) rows' vectors; the others are added below
+            assert self.index is None and not self.count and len(index) <= len(ids) == len(set(ids))
             self.index = index
         if self.index is None:
             self.index = VectorIndex(self.index_kind, arrays[VECTORS].shape[1], **self.index_options)
@@ -253,8 +256,9 @@ class Gallery:
             self.index.remove(old)
             for slot in old:
                 self.slot_ids[slot] = ""
-        if index is None:
-            self.index.add(np.asarray(arrays[VECTORS], np.float32), train=train)
+        skip = 0 if index is None else len(index)
+        if skip < len(ids):
+            self.index.add(np.asarray(arrays[VECTORS][skip:], np.float32), train=train)
         for offset, image_id in enumerate(ids):
             if image_id in self.slots and self.slots[image_id] >= start:  # the same id twice in one call: the last wins
                 self.index.remove([self.slots[image_id]])
@@ -277,34 +281,28 @@ class Gallery:
         return True
 
     # ------------------------------------------------------------------------------ the saved first-stage index
-    def _index_record(self, vectors: np.ndarray) -> dict | None:
-        """What an index built now over `vectors` would be saved as, less its file's sha256 (None: flat, or an IVF
-        index that would not be trained: rebuilding those is a copy)."""
-        if self.index_kind == "flat":
-            return None
-        probe = VectorIndex(self.index_kind, vectors.shape[1], **self.index_options)
-        record = probe.build_record()
-        if self.index_kind == "ivf" and len(vectors) < probe.train_at:
-            return None
-        record.update(count=len(vectors), snapshot_vectors_sha256=_sha256(vectors))
-        return record
+    BUILD_KEYS = ("kind", "dim", "hnsw_m", "ef_construction", "fixed_nlist")  # a saved index built otherwise is rebuilt
 
     def _saved_index(self, cache: ImageCache) -> VectorIndex | None:
-        """The index saved at the last close, if it was built over exactly this snapshot's vectors with this gallery's
-        build options and its file is intact; else None (the caller builds one), with the reason logged."""
+        """The saved index (first-stage.faiss), if it was built with this gallery's build options over the first rows
+        of this snapshot (the same vectors, in order: sha256) and its file is intact; else None (the caller builds
+        one), the reason logged. The snapshot's rows past it are for the caller to add (_apply_put)."""
         saved, meta_path = self.root / INDEX_FILE, self.root / INDEX_JSON
-        if not meta_path.is_file() or not saved.is_file():
+        if self.index_kind == "flat" or not meta_path.is_file() or not saved.is_file():
             return None
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            vectors = np.asarray(cache.arrays[VECTORS])  # as stored: the bytes _write_index_file hashed
+            want = VectorIndex(self.index_kind, vectors.shape[1], **self.index_options).build_record()
+            count = int(meta["count"])
+            differ = [k for k in self.BUILD_KEYS if meta.get(k) != want.get(k)]
+            if count > len(vectors):
+                differ.append(f"count ({count} > the snapshot's {len(vectors)})")
+            elif not differ and _sha256(vectors[:count]) != meta.get("vectors_sha256"):
+                differ.append("vectors")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s: unreadable (%s); rebuilding the first-stage index", meta_path, exc)
             return None
-        want = self._index_record(np.asarray(cache.arrays[VECTORS]))  # as stored: the bytes _save_index hashed
-        keys = ("kind", "dim", "count", "hnsw_m", "ef_construction", "fixed_nlist", "snapshot_vectors_sha256")
-        differ = [k for k in keys if want is None or meta.get(k) != want.get(k)]
-        if want is not None and not differ and meta.get("kind") == "ivf" and not meta.get("trained"):
-            differ = ["trained"]
         if differ:
             log.info("%s: saved for another gallery or build (%s differ); rebuilding the first-stage index", saved, ", ".join(differ))
             return None
@@ -316,31 +314,36 @@ class Gallery:
         except InputError as exc:
             log.warning("%s; rebuilding the first-stage index", exc)
             return None
-        log.info("%s: loaded (%d vectors), not rebuilt", saved, len(index))
+        log.info("%s: loaded (%d of the snapshot's %d vectors), not rebuilt", saved, len(index), len(vectors))
         return index
 
-    def _save_index(self) -> None:
-        """Under the lock, at close, after its checkpoint: save the approximate index when the snapshot holds exactly
-        its labels (every slot live, nothing written since the checkpoint) and the saved one is not that already.
-        A failure is logged, never raised: the next open rebuilds."""
-        if self.index is None or self.log_records or self.sealed or self.index.dead or not all(self.slot_ids[:self.count]):
+    def _write_index_file(self, index: VectorIndex, vectors: np.ndarray) -> None:
+        """Save `index`, built over `vectors` (its labels 0..len-1, in that order), unless the saved one is that
+        already. The caller makes sure nothing adds to `index` meanwhile (it holds the lock, or the index is not
+        shared yet). Only an approximate index worth keeping (HNSW, trained IVF) with no removed label; a failure is
+        logged, never raised: the next open rebuilds."""
+        if index.kind == "flat" or (index.kind == "ivf" and not index.trained) or index.dead or not len(index):
             return
-        record = self._index_record(self.buffers[VECTORS][:self.count])
-        if record is None or (self.index_kind == "ivf" and not self.index.trained):
-            return
-        record.update(self.index.build_record(), snapshot_vectors_sha256=record["snapshot_vectors_sha256"])
+        record = {**index.build_record(), "vectors_sha256": _sha256(vectors[:len(index)])}
         saved, meta_path = self.root / INDEX_FILE, self.root / INDEX_JSON
-        try:
-            if meta_path.is_file() and saved.is_file():
-                old = json.loads(meta_path.read_text(encoding="utf-8"))
-                if all(old.get(k) == v for k, v in record.items()) and file_sha256(saved) == old.get("index_sha256"):
-                    return  # loaded at open and unchanged since
-            meta_path.unlink(missing_ok=True)  # never a record that names another file's sha256
-            self.index.save(saved)
-            record["index_sha256"] = file_sha256(saved)
-            write_file_durable(meta_path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
-        except (OSError, InputError, RuntimeError) as exc:
-            log.warning("saving the first-stage index to %s failed (%s); the next start rebuilds it", saved, exc)
+        with self.index_file_lock:
+            try:
+                if meta_path.is_file() and saved.is_file():
+                    old = json.loads(meta_path.read_text(encoding="utf-8"))
+                    if all(old.get(k) == v for k, v in record.items()) and file_sha256(saved) == old.get("index_sha256"):
+                        return  # loaded at open, or saved since, and unchanged
+                meta_path.unlink(missing_ok=True)  # never a record naming another file's sha256
+                index.save(saved)
+                record["index_sha256"] = file_sha256(saved)
+                write_file_durable(meta_path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+            except (OSError, ValueError, InputError, RuntimeError) as exc:
+                log.warning("saving the first-stage index to %s failed (%s); the next start rebuilds it", saved, exc)
+
+    def _save_index(self) -> None:
+        """Under the lock: save the index when the snapshot on disk holds exactly its slots (every one live, nothing
+        written since the last checkpoint): at close and after an import."""
+        if self.index is not None and not self.log_records and not self.sealed and all(self.slot_ids[:self.count]):
+            self._write_index_file(self.index, self.buffers[VECTORS][:self.count])
 
     # ------------------------------------------------------------------------------ compaction
     def _live(self) -> np.ndarray:
@@ -396,8 +399,11 @@ class Gallery:
         try:
             if job.live is not None:  # no lock: the long part (row copies, the index build)
                 target = self._rebuilt(job.ids, {k: v[job.live] for k, v in job.buffers.items()})
+                if target.index is not None:  # not shared yet: nothing adds to it
+                    self._write_index_file(target.index, target.buffers[VECTORS][:target.count])
             else:
                 target = self._reindexed(job.buffers[VECTORS][:job.count])
+                self._write_index_file(target, job.buffers[VECTORS][:job.count])  # not shared yet: nothing adds to it
             done = self._catch_up(job, target, job.count if job.live is None else 0)  # no lock: the writes made meanwhile
             with self.lock:
                 if self.compaction is not job:  # the gallery was closed meanwhile
@@ -507,6 +513,9 @@ class Gallery:
             self._apply_put([cache.ids[i] for i in keep], arrays)
             self._maybe_compact()
         self.checkpoint()  # its seal comes after the rows went in: its snapshot holds them
+        with self.lock:  # an HNSW index built by the import: saved now (a crash need not rebuild it); IVF trains later
+            if self.log_handle is not None:
+                self._save_index()
 
     def remove(self, image_id: str) -> bool:
         """Remove an image by id; False if it is not in the gallery. Durable when it returns."""

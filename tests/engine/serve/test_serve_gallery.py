@@ -316,9 +316,10 @@ def spread_rows(count: int, seed: int = 0) -> ImageCache:
 
 @pytest.mark.parametrize("kind, options", [("hnsw", {"hnsw_m": 8}), ("ivf", {"train_at": 100, "nlist": 8, "nprobe": 2})])
 def test_an_approximate_index_saved_at_close_is_loaded_not_rebuilt(tmp_path, monkeypatch, kind, options, caplog):
-    """close() saves an HNSW / trained IVF index beside the snapshot; the next open loads it (no vector added to a
-    fresh index) and answers exactly as before; writes after it (the log) are added on top; another build option,
-    a damaged file or removals at close make the next open rebuild, never fail."""
+    """An HNSW / trained IVF index is saved beside the snapshot (after the import or its training, and at close); the
+    next open loads it (no vector added to a fresh index) and answers exactly as before; rows past it (the log, or a
+    later snapshot's) are added on top; another build option, a damaged file or other vectors (removals renumber the
+    snapshot's rows) make the next open rebuild, never fail."""
     import logging
 
     caplog.set_level(logging.INFO, logger="engine.serve")
@@ -327,6 +328,8 @@ def test_an_approximate_index_saved_at_close_is_loaded_not_rebuilt(tmp_path, mon
     g = open_gallery(tmp_path, index_kind=kind, index_options=options)
     g.put_rows(rows)
     assert g.wait_compaction(30)  # IVF: writes never train; the retraining they start runs in a thread
+    # saved before any close: by the import (HNSW) or by the retraining (IVF), so a crash now would not rebuild it
+    assert json.loads((tmp_path / gallery_module.INDEX_JSON).read_text())["count"] == 600
     before = g.index.search(queries, 10)
     g.close()
     assert (tmp_path / gallery_module.INDEX_FILE).is_file() and (tmp_path / gallery_module.INDEX_JSON).is_file()
@@ -348,7 +351,12 @@ def test_an_approximate_index_saved_at_close_is_loaded_not_rebuilt(tmp_path, mon
     assert added == [1] and len(third.index) == 601 and "new" in third
     view, slots, _ = third.search(row("new", 1234).arrays["image_vectors"], 1)
     assert view.ids[slots[0][0]] == "new"
-    third.close()  # the snapshot now holds 601 rows: the index is saved again for them
+    third.checkpoint()  # the snapshot holds 601 rows now; the saved index still covers its first 600
+    added.clear()
+    fourth = open_gallery(tmp_path, index_kind=kind, index_options=options)  # kill -9 again: the rest is added
+    assert added == [1] and len(fourth.index) == 601 and "new" in fourth
+    assert np.array_equal(fourth.index.search(queries, 10)[0], third.index.search(queries, 10)[0])
+    fourth.close()  # the snapshot holds its 601 rows: the index is saved again for them
     meta = json.loads((tmp_path / gallery_module.INDEX_JSON).read_text())
     assert meta["count"] == 601
 
@@ -379,3 +387,23 @@ def test_a_flat_index_is_never_saved(tmp_path):
     g.put_rows(spread_rows(50))
     g.close()
     assert not (tmp_path / gallery_module.INDEX_FILE).exists()
+
+
+def test_a_compaction_saves_its_index_for_the_next_snapshot(tmp_path, monkeypatch):
+    """A compaction's fresh HNSW index is saved before it is swapped in; once a checkpoint's snapshot holds those rows,
+    a restart after kill -9 loads it instead of rebuilding."""
+    g = open_gallery(tmp_path, index_kind="hnsw", index_options={"hnsw_m": 8})
+    g.put([(f"img{i}", row(f"img{i}", i), None) for i in range(100)])
+    for i in range(gallery_module.COMPACT_MIN):  # the 64th removal starts a compaction (>= 64 and a quarter) in a thread
+        g.remove(f"img{i}")
+    assert g.wait_compaction(30) and not g.index.dead
+    assert json.loads((tmp_path / gallery_module.INDEX_JSON).read_text())["count"] == 100 - gallery_module.COMPACT_MIN
+    g.checkpoint()  # the snapshot: the 36 live rows, in the compacted order
+    added = []
+    real_add = VectorIndex.add
+    monkeypatch.setattr(VectorIndex, "add", lambda self, vectors, train=True: added.append(len(vectors)) or real_add(self, vectors, train))
+    again = open_gallery(tmp_path, index_kind="hnsw", index_options={"hnsw_m": 8})  # no close: as after kill -9
+    assert added == [] and sorted(again.ids()) == sorted(f"img{i}" for i in range(gallery_module.COMPACT_MIN, 100))
+    query = row("img85", 85).arrays["image_vectors"]
+    view, slots, _ = again.search(query, 1)
+    assert view.ids[slots[0][0]] == "img85"
