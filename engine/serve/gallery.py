@@ -56,8 +56,9 @@ replay), which are swapped in: exactly the compaction under the lock when it beg
 writes. An IVF index due for training (VectorIndex.training_due: it reached train_at or grew
 4-fold; writes add with train=False) is rebuilt the same way without moving rows: a new index over
 the same slots is trained in the thread while the old one answers; it gets the slots written since
-(the same two steps) and, at the swap, every removal. Neither writes a file (the snapshot and log
-hold their inputs), so a crash during one loses nothing acknowledged. A failed rebuild leaves the
+(the same two steps) and, at the swap, every removal. Neither writes the snapshot or the log (they hold
+their inputs), so a crash during one loses nothing acknowledged; each saves its new index before the swap
+(first-stage.faiss, above: a cache that open checks by sha256, never the only copy of anything). A failed rebuild leaves the
 old rows and index in service; writes retry it after RETRY_FIRST_S, doubled per failure in a row.
 
 The folder's first indexing (index_folder) and an import (engine/serve/state.py) add only images
@@ -209,7 +210,7 @@ class Gallery:
                 self.log_handle.close()
                 self.log_handle = None
                 self._save_index()  # no write comes after this point: the index is the snapshot's, or it is not saved
-                self.compaction = None  # a rebuild still running is dropped when it ends (it writes no file)
+                self.compaction = None  # a rebuild still running is dropped when it ends (no snapshot or log: at most its index file)
 
     def __len__(self) -> int:
         return len(self.slots)

@@ -137,9 +137,6 @@ class VectorIndex:
         index.add(vectors)
         self.index, self.nlist, self.trained, self.trained_at = index, nlist, True, len(vectors)
 
-    # the options a saved index was built with: a restart with others rebuilds (search-time ones may change)
-    BUILD_OPTIONS = {"hnsw": ("hnsw_m", "ef_construction"), "ivf": ("fixed_nlist",), "flat": ()}
-
     def build_record(self) -> dict:
         """What this index was built as: kind, dim, build options, size and (IVF) its training; saved beside it."""
         record = {"kind": self.kind, "dim": self.dim, "count": len(self), "trained": self.trained, "trained_at": self.trained_at,

@@ -60,7 +60,7 @@ IMPORT_CHUNK = 1024  # store rows encoded per step of an import (the arrays of 1
 
 def _without_fingerprints(record):
     """The extractor record without what does not make the features: fingerprints, graph bytes' sha256 (checked apart:
-    same_graphs) and the parity figures measured when the graphs were exported (`parity_*`: the same graphs exported
+    graph_differences) and the parity figures measured when the graphs were exported (`parity_*`: the same graphs exported
     beside another OpenCV give another last digit)."""
     if isinstance(record, dict):
         return {k: _without_fingerprints(v) for k, v in record.items()
