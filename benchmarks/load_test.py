@@ -103,11 +103,13 @@ def prepare_gallery(images: Path, size: int) -> Path:
     return folder
 
 
-def index_dir(size: int, artifact: Path) -> Path:
-    """The gallery index of `size` photos for this artifact (its manifest's hash: a re-exported artifact gets a new index)."""
+def index_dir(size: int, artifact: Path, rows: str = "fp32") -> Path:
+    """The gallery index of `size` photos for this artifact (its manifest's hash: a re-exported artifact gets a new index),
+    one per --gallery-rows (an fp32 run never reads rows an fp16 run rounded)."""
     import hashlib
 
-    return WORK / f"index-{size}-{artifact.name}-{hashlib.sha256((artifact / 'manifest.json').read_bytes()).hexdigest()[:12]}"
+    suffix = "" if rows == "fp32" else f"-{rows}"
+    return WORK / f"index-{size}-{artifact.name}-{hashlib.sha256((artifact / 'manifest.json').read_bytes()).hexdigest()[:12]}{suffix}"
 
 
 def caption_pool(captions: Path, count: int, seed: int = 0) -> list[str]:
@@ -224,9 +226,10 @@ async def drive(url: str, clients: int, requests: int, seconds: float, texts: li
 
 def run_gallery(args, artifact: Path) -> dict:
     folder = prepare_gallery(args.images, args.gallery_size)
-    index = index_dir(args.gallery_size, artifact)
+    index = index_dir(args.gallery_size, artifact, args.gallery_rows)
     texts = caption_pool(args.captions, 40_000)
     report = {"gallery_images": len(list(folder.iterdir())), "top_k": 10, "rerank_k": 100, "threads": args.threads,
+              "gallery_rows": args.gallery_rows,
               "batch_workers": args.batch_workers, "max_wait_ms": args.max_wait_ms, "points": []}
     if args.import_store is not None:
         report["import_store"] = str(args.import_store)
@@ -234,7 +237,7 @@ def run_gallery(args, artifact: Path) -> dict:
     for batching in ("on", "off"):
         server_args = ["--model", str(artifact), "--gallery", str(folder), "--index", str(index), "--batching", batching,
                        "--threads", str(args.threads), "--path", args.path, "--batch-workers", str(args.batch_workers),
-                       "--max-wait-ms", str(args.max_wait_ms)]
+                       "--max-wait-ms", str(args.max_wait_ms), "--gallery-rows", args.gallery_rows]
         if args.import_store is not None:
             server_args += ["--import-store", str(args.import_store)]
         server = Server(server_args, WORK / "server-gallery.log")
@@ -611,6 +614,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-workers", type=positive_int, default=2, help="the server's --batch-workers")
     p.add_argument("--path", default="auto", choices=PATHS, help="the server's --path (scoring path)")
     p.add_argument("--max-wait-ms", type=positive_float, default=5.0, help="the server's --max-wait-ms")
+    p.add_argument("--gallery-rows", default="fp32", choices=("fp32", "fp16"), help="the server's --gallery-rows")
     p.add_argument("--import-store", type=Path, help="feature store of the model's pipeline: the gallery's images it holds are "
                    "imported from their features on the first start (engine.serve --import-store)")
     p.add_argument("--vectors", type=positive_int, default=1_000_000)

@@ -125,7 +125,7 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
             raise KernelError(f"{path}: cannot load the W2R kernel ({exc}); rebuild it: python -m engine.kernels build --force") from None
         p = ctypes.c_void_p
         lib.bssan_w2r_grid.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [p] * 8
-                                       + [ctypes.c_float, ctypes.c_int, ctypes.c_int, p, p, p, p, p])
+                                       + [ctypes.c_float, ctypes.c_int, ctypes.c_int, p, p, p, p, p, ctypes.c_int])
         lib.bssan_w2r_grid.restype = ctypes.c_int
         lib.bssan_o2w_grid.argtypes = ([ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [p] * 6
                                        + [ctypes.c_float, ctypes.c_int, p, p, ctypes.c_int, p, p, p, p])
@@ -149,18 +149,22 @@ def _word_rows(kernel: str, arrays: dict[str, np.ndarray], offsets: np.ndarray |
     return [block.reshape(count * width, -1) for block in blocks], np.arange(count, dtype=np.int64) * width
 
 
-def _f32(array: np.ndarray, name: str, ndim: int) -> np.ndarray:
+def _f32(array: np.ndarray, name: str, ndim: int, dtype=np.float32) -> np.ndarray:
     if array.ndim != ndim:
         raise InputError(f"kernel input {name!r}: expected {ndim} dims, got shape {list(array.shape)}")
-    if array.dtype != np.float32:
-        raise InputError(f"kernel input {name!r}: expected float32, got {array.dtype}")
+    if array.dtype != dtype:
+        raise InputError(f"kernel input {name!r}: expected {np.dtype(dtype).name}, got {array.dtype}")
     return np.ascontiguousarray(array)
 
 
-def _image_inputs(kernel: str, arrays: dict[str, np.ndarray], image_rows: np.ndarray | None):
+def _image_inputs(kernel: str, arrays: dict[str, np.ndarray], image_rows: np.ndarray | None, half_ok: bool = False):
     """([arrays as float32 [I, ...]], image_rows): each array's first row only without image_rows (ONE image x every
-    caption row), else every row, with image_rows (int64) checked against them (pooled pairs)."""
-    out = [_f32(array, name, 3) for name, array in arrays.items()]
+    caption row), else every row, with image_rows (int64) checked against them (pooled pairs). half_ok: float16
+    arrays pass as they are when all of them are float16 (the W2R kernel widens them itself)."""
+    if half_ok and all(np.asarray(a).dtype == np.float16 for a in arrays.values()):
+        out = [_f32(np.asarray(array).view(np.uint16), name, 3, np.uint16) for name, array in arrays.items()]
+    else:
+        out = [_f32(array, name, 3) for name, array in arrays.items()]
     if image_rows is None:
         return [array[:1] for array in out], None
     image_rows = np.ascontiguousarray(image_rows, np.int64)
@@ -248,9 +252,11 @@ class W2RKernel(_BranchKernel):
         words / gates_words: a padded block [N, L, E] / [N, L, 4H] (offsets None), or word rows [T, E] / [T, 4H] with
         caption n's words at rows offsets[n] .. offsets[n] + lengths[n] (a CaptionCache's own arrays: no copy).
         image_rows None: ONE image (regions_* [1, ...]) x every caption row; else caption row n is scored with
-        image row image_rows[n] of regions_* [I, ...] (pooled pairs: nothing gathered)."""
+        image row image_rows[n] of regions_* [I, ...] (pooled pairs: nothing gathered). regions_*: float32, or both
+        float16 (a gallery storing them at half the memory: engine.serve --gallery-rows fp16), widened in the kernel."""
         (keys, values), image_rows = _image_inputs("W2R", {"regions_attn": regions_attn, "regions_values": regions_values},
-                                                   image_rows)
+                                                   image_rows, half_ok=self.input_weight_u_t is None)
+        half = int(keys.dtype == np.uint16)
         if self.input_weight_u_t is not None:  # "regions" artifacts: G = R W_ih_u^T, for the images used only
             if image_rows is not None:
                 used, image_rows = np.unique(image_rows, return_inverse=True)
@@ -273,7 +279,7 @@ class W2RKernel(_BranchKernel):
                                          gates_words.ctypes.data, offsets.ctypes.data, lengths.ctypes.data,
                                          self.weight_hh_t.ctypes.data, self.attn_bias, int(self.bounded), self.depth,
                                          self._widths.ctypes.data, self._mlp_weights.ctypes.data, self._mlp_biases.ctypes.data,
-                                         scores.ctypes.data, None if h is None else h.ctypes.data)
+                                         scores.ctypes.data, None if h is None else h.ctypes.data, half)
             if rc != 0:
                 raise InputError(f"W2R kernel: {_ERRORS.get(rc, f'error {rc}')} (lengths {int(lengths.min())}..{int(lengths.max())}, "
                                  f"{len(words)} word rows)")

@@ -78,6 +78,12 @@ static inline vf vrecip(vf x) {
 static inline vf vsigmoid(vf x) { return vrecip(1.0f + vexp(-x)); }
 static inline vf vtanh(vf x) { return 2.0f * vrecip(1.0f + vexp(-2.0f * x)) - 1.0f; }
 
+/* dst[0:n] = the fp16 values src[0:n] widened to fp32 (vcvtph2ps where the CPU has F16C: the compiler vectorises) */
+static void widen_half(const uint16_t *src, float *dst, size_t n) {
+  const _Float16 *h = (const _Float16 *)src;
+  for (size_t i = 0; i < n; i++) dst[i] = (float)h[i];
+}
+
 /* sum_i x[i] y[i] */
 static inline float dot(const float *x, const float *y, int n) {
   vf acc0 = splat(0.0f), acc1 = splat(0.0f);
@@ -195,7 +201,9 @@ int bssan_w2r_simd_width(void) { return VW; }
 int bssan_w2r_block_rows(void) { return MR; }
 
 /* Returns 0, or a negative code: -1 bad sizes, -2 out of memory, -3 a caption's words outside the word rows,
- * -4 an image row outside [0, I).
+ * -4 an image row outside [0, I). keys and values are float32, or fp16 (IEEE half, uint16 bits) when `half`: a
+ * gallery that stores them at half the memory; each image's rows are widened into an fp32 scratch once per call
+ * (grid) or per run of pairs on the same image (pooled pairs), and the math after is the fp32 kernel's.
  *   I, image_rows            NULL: ONE image x every caption row (a grid block; I = 1). Else the pairs' images:
  *                            caption row n is scored with image image_rows[n] of keys/values [I, ...] (a re-rank's
  *                            pooled pairs: the W_hh product stays one GEMM over the rows, the attention and a_t G
@@ -213,10 +221,12 @@ int bssan_w2r_block_rows(void) { return MR; }
  *   mlp_weights, mlp_biases  layer l's W [widths[l], widths[l+1]] (input-major: y = x W + b) and b, concatenated
  *   scores      [N]          Y of each caption row
  *   h_out       [N, H]       the state after each caption's last real word (NULL: not wanted) */
-int bssan_w2r_grid(int D, int E, int H, int64_t T, int N, int I, const int64_t *image_rows, const float *keys,
-                   const float *values, const float *words, const float *gates_words, const int64_t *offsets,
+int bssan_w2r_grid(int D, int E, int H, int64_t T, int N, int I, const int64_t *image_rows, const void *keys_in,
+                   const void *values_in, const float *words, const float *gates_words, const int64_t *offsets,
                    const int64_t *lengths, const float *weight_hh_t, float attn_bias, int bounded,
-                   int depth, const int *widths, const float *mlp_weights, const float *mlp_biases, float *scores, float *h_out) {
+                   int depth, const int *widths, const float *mlp_weights, const float *mlp_biases, float *scores, float *h_out,
+                   int half) {
+  const float *keys = (const float *)keys_in, *values = (const float *)values_in;
   if (D < 1 || E < 1 || H < 1 || T < 0 || N < 0 || I < 1 || (!image_rows && I != 1) || depth < 1 || depth > MAX_DEPTH || widths[0] != H ||
       widths[depth] != 1)
     return -1;
@@ -248,6 +258,9 @@ int bssan_w2r_grid(int D, int E, int H, int64_t T, int N, int I, const int64_t *
   float *gw = pairs ? NULL : aligned_alloc(64, sizeof(float) * SB * gpad);       /* [SB, 4H padded]: gates_words[:, t] */
   float *logits = pairs ? NULL : aligned_alloc(64, sizeof(float) * SB * dpad);   /* [SB, D padded] */
   const float **wrow = pairs ? NULL : malloc(sizeof(float *) * SB), **none = pairs ? NULL : calloc(SB, sizeof(float *));
+  /* half: one image's keys and values widened to fp32 (grid: the image; pairs: the current run's image) */
+  float *keys_w = half ? aligned_alloc(64, sizeof(float) * ((size_t)D * E + VW)) : NULL;
+  float *values_w = half ? aligned_alloc(64, sizeof(float) * ((size_t)D * G4 + VW)) : NULL;
   float *step_p = aligned_alloc(64, sizeof(float) * (size_t)KS * gpad);
   float *a = aligned_alloc(64, sizeof(float) * SB * K);          /* [SB, D + H]: attention of word t, then h */
   float *cell = aligned_alloc(64, sizeof(float) * SB * H);       /* [SB, H] */
@@ -275,9 +288,15 @@ int bssan_w2r_grid(int D, int E, int H, int64_t T, int N, int I, const int64_t *
   }
   int rc = 0;
   if (!mlp_ok || (pairs ? !pre || !lgall : !keys_p || !gw || !logits || !wrow || !none) || !step_p || !a || !cell || !gates ||
-      !zero_row || !grow || !arow || !crow) {
+      !zero_row || !grow || !arow || !crow || (half && (!keys_w || !values_w))) {
     rc = -2;
     goto done;
+  }
+  if (half && !pairs) { /* grid: the one image, widened once */
+    widen_half((const uint16_t *)keys_in, keys_w, (size_t)D * E);
+    widen_half((const uint16_t *)values_in, values_w, (size_t)D * G4);
+    keys = keys_w;
+    values = values_w;
   }
   if (pairs) { /* B = W_hh^T [H, 4H]; the attention and a_t G are per row */
     pack(weight_hh_t, H, G4, G4, 0, step_p);
@@ -301,8 +320,14 @@ int bssan_w2r_grid(int D, int E, int H, int64_t T, int N, int I, const int64_t *
     if (pairs) /* each row's gate inputs of every step: gates_words + a_t G of its image (keys and G streamed once) */
       for (int r = 0; r < rows; r++) {
         const int len = (int)lengths[n0 + r];
-        const float *ki = keys + (size_t)image_rows[n0 + r] * D * E, *gi = values + (size_t)image_rows[n0 + r] * D * G4,
-                    *wr = words + (size_t)offsets[n0 + r] * E;
+        const float *ki = keys_w, *gi = values_w, *wr = words + (size_t)offsets[n0 + r] * E;
+        if (!half) {
+          ki = keys + (size_t)image_rows[n0 + r] * D * E;
+          gi = values + (size_t)image_rows[n0 + r] * D * G4;
+        } else if (r == 0 || image_rows[n0 + r] != image_rows[n0 + r - 1]) { /* widened once per run of the same image */
+          widen_half((const uint16_t *)keys_in + (size_t)image_rows[n0 + r] * D * E, keys_w, (size_t)D * E);
+          widen_half((const uint16_t *)values_in + (size_t)image_rows[n0 + r] * D * G4, values_w, (size_t)D * G4);
+        }
         logits_rows(wr, len, ki, D, E, lgall, dpad);
         float *pr = pre + (size_t)r * lmax * gpad;
         for (int t = 0; t < len; t++) {
@@ -394,6 +419,7 @@ done:
 #if defined(__SSE__)
   _mm_setcsr(csr);
 #endif
+  free(keys_w); free(values_w);
   free(pre); free(lgall);
   free(keys_p); free(step_p); free(gw); free(a); free(cell); free(gates); free(logits); free(zero_row);
   free(wrow); free(grow); free(arow); free(crow); free(none);

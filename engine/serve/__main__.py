@@ -27,6 +27,7 @@ from engine.runtime import PATHS
 from engine.serve.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, DEFAULT_WORKERS
 from engine.serve.index import DEFAULT_EF_SEARCH, DEFAULT_HNSW_M, DEFAULT_NPROBE, INDEX_KINDS
 from engine.serve.service import Limits
+from engine.serve.state import GALLERY_ROWS
 
 API_KEY_ENV = "BSSAN_API_KEY"
 GRACEFUL_SECONDS = 30  # longest wait for in-flight requests at shutdown (a K=1000 re-rank takes ~1 s)
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--path", default="auto", choices=PATHS, help="what scores BSSAN pairs: the grid/pair ONNX graphs or the "
                    "fused W2R kernel (python -m engine.kernels build); auto: the fastest python -m benchmarks.run recorded here")
     p.add_argument("--index-kind", default="flat", choices=INDEX_KINDS, help="flat: exact inner product; hnsw, ivf: approximate (engine/serve/index.py)")
+    p.add_argument("--gallery-rows", default="fp32", choices=GALLERY_ROWS, help="fp16: the gallery keeps each image's W2R rows "
+                   "(regions_attn, regions_values) at half the memory; needs --path kernel; scores move by ~1e-3 (README)")
     p.add_argument("--hnsw-m", type=positive_int, default=DEFAULT_HNSW_M)
     p.add_argument("--ef-search", type=positive_int, default=DEFAULT_EF_SEARCH, help="HNSW: candidates kept per query")
     p.add_argument("--nprobe", type=positive_int, default=DEFAULT_NPROBE, help="IVF: lists scanned per query")
@@ -82,7 +85,7 @@ def config_from_args(args):
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=int(args.max_image_mp * 1e6),
                     max_caption_chars=args.max_caption_chars, max_top_k=args.max_top_k, max_rerank_k=args.max_rerank_k)
     return ServeConfig(model=args.model, gallery=args.gallery, index_dir=args.index, import_store=args.import_store, captions=args.captions,
-                       backend=args.backend, precision=args.precision, threads=args.threads, path=args.path, index_kind=args.index_kind,
+                       backend=args.backend, precision=args.precision, threads=args.threads, path=args.path, index_kind=args.index_kind, gallery_rows=args.gallery_rows,
                        hnsw_m=args.hnsw_m, ef_search=args.ef_search, nprobe=args.nprobe, ivf_lists=args.ivf_lists, batching=args.batching == "on",
                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batch_workers=args.batch_workers,
                        api_key=key, limits=limits,

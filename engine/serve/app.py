@@ -72,6 +72,7 @@ class ServeConfig:
     threads: int | None = 2
     path: str = "auto"  # the Scorer's scoring path (engine.runtime.PATHS): auto takes what benchmarks.run recorded
     index_kind: str = "flat"
+    gallery_rows: str = "fp32"  # fp16: the gallery stores regions_attn / regions_values at half the memory (W2R kernel path)
     hnsw_m: int = 32
     ef_search: int = 128
     nprobe: int = DEFAULT_NPROBE
@@ -332,7 +333,7 @@ def create_app(config: ServeConfig, state=None) -> FastAPI:
     def info():
         s = svc()
         return {"model": str(config.model), "fingerprint": s.scorer.fingerprint[:12], "backend": s.scorer.runner.reason,
-                "gallery": len(s.gallery), "captions": len(s.service.captions) if s.service.captions is not None else 0,
+                "gallery": len(s.gallery), "gallery_rows": config.gallery_rows, "captions": len(s.service.captions) if s.service.captions is not None else 0,
                 "first_stage": {"kind": config.index_kind, "hnsw_m": config.hnsw_m, "ef_search": config.ef_search,
                                 "nprobe": config.nprobe, "ivf_lists": s.gallery.index.nlist if s.gallery.index is not None else None},
                 "batching": {"enabled": config.batching, "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms,

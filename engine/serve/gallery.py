@@ -138,9 +138,11 @@ class Gallery:
     """Encoded images by id (rows in slots), their first-stage index, the log and the snapshot."""
 
     def __init__(self, root: Path, fingerprint: str, precision: str, index_kind: str = "flat", index_options: dict | None = None,
-                 snapshot_every: int = SNAPSHOT_EVERY):
+                 snapshot_every: int = SNAPSHOT_EVERY, row_dtypes: dict[str, str] | None = None):
         self.root, self.fingerprint, self.precision = Path(root), fingerprint, precision
         self.index_kind, self.index_options, self.snapshot_every = index_kind, dict(index_options or {}), snapshot_every
+        # arrays stored at another dtype than encoded (engine.serve --gallery-rows fp16: the W2R rows at half the memory)
+        self.row_dtypes = {name: np.dtype(dtype) for name, dtype in (row_dtypes or {}).items()}
         self.lock = threading.RLock()
         self.buffers: dict[str, np.ndarray] = {}  # name -> [capacity, ...]
         self.count = 0  # slots used (live and dead)
@@ -225,7 +227,7 @@ class Gallery:
     # ------------------------------------------------------------------------------ memory
     def _ensure_capacity(self, arrays: dict[str, np.ndarray], more: int) -> None:
         if not self.buffers:
-            self.buffers = {k: np.empty((max(16, more),) + v.shape[1:], v.dtype) for k, v in arrays.items()}
+            self.buffers = {k: np.empty((max(16, more),) + v.shape[1:], self.row_dtypes.get(k, v.dtype)) for k, v in arrays.items()}
         if set(arrays) != set(self.buffers):
             raise InputError(f"image rows with arrays {sorted(arrays)}; the gallery holds {sorted(self.buffers)}")
         capacity = len(next(iter(self.buffers.values())))
@@ -353,7 +355,7 @@ class Gallery:
     def _rebuilt(self, ids: list[str], arrays: dict[str, np.ndarray]) -> "Gallery":
         """An unopened Gallery (rows and index only, no files) holding `ids`' rows in fresh arrays, its index built:
         the minutes of a compaction at 1M (HNSW links, IVF k-means), so compactions call it without the lock."""
-        fresh = Gallery(self.root, self.fingerprint, self.precision, self.index_kind, self.index_options)
+        fresh = Gallery(self.root, self.fingerprint, self.precision, self.index_kind, self.index_options, row_dtypes=self.row_dtypes)
         if ids:
             fresh._apply_put(ids, arrays, train=True)
         return fresh

@@ -86,6 +86,24 @@ def graph_differences(trained: dict, store: dict) -> list[str]:
     return differ
 
 
+GALLERY_ROWS = ("fp32", "fp16")
+HALF_ROWS = ("regions_attn", "regions_values")  # a gallery image's W2R rows: ~93% of its bytes at the reference sizes
+
+
+def gallery_row_dtypes(gallery_rows: str, scorer: Scorer) -> dict[str, str] | None:
+    """The Gallery's row_dtypes for --gallery-rows: fp16 stores HALF_ROWS at half the memory, which only the W2R
+    kernel reads (it widens them itself: engine/kernels); InputError on any other scoring path."""
+    if gallery_rows not in GALLERY_ROWS:
+        raise InputError(f"--gallery-rows {gallery_rows!r}: expected one of {list(GALLERY_ROWS)}")
+    if gallery_rows == "fp32":
+        return None
+    kernel = getattr(scorer, "w2r_kernel", None)
+    if scorer.path != "kernel" or kernel is None or kernel.input_weight_u_t is not None:
+        raise InputError(f"--gallery-rows fp16: the W2R kernel reads fp16 rows, and this scorer's path is {scorer.path} "
+                         f"({scorer.path_reason}); expected --path kernel with a W2R kernel over regions_values")
+    return {name: "float16" for name in HALF_ROWS}
+
+
 def check_store_pipeline(artifact, store_manifest: dict, store_dir: Path) -> None:
     """InputError unless the store's features come from the pipeline the artifact's model was trained on."""
     info = artifact.manifest.get("preprocessing") or {}
@@ -174,7 +192,7 @@ class ServiceState:
                 check_store_pipeline(scorer.artifact, FeatureStore(config.import_store).manifest, Path(config.import_store))
             gallery = Gallery.open(index_dir, scorer.fingerprint, scorer.cache_precision, index_kind=config.index_kind,
                                    index_options={"hnsw_m": config.hnsw_m, "ef_search": config.ef_search, "nprobe": config.nprobe, "nlist": config.ivf_lists,
-                                                  "threads": config.threads})
+                                                  "threads": config.threads}, row_dtypes=gallery_row_dtypes(config.gallery_rows, scorer))
             captions = load_captions(Path(config.captions), scorer, Path(index_dir)) if config.captions else None
         except BaseException:
             scorer.close()

@@ -235,6 +235,19 @@ def _check_against_numpy(library) -> None:
         many_keys, many_values = np.concatenate([decoy_keys, keys, keys]), np.concatenate([decoy_values, values, values])
         got, _ = kernel.run(many_keys, many_values, words, gates_words, lengths, image_rows=rng.integers(1, 3, size=n))
         assert_close(got, want, 1e-4, f"kernel pairs vs numpy, H={hidden}")
+        # fp16 image rows (a gallery at half the memory): widened in the kernel, then the fp32 math, so exactly the
+        # fp32 kernel on the rounded values; pairs alternate images (each run widened again) and repeat them
+        rows = rng.integers(0, 3, size=n)
+        half = [many_keys.astype(np.float16), many_values.astype(np.float16)]
+        rounded = [a.astype(np.float32) for a in half]
+        for image_rows in (rows, np.sort(rows)):
+            got, _ = kernel.run(*half, words, gates_words, lengths, image_rows=image_rows)
+            assert np.array_equal(got, kernel.run(*rounded, words, gates_words, lengths, image_rows=image_rows)[0]), hidden
+        grid = {"words": words, "gates_words": gates_words, "lengths": lengths}
+        assert np.array_equal(kernel({"regions_attn": half[0][1:2], "regions_values": half[1][1:2], **grid}),
+                              kernel({"regions_attn": rounded[0][1:2], "regions_values": rounded[1][1:2], **grid}))
+        with pytest.raises(InputError, match="expected float32, got float16"):  # both fp16, or neither
+            kernel.run(half[0], many_values, words, gates_words, lengths, image_rows=rows)
 
 
 def test_kernel_hidden_sizes_off_the_vector_width_and_the_scaled_form(library):
