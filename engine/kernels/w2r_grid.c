@@ -78,10 +78,17 @@ static inline vf vrecip(vf x) {
 static inline vf vsigmoid(vf x) { return vrecip(1.0f + vexp(-x)); }
 static inline vf vtanh(vf x) { return 2.0f * vrecip(1.0f + vexp(-2.0f * x)) - 1.0f; }
 
-/* dst[0:n] = the fp16 values src[0:n] widened to fp32 (vcvtph2ps where the CPU has F16C: the compiler vectorises) */
+/* dst[0:n] = the fp16 values src[0:n] widened to fp32: vcvtph2ps, 16 or 8 at a time (F16C; GCC left the plain loop
+ * scalar, one vcvtsh2ss a value: ~17 us a pair at the reference sizes), the tail one by one */
 static void widen_half(const uint16_t *src, float *dst, size_t n) {
+  size_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
   const _Float16 *h = (const _Float16 *)src;
-  for (size_t i = 0; i < n; i++) dst[i] = (float)h[i];
+  for (; i < n; i++) dst[i] = (float)h[i];
 }
 
 /* sum_i x[i] y[i] */
