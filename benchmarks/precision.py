@@ -2,6 +2,7 @@
 Kendall tau of the rankings, and R@K change on real data.
 
     python -m benchmarks.precision --preset flickr8k --images 4 --captions 256 --json OUT.json
+    python -m benchmarks.precision --gallery-rows --artifact ART --store STORE --json OUT.json   # engine.serve --gallery-rows fp16
     from benchmarks.precision import kendall_tau, rank_agreement, random_weight_precision, artifact_precision
     rank_agreement(fp32_scores, int8_scores)    # rows = queries: {"max_abs_diff", "topk_overlap", "top_k", "kendall_tau", ...}
 
@@ -146,6 +147,46 @@ def artifact_precision(artifact_dir: Path, store_root: Path, images: int, thread
     return out
 
 
+def gallery_rows_precision(artifact_dir: Path, store_root: Path, split_name: str = "test", shortlist_k: int = 100,
+                           threads: int = DEFAULT_THREADS) -> dict:
+    """engine.serve --gallery-rows fp16 against fp32 rows: every caption of the split ranks its images as the service
+    does (the dual encoder's top shortlist_k, re-ranked by the product score on the kernel path), with the image rows
+    the W2R kernel reads (engine.serve.state.HALF_ROWS) as encoded and rounded to fp16. R@1/5/10 of each, top-1
+    agreement, top-10 overlap, identical top-10 lists and the largest score change of a hit both rank first."""
+    from engine.cache import ImageCache
+    from engine.runtime import Scorer
+    from engine.errors import InputError
+    from engine.serve.state import HALF_ROWS, gallery_row_dtypes
+    from engine.store import FeatureStore
+
+    split = FeatureStore(store_root).split(split_name)
+    with Scorer.load(artifact_dir, backend="onnxruntime-cpu", threads=threads, spinning=False, path="kernel") as scorer:
+        try:
+            gallery_row_dtypes("fp16", scorer)  # what engine.serve checks: the W2R kernel, over regions_values
+        except InputError as exc:
+            return {"skipped": str(exc)}
+        images, captions = scorer.encode_images(split), scorer.encode_captions(split)
+        half = ImageCache(images.ids, {k: v.astype(np.float16) if k in HALF_ROWS else v for k, v in images.arrays.items()},
+                          images.fingerprint, images.precision)
+        truth = np.array([images.ids.index(i) for i in captions.image_ids])[:, None]  # [N_cap, 1] each caption's image row
+        rankings, out = {}, {"artifact": str(artifact_dir), "split": split_name, "images": len(images),
+                             "queries": len(captions), "shortlist_k": shortlist_k, "rows": list(HALF_ROWS)}
+        for name, cache in (("fp32", images), ("fp16", half)):
+            start = time.perf_counter()
+            rankings[name] = scorer.top_k(cache, captions, TOP_K, direction="t2i", shortlist_k=shortlist_k)
+            hit = rankings[name].indices == truth
+            recall = {f"r{k}": round(100 * float(hit[:, :k].any(1).mean()), 2) for k in (1, 5, 10)}
+            out[name] = {"t2i": {**recall, "sum": round(sum(recall.values()), 2)}, "seconds": round(time.perf_counter() - start, 1),
+                         "row_bytes": int(sum(v.nbytes for k, v in cache.arrays.items() if k in HALF_ROWS))}
+    a, b = rankings["fp32"], rankings["fp16"]
+    first = a.indices[:, 0] == b.indices[:, 0]
+    out["agreement"] = {"top1_equal": float(first.mean()),
+                        "top10_overlap": float(np.mean([len(np.intersect1d(x, y)) / TOP_K for x, y in zip(a.indices, b.indices)])),
+                        "identical_top10": float((a.indices == b.indices).all(1).mean()),
+                        "max_abs_diff_top1": float(np.abs(a.scores[first, 0] - b.scores[first, 0]).max()) if first.any() else None}
+    return out
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.end_to_end import flickr8k_test_lengths
@@ -162,8 +203,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="store split of the artifact comparison")
     parser.add_argument("--artifact-images", type=positive_int, default=100, help="images (and their captions) of the artifact comparison")
     parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS)
+    parser.add_argument("--gallery-rows", action="store_true", help="only engine.serve --gallery-rows fp16 vs fp32 rows on "
+                        "--artifact / --store (every caption of --split ranks the images at K=--shortlist-k)")
+    parser.add_argument("--shortlist-k", type=positive_int, default=100)
     parser.add_argument("--json", type=output_file, required=True)
     args = parser.parse_args(argv)
+    if args.gallery_rows:
+        if args.artifact is None or args.store is None:
+            print("error: --gallery-rows needs --artifact and --store", file=sys.stderr)
+            return 2
+        report = {"machine": machine_info(args.threads),
+                  "gallery_rows": gallery_rows_precision(args.artifact, args.store, args.split, args.shortlist_k, args.threads)}
+        rows = report["gallery_rows"]
+        if "skipped" in rows:
+            print(f"gallery rows: skipped ({rows['skipped']})")
+        else:
+            print(f"gallery rows on {args.split}, t2i at K={args.shortlist_k}: fp32 {rows['fp32']['t2i']}, fp16 {rows['fp16']['t2i']}; "
+                  f"{rows['agreement']}")
+        write_json_atomic(args.json, report)
+        return 0
     if args.images < 1 or args.captions < 2:
         print("error: --images must be >= 1 and --captions >= 2", file=sys.stderr)
         return 2

@@ -355,3 +355,13 @@ def test_build_failure_is_one_line_and_optional_for_cmake(tmp_path, monkeypatch,
     assert "the engine scores with its ONNX graphs" in capsys.readouterr().err
     assert not list(tmp_path.glob("libbssan_w2r-*.so"))  # nothing half-built left behind
 
+
+
+def test_gallery_rows_precision_is_skipped_where_the_service_would_refuse(kernel_dir, tiny_artifact, tiny_store, monkeypatch):
+    """benchmarks.precision --gallery-rows asks what engine.serve asks: the tiny artifact keeps raw regions (its kernel
+    projects them per call), which fp16 rows do not serve; the comparison itself ran on Flickr8K (README)."""
+    from benchmarks.precision import gallery_rows_precision
+
+    monkeypatch.setenv(kernels.KERNELS_DIR_ENV, str(kernel_dir))
+    out = gallery_rows_precision(tiny_artifact, tiny_store, "test", shortlist_k=4)
+    assert "--gallery-rows fp16" in out["skipped"] and "regions_values" in out["skipped"]
