@@ -78,8 +78,28 @@ static inline vf vrecip(vf x) {
 static inline vf vsigmoid(vf x) { return vrecip(1.0f + vexp(-x)); }
 static inline vf vtanh(vf x) { return 2.0f * vrecip(1.0f + vexp(-2.0f * x)) - 1.0f; }
 
-/* dst[0:n] = the fp16 values src[0:n] widened to fp32: vcvtph2ps, 16 or 8 at a time (F16C; GCC left the plain loop
- * scalar, one vcvtsh2ss a value: ~17 us a pair at the reference sizes), the tail one by one */
+/* One IEEE half (its bits) as a float, exactly: normals, subnormals, zeros, infinities, NaNs (no _Float16: older
+ * compilers lack it on x86) */
+static inline float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+  if (exp == 0 && mant == 0) {
+    bits = sign;
+  } else if (exp == 0) { /* subnormal: mant x 2^-24, normalised */
+    exp = 127 - 15 + 1;
+    while (!(mant & 0x400u)) { mant <<= 1; exp--; }
+    bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/* dst[0:n] = the fp16 values src[0:n] widened to fp32: vcvtph2ps, 16 or 8 at a time where the CPU has it (a plain
+ * _Float16 loop was left scalar by GCC, one vcvtsh2ss a value: ~17 us a pair at the reference sizes), the rest one by one */
 static void widen_half(const uint16_t *src, float *dst, size_t n) {
   size_t i = 0;
 #if defined(__AVX512F__)
@@ -87,8 +107,7 @@ static void widen_half(const uint16_t *src, float *dst, size_t n) {
 #elif defined(__F16C__)
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
 #endif
-  const _Float16 *h = (const _Float16 *)src;
-  for (; i < n; i++) dst[i] = (float)h[i];
+  for (; i < n; i++) dst[i] = half_to_float(src[i]);
 }
 
 /* sum_i x[i] y[i] */
