@@ -149,13 +149,15 @@ def artifact_precision(artifact_dir: Path, store_root: Path, images: int, thread
 
 def gallery_rows_precision(artifact_dir: Path, store_root: Path, split_name: str = "test", shortlist_k: int = 100,
                            threads: int = DEFAULT_THREADS) -> dict:
-    """engine.serve --gallery-rows fp16 against fp32 rows: every caption of the split ranks its images as the service
-    does (the dual encoder's top shortlist_k, re-ranked by the product score on the kernel path), with the image rows
-    the W2R kernel reads (engine.serve.state.HALF_ROWS) as encoded and rounded to fp16. R@1/5/10 of each, top-1
-    agreement, top-10 overlap, identical top-10 lists and the largest score change of a hit both rank first."""
+    """engine.serve --gallery-rows fp16 against fp32 rows, through THE ranking protocol (engine.ranking.two_stage_metrics,
+    as engine.score --evaluate: the dual encoder's top shortlist_k per query, re-ranked by the product score), with the
+    image rows the W2R kernel reads (engine.serve.state.HALF_ROWS) as encoded and rounded to fp16. The metrics of
+    each, and the largest change of a re-ranked pair's BSSAN score (both runs re-rank the same pairs)."""
     from engine.cache import ImageCache
-    from engine.runtime import Scorer
     from engine.errors import InputError
+    from engine.ranking import two_stage_metrics
+    from engine.runtime import Scorer
+    from engine.score import evaluation_order
     from engine.serve.state import HALF_ROWS, gallery_row_dtypes
     from engine.store import FeatureStore
 
@@ -166,24 +168,27 @@ def gallery_rows_precision(artifact_dir: Path, store_root: Path, split_name: str
         except InputError as exc:
             return {"skipped": str(exc)}
         images, captions = scorer.encode_images(split), scorer.encode_captions(split)
+        order, _, per = evaluation_order(images.ids, captions.image_ids, captions.ids)
+        first = scorer.first_stage(images, captions, np.arange(len(images)), order)  # [N_img, N_cap] in evaluation order
         half = ImageCache(images.ids, {k: v.astype(np.float16) if k in HALF_ROWS else v for k, v in images.arrays.items()},
                           images.fingerprint, images.precision)
-        truth = np.array([images.ids.index(i) for i in captions.image_ids])[:, None]  # [N_cap, 1] each caption's image row
-        rankings, out = {}, {"artifact": str(artifact_dir), "split": split_name, "images": len(images),
-                             "queries": len(captions), "shortlist_k": shortlist_k, "rows": list(HALF_ROWS)}
+        out = {"artifact": str(artifact_dir), "split": split_name, "images": len(images), "captions": len(captions),
+               "shortlist_k": shortlist_k, "rows": list(HALF_ROWS)}
+        rescored: dict[str, list[np.ndarray]] = {}
         for name, cache in (("fp32", images), ("fp16", half)):
+            calls = rescored.setdefault(name, [])
+
+            def rescore(image_index: np.ndarray, text_index: np.ndarray, cache=cache, calls=calls) -> np.ndarray:
+                pairs = np.stack([image_index, order[text_index]], axis=1)
+                calls.append(scorer.score_pairs(cache, captions, pairs, fuse=False))
+                return calls[-1].astype(np.float64)
+
             start = time.perf_counter()
-            rankings[name] = scorer.top_k(cache, captions, TOP_K, direction="t2i", shortlist_k=shortlist_k)
-            hit = rankings[name].indices == truth
-            recall = {f"r{k}": round(100 * float(hit[:, :k].any(1).mean()), 2) for k in (1, 5, 10)}
-            out[name] = {"t2i": {**recall, "sum": round(sum(recall.values()), 2)}, "seconds": round(time.perf_counter() - start, 1),
+            metrics = two_stage_metrics(first, rescore, shortlist_k, per, scorer.fusion)
+            out[name] = {"metrics": metrics, "seconds": round(time.perf_counter() - start, 1),
                          "row_bytes": int(sum(v.nbytes for k, v in cache.arrays.items() if k in HALF_ROWS))}
-    a, b = rankings["fp32"], rankings["fp16"]
-    first = a.indices[:, 0] == b.indices[:, 0]
-    out["agreement"] = {"top1_equal": float(first.mean()),
-                        "top10_overlap": float(np.mean([len(np.intersect1d(x, y)) / TOP_K for x, y in zip(a.indices, b.indices)])),
-                        "identical_top10": float((a.indices == b.indices).all(1).mean()),
-                        "max_abs_diff_top1": float(np.abs(a.scores[first, 0] - b.scores[first, 0]).max()) if first.any() else None}
+    out["max_abs_bssan_diff"] = float(max(np.abs(a - b).max() for a, b in zip(rescored["fp32"], rescored["fp16"])))
+    out["rsum_change"] = out["fp16"]["metrics"]["rsum"] - out["fp32"]["metrics"]["rsum"]
     return out
 
 
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact-images", type=positive_int, default=100, help="images (and their captions) of the artifact comparison")
     parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS)
     parser.add_argument("--gallery-rows", action="store_true", help="only engine.serve --gallery-rows fp16 vs fp32 rows on "
-                        "--artifact / --store (every caption of --split ranks the images at K=--shortlist-k)")
+                        "--artifact / --store, through the ranking protocol at K=--shortlist-k")
     parser.add_argument("--shortlist-k", type=positive_int, default=100)
     parser.add_argument("--json", type=output_file, required=True)
     args = parser.parse_args(argv)
@@ -218,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in rows:
             print(f"gallery rows: skipped ({rows['skipped']})")
         else:
-            print(f"gallery rows on {args.split}, t2i at K={args.shortlist_k}: fp32 {rows['fp32']['t2i']}, fp16 {rows['fp16']['t2i']}; "
-                  f"{rows['agreement']}")
+            for name in ("fp32", "fp16"):
+                m = rows[name]["metrics"]
+                print(f"gallery rows {name} on {args.split} at K={args.shortlist_k}: i2t {m['i2t']}, t2i {m['t2i']}, rsum {m['rsum']:.2f}")
+            print(f"rsum change {rows['rsum_change']:+.2f}, largest BSSAN score change {rows['max_abs_bssan_diff']:.2e}")
         write_json_atomic(args.json, report)
         return 0
     if args.images < 1 or args.captions < 2:

@@ -76,6 +76,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,7 @@ class Gallery:
         self.sealed: list[Path] = []  # sealed segments no snapshot holds yet, oldest first
         self.checkpoint_lock = threading.Lock()  # one checkpoint at a time: held from its seal to its last deletion
         self.index_file_lock = threading.Lock()  # one writer of first-stage.faiss / .json at a time
+        self.index_on_disk = None  # (weakref to the VectorIndex, its size) that first-stage.faiss holds: not hashed again
         self.checkpoint_thread: threading.Thread | None = None  # the one a write started
         self.compaction: _Compaction | None = None  # the one in flight
         self.rebuild_failures = 0  # failed rebuilds in a row; the next may start at retry_at (time.monotonic)
@@ -318,6 +320,7 @@ class Gallery:
             log.warning("%s; rebuilding the first-stage index", exc)
             return None
         log.info("%s: loaded (%d of the snapshot's %d vectors), not rebuilt", saved, len(index), len(vectors))
+        self.index_on_disk = (weakref.ref(index), len(index))
         return index
 
     def _write_index_file(self, index: VectorIndex, vectors: np.ndarray) -> None:
@@ -327,18 +330,18 @@ class Gallery:
         logged, never raised: the next open rebuilds."""
         if index.kind == "flat" or (index.kind == "ivf" and not index.trained) or index.dead or not len(index):
             return
-        record = {**index.build_record(), "vectors_sha256": _sha256(vectors[:len(index)])}
         saved, meta_path = self.root / INDEX_FILE, self.root / INDEX_JSON
         with self.index_file_lock:
+            on_disk = self.index_on_disk
+            if on_disk is not None and on_disk[0]() is index and on_disk[1] == len(index):
+                return  # loaded at open or saved since, and unchanged (an index only grows; a rebuild is another object)
             try:
-                if meta_path.is_file() and saved.is_file():
-                    old = json.loads(meta_path.read_text(encoding="utf-8"))
-                    if all(old.get(k) == v for k, v in record.items()) and file_sha256(saved) == old.get("index_sha256"):
-                        return  # loaded at open, or saved since, and unchanged
+                record = {**index.build_record(), "vectors_sha256": _sha256(vectors[:len(index)])}
                 meta_path.unlink(missing_ok=True)  # never a record naming another file's sha256
                 index.save(saved)
                 record["index_sha256"] = file_sha256(saved)
                 write_file_durable(meta_path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+                self.index_on_disk = (weakref.ref(index), len(index))
             except (OSError, ValueError, InputError, RuntimeError) as exc:
                 log.warning("saving the first-stage index to %s failed (%s); the next start rebuilds it", saved, exc)
 

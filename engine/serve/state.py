@@ -97,7 +97,7 @@ def gallery_row_dtypes(gallery_rows: str, scorer: Scorer) -> dict[str, str] | No
         raise InputError(f"--gallery-rows {gallery_rows!r}: expected one of {list(GALLERY_ROWS)}")
     if gallery_rows == "fp32":
         return None
-    kernel = getattr(scorer, "w2r_kernel", None)
+    kernel = scorer.w2r_kernel
     if scorer.path != "kernel" or kernel is None or kernel.input_weight_u_t is not None:
         raise InputError(f"--gallery-rows fp16: the W2R kernel reads fp16 rows, and this scorer's path is {scorer.path} "
                          f"({scorer.path_reason}); expected --path kernel with a W2R kernel over regions_values")
