@@ -3,7 +3,7 @@
     python -m benchmarks.load_test --out results/serve [--parts gallery vectors durability]
         [--model ARTIFACT] [--images ../shared/data/flickr8k/images] [--gallery-size 500] [--import-store STORE]
         [--threads 2] [--batch-workers 2] [--max-wait-ms 5]
-        [--clients 1 4 16] [--requests 200] [--seconds 30] [--vectors 1000000] [--queries 200]
+        [--clients 1 4 16] [--requests 200] [--seconds 30] [--service-rerank-k 100 10] [--vectors 1000000] [--queries 200]
 
 Parts (each writes its section of OUT/load_test.json; the plot is OUT/load_test.png):
 - gallery: a server on the first --gallery-size Flickr8K photos (indexed on its first start into
@@ -15,7 +15,9 @@ Parts (each writes its section of OUT/load_test.json; the plot is OUT/load_test.
   (IndexFlatIP) vs the --approximate indexes (IVF at several nprobe, HNSW at several efSearch),
   build time, recall@100 against exact and ms per query (one query at a time).
 - service: the same queries without HTTP, one thread, batches of 1, 4 and 16 (what micro-batching
-  hands the scorer): wall and CPU ms per query.
+  hands the scorer): wall and CPU ms per query, at each --service-rerank-k (default 100). Its CPU at batch 1
+  over batch 16 is the most micro-batching can gain at that K (req/s at saturation = cores / CPU per request,
+  and HTTP adds the same cost to both modes); K=10, the least a top-10 query re-ranks, bounds it for any K.
 - durability: searches and adds at once, the server killed (SIGKILL) mid-burst, restarted: every
   acknowledged add must be in the gallery.
 - restart: a gallery (engine.serve.gallery, in process) of --restart-size synthetic rows (the vectors of the
@@ -293,8 +295,8 @@ def run_service(args, artifact: Path) -> dict:
     snapshot = index_dir(args.gallery_size, artifact) / "snapshot"
     if not snapshot.is_dir():
         raise SystemExit(f"{snapshot}: run the gallery part first (it indexes the gallery)")
-    texts = caption_pool(args.captions, 2000)
-    report = {"gallery_images": args.gallery_size, "top_k": 10, "rerank_k": 100, "points": []}
+    texts = caption_pool(args.captions, 4000)
+    report = {"gallery_images": args.gallery_size, "top_k": 10, "rerank_k": list(args.service_rerank_k), "points": []}
     with tempfile.TemporaryDirectory(prefix="bssan-load-") as folder, \
             Scorer.load(artifact, backend="onnxruntime-cpu", threads=args.threads, spinning=False, text_threads=1,
                         path=args.path) as scorer:  # as engine.serve
@@ -304,19 +306,26 @@ def run_service(args, artifact: Path) -> dict:
         report["backend"] = scorer.runner.reason  # backend and scoring path, and why
         service.search_texts([TextQuery(t) for t in texts[:4]])  # warm-up
         used = 4
-        for batch in (1, 4, 16):
-            rounds = max(1, 32 // batch)
-            wall, cpu = time.perf_counter(), time.process_time()
-            for _ in range(rounds):
-                service.search_texts([TextQuery(t) for t in texts[used:used + batch]])
-                used += batch
-            queries = rounds * batch
-            point = {"batch": batch, "queries": queries,
-                     "wall_ms_per_query": round(1000 * (time.perf_counter() - wall) / queries, 1),
-                     "cpu_ms_per_query": round(1000 * (time.process_time() - cpu) / queries, 1),
-                     "load_average_1min": round(os.getloadavg()[0], 2)}
-            print(f"service batch {batch}: {point['wall_ms_per_query']} ms/query wall, {point['cpu_ms_per_query']} ms CPU", flush=True)
-            report["points"].append(point)
+        for rerank_k in args.service_rerank_k:
+            for batch in (1, 4, 16):
+                rounds = max(1, 96 // batch)  # 96 queries a point: a batch of 16 varies by ~+-25% with the images its pairs touch
+                wall, cpu = time.perf_counter(), time.process_time()
+                for _ in range(rounds):
+                    service.search_texts([TextQuery(texts[(used + i) % len(texts)], rerank_k=rerank_k) for i in range(batch)])
+                    used += batch
+                queries = rounds * batch
+                point = {"rerank_k": rerank_k, "batch": batch, "queries": queries,
+                         "wall_ms_per_query": round(1000 * (time.perf_counter() - wall) / queries, 1),
+                         "cpu_ms_per_query": round(1000 * (time.process_time() - cpu) / queries, 1),
+                         "load_average_1min": round(os.getloadavg()[0], 2)}
+                print(f"service K={rerank_k} batch {batch}: {point['wall_ms_per_query']} ms/query wall, "
+                      f"{point['cpu_ms_per_query']} ms CPU", flush=True)
+                report["points"].append(point)
+            one, full = (np.mean([p["cpu_ms_per_query"] for p in report["points"] if p["rerank_k"] == rerank_k and p["batch"] == b])
+                         for b in (1, 16))  # over every pass of this K
+            # req/s at saturation = cores / CPU per request: the most batching can gain over one-at-a-time in process,
+            # before HTTP adds the same cost to both (engine.serve's own overhead only lowers it)
+            report.setdefault("batch16_vs_batch1_cpu", {})[str(rerank_k)] = round(float(one / full), 2) if full > 0 else None
     return report
 
 
@@ -546,7 +555,8 @@ def plot(report: dict, path: Path) -> None:
     approximate = [(name, label, key) for name, label, key in (("ivf", "IVF (nprobe)", "nprobe"), ("hnsw", "HNSW (efSearch)", "ef_search"))
                    if name in report.get("vectors", {})]
     restart = report.get("restart", {}).get("indexes", {})
-    columns = (2 if "gallery" in report else 0) + (1 if approximate else 0) + (1 if restart else 0)
+    service = report.get("service", {}).get("points", [])
+    columns = (2 if "gallery" in report else 0) + (1 if service else 0) + (1 if approximate else 0) + (1 if restart else 0)
     if not columns:
         return
     fig, axes = plt.subplots(1, columns, figsize=(6 * columns, 4.2), squeeze=False)
@@ -566,6 +576,18 @@ def plot(report: dict, path: Path) -> None:
             ax.set_xticks(sorted({p["clients"] for p in g["points"]}), labels=[str(c) for c in sorted({p["clients"] for p in g["points"]})])
             ax.grid(alpha=.3)
             ax.legend(fontsize=8)
+    if service:
+        ax = axes[2 if "gallery" in report else 0]
+        ratios = report["service"].get("batch16_vs_batch1_cpu", {})
+        for rerank_k in sorted({p.get("rerank_k", 100) for p in service}, reverse=True):
+            points = [p for p in service if p.get("rerank_k", 100) == rerank_k]
+            ax.plot([p["batch"] for p in points], [p["cpu_ms_per_query"] for p in points], marker="o",
+                    label=f"K={rerank_k}: batch 1 / batch 16 = {ratios.get(str(rerank_k), float('nan')):.2f}x")
+        ax.set(xscale="log", xlabel="queries per search_texts call (batch)", ylabel="CPU ms per query", ylim=(0, None),
+               title="in process, no HTTP: what batching can share")
+        ax.set_xticks(sorted({p["batch"] for p in service}), labels=[str(b) for b in sorted({p["batch"] for p in service})])
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=8)
     if restart:
         ax = axes[-1]
         kinds = list(restart)
@@ -617,6 +639,8 @@ def parse_args(argv=None):
     p.add_argument("--gallery-rows", default="fp32", choices=("fp32", "fp16"), help="the server's --gallery-rows")
     p.add_argument("--import-store", type=Path, help="feature store of the model's pipeline: the gallery's images it holds are "
                    "imported from their features on the first start (engine.serve --import-store)")
+    p.add_argument("--service-rerank-k", type=positive_int, nargs="+", default=[100],
+                   help="the service part's K (BSSAN pairs per query); 10, the least a top-10 query re-ranks, bounds what batching can gain")
     p.add_argument("--vectors", type=positive_int, default=1_000_000)
     p.add_argument("--queries", type=positive_int, default=200)
     p.add_argument("--clusters", type=positive_int, default=1000)
