@@ -12,17 +12,20 @@
 
 On disk (`index_dir`):
 
-    snapshot/        an ImageCache (engine/cache.py; written to a temp dir, fsynced, swapped in)
+    snapshot/        an ImageCache (engine/cache.py; written to a temp dir, fsynced, swapped in) of every slot as
+                     numbered, a dead one (replaced or removed, not yet compacted) with id "": slots are the index's labels
     log.bin          the open log segment: a length- and crc-framed record per write (engine/serve/records.py)
     log-<n>.bin      sealed segments (n grows): writes before a checkpoint that has not deleted them yet
     blobs/<sha>      uploaded photos (the page shows them), written before their log record
     folder.json      the folder's first indexing: {"folder", "done", "skipped": {file: reason}, "removed": [ids]}
     first-stage.faiss, first-stage.json   an approximate index (HNSW, trained IVF) with what it was built as and
-                     the sha256 of its file and of the vectors it indexes (slots 0..n-1); saved at close and after an
-                     import (when the snapshot holds exactly its slots) and by a rebuild (IVF training, compaction) before
-                     it is swapped in. An open whose snapshot starts with those n vectors loads it and adds the rest
-                     instead of rebuilding (HNSW links / IVF k-means: minutes at 1M); anything else (other --hnsw-m or
-                     --ivf-lists, other vectors, a damaged file) rebuilds as before, one log line saying why
+                     the sha256 of its file and of the vectors it indexes (slots 0..n-1, dead ones included); saved at
+                     close and after an import (when the snapshot holds exactly its slots) and by a rebuild (IVF
+                     training, compaction) before it is swapped in (a compaction's renumbered slots are checkpointed
+                     right after its swap). An open whose snapshot starts with those n vectors loads it, removes the
+                     snapshot's dead slots again and adds the rest instead of rebuilding (HNSW links / IVF k-means:
+                     minutes at 1M); anything else (other --hnsw-m or --ivf-lists, other vectors, a damaged file)
+                     rebuilds as before, one log line saying why
 
 Durability: a write is acknowledged only after its log record is fsynced, so an acknowledged
 write survives kill -9. On open the snapshot is loaded and the segments replayed, sealed ones oldest
@@ -44,7 +47,8 @@ An import's rows (put_rows) are in no segment: they are durable once its checkpo
 
 Memory: rows live in growable arrays ("slots"); a replaced or removed image's slot is dead
 until compaction (when a quarter is dead) copies the live rows to fresh arrays and rebuilds
-the index. Readers get views of the arrays as they were (never written in place), so a search
+the index; snapshots and opens keep dead slots too (at most that quarter), so the slot numbers
+(the index's labels) change only at a compaction. Readers get views of the arrays as they were (never written in place), so a search
 runs outside the lock while writes go on.
 
 Compaction runs in a thread, one at a time: under the lock it notes the live slots (a slot below
@@ -157,6 +161,7 @@ class Gallery:
         self.index_file_lock = threading.Lock()  # one writer of first-stage.faiss / .json at a time
         self.index_on_disk = None  # (weakref to the VectorIndex, its size) that first-stage.faiss holds: not hashed again
         self.checkpoint_thread: threading.Thread | None = None  # the one a write started
+        self.snapshot_stale = False  # a compaction renumbered the slots since the last seal: the next checkpoint is due now
         self.compaction: _Compaction | None = None  # the one in flight
         self.rebuild_failures = 0  # failed rebuilds in a row; the next may start at retry_at (time.monotonic)
         self.retry_at = 0.0
@@ -172,7 +177,7 @@ class Gallery:
         snapshot = gallery.root / "snapshot"
         if (snapshot / CACHE_JSON).is_file() or snapshot.with_name(".snapshot.old").is_dir():
             cache = ImageCache.load(snapshot, expect=fingerprint, precision=precision, mmap=True)
-            gallery._apply_put(cache.ids, cache.arrays, train=True, index=gallery._saved_index(cache))
+            gallery._apply_snapshot(cache)
         gallery.sealed = log_segments(gallery.root)  # a checkpoint's that did not finish: they come first
         removed = set()
         for path in [*gallery.sealed, gallery.log_path]:
@@ -190,8 +195,9 @@ class Gallery:
         gallery.folder = json.loads(folder.read_text(encoding="utf-8")) if folder.is_file() else None
         if gallery.folder is not None and not gallery.folder.get("done"):  # removals since the last checkpoint are in the log
             gallery.tombstones = set(gallery.folder.get("removed", [])) | removed
-        if gallery.index is not None and gallery.index.dead:  # nothing is served yet: in this thread
-            gallery._compact()
+        if gallery.index is not None and gallery.index.dead:  # as after these removals at run time: compacted in a
+            with gallery.lock:                                # thread once a quarter is dead (the slots stay as numbered
+                gallery._maybe_compact()                      # meanwhile, so a saved index still fits them)
         elif gallery.index is not None and gallery.index.training_due:
             gallery._swap_index(gallery._reindexed(gallery.buffers[VECTORS][:gallery.count]))
         return gallery
@@ -207,7 +213,7 @@ class Gallery:
             with self.lock:
                 if self.log_handle is None:
                     return
-                job = self._seal() if self.log_records or self.sealed else None
+                job = self._seal() if self.log_records or self.sealed or self.snapshot_stale else None
             if job is not None:
                 self._complete(job)
             with self.lock:
@@ -275,6 +281,17 @@ class Gallery:
         if self.compaction is not None and self.compaction.live is not None:  # the rows as stored: slots never written again
             self.compaction.journal.append(("put", list(ids), {k: v[start:self.count] for k, v in self.buffers.items()}))
 
+    def _apply_snapshot(self, cache: ImageCache) -> None:
+        """Open: the snapshot's slots as they were numbered (a dead one has id ""), with the saved index when it fits
+        them (_saved_index), its dead slots removed again."""
+        dead = [slot for slot, image_id in enumerate(cache.ids) if not image_id]
+        ids = list(cache.ids)
+        for slot in dead:  # a placeholder no real id can be (check_image_id refuses control characters)
+            ids[slot] = f"\x00dead{slot}"
+        self._apply_put(ids, cache.arrays, train=True, index=self._saved_index(cache))
+        for slot in dead:
+            self._apply_remove(ids[slot])
+
     def _apply_remove(self, image_id: str) -> bool:
         slot = self.slots.pop(image_id, None)
         if slot is None:
@@ -326,9 +343,9 @@ class Gallery:
     def _write_index_file(self, index: VectorIndex, vectors: np.ndarray) -> None:
         """Save `index`, built over `vectors` (its labels 0..len-1, in that order), unless the saved one is that
         already. The caller makes sure nothing adds to `index` meanwhile (it holds the lock, or the index is not
-        shared yet). Only an approximate index worth keeping (HNSW, trained IVF) with no removed label; a failure is
-        logged, never raised: the next open rebuilds."""
-        if index.kind == "flat" or (index.kind == "ivf" and not index.trained) or index.dead or not len(index):
+        shared yet). Only an approximate index worth keeping (HNSW, trained IVF); its removals are not in the file (a
+        snapshot's dead slots say them again at open). A failure is logged, never raised: the next open rebuilds."""
+        if index.kind == "flat" or (index.kind == "ivf" and not index.trained) or not len(index):
             return
         saved, meta_path = self.root / INDEX_FILE, self.root / INDEX_JSON
         with self.index_file_lock:
@@ -346,9 +363,9 @@ class Gallery:
                 log.warning("saving the first-stage index to %s failed (%s); the next start rebuilds it", saved, exc)
 
     def _save_index(self) -> None:
-        """Under the lock: save the index when the snapshot on disk holds exactly its slots (every one live, nothing
-        written since the last checkpoint): at close and after an import."""
-        if self.index is not None and not self.log_records and not self.sealed and all(self.slot_ids[:self.count]):
+        """Under the lock: save the index when the snapshot on disk holds exactly its slots (nothing written since the
+        last checkpoint; dead slots included): at close and after an import."""
+        if self.index is not None and not self.log_records and not self.sealed and not self.snapshot_stale:
             self._write_index_file(self.index, self.buffers[VECTORS][:self.count])
 
     # ------------------------------------------------------------------------------ compaction
@@ -379,11 +396,6 @@ class Gallery:
     def _swap_in(self, fresh: "Gallery") -> None:
         self.buffers, self.count, self.slot_ids, self.slots, self.index = (fresh.buffers, fresh.count, fresh.slot_ids,
                                                                            fresh.slots, fresh.index)
-
-    def _compact(self) -> None:
-        """Copy the live rows to fresh arrays and rebuild the index (slots renumbered), in this thread, under the lock."""
-        live = self._live()
-        self._swap_in(self._rebuilt([self.slot_ids[s] for s in live], {k: v[live] for k, v in self.buffers.items()}))
 
     def _maybe_compact(self) -> None:
         """Start a rebuild in the background (none running): a compaction when a quarter is dead, else a retraining
@@ -419,7 +431,9 @@ class Gallery:
                     self._swap_index(target)
                 else:
                     self._swap_in(target)
+                    self.snapshot_stale = True  # slots renumbered: a snapshot in the new numbering fits the index just saved
                 self.compaction, self.rebuild_failures, self.retry_at = None, 0, 0.0
+                self._maybe_checkpoint()
                 self._maybe_compact()  # removals meanwhile may have killed a quarter of the new slots, or adds made IVF due
         except Exception:  # noqa: BLE001 - a failed rebuild leaves the old rows and index in service; logged
             with self.lock:
@@ -552,7 +566,7 @@ class Gallery:
 
     # ------------------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> None:
-        """Write a snapshot of the live rows and delete the log segments it holds; returns once it is on disk (after
+        """Write a snapshot of the slots (dead ones as id "") and delete the log segments it holds; returns once it is on disk (after
         the checkpoint in flight, if any). Searches and writes go on during the save: never call it holding the lock."""
         with self.checkpoint_lock:
             with self.lock:
@@ -566,8 +580,10 @@ class Gallery:
         return self._join(lambda: self.checkpoint_thread, timeout)
 
     def _maybe_checkpoint(self) -> None:
-        """Under the lock: when log.bin holds snapshot_every records and no checkpoint runs, seal it and save in a thread."""
-        if self.log_handle is None or self.log_records < self.snapshot_every or not self.checkpoint_lock.acquire(blocking=False):
+        """Under the lock: when log.bin holds snapshot_every records (or a compaction renumbered the slots) and no
+        checkpoint runs, seal it and save in a thread."""
+        if (self.log_handle is None or (self.log_records < self.snapshot_every and not self.snapshot_stale)
+                or not self.checkpoint_lock.acquire(blocking=False)):
             return
         try:
             job = self._seal()
@@ -601,18 +617,17 @@ class Gallery:
             fsync_dir(self.root)  # both names on disk before a write to the new log.bin is acknowledged
             self.sealed.append(segment)
             self.log_records = 0
+        self.snapshot_stale = False
         return _Checkpoint(self.slot_ids[:self.count], dict(self.buffers), list(self.sealed))
 
     def _complete(self, job: _Checkpoint) -> None:
         """Holding checkpoint_lock, not the lock: the snapshot (the long part), folder.json's removals, the segments deleted."""
         ids, count = job.ids, len(job.ids)
-        if all(ids):
-            arrays = {k: v[:count] for k, v in job.buffers.items()}
-        else:  # the live rows only (dead slots wait for a compaction; one running is not waited for)
-            live = np.array([slot for slot, image_id in enumerate(ids) if image_id], dtype=np.int64)
-            ids, arrays = [ids[s] for s in live], {k: v[live] for k, v in job.buffers.items()}
+        # every slot as numbered, a dead one with id "" (its row stays until a compaction renumbers the slots): so the
+        # saved index, whose labels are slots, still fits the snapshot after removals
+        arrays = {k: v[:count] for k, v in job.buffers.items()}
         snapshot = self.root / "snapshot"
-        if ids:
+        if any(ids):
             ImageCache(ids, arrays, self.fingerprint, self.precision).save(snapshot)
         else:
             remove_directory_durable(snapshot)

@@ -147,11 +147,11 @@ class VectorIndex:
 
     def save(self, path) -> None:
         """The FAISS index to `path` (faiss.write_index into a temp file, fsynced, renamed: a reader sees the old file or
-        the new one). With build_record(), what load() needs. No removals: tombstones are not part of a saved index."""
+        the new one). With build_record(), what load() needs. Every label, removed ones too: removals are a mask
+        (`live`), not part of the file; the caller says them again after load() (engine.serve.gallery: the snapshot's
+        dead slots)."""
         from engine.files import atomic_path
 
-        if self.dead:
-            raise InputError(f"index with {self.dead} removed labels: expected none to save (compact first)")
         with atomic_path(path) as tmp:
             _faiss().write_index(self.index, str(tmp))
 

@@ -5,6 +5,7 @@ resumable first indexing of a folder, and exact vs HNSW search."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -318,8 +319,8 @@ def spread_rows(count: int, seed: int = 0) -> ImageCache:
 def test_an_approximate_index_saved_at_close_is_loaded_not_rebuilt(tmp_path, monkeypatch, kind, options, caplog):
     """An HNSW / trained IVF index is saved beside the snapshot (after the import or its training, and at close); the
     next open loads it (no vector added to a fresh index) and answers exactly as before; rows past it (the log, or a
-    later snapshot's) are added on top; another build option, a damaged file or other vectors (removals renumber the
-    snapshot's rows) make the next open rebuild, never fail."""
+    later snapshot's) are added on top; a removal keeps its slot (dead) in the snapshot, so the saved index still
+    fits; another build option, a damaged file or other vectors make the next open rebuild, never fail."""
     import logging
 
     caplog.set_level(logging.INFO, logger="engine.serve")
@@ -375,11 +376,24 @@ def test_an_approximate_index_saved_at_close_is_loaded_not_rebuilt(tmp_path, mon
     damaged = open_gallery(tmp_path, index_kind=kind, index_options=other)
     assert added == [601] and "damaged" in caplog.text
     assert damaged.remove("img0")
-    damaged.close()  # a removal: the snapshot's rows are renumbered, so no index is saved for them
-    assert not (tmp_path / gallery_module.INDEX_JSON).is_file() or json.loads((tmp_path / gallery_module.INDEX_JSON).read_text())["count"] != 600
+    damaged.close()  # a removal: its slot stays in the snapshot (id ""), so the index saved now still fits it
+    assert json.loads((tmp_path / gallery_module.INDEX_JSON).read_text())["count"] == 601
+    assert ImageCache.load(tmp_path / "snapshot").ids[0] == ""
     added.clear()
     last = open_gallery(tmp_path, index_kind=kind, index_options=other)
-    assert added == [600] and "img0" not in last and len(last.index) == 600
+    assert added == [] and "img0" not in last and len(last) == 600 and (len(last.index), last.index.dead) == (601, 1)
+    view, slots, _ = last.search(rows.arrays["image_vectors"][:1], 5)
+    assert "img0" not in [view.ids[s] for s in slots[0]] and view.ids[slots[0][0]] != ""
+    # other vectors at the saved index's slots (another gallery's snapshot in this folder): rebuilt
+    last.close()
+    shutil.copytree(tmp_path, tmp_path.with_name(tmp_path.name + "-other"))
+    other_dir = tmp_path.with_name(tmp_path.name + "-other")
+    shutil.rmtree(other_dir / "snapshot")
+    ImageCache([f"img{i}" for i in range(601)], {k: v[::-1].copy() for k, v in spread_rows(601).arrays.items()},
+               rows.fingerprint, rows.precision).save(other_dir / "snapshot")
+    added.clear()
+    swapped = open_gallery(other_dir, index_kind=kind, index_options=other)
+    assert added == [601] and "vectors differ" in caplog.text and len(swapped) == 601
 
 
 def test_a_flat_index_is_never_saved(tmp_path):
@@ -390,15 +404,16 @@ def test_a_flat_index_is_never_saved(tmp_path):
 
 
 def test_a_compaction_saves_its_index_for_the_next_snapshot(tmp_path, monkeypatch):
-    """A compaction's fresh HNSW index is saved before it is swapped in; once a checkpoint's snapshot holds those rows,
-    a restart after kill -9 loads it instead of rebuilding."""
+    """A compaction's fresh HNSW index is saved before it is swapped in, and the swap starts a checkpoint of the
+    renumbered slots, so a restart after kill -9 loads that index instead of rebuilding."""
     g = open_gallery(tmp_path, index_kind="hnsw", index_options={"hnsw_m": 8})
     g.put([(f"img{i}", row(f"img{i}", i), None) for i in range(100)])
     for i in range(gallery_module.COMPACT_MIN):  # the 64th removal starts a compaction (>= 64 and a quarter) in a thread
         g.remove(f"img{i}")
     assert g.wait_compaction(30) and not g.index.dead
     assert json.loads((tmp_path / gallery_module.INDEX_JSON).read_text())["count"] == 100 - gallery_module.COMPACT_MIN
-    g.checkpoint()  # the snapshot: the 36 live rows, in the compacted order
+    assert g.wait_checkpoint(30)  # started by the swap: the snapshot holds the 36 live rows, in the compacted order
+    assert ImageCache.load(tmp_path / "snapshot").ids == g.slot_ids[:g.count] and all(g.slot_ids[:g.count])
     added = []
     real_add = VectorIndex.add
     monkeypatch.setattr(VectorIndex, "add", lambda self, vectors, train=True: added.append(len(vectors)) or real_add(self, vectors, train))
@@ -407,3 +422,29 @@ def test_a_compaction_saves_its_index_for_the_next_snapshot(tmp_path, monkeypatc
     query = row("img85", 85).arrays["image_vectors"]
     view, slots, _ = again.search(query, 1)
     assert view.ids[slots[0][0]] == "img85"
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_dead_slots_keep_their_numbers_through_a_snapshot_and_an_open(tmp_path, kind):
+    """Below the compaction threshold a replaced or removed image's slot stays dead on disk (id "" in the snapshot) and
+    after an open (not compacted there, as at run time): slot numbers change only at a compaction, so the index's
+    labels still fit. A dead slot never comes back: not in ids(), not in a search, its id free for a new put."""
+    g = open_gallery(tmp_path, index_kind=kind)
+    g.put([(f"img{i}", row(f"img{i}", i), None) for i in range(20)])
+    g.put([("img4", row("img4", 104), None)])  # replaced: slot 4 dead, the new row in slot 20
+    assert g.remove("img7")
+    g.close()
+    snapshot = ImageCache.load(tmp_path / "snapshot")
+    assert len(snapshot) == 21 and snapshot.ids[4] == snapshot.ids[7] == "" and snapshot.ids[20] == "img4"
+    again = open_gallery(tmp_path, index_kind=kind)
+    assert again.count == 21 and again.index.dead == 2 and again.compaction is None
+    assert again.slot_ids[:again.count] == snapshot.ids  # no placeholder left behind
+    assert sorted(again.ids()) == sorted(f"img{i}" for i in range(20) if i != 7) and len(again) == 19
+    assert np.array_equal(contents(again)["img4"], row("img4", 104).arrays["image_vectors"][0])
+    view, slots, _ = again.search(row("img7", 7).arrays["image_vectors"], 19)
+    assert "" not in [view.ids[s] for s in slots[0]] and "img7" not in [view.ids[s] for s in slots[0]] and len(slots[0]) == 19
+    again.put([("img7", row("img7", 7), None)])  # the removed id again: a fresh slot
+    assert again.count == 22 and "img7" in again
+    again.close()
+    third = open_gallery(tmp_path, index_kind=kind)
+    assert len(third) == 20 and third.index.dead == 2
