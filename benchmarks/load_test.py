@@ -23,7 +23,9 @@ Parts (each writes its section of OUT/load_test.json; the plot is OUT/load_test.
 - restart: a gallery (engine.serve.gallery, in process) of --restart-size synthetic rows (the vectors of the
   vectors part plus a one-number row) with each --approximate index: its first build, close() (which saves the
   index beside the snapshot), the next open loading it, and an open rebuilding it (the saved files deleted); the
-  loaded index must answer as the closed one did.
+  loaded index must answer as the closed one did. Then 1% of the rows removed (Gallery.remove, each fsynced), close
+  and open again (the saved index must still be loaded), and a background compaction of a quarter more, timed,
+  with searches meanwhile.
 
 --model: an artifact with shortlist graphs whose image pipeline runs here. Without it, a
 RANDOM-WEIGHT artifact with the reference model's sizes (models/reference and
@@ -556,14 +558,25 @@ def run_restart(args, dim: int) -> dict:
             saved.unlink(missing_ok=True)
             (folder / gallery_module.INDEX_JSON).unlink(missing_ok=True)
             g, rebuilt = opened()
+            removed = [image_id for image_id in g.ids()[::100]]  # 1%: below the compaction threshold, each one fsynced
+            started = time.perf_counter()
+            for image_id in removed:
+                g.remove(image_id)
+            removing = time.perf_counter() - started
+            g.close()
+            g, after_removals = opened()
+            loaded_after_removals = g.index_on_disk is not None and len(g) == len(vectors) - len(removed)
             compaction = compaction_while_searching(g, queries, gallery_module.COMPACT_FRACTION)
             g.close()
             point = {"first_build_s": round(built, 1), "close_with_save_s": round(closed, 1), "open_loading_saved_s": round(loaded, 1),
                      "open_rebuilding_s": round(rebuilt, 1), "saved_index_mb": round(saved_mb, 1), "loaded_answers_as_before": same,
+                     "removals": len(removed), "removals_per_s": round(len(removed) / removing, 1),
+                     "open_after_removals_s": round(after_removals, 1), "loaded_after_removals": loaded_after_removals,
                      "compaction": compaction, "options": options}
             print(f"restart {kind} ({len(vectors):,} rows): first build {point['first_build_s']} s, close {point['close_with_save_s']} s, "
                   f"open loading the saved index {point['open_loading_saved_s']} s vs rebuilding {point['open_rebuilding_s']} s; "
-                  f"same answers {same}; compaction of {compaction['live_rows']:,} live rows {compaction['seconds']} s in the "
+                  f"same answers {same}; after {len(removed):,} removals open {point['open_after_removals_s']} s "
+                  f"(saved index loaded: {loaded_after_removals}); compaction of {compaction['live_rows']:,} live rows {compaction['seconds']} s in the "
                   f"background, {compaction['searches_during']} searches meanwhile (p50 {compaction['search_ms_p50']} ms, "
                   f"max {compaction['search_ms_max']} ms)", flush=True)
             report["indexes"][kind] = point
@@ -620,6 +633,8 @@ def plot(report: dict, path: Path) -> None:
         kinds = list(restart)
         x = np.arange(len(kinds))
         bars_of = [("open_rebuilding_s", "open, rebuilding the index"), ("open_loading_saved_s", "open, loading the saved index")]
+        if all("open_after_removals_s" in restart[k] for k in kinds):
+            bars_of.append(("open_after_removals_s", f"open after {restart[kinds[0]]['removals']:,} removals"))
         if all("compaction" in restart[k] for k in kinds):
             bars_of.append(("compaction", "compaction of a quarter removed (background)"))
         width = 0.8 / len(bars_of)
