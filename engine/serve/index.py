@@ -145,6 +145,16 @@ class VectorIndex:
             record.update(hnsw_m=self.hnsw_m, ef_construction=self.ef_construction)
         return record
 
+    def copy(self) -> "VectorIndex":
+        """An independent copy (faiss.clone_index: the vectors and links again in memory), to save while this one
+        keeps taking adds."""
+        import copy
+
+        out = copy.copy(self)
+        out.index = _faiss().clone_index(self.index)
+        out.live = self.live.copy()
+        return out
+
     def save(self, path) -> None:
         """The FAISS index to `path` (faiss.write_index into a temp file, fsynced, renamed: a reader sees the old file or
         the new one). With build_record(), what load() needs. Every label, removed ones too: removals are a mask

@@ -448,3 +448,34 @@ def test_dead_slots_keep_their_numbers_through_a_snapshot_and_an_open(tmp_path, 
     again.close()
     third = open_gallery(tmp_path, index_kind=kind)
     assert len(third) == 20 and third.index.dead == 2
+
+
+def test_a_checkpoint_saves_a_grown_index_and_a_restart_loads_it_ahead_of_the_snapshot(tmp_path, monkeypatch):
+    """A checkpoint's thread saves the HNSW index when none is on disk (or it grew by INDEX_SAVE_GROWTH), from a copy
+    taken under the lock. A saved index may cover slots only the log holds (adds and removals after the snapshot):
+    after kill -9 the open replays the log first, then loads it and adds only what came after it."""
+    g = open_gallery(tmp_path, index_kind="hnsw", index_options={"hnsw_m": 8}, snapshot_every=10)
+    for i in range(25):
+        g.put([(f"img{i}", row(f"img{i}", i), None)])
+    assert g.wait_checkpoint(30)
+    meta = json.loads((tmp_path / gallery_module.INDEX_JSON).read_text())
+    assert 10 <= meta["count"] <= 25  # saved by the first checkpoint's thread (the adds went on meanwhile)
+
+    g2_dir = tmp_path / "ahead"
+    g2 = open_gallery(g2_dir, index_kind="hnsw", index_options={"hnsw_m": 8})  # never checkpointed: no snapshot at all
+    g2.put([(f"img{i}", row(f"img{i}", i), None) for i in range(30)])
+    assert g2.remove("img3")
+    g2._save_grown_index()  # what a checkpoint's thread does: the index (30 labels, one dead) is ahead of any snapshot
+    assert json.loads((g2_dir / gallery_module.INDEX_JSON).read_text())["count"] == 30
+    assert not (g2_dir / "snapshot").exists()
+    g2._save_grown_index()  # unchanged since: not written again
+    g2.put([("late", row("late", 500), None)])
+    added = []
+    real_add = VectorIndex.add
+    monkeypatch.setattr(VectorIndex, "add", lambda self, vectors, train=True: added.append(len(vectors)) or real_add(self, vectors, train))
+    crashed = open_gallery(g2_dir, index_kind="hnsw", index_options={"hnsw_m": 8})  # no close: kill -9
+    assert added == [1] and len(crashed) == 30 and "img3" not in crashed and (len(crashed.index), crashed.index.dead) == (31, 1)
+    view, slots, _ = crashed.search(row("img3", 3).arrays["image_vectors"], 30)
+    assert "img3" not in [view.ids[s] for s in slots[0]] and len(slots[0]) == 30
+    view, slots, _ = crashed.search(row("late", 500).arrays["image_vectors"], 1)
+    assert view.ids[slots[0][0]] == "late"
