@@ -20,12 +20,13 @@ On disk (`index_dir`):
     folder.json      the folder's first indexing: {"folder", "done", "skipped": {file: reason}, "removed": [ids]}
     first-stage.faiss, first-stage.json   an approximate index (HNSW, trained IVF) with what it was built as and
                      the sha256 of its file and of the vectors it indexes (slots 0..n-1, dead ones included); saved at
-                     close and after an import (when the snapshot holds exactly its slots) and by a rebuild (IVF
-                     training, compaction) before it is swapped in (a compaction's renumbered slots are checkpointed
-                     right after its swap). An open whose snapshot starts with those n vectors loads it, removes the
-                     snapshot's dead slots again and adds the rest instead of rebuilding (HNSW links / IVF k-means:
-                     minutes at 1M); anything else (other --hnsw-m or --ivf-lists, other vectors, a damaged file)
-                     rebuilds as before, one log line saying why
+                     close and after an import (when the snapshot holds exactly its slots), by a checkpoint's thread
+                     when it has none or grew by INDEX_SAVE_GROWTH since (a copy taken under the lock), and by a
+                     rebuild (IVF training, compaction) before it is swapped in (a compaction's renumbered slots are
+                     checkpointed right after its swap). An open whose slots (the snapshot's, then the log's) start
+                     with those n vectors loads it, removes the dead slots again and adds the rest instead of
+                     rebuilding (HNSW links / IVF k-means: minutes at 1M); anything else (other --hnsw-m or
+                     --ivf-lists, other vectors, a damaged file) rebuilds as before, one log line saying why
 
 Durability: a write is acknowledged only after its log record is fsynced, so an acknowledged
 write survives kill -9. On open the snapshot is loaded and the segments replayed, sealed ones oldest
