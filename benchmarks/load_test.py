@@ -644,8 +644,10 @@ def plot(report: dict, path: Path) -> None:
             ax.bar_label(bars, fmt="%.1f s", fontsize=8)
         ax.set_xticks(x, labels=[k.upper() for k in kinds])
         ax.set(ylabel="seconds", title=f"gallery restart, {report['restart']['size']:,} rows")
+        ax.set_ylim(0, 1.35 * max(max(restart[k][key]["seconds"] if key == "compaction" else restart[k][key] for k in kinds)
+                                  for key, _ in bars_of))  # room for the legend above the bars
         ax.grid(alpha=.3, axis="y")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
     if approximate:
         v = report["vectors"]
         ax = axes[-2 if restart else -1]
