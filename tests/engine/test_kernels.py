@@ -365,3 +365,17 @@ def test_gallery_rows_precision_is_skipped_where_the_service_would_refuse(kernel
     monkeypatch.setenv(kernels.KERNELS_DIR_ENV, str(kernel_dir))
     out = gallery_rows_precision(tiny_artifact, tiny_store, "test", shortlist_k=4)
     assert "--gallery-rows fp16" in out["skipped"] and "regions_values" in out["skipped"]
+
+
+def test_kernel_pairs_benchmark_compares_builds(kernel_dir, tiny_artifact, tmp_path):
+    """benchmarks.kernel_pairs on the tiny artifact: one row per build, the same build scores identically, a plot."""
+    from benchmarks import kernel_pairs
+
+    if load_artifact(tiny_artifact).has_graph("w2r_grid", "fp32") is False:
+        pytest.skip("the tiny artifact has no w2r_grid graph")
+    path = next(kernel_dir.glob("libbssan_w2r-*.so"))
+    report = kernel_pairs.run(tiny_artifact, [path, path], images=40, pairs=8, rounds=3)
+    assert [b["library"] for b in report["builds"]] == [str(path), str(path)]
+    assert all(b["max_abs_diff_vs_first"] == 0.0 and b["us_per_pair_median"] > 0 for b in report["builds"])
+    kernel_pairs.plot(report, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
