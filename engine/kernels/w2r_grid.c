@@ -163,13 +163,17 @@ static inline void micro(int K, const float *const *a, const float *bp, const fl
   micro_ld(K, a, bp, NR, c0, out, ldo);
 }
 
-#if (defined(__clang__) || __GNUC__ >= 12) && (VW == 16 || VW == 8)
-#define SUM16 1
 /* The lane sums of 16 vectors acc[0..15], in that order, into sums[0..15]: log2(VW) levels of pairwise half-swaps and
  * adds (15 x (2 shuffles + 1 add) at VW 16) instead of 16 x (VW - 1) scalar adds: ~3% a pooled pair, session 15.
- * Without __builtin_shufflevector (GCC < 12) the scalar sums stay */
+ * Without __builtin_shufflevector (GCC < 12) the scalar sums, as before */
 static inline void sum16(const vf *acc, float *sums) {
-#if VW == 16
+#if !(defined(__clang__) || __GNUC__ >= 12) || !(VW == 16 || VW == 8)
+  for (int v = 0; v < 16; v++) {
+    float sum = 0.0f;
+    for (int i = 0; i < VW; i++) sum += acc[v][i];
+    sums[v] = sum;
+  }
+#elif VW == 16
   vf l1[8], l2[4], l3[2];
   for (int i = 0; i < 8; i++)
     l1[i] = __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -197,7 +201,6 @@ static inline void sum16(const vf *acc, float *sums) {
   }
 #endif
 }
-#endif
 
 /* out[t * ldo + j] = words[t] . keys[j] for t < T, j < D: 4 words x 4 regions per pass, so each loaded vector serves 4 FMAs */
 static void logits_rows(const float *words, int T, const float *keys, int D, int E, float *out, int ldo) {
@@ -216,18 +219,11 @@ static void logits_rows(const float *words, int T, const float *keys, int D, int
         for (int u = 0; u < 4; u++)
           for (int v = 0; v < 4; v++) acc[u][v] += w[u] * k[v];
       }
-#ifdef SUM16
       float sums[16];
       sum16(&acc[0][0], sums);
-#endif
       for (int u = 0; u < 4; u++)
         for (int v = 0; v < 4; v++) {
-#ifdef SUM16
           float sum = sums[4 * u + v];
-#else
-          float sum = 0.0f;
-          for (int i = 0; i < VW; i++) sum += acc[u][v][i];
-#endif
           for (int i = e; i < E; i++) sum += words[(size_t)(t0 + u) * E + i] * keys[(size_t)(j0 + v) * E + i];
           out[(size_t)(t0 + u) * ldo + j0 + v] = sum;
         }
@@ -393,14 +389,15 @@ int bssan_w2r_grid(int D, int E, int H, int64_t T, int N, int I, const int64_t *
       for (int r = 0; r < rows; r++) {
         const int len = (int)lengths[n0 + r];
         const float *ki = keys_w, *gi = values_w, *wr = words + (size_t)offsets[n0 + r] * E;
-        if (!half) {
-          if (r == 0 || image_rows[n0 + r] != image_rows[n0 + r - 1]) {
-            memcpy(keys_w, keys + (size_t)image_rows[n0 + r] * D * E, sizeof(float) * (size_t)D * E);
-            memcpy(values_w, values + (size_t)image_rows[n0 + r] * D * G4, sizeof(float) * (size_t)D * G4);
+        if (r == 0 || image_rows[n0 + r] != image_rows[n0 + r - 1]) { /* once per run of the same image */
+          const size_t image = (size_t)image_rows[n0 + r];
+          if (half) {
+            widen_half((const uint16_t *)keys_in + image * D * E, keys_w, (size_t)D * E);
+            widen_half((const uint16_t *)values_in + image * D * G4, values_w, (size_t)D * G4);
+          } else {
+            memcpy(keys_w, keys + image * D * E, sizeof(float) * (size_t)D * E);
+            memcpy(values_w, values + image * D * G4, sizeof(float) * (size_t)D * G4);
           }
-        } else if (r == 0 || image_rows[n0 + r] != image_rows[n0 + r - 1]) { /* widened once per run of the same image */
-          widen_half((const uint16_t *)keys_in + (size_t)image_rows[n0 + r] * D * E, keys_w, (size_t)D * E);
-          widen_half((const uint16_t *)values_in + (size_t)image_rows[n0 + r] * D * G4, values_w, (size_t)D * G4);
         }
         logits_rows(wr, len, ki, D, E, lgall, dpad);
         float *pr = pre + (size_t)r * lmax * gpad;
